@@ -1,0 +1,33 @@
+"""adapterzoo: one frozen base transformer, many adapters of many types, one mixed batch.
+
+Public API: `Zoo`, `hookimpl` (for plugins), `AdapterType` / `AdapterConfig` (the plugin
+contract, see `adapterzoo.types` and `adapterzoo.hookspecs`), and the error classes.
+"""
+
+from .errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    AdapterZooError,
+    BaseMismatchError,
+    BatchError,
+    InvalidConfigError,
+    InvalidNameError,
+    PluginError,
+    PoolFullError,
+    PoolLimitError,
+    ShapeMismatchError,
+    UnknownAdapterError,
+    UnknownAdapterTypeError,
+)
+from .hookspecs import hookimpl
+from .types import AdapterConfig, AdapterType, require
+from .zoo import AdapterInfo, Zoo, ZooOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Zoo", "ZooOutput", "AdapterInfo", "hookimpl", "AdapterType", "AdapterConfig", "require",
+    "AdapterZooError", "AdapterExistsError", "AdapterFileError", "BaseMismatchError", "BatchError",
+    "InvalidConfigError", "InvalidNameError", "PluginError", "PoolFullError", "PoolLimitError",
+    "ShapeMismatchError", "UnknownAdapterError", "UnknownAdapterTypeError",
+]

@@ -1,0 +1,176 @@
+"""One adapter: its type, its validated config, and its tensors at each site.
+
+The tensors here are the adapter's own copy, in their true shapes, in float32 on the host. They
+are what gets trained, saved and pushed; the slot pools on the device hold padded copies that
+are refreshed whenever these change (see `Adapter.version`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InvalidConfigError, InvalidNameError, PoolLimitError, ShapeMismatchError
+from .types import AdapterConfig, AdapterType, Shape
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(name: object) -> str:
+    """Adapter names become file names, Hub repo names and API model ids: keep them plain."""
+    if not isinstance(name, str) or not name:
+        raise InvalidNameError(f"adapter name must be a non-empty string, got {name!r}")
+    if "/" in name or "\\" in name or ".." in name or not NAME_RE.fullmatch(name):
+        raise InvalidNameError(
+            f"invalid adapter name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit, with no '/', '\\' or '..' (e.g. 'sql-lora')"
+        )
+    return name
+
+
+def bucket(n: int) -> int:
+    """Pool bucket of a size: the next power of two, so ranks 5..8 share the rank-8 pool."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@dataclass
+class Adapter:
+    name: str
+    atype: AdapterType
+    config: AdapterConfig
+    tensors: dict[str, dict[str, torch.Tensor]]  # site -> tensor name -> true-shape float32 tensor
+    sizes: dict[str, int]  # the type's named sizes, true values
+    metadata: dict[str, Any] = field(default_factory=dict)
+    _edits: int = 0
+
+    @property
+    def type_name(self) -> str:
+        return self.atype.name
+
+    @property
+    def bucket(self) -> dict[str, int]:
+        return {k: bucket(v) for k, v in self.sizes.items()}
+
+    @property
+    def variant(self) -> str:
+        return self.atype.variant(self.config)
+
+    @property
+    def pool_key(self) -> tuple:
+        return (self.atype.name, self.variant, tuple(sorted(self.bucket.items())))
+
+    @property
+    def trainable(self) -> bool:
+        return any(t.requires_grad for site in self.tensors.values() for t in site.values())
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for site in self.tensors.values() for t in site.values()]
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.parameters())
+
+    def version(self) -> int:
+        """Changes whenever a tensor is changed in place (optimizer steps, copy_), or edited."""
+        return self._edits + sum(t._version for t in self.parameters())
+
+    def mark_edited(self) -> None:
+        self._edits += 1
+
+    def set_trainable(self, trainable: bool) -> None:
+        for site in self.tensors.values():
+            for key, t in list(site.items()):
+                if trainable and not isinstance(t, nn.Parameter):
+                    site[key] = nn.Parameter(t.detach(), requires_grad=True)
+                elif not trainable:
+                    site[key] = t.detach().requires_grad_(False)
+        self.mark_edited()
+
+    def length(self) -> int:
+        """Virtual tokens this adapter adds (prompt and prefix kinds), else 0."""
+        return self.atype.length(self.config) if self.atype.kind != "delta" else 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat `{site}.{tensor}` names, as saved to safetensors."""
+        return {f"{site}.{key}": t.detach() for site, ts in self.tensors.items() for key, t in ts.items()}
+
+
+def resolve_shape(shape: Shape, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[d] if isinstance(d, str) else int(d) for d in shape)
+
+
+def expected_shapes(atype: AdapterType, model: nn.Module, config: AdapterConfig, sizes: dict[str, int]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """site -> tensor name -> shape, for an adapter of `config` with the given (true or bucket) sizes."""
+    modules = dict(model.named_modules())
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for site in atype.sites(model, config):
+        spec = atype.tensors(model, site, modules[site], config)
+        shapes[site] = {k: resolve_shape(s, sizes) for k, s in spec.items()}
+    return shapes
+
+
+def check_sizes(atype: AdapterType, config: AdapterConfig, limits: dict[str, int], default_limit: int) -> dict[str, int]:
+    sizes = atype.sizes(config)
+    for key, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise InvalidConfigError(f"{atype.name} size {key}={value!r} must be a positive integer")
+        limit = limits.get(key, default_limit)
+        if value > limit:
+            raise PoolLimitError(
+                f"{atype.name} adapter has {key}={value}, over this zoo's pool limit of {limit} for {key!r}; "
+                f"use a smaller {key}, or create the zoo with pool_limits={{{key!r}: {bucket(value)}}}"
+            )
+    return sizes
+
+
+def new_adapter(name: str, atype: AdapterType, config: AdapterConfig, model: nn.Module, sizes: dict[str, int], seed: int) -> Adapter:
+    """A freshly initialised adapter (true shapes, float32, CPU)."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for site, shapes in expected_shapes(atype, model, config, sizes).items():
+            tensors[site] = {}
+            for key, shape in shapes.items():
+                t = torch.empty(shape, dtype=torch.float32)
+                atype.init(key, t, config, generator, modules[site])
+                tensors[site][key] = t
+    return Adapter(name, atype, config, tensors, sizes)
+
+
+def adapter_from_state(
+    name: str, atype: AdapterType, config: AdapterConfig, model: nn.Module, sizes: dict[str, int], state: dict[str, torch.Tensor], what: str
+) -> Adapter:
+    """An adapter from flat `{site}.{tensor}` tensors, checking every name and shape first."""
+    expected = expected_shapes(atype, model, config, sizes)
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    missing, wrong = [], []
+    for site, shapes in expected.items():
+        tensors[site] = {}
+        for key, shape in shapes.items():
+            flat = f"{site}.{key}"
+            t = state.get(flat)
+            if t is None:
+                missing.append(flat)
+            elif tuple(t.shape) != shape:
+                wrong.append(f"{flat}: {tuple(t.shape)} (expected {shape})")
+            else:
+                tensors[site][key] = t.detach().to(torch.float32).clone()
+    wanted = {f"{s}.{k}" for s, ks in expected.items() for k in ks}
+    extra = sorted(set(state) - wanted)
+    if missing or wrong or extra:
+        parts = []
+        if wrong:
+            parts.append("wrong shape: " + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
+        raise ShapeMismatchError(
+            f"{what} does not fit a {atype.name} adapter with this config on this base: {', '.join(parts)}. "
+            "Check that the config matches the weights and that it was made for this base."
+        )
+    return Adapter(name, atype, config, tensors, sizes)

@@ -1,0 +1,63 @@
+"""Every error adapterzoo raises on bad input, in one place.
+
+Each class says what went wrong; each message also says how to fix it. All of them derive from
+`AdapterZooError`, and each also derives from the built-in exception a Python user would reach
+for first (`ValueError`, `KeyError`, ...), so `except ValueError` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class AdapterZooError(Exception):
+    """Base class of every error adapterzoo raises on purpose."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the message inside quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownAdapterTypeError(AdapterZooError, KeyError):
+    """An adapter type name that no installed plugin registers."""
+
+
+class InvalidConfigError(AdapterZooError, ValueError):
+    """An adapter config with an unknown key or a value out of range."""
+
+
+class InvalidNameError(AdapterZooError, ValueError):
+    """An adapter name that is empty, has a path separator or `..`, or is otherwise unsafe."""
+
+
+class UnknownAdapterError(AdapterZooError, KeyError):
+    """An adapter name that is not in the zoo."""
+
+
+class AdapterExistsError(AdapterZooError, ValueError):
+    """Adding an adapter under a name that is taken."""
+
+
+class AdapterFileError(AdapterZooError, ValueError):
+    """A saved adapter that cannot be read: missing, truncated, corrupt, or a pickle file."""
+
+
+class ShapeMismatchError(AdapterZooError, ValueError):
+    """Adapter tensors whose shapes do not match what the type and the base expect."""
+
+
+class BaseMismatchError(AdapterZooError, ValueError):
+    """An adapter saved for another base model (its fingerprint differs)."""
+
+
+class PoolLimitError(AdapterZooError, ValueError):
+    """An adapter bigger than its slot pool allows (rank, bottleneck, prefix length...)."""
+
+
+class PoolFullError(AdapterZooError, RuntimeError):
+    """A batch needs more distinct adapters of one pool than the pool has slots."""
+
+
+class BatchError(AdapterZooError, ValueError):
+    """A batch whose inputs disagree (e.g. `adapters` has another length than the batch)."""
+
+
+class PluginError(AdapterZooError, RuntimeError):
+    """A plugin that breaks the contract (bad hook name, duplicate type name, missing attribute)."""

@@ -1,0 +1,114 @@
+"""Find and load plugins: pluggy, entry-point group "adapterzoo".
+
+Which plugins load can be narrowed with two environment variables, in the manner of simonw/llm:
+`ADAPTERZOO_LOAD_PLUGINS=lora,houlsby` loads only those entry points (empty: none), and
+`ADAPTERZOO_DISABLE_PLUGINS=prefix` blocks those. Tests register throwaway plugins with
+`pm.register(module)` and must `pm.unregister(...)` afterwards; `adapter_types()` is not cached, so
+a plugin registered at run time is seen at once.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UnknownAdapterTypeError
+
+GROUP = "adapterzoo"
+
+pm = pluggy.PluginManager(GROUP)
+pm.add_hookspecs(hookspecs)
+
+
+@dataclass(frozen=True)
+class TypeInfo:
+    """A registered adapter type and where it comes from (for `adapterzoo plugins`)."""
+
+    name: str
+    cls: type
+    plugin: str
+    distribution: str | None
+    version: str | None
+
+
+def _env_list(name: str) -> list[str] | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def load_entry_points() -> None:
+    """Register every plugin named by an `adapterzoo` entry point (once), honouring the env vars."""
+    allowed = _env_list("ADAPTERZOO_LOAD_PLUGINS")
+    for name in _env_list("ADAPTERZOO_DISABLE_PLUGINS") or []:
+        pm.set_blocked(name)
+    if allowed is not None:
+        for ep in importlib.metadata.entry_points(group=GROUP):
+            if ep.name not in allowed:
+                pm.set_blocked(ep.name)
+    pm.load_setuptools_entrypoints(GROUP)
+    pm.check_pending()  # an impl of a misspelt hook fails here, loudly
+
+
+_loaded = False
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        load_entry_points()
+
+
+def adapter_types() -> dict[str, TypeInfo]:
+    """Every registered adapter type by name, asking the plugins afresh each time."""
+    _ensure_loaded()
+    distributions = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    found: dict[str, TypeInfo] = {}
+    for impl in pm.hook.register_adapter_types.get_hookimpls():
+        registered: list[type] = []
+        impl.function(register=registered.append)
+        dist = distributions.get(id(impl.plugin))
+        for cls in registered:
+            _check_type_class(cls, impl.plugin_name)
+            if cls.name in found and found[cls.name].cls is not cls:
+                raise PluginError(
+                    f"adapter type {cls.name!r} is registered twice: by {found[cls.name].plugin!r} "
+                    f"and by {impl.plugin_name!r}; uninstall one or block it with "
+                    f"ADAPTERZOO_DISABLE_PLUGINS={impl.plugin_name}"
+                )
+            found[cls.name] = TypeInfo(
+                name=cls.name,
+                cls=cls,
+                plugin=impl.plugin_name,
+                distribution=dist.project_name if dist else None,
+                version=dist.version if dist else None,
+            )
+    return found
+
+
+def get_adapter_type(name: str) -> type:
+    """The adapter type class registered under `name`, or a clear error listing the known ones."""
+    types = adapter_types()
+    if name not in types:
+        known = ", ".join(sorted(types)) or "none"
+        raise UnknownAdapterTypeError(
+            f"unknown adapter type {name!r}; installed types: {known}. "
+            "Install the plugin that provides it (pip install <plugin>) or check the spelling."
+        )
+    return types[name].cls
+
+
+def _check_type_class(cls: type, plugin: str) -> None:
+    from .types import AdapterType
+
+    if not (isinstance(cls, type) and issubclass(cls, AdapterType)):
+        raise PluginError(f"plugin {plugin!r} registered {cls!r}, which is not an AdapterType subclass")
+    for attr in ("name", "Config"):
+        if not getattr(cls, attr, None):
+            raise PluginError(f"adapter type {cls.__name__} from plugin {plugin!r} has no {attr!r}")

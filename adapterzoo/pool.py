@@ -1,0 +1,168 @@
+"""Slot pools: preallocated per-slot tensors that a whole batch gathers from.
+
+One `SlotPool` per (adapter type, size bucket). At each site it keeps a tensor per adapter
+tensor name with a leading slot dimension: `A: (slots + 1, r_bucket, in)`. Slot 0 holds zeros and
+means "no adapter". Loading an adapter copies its tensors (zero-padded to the bucket) into a free
+slot; evicting it frees the slot. Modules are never re-created and no shape ever changes, so a
+hot-swap is a `copy_` between forward passes: the S-LoRA unified memory pool, for every type.
+
+A `LivePool` has the same interface but stacks trainable adapters' own tensors at every forward,
+so gradients flow to each adapter's parameters (training many adapters in one mixed batch).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from .adapter import Adapter, expected_shapes
+from .errors import PoolFullError
+
+
+def _pad_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.zero_()
+    dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
+
+
+def _padded(src: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    pads: list[int] = []
+    for have, want in zip(reversed(src.shape), reversed(shape)):
+        pads += [0, want - have]
+    return torch.nn.functional.pad(src, pads) if any(pads) else src
+
+
+class SlotPool:
+    """Device-resident slots for adapters of one type and one size bucket, with LRU eviction."""
+
+    def __init__(self, atype, variant: str, bucket: dict[str, int], capacity: int, model, device: torch.device, dtype: torch.dtype):
+        self.atype = atype
+        self.variant = variant
+        self.bucket = dict(bucket)
+        self.capacity = capacity
+        self.model = model
+        self.device, self.dtype = device, dtype
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}  # site -> name -> (capacity + 1, *shape)
+        self.constants: dict[str, torch.Tensor] = {}  # name -> (capacity + 1,)
+        self.lru: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, least recent first
+        self.versions: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"SlotPool({self.atype.name}, {self.bucket}, {len(self.lru)}/{self.capacity} used)"
+
+    # -- what a forward pass reads
+    def site(self, site: str) -> dict[str, torch.Tensor] | None:
+        return self.tensors.get(site)
+
+    def nbytes(self) -> int:
+        tensors = [t for ts in self.tensors.values() for t in ts.values()] + list(self.constants.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- residency
+    def slot_of(self, name: str) -> int | None:
+        return self.lru.get(name)
+
+    def is_current(self, adapter: Adapter) -> bool:
+        return adapter.name in self.lru and self.versions.get(adapter.name) == adapter.version()
+
+    def touch(self, name: str) -> None:
+        self.lru.move_to_end(name)
+
+    def place(self, adapter: Adapter, pinned: set[str]) -> tuple[int, str | None]:
+        """Put `adapter` in a slot (reusing its own, else a free one, else the LRU one not in
+        `pinned`); returns (slot, name of the adapter evicted or None)."""
+        evicted = None
+        slot = self.lru.get(adapter.name)
+        if slot is None:
+            used = set(self.lru.values())
+            free = [s for s in range(1, self.capacity + 1) if s not in used]
+            if free:
+                slot = free[0]
+            else:
+                victim = next((n for n in self.lru if n not in pinned), None)
+                if victim is None:
+                    raise PoolFullError(
+                        f"this batch uses more than {self.capacity} distinct {self.atype.name} adapters of size "
+                        f"{self.bucket}, but the pool has {self.capacity} slots; split the batch, or create the "
+                        "zoo with more slots (Zoo.from_pretrained(..., slots=N))"
+                    )
+                slot = self.evict(victim)
+                evicted = victim
+        self._write(slot, adapter)
+        self.lru[adapter.name] = slot
+        self.lru.move_to_end(adapter.name)
+        self.versions[adapter.name] = adapter.version()
+        return slot, evicted
+
+    def evict(self, name: str) -> int:
+        slot = self.lru.pop(name)
+        self.versions.pop(name, None)
+        with torch.no_grad():
+            for ts in self.tensors.values():
+                for t in ts.values():
+                    t[slot].zero_()
+            for t in self.constants.values():
+                t[slot] = 0
+        return slot
+
+    def _write(self, slot: int, adapter: Adapter) -> None:
+        shapes = expected_shapes(self.atype, self.model, adapter.config, self.bucket)
+        with torch.no_grad():
+            for site, site_shapes in shapes.items():
+                if site not in self.tensors:
+                    self.tensors[site] = {
+                        k: torch.zeros((self.capacity + 1, *s), device=self.device, dtype=self.dtype)
+                        for k, s in site_shapes.items()
+                    }
+            for site, ts in self.tensors.items():
+                own = adapter.tensors.get(site, {})
+                for key, t in ts.items():
+                    if key in own:
+                        _pad_into(t[slot], own[key].to(self.dtype))
+                    else:
+                        t[slot].zero_()
+            for key, value in adapter.atype.constants(adapter.config).items():
+                if key not in self.constants:
+                    self.constants[key] = torch.zeros(self.capacity + 1, device=self.device, dtype=self.dtype)
+                self.constants[key][slot] = value
+
+
+class LivePool:
+    """Trainable adapters' own tensors, stacked per forward: slot i + 1 is `adapters[i]`.
+
+    Stacking is differentiable, so each row's loss reaches exactly its own adapter's tensors.
+    """
+
+    def __init__(self, atype, variant: str, bucket: dict[str, int], adapters: list[Adapter], model, device, dtype):
+        self.atype = atype
+        self.variant = variant
+        self.bucket = dict(bucket)
+        self.adapters = adapters
+        self.model = model
+        self.device, self.dtype = device, dtype
+        self.index = {a.name: i + 1 for i, a in enumerate(adapters)}
+        self._sites: dict[str, dict[str, torch.Tensor]] = {}
+        self._shapes = [expected_shapes(atype, model, a.config, self.bucket) for a in adapters]
+        self.constants = {
+            key: torch.tensor([0.0] + [atype.constants(a.config)[key] for a in adapters], device=device, dtype=dtype)
+            for key in atype.constants(adapters[0].config)
+        }
+
+    def site(self, site: str) -> dict[str, torch.Tensor] | None:
+        if site not in self._sites:
+            names: dict[str, tuple[int, ...]] = {}
+            for shapes in self._shapes:
+                names.update(shapes.get(site, {}))
+            if not names:
+                return None
+            stacked = {}
+            for key, shape in names.items():
+                rows = [torch.zeros(shape, device=self.device, dtype=self.dtype)]
+                for adapter in self.adapters:
+                    own = adapter.tensors.get(site, {}).get(key)
+                    rows.append(
+                        _padded(own.to(device=self.device, dtype=self.dtype), shape) if own is not None else rows[0]
+                    )
+                stacked[key] = torch.stack(rows)
+            self._sites[site] = stacked
+        return self._sites[site]

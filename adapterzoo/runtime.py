@@ -1,0 +1,164 @@
+"""How a plan reaches the base: forward hooks on delta sites, and an attention wrapper.
+
+The base's modules are never replaced. Each module that some adapter type attaches to gets one
+forward hook, installed the first time an adapter uses that site; it reads the active
+`BatchPlan` (a context variable, so concurrent threads never see each other's plans) and adds
+every pool's delta for the rows that use it. Prefix tuning needs to extend an attention layer's
+keys and values, which no module hook can reach: for that the base's attention implementation is
+wrapped once (transformers' `AttentionInterface`), and the wrapper prepends each row's prefix.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .plan import BatchPlan, PoolUse
+
+_ACTIVE: ContextVar[BatchPlan | None] = ContextVar("adapterzoo_plan", default=None)
+_SITES: ContextVar[dict[int, str] | None] = ContextVar("adapterzoo_attention_sites", default=None)
+ATTENTION_NAME = "adapterzoo"
+
+
+@contextmanager
+def active(plan: BatchPlan | None, attention_sites: dict[int, str]) -> Iterator[None]:
+    token = _ACTIVE.set(plan)
+    sites_token = _SITES.set(attention_sites)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+        _SITES.reset(sites_token)
+
+
+def current_plan() -> BatchPlan | None:
+    return _ACTIVE.get()
+
+
+class Runtime:
+    """Hooks of one base model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.delta_sites: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self.attention_sites: dict[int, str] = {}  # id(attention module) -> path
+        embeddings = model.get_input_embeddings()
+        self.embedding_path = next(p for p, m in model.named_modules() if m is embeddings)
+        _install_attention(model)
+
+    def hook_delta_site(self, path: str) -> None:
+        if path not in self.delta_sites:
+            module = self.modules[path]
+            self.delta_sites[path] = module.register_forward_hook(_delta_hook(path), with_kwargs=True)
+
+    def hook_prefix_site(self, path: str) -> None:
+        self.attention_sites[id(self.modules[path])] = path
+
+    def remove(self) -> None:
+        for handle in self.delta_sites.values():
+            handle.remove()
+        self.delta_sites.clear()
+
+
+def _delta_hook(path: str):
+    def hook(module, args, kwargs, output):
+        plan = _ACTIVE.get()
+        if plan is None or not plan.deltas:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        y = output[0] if isinstance(output, tuple) else output
+        shape = y.shape
+        x, y = x.reshape(shape[0], -1, x.shape[-1]), y.reshape(shape[0], -1, shape[-1])  # (B, T, d)
+        for use in plan.deltas:
+            tensors = use.pool.site(path)
+            if tensors is not None:
+                y = apply_delta(use, tensors, x, y, plan.training)
+        y = y.reshape(shape)
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    return hook
+
+
+def apply_delta(use: PoolUse, tensors: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, training: bool) -> torch.Tensor:
+    """y + delta for the rows of `use`; the other rows are left exactly as they are."""
+    w = use.gather(tensors)
+    atype = use.pool.atype
+    if use.rows is None:
+        return y + atype.delta(x, y, w, training).to(y.dtype)
+    rows = use.rows
+    ys = y.index_select(0, rows)
+    d = atype.delta(x.index_select(0, rows), ys, w, training)
+    return y.index_add(0, rows, d.to(y.dtype).expand(ys.shape))
+
+
+# ------------------------------------------------------------------------------- attention
+
+
+def _install_attention(model: nn.Module) -> None:
+    """Route the base's attention through `prefixed_attention` (registered once per process)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, prefixed_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.config._attn_implementation = ATTENTION_NAME
+
+
+def prefixed_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA attention, with each row's prefix keys/values in front when the plan has prefixes.
+
+    Li & Liang (2021), eq. 3: h_i = LM(z_i, h_<i) where h_<i starts with the trainable prefix
+    P_theta. Rows with a shorter prefix, or none, mask the unused prefix columns.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plan = _ACTIVE.get()
+    if plan is not None and plan.prefixes:
+        path = (_SITES.get() or {}).get(id(module))
+        if path is not None:
+            key, value, attention_mask = _with_prefix(plan, path, module, query, key, value, attention_mask)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _with_prefix(plan: BatchPlan, path: str, module, query, key, value, mask):
+    batch, kv_heads, kv_len, head_dim = key.shape
+    q_len = query.shape[2]
+    width = plan.prefix_width
+    pk = key.new_zeros(batch, kv_heads, width, head_dim)
+    pv = value.new_zeros(batch, kv_heads, width, head_dim)
+    for use in plan.prefixes:
+        tensors = use.pool.site(path)
+        if tensors is None:
+            continue
+        k, v = use.pool.atype.prefix(use.gather(tensors))  # (n, kv_heads, P_bucket, head_dim)
+        k, v = _fit(k, width).to(key.dtype), _fit(v, width).to(value.dtype)
+        if use.rows is None:
+            pk, pv = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+        else:
+            pk = pk.index_copy(0, use.rows, k.expand(len(use.rows), -1, -1, -1))
+            pv = pv.index_copy(0, use.rows, v.expand(len(use.rows), -1, -1, -1))
+    prefix_mask = torch.arange(width, device=key.device)[None, :] < plan.prefix_lengths[:, None]  # (B, P)
+    prefix_mask = prefix_mask[:, None, None, :].expand(batch, 1, q_len, width)
+    if mask is None:  # sdpa would have used is_causal; spell the mask out instead
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=key.device)
+        if getattr(module, "is_causal", True) and q_len > 1:
+            mask = torch.tril(mask, diagonal=kv_len - q_len)
+        mask = mask[None, None]
+    if mask.dtype != torch.bool:  # an additive float mask
+        prefix_mask = torch.zeros_like(prefix_mask, dtype=mask.dtype).masked_fill(~prefix_mask, torch.finfo(mask.dtype).min)
+    mask = torch.cat([prefix_mask, mask.expand(batch, 1, q_len, kv_len)], dim=-1)
+    return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask
+
+
+def _fit(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Cut or zero-pad the token dim (2) of (n, heads, P, d) to `width`."""
+    have = t.shape[2]
+    if have >= width:
+        return t[:, :, :width]
+    return torch.nn.functional.pad(t, (0, 0, 0, width - have))

@@ -1,0 +1,145 @@
+"""Save and load adapters: safetensors for tensors, JSON for the rest. Never pickle.
+
+Native layout of a saved adapter folder:
+
+    adapterzoo_config.json      type, config, base fingerprint, metadata, and the sha256 and size
+                                of the weights file (so a truncated or mismatched pair is caught)
+    adapterzoo_model.safetensors  `{site}.{tensor}` -> tensor, true shapes, float32
+
+Each file is written to a temporary name in the same folder and then renamed over the old one,
+weights first and config last, so a crash never leaves a half-written file; a crash between the
+two renames leaves a pair whose checksum disagrees, which loading reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .errors import AdapterFileError
+
+CONFIG_FILE = "adapterzoo_config.json"
+WEIGHTS_FILE = "adapterzoo_model.safetensors"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file and a rename: all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tensors_to_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    return save_safetensors_bytes({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, metadata=metadata)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or an `AdapterFileError` saying it is broken."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise AdapterFileError(f"{path} does not exist") from exc
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise AdapterFileError(
+            f"{path} is not a readable safetensors file ({exc}); it is probably truncated or corrupt: "
+            "save or download it again"
+        ) from exc
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise AdapterFileError(f"{path} does not exist") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}); it is probably truncated: save it again") from exc
+    if not isinstance(value, dict):
+        raise AdapterFileError(f"{path} should hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def refuse_pickles(folder: Path) -> None:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        raise AdapterFileError(
+            f"{folder} holds pickle weights ({', '.join(pickles)}) and no safetensors; adapterzoo refuses "
+            "pickle files because loading them can run arbitrary code. Convert them with "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'adapter_model.safetensors') "
+            "where you trust the file, and load the result."
+        )
+
+
+def save_native(folder: Path, record: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Write weights then config; `record` is the JSON config without the weights checksum."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = tensors_to_bytes(state, metadata={"format": "adapterzoo", "adapter_type": record["adapter_type"]})
+    record = dict(record, format_version=FORMAT_VERSION, weights={
+        "file": WEIGHTS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    atomic_write(folder / WEIGHTS_FILE, data)
+    atomic_write(folder / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def load_native(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    record = read_json(folder / CONFIG_FILE)
+    for key in ("adapter_type", "config"):
+        if key not in record:
+            raise AdapterFileError(f"{folder / CONFIG_FILE} has no {key!r}: it is not an adapterzoo adapter config")
+    weights = folder / WEIGHTS_FILE
+    if not weights.exists():
+        refuse_pickles(folder)
+        raise AdapterFileError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}; save or download it again")
+    expected = record.get("weights", {})
+    data = weights.read_bytes()
+    if expected.get("bytes") not in (None, len(data)):
+        raise AdapterFileError(
+            f"{weights} has {len(data)} bytes but its config says {expected['bytes']}: the file is truncated "
+            "or belongs to another save; save or download it again"
+        )
+    if expected.get("sha256") not in (None, hashlib.sha256(data).hexdigest()):
+        raise AdapterFileError(f"{weights} does not match the checksum in its config: it is corrupt; save or download it again")
+    try:
+        state = load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(f"{weights} is not a readable safetensors file ({exc}); save or download it again") from exc
+    return record, state
+
+
+def detect_format(folder: Path) -> str:
+    """"native", "peft" or "adapterhub", from the files in `folder`."""
+    if (folder / CONFIG_FILE).exists():
+        return "native"
+    peft_config = folder / "adapter_config.json"
+    if peft_config.exists():
+        config = read_json(peft_config)
+        if "peft_type" in config:
+            return "peft"
+        if "config" in config and "model_class" in config or "hidden_size" in config:
+            return "adapterhub"
+        raise AdapterFileError(f"{peft_config} is neither a PEFT nor an AdapterHub adapter config")
+    refuse_pickles(folder)
+    if not folder.exists():
+        raise AdapterFileError(f"{folder} does not exist (and is not a Hub repo id this zoo could pull)")
+    raise AdapterFileError(
+        f"{folder} holds no adapter: expected {CONFIG_FILE} (adapterzoo) or adapter_config.json (PEFT)"
+    )

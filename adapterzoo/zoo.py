@@ -1,0 +1,383 @@
+"""Zoo: the one object users hold. A frozen base, its adapters, their slot pools.
+
+    zoo = Zoo.from_pretrained("smollm2")                    # the base, loaded once and frozen
+    zoo.add_adapter("sql", "lora", r=8)                      # new, trainable
+    zoo.load_adapter("chat", "out/chat")                     # saved earlier (or PEFT, or a Hub id)
+    out = zoo(input_ids=ids, attention_mask=mask, adapters=["sql", None, "chat"])
+    texts = zoo.generate(["...", "..."], adapters=["sql", "chat"])
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import plugins
+from .adapter import Adapter, adapter_from_state, check_name, check_sizes, new_adapter
+from .base import Fingerprint, check_fingerprint, fingerprint, freeze, load_base
+from .errors import AdapterExistsError, BatchError, InvalidConfigError, UnknownAdapterError
+from .plan import BatchPlan, build_plan
+from .pool import LivePool, SlotPool
+from .runtime import Runtime, active
+from .storage import detect_format, load_native, save_native
+from .types import AdapterType
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What `zoo.adapters[name]` tells: type, config, and where the adapter lives now."""
+
+    name: str
+    type: str
+    config: dict[str, Any]
+    where: str  # "device" (in a slot pool) or "host"
+    parameters: int
+    trainable: bool
+
+
+@dataclass
+class ZooOutput:
+    """Logits (causal LMs) or last hidden states (encoders), aligned with the caller's tokens."""
+
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    cache: Any = None
+    attention_mask: torch.Tensor | None = None  # the full mask the base saw (virtual tokens included)
+    plan: BatchPlan | None = None
+    loss: torch.Tensor | None = None
+
+
+class Zoo:
+    """One frozen base model serving many adapters of many types in one mixed batch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        slots: int = 16,
+        pool_limits: dict[str, int] | None = None,
+        max_size: int = 256,
+    ):
+        if slots < 1:
+            raise InvalidConfigError(f"slots must be at least 1, got {slots}")
+        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.model = freeze(model.to(device=device, dtype=dtype))
+        self.tokenizer = tokenizer
+        self.device, self.dtype = device, dtype
+        self.slots = slots
+        self.pool_limits = dict(pool_limits or {})
+        self.max_size = max_size
+        self.fingerprint: Fingerprint = fingerprint(self.model)
+        self.is_causal_lm = hasattr(self.model, "get_output_embeddings") and self.model.get_output_embeddings() is not None
+        self.runtime = Runtime(self.model)
+        self.pools: dict[tuple, SlotPool] = {}
+        self._adapters: dict[str, Adapter] = {}
+        self._types: dict[str, AdapterType] = {}
+        self._lock = threading.RLock()  # residency changes and forwards of concurrent callers
+        self._cache_kw = _cache_keyword(self.model)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        task: str | None = None,
+        **kwargs: Any,
+    ) -> "Zoo":
+        """Load a base (folder, Hub id, .gguf file, or "smollm2" / "minilm") and freeze it."""
+        model, tokenizer = load_base(source, task=task)
+        return cls(model, tokenizer, device=device, dtype=dtype, **kwargs)
+
+    # ------------------------------------------------------------------ adapters
+
+    def adapter_type(self, name: str) -> AdapterType:
+        if name not in self._types:
+            self._types[name] = plugins.get_adapter_type(name)()
+        return self._types[name]
+
+    @property
+    def adapters(self) -> dict[str, AdapterInfo]:
+        return {name: self._info(a) for name, a in self._adapters.items()}
+
+    def get_adapter(self, name: str) -> Adapter:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            known = ", ".join(sorted(self._adapters)) or "none"
+            raise UnknownAdapterError(
+                f"no adapter named {name!r} in this zoo (it has: {known}); add_adapter or load_adapter it first"
+            ) from None
+
+    def add_adapter(self, name: str, adapter_type: str, *, seed: int = 0, trainable: bool = True, **config: Any) -> AdapterInfo:
+        """Create a new adapter, initialised near identity, and make it trainable."""
+        check_name(name)
+        atype = self.adapter_type(adapter_type)
+        cfg = atype.Config.from_dict(config)
+        sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size)
+        adapter = new_adapter(name, atype, cfg, self.model, sizes, seed)
+        if trainable:
+            adapter.set_trainable(True)
+        self._register(adapter)
+        return self._info(adapter)
+
+    def load_adapter(
+        self,
+        name: str,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        endpoint: str | None = None,
+        ignore_base_mismatch: bool = False,
+        trainable: bool = False,
+    ) -> AdapterInfo:
+        """Load a saved adapter (native, PEFT or AdapterHub layout) from a folder or a Hub repo id.
+
+        Everything is read and checked before the zoo changes: a bad file leaves it as it was.
+        """
+        check_name(name)
+        folder = Path(source)
+        if not folder.exists() and _looks_like_repo_id(str(source)):
+            from .hub import download_adapter
+
+            folder = download_adapter(str(source), revision=revision, token=token, endpoint=endpoint)
+        fmt = detect_format(folder)
+        if fmt == "native":
+            adapter = self._read_native(name, folder, ignore_base_mismatch)
+        else:
+            from .formats import read_foreign
+
+            adapter = read_foreign(self, name, folder, fmt, ignore_base_mismatch=ignore_base_mismatch)
+        if trainable:
+            adapter.set_trainable(True)
+        self._register(adapter)
+        return self._info(adapter)
+
+    def _read_native(self, name: str, folder: Path, ignore_base_mismatch: bool) -> Adapter:
+        record, state = load_native(folder)
+        atype = self.adapter_type(record["adapter_type"])
+        cfg = atype.Config.from_dict(record["config"])
+        check_fingerprint(self.fingerprint, record.get("base"), f"adapter at {folder}", force=ignore_base_mismatch)
+        sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size)
+        adapter = adapter_from_state(name, atype, cfg, self.model, sizes, state, f"adapter at {folder}")
+        adapter.metadata = dict(record.get("metadata", {}))
+        return adapter
+
+    def save_adapter(self, name: str, path: str | os.PathLike, *, format: str = "native", metadata: dict | None = None) -> Path:
+        """Save as safetensors + JSON (format="native"), or in PEFT's or AdapterHub's layout."""
+        adapter = self.get_adapter(name)
+        folder = Path(path)
+        if format == "native":
+            record = {
+                "adapter_type": adapter.type_name,
+                "config": adapter.config.to_dict(),
+                "base": self.fingerprint.to_dict(),
+                "metadata": {**adapter.metadata, **(metadata or {})},
+                "name": name,
+            }
+            save_native(folder, record, adapter.state_dict())
+        else:
+            from .formats import write_foreign
+
+            write_foreign(self, adapter, folder, format)
+        return folder
+
+    def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            adapter = self.get_adapter(name)
+            pool = self.pools.get(adapter.pool_key)
+            if pool is not None and pool.slot_of(name) is not None:
+                pool.evict(name)
+            del self._adapters[name]
+
+    def _register(self, adapter: Adapter) -> None:
+        with self._lock:
+            if adapter.name in self._adapters:
+                raise AdapterExistsError(
+                    f"an adapter named {adapter.name!r} is already in the zoo; remove_adapter it first or pick another name"
+                )
+            for site in adapter.tensors:
+                if adapter.atype.kind == "delta":
+                    self.runtime.hook_delta_site(site)
+                elif adapter.atype.kind == "prefix":
+                    self.runtime.hook_prefix_site(site)
+            self._adapters[adapter.name] = adapter
+
+    def _info(self, adapter: Adapter) -> AdapterInfo:
+        pool = self.pools.get(adapter.pool_key)
+        where = "device" if pool is not None and pool.is_current(adapter) else "host"
+        return AdapterInfo(adapter.name, adapter.type_name, adapter.config.to_dict(), where,
+                           adapter.num_parameters(), adapter.trainable)
+
+    # ------------------------------------------------------------------ batches
+
+    def plan(self, adapters: Sequence[str | None], *, training: bool | None = None) -> BatchPlan:
+        """Resolve adapter names per row to (pool, slot), loading adapters into slots as needed.
+
+        Trainable adapters run from their own tensors (a `LivePool`) while gradients are on, so
+        the loss reaches them; otherwise every adapter runs from a slot pool.
+        """
+        if training is None:
+            training = torch.is_grad_enabled()
+        with self._lock:
+            distinct = {n: self.get_adapter(n) for n in adapters if n is not None}
+            live = {n: a for n, a in distinct.items() if training and a.trainable}
+            live_pools: dict[tuple, LivePool] = {}
+            groups: dict[tuple, list[Adapter]] = {}
+            for a in live.values():
+                groups.setdefault(a.pool_key, []).append(a)
+            for key, group in groups.items():
+                live_pools[key] = LivePool(group[0].atype, group[0].variant, group[0].bucket, group, self.model, self.device, self.dtype)
+            placed: dict[str, tuple[object, int]] = {}
+            pinned = set(distinct)
+            for n, a in distinct.items():
+                if n in live:
+                    pool = live_pools[a.pool_key]
+                    placed[n] = (pool, pool.index[n])
+                else:
+                    placed[n] = self._resident(a, pinned)
+            assignments = [
+                None if n is None else (*placed[n], distinct[n].length()) for n in adapters
+            ]
+            plan = build_plan(assignments, self.device, training=bool(live))
+            plan.names = list(adapters)
+            return plan
+
+    def _resident(self, adapter: Adapter, pinned: set[str]) -> tuple[SlotPool, int]:
+        pool = self.pools.get(adapter.pool_key)
+        if pool is None:
+            pool = SlotPool(adapter.atype, adapter.variant, adapter.bucket, self.slots, self.model, self.device, self.dtype)
+            self.pools[adapter.pool_key] = pool
+        if pool.is_current(adapter):
+            pool.touch(adapter.name)
+            return pool, pool.slot_of(adapter.name)
+        slot, _ = pool.place(adapter, pinned)
+        return pool, slot
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ZooOutput:
+        return self.forward(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        adapters: Sequence[str | None] | None = None,
+        *,
+        plan: BatchPlan | None = None,
+        cache: Any = None,
+        labels: torch.Tensor | None = None,
+    ) -> ZooOutput:
+        """Run a mixed batch: row i uses `adapters[i]` (a name, or None for the bare base).
+
+        With a `cache` (from a previous call's output), the mask covers past and new tokens and
+        virtual prompt tokens are not added again.
+        """
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() != 2:
+            raise BatchError(f"input_ids must be 2-D (batch, tokens), got shape {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        input_ids = input_ids.to(self.device)
+        past = _cache_length(cache)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=self.device)
+        attention_mask = torch.as_tensor(attention_mask).to(self.device)
+        if attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+            raise BatchError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, which does not fit input_ids "
+                f"{tuple(input_ids.shape)}; pass one mask value per token"
+            )
+        if plan is None:
+            if adapters is None:
+                adapters = [None] * batch
+            if isinstance(adapters, str):
+                raise BatchError("adapters must be a list with one adapter name (or None) per row, not a string")
+            if len(adapters) != batch:
+                raise BatchError(
+                    f"adapters has {len(adapters)} entries but the batch has {batch} rows; give one adapter "
+                    "name (or None for the bare base) per row"
+                )
+            plan = self.plan(list(adapters))
+        embeds = self.model.get_input_embeddings()(input_ids)
+        width = 0
+        if plan.prompts and past == 0:
+            embeds, attention_mask, width = self._prepend_prompts(plan, embeds, attention_mask)
+        positions = attention_mask.long().cumsum(-1)[:, -embeds.shape[1]:] - 1
+        if plan.prefix_lengths is not None:
+            positions = positions + plan.prefix_lengths[:, None]
+        positions = positions.clamp(min=0)
+        kwargs = {self._cache_kw: cache, "use_cache": cache is not None} if cache is not None else {}
+        with active(plan, self.runtime.attention_sites):
+            out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, **kwargs)
+        result = ZooOutput(attention_mask=attention_mask, plan=plan, cache=getattr(out, self._cache_kw, None))
+        if getattr(out, "logits", None) is not None:
+            result.logits = out.logits[:, width:]
+        else:
+            result.last_hidden_state = out.last_hidden_state[:, width:]
+        if labels is not None:
+            result.loss = causal_lm_loss(result.logits, labels.to(self.device))
+        return result
+
+    def _prepend_prompts(self, plan: BatchPlan, embeds: torch.Tensor, mask: torch.Tensor):
+        """Lester et al. (2021): [P_e; X_e], the virtual token embeddings before the input's.
+
+        Virtual tokens go in the first `width` columns, left-aligned; a row with fewer (or none)
+        masks the rest, so its real tokens see exactly what they would see alone.
+        """
+        batch, _, dim = embeds.shape
+        width = plan.prompt_width
+        virtual = embeds.new_zeros(batch, width, dim)
+        for use in plan.prompts:
+            tokens = use.pool.atype.virtual_tokens(use.gather(use.pool.site(self.runtime.embedding_path)))  # (n, P, d)
+            tokens = tokens[:, :width].to(embeds.dtype)
+            if tokens.shape[1] < width:
+                tokens = torch.nn.functional.pad(tokens, (0, 0, 0, width - tokens.shape[1]))
+            if use.rows is None:
+                virtual = tokens.expand(batch, -1, -1)
+            else:
+                virtual = virtual.index_copy(0, use.rows, tokens.expand(len(use.rows), -1, -1))
+        virtual_mask = torch.arange(width, device=mask.device)[None, :] < plan.prompt_lengths[:, None]
+        return torch.cat([virtual, embeds], 1), torch.cat([virtual_mask.to(mask.dtype), mask], 1), width
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None, **kwargs: Any) -> list[str]:
+        """Greedy or sampled continuations of `prompts`, row i with `adapters[i]`. See generate.py."""
+        from .generate import generate
+
+        return generate(self, prompts, adapters, **kwargs)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy; label -100 is ignored (the HF convention)."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache`; accept either."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_length(cache: Any) -> int:
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
+def _looks_like_repo_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))

@@ -1,0 +1,77 @@
+"""Bottleneck adapters: Houlsby et al. (2019), "Parameter-Efficient Transfer Learning for NLP".
+
+Section 2.1: after the attention output projection and after the feed-forward output, before
+the residual add, h <- h + U f(D h + b_d) + b_u, with D (m x d) projecting down to a bottleneck
+of m and U (d x m) back up. U and b_u start at zero, so a new adapter is the identity (the paper
+initialises near identity). Pfeiffer's variant is `locations=["ffn"]`.
+
+The bottleneck is zero-padded to the pool's bucket: padded rows of D and b_d give f(0) = 0 for
+every activation offered here, and padded columns of U are zero, so padding is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from adapterzoo import AdapterConfig, AdapterType, require
+from adapterzoo.sites import find_role, linear_dims
+
+ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "swish": nn.functional.silu,
+               "silu": nn.functional.silu, "tanh": torch.tanh}
+ROLES = {"attention": "attention_output", "ffn": "ffn_output"}
+
+
+@dataclass
+class HoulsbyConfig(AdapterConfig):
+    bottleneck: int = 64
+    activation: str = "swish"
+    locations: list[str] = field(default_factory=lambda: ["attention", "ffn"])
+    init_std: float = 1e-2
+
+    def validate(self) -> None:
+        require(isinstance(self.bottleneck, int) and self.bottleneck >= 1,
+                f"bottleneck must be a positive integer, got {self.bottleneck!r}")
+        require(self.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        require(isinstance(self.locations, (list, tuple)) and self.locations and set(self.locations) <= set(ROLES),
+                f"locations must be a non-empty subset of {sorted(ROLES)}, got {self.locations!r}")
+        self.locations = list(self.locations)
+        require(self.init_std >= 0, f"init_std must be >= 0, got {self.init_std!r}")
+
+
+class Houlsby(AdapterType):
+    name = "houlsby"
+    Config = HoulsbyConfig
+    kind = "delta"
+
+    def sites(self, model, config):
+        found = []
+        for location in config.locations:
+            found += find_role(model, ROLES[location])
+        order = {p: i for i, (p, _) in enumerate(model.named_modules())}
+        return sorted(found, key=order.__getitem__)
+
+    def tensors(self, model, site, module, config):
+        d = linear_dims(module)[1]
+        return {"down": ("bottleneck", d), "down_bias": ("bottleneck",), "up": (d, "bottleneck"), "up_bias": (d,)}
+
+    def sizes(self, config):
+        return {"bottleneck": config.bottleneck}
+
+    def variant(self, config):
+        return config.activation
+
+    def init(self, name, tensor, config, generator, module):
+        if name == "down":
+            tensor.normal_(0, config.init_std, generator=generator)
+        else:
+            tensor.zero_()
+
+    def delta(self, x, y, w, training):
+        down, down_bias, up, up_bias = w["down"], w["down_bias"], w["up"], w["up_bias"]
+        z = torch.matmul(y, down.transpose(1, 2)) + down_bias[:, None, :]  # (n, T, m)
+        z = ACTIVATIONS[w["variant"]](z)
+        return torch.matmul(z, up.transpose(1, 2)) + up_bias[:, None, :]  # (n, T, d)
+

@@ -1,0 +1,113 @@
+"""LoRA: Hu et al. (2021), "LoRA: Low-Rank Adaptation of Large Language Models".
+
+Eq. (3): h = W0 x + (alpha / r) * B A x, with A (r x in) and B (out x r); B starts at zero, so a
+new adapter leaves the base unchanged. rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r).
+
+In a mixed batch each row gathers its own A and B by slot, and the whole batch is two batched
+matmuls per site (Punica's BGMV). Ranks below the pool's bucket are zero-padded: the padded rows
+of A and columns of B contribute exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adapterzoo import AdapterConfig, AdapterType, require
+from adapterzoo.sites import Conv1D, find_linear, linear_dims
+
+# The layers PEFT targets by default, per model family.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],
+    "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+}
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None  # names, a regex, "all-linear"; None: per family
+    use_rslora: bool = False
+    lora_dropout: float = 0.0
+    init_lora_weights: bool | str = True  # True: B = 0 (identity); False: random B (tests)
+
+    def validate(self) -> None:
+        require(isinstance(self.r, int) and self.r >= 1, f"LoRA r must be a positive integer, got {self.r!r}")
+        require(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
+                f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        require(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        require(self.init_lora_weights in (True, False, "gaussian"),
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        t = self.target_modules
+        require(t is None or isinstance(t, str) or (isinstance(t, (list, tuple)) and t and all(isinstance(x, str) for x in t)),
+                f"target_modules must be a list of module names, a regex string or 'all-linear', got {t!r}")
+        if isinstance(t, tuple):
+            self.target_modules = list(t)
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    if config.target_modules is not None:
+        return config.target_modules
+    family = getattr(model.config, "model_type", "")
+    if family not in DEFAULT_TARGETS:
+        raise ValueError(f"no default LoRA target_modules for {family!r}; pass target_modules=[...]")
+    return DEFAULT_TARGETS[family]
+
+
+class Lora(AdapterType):
+    name = "lora"
+    Config = LoraConfig
+    kind = "delta"
+
+    def sites(self, model, config):
+        return find_linear(model, targets(model, config))
+
+    def tensors(self, model, site, module, config):
+        fan_in, fan_out = linear_dims(module)
+        return {"A": ("r", fan_in), "B": (fan_out, "r")}
+
+    def sizes(self, config):
+        return {"r": config.r}
+
+    def constants(self, config):
+        return {"scale": config.scale, "dropout": config.lora_dropout}
+
+    def init(self, name, tensor, config, generator, module):
+        if name == "A":
+            if config.init_lora_weights == "gaussian":
+                tensor.normal_(0, 1 / config.r, generator=generator)
+            else:  # PEFT's default: kaiming-uniform A, as nn.Linear initialises weights
+                bound = 1 / math.sqrt(tensor.shape[1])
+                tensor.uniform_(-bound, bound, generator=generator)
+        elif config.init_lora_weights is False:
+            bound = 1 / math.sqrt(tensor.shape[1])
+            tensor.uniform_(-bound, bound, generator=generator)
+        else:
+            tensor.zero_()
+
+    def delta(self, x, y, w, training):
+        A, B, scale = w["A"], w["B"], w["scale"]  # (n, r, in), (n, out, r), (n,); n may be 1
+        if training:
+            keep = 1 - w["dropout"]
+            x = x * (torch.rand_like(x) < keep[:, None, None]) / keep[:, None, None]
+        if A.shape[0] == 1:  # one adapter for the whole batch: plain matmuls
+            return nn.functional.linear(nn.functional.linear(x, A[0]), B[0]) * scale[0]
+        h = torch.bmm(x, A.transpose(1, 2))  # (n, T, r)
+        return torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # (n, T, out)
+
+    def merge(self, module, tensors, config, sign=1.0):
+        delta_w = sign * config.scale * tensors["B"] @ tensors["A"]  # (out, in)
+        with torch.no_grad():
+            if isinstance(module, Conv1D):
+                module.weight += delta_w.T.to(module.weight)
+            else:
+                module.weight += delta_w.to(module.weight)
