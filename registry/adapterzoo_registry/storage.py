@@ -1,0 +1,660 @@
+"""Model repositories kept in plain files, with atomic, crash-safe commits.
+
+Layout under the registry root::
+
+    models/<namespace>/<name>/repo.json             visibility and creation time
+    models/<namespace>/<name>/blobs/<sha256>        file contents, content-addressed
+    models/<namespace>/<name>/commits/<id>.json     parent, message, author, date, {path: blob}
+    models/<namespace>/<name>/refs/heads/<branch>   the commit id the branch points to
+    locks/<namespace>/<name>.lock                   flock(2) target serializing writes to one repo
+    tmp/                                            every temporary file (emptied on start)
+    trash/                                          deleted repos being removed (emptied on start)
+
+Why it is crash safe: every file is first written under ``tmp/``, fsync'd, then
+``os.replace``d into place, and a commit is published in dependency order (blobs,
+then the commit record, then the branch ref). A process killed at any point leaves
+either the old ref or the new one, and the old ref only names files that are
+fully on disk. Leftovers of an interrupted commit are unreferenced files: they are
+never served by a branch and are harmless.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BRANCH = "main"
+
+# --------------------------------------------------------------------------- errors
+
+
+class RegistryError(Exception):
+    """An error the HTTP layer turns into a JSON reply with this status.
+
+    `error_code` goes into the `X-Error-Code` header: `huggingface_hub` maps
+    `RepoNotFound`, `RevisionNotFound` and `EntryNotFound` to its own exceptions.
+    """
+
+    status: int = 500
+    error_code: str | None = None
+
+    def __init__(
+        self, message: str, *, headers: Mapping[str, str] | None = None, body: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+        self.body = dict(body or {})  # extra fields for the JSON reply, next to "error"
+
+
+class BadRequest(RegistryError):
+    status = 400
+
+
+class RepoNotFound(RegistryError):
+    status = 404
+    error_code = "RepoNotFound"
+
+
+class RevisionNotFound(RegistryError):
+    status = 404
+    error_code = "RevisionNotFound"
+
+
+class EntryNotFound(RegistryError):
+    status = 404
+    error_code = "EntryNotFound"
+
+
+class RepoExists(RegistryError):
+    status = 409
+
+
+class RefExists(RegistryError):
+    status = 409
+
+
+class ParentCommitMismatch(RegistryError):
+    status = 412
+
+
+class PayloadTooLarge(RegistryError):
+    status = 413
+
+
+# --------------------------------------------------------------------------- names
+
+
+_REPO_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+_BRANCH_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,254})")
+FULL_COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+# First path segments that routes use; a namespace with one of these names would be shadowed.
+RESERVED_NAMESPACES = frozenset({"api", "datasets", "spaces", "kernels", "models", "buckets"})
+
+
+@dataclass(frozen=True, order=True)
+class RepoId:
+    """A validated `namespace/name`; both parts are safe as directory names."""
+
+    namespace: str
+    name: str
+
+    @classmethod
+    def parse(cls, namespace: str | None, name: str | None) -> RepoId:
+        """Validate both parts, raising `BadRequest` (400) on anything unsafe."""
+        for part in (namespace, name):
+            if not isinstance(part, str) or not _REPO_NAME.fullmatch(part) or ".." in part or "--" in part:
+                raise BadRequest(
+                    f"Invalid repo id {namespace}/{name}: expected 'namespace/name' made of letters, digits,"
+                    " '-', '_' and '.', starting and ending with a letter or digit, at most 96 characters each."
+                )
+        if namespace in RESERVED_NAMESPACES:
+            raise BadRequest(f"Invalid repo id {namespace}/{name}: namespace '{namespace}' is reserved.")
+        return cls(namespace, name)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_string(cls, repo_id: str) -> RepoId:
+        namespace, _, name = repo_id.partition("/")
+        return cls.parse(namespace, name)
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def validate_branch_name(branch: str) -> str:
+    """Branch names become file names under refs/heads, so they stay flat and safe."""
+    if not _BRANCH_NAME.fullmatch(branch) or ".." in branch or FULL_COMMIT_ID.fullmatch(branch):
+        raise BadRequest(f"Invalid branch name {branch!r}: use letters, digits, '-', '_' and '.' (no '/').")
+    return branch
+
+
+def validate_repo_path(path: Any, *, folder: bool = False) -> str:
+    """Return `path` if it is a safe relative path inside a repo, else raise `BadRequest`.
+
+    Rejects what could escape the repo or alias another file: absolute paths,
+    backslashes, `.` / `..` / empty segments, NUL bytes and the `.git` folder.
+    """
+    if not isinstance(path, str) or not path:
+        raise BadRequest("Invalid path in repo: expected a non-empty string.")
+    candidate = path[:-1] if folder and path.endswith("/") else path
+    problems = []
+    if candidate.startswith("/") or re.match(r"^[A-Za-z]:", candidate):
+        problems.append("absolute paths are not allowed")
+    if "\\" in candidate:
+        problems.append("backslashes are not allowed")
+    if "\x00" in candidate:
+        problems.append("NUL bytes are not allowed")
+    if len(candidate.encode()) > 1024:
+        problems.append("longer than 1024 bytes")
+    segments = candidate.split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        problems.append("empty, '.' and '..' segments are not allowed")
+    if ".git" in segments:
+        problems.append("the .git folder is reserved")
+    if problems:
+        raise BadRequest(f"Invalid path in repo {path!r}: {'; '.join(problems)}.")
+    return candidate
+
+
+# --------------------------------------------------------------------------- records
+
+
+def utc_now_iso() -> str:
+    """Timestamps in the `2024-01-31T12:00:00.000Z` form `huggingface_hub` parses."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a commit: where its bytes are (`sha256`) and its git blob id (`oid`)."""
+
+    sha256: str
+    oid: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "oid": self.oid, "size": self.size}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FileEntry:
+        return cls(sha256=data["sha256"], oid=data["oid"], size=int(data["size"]))
+
+
+@dataclass(frozen=True)
+class Commit:
+    """An immutable revision: the full file list, not a diff, so reads never walk history."""
+
+    id: str
+    parent: str | None
+    summary: str
+    description: str
+    author: str
+    date: str
+    files: Mapping[str, FileEntry]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "parent": self.parent,
+            "summary": self.summary,
+            "description": self.description,
+            "author": self.author,
+            "date": self.date,
+            "files": {path: entry.to_json() for path, entry in sorted(self.files.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Commit:
+        return cls(
+            id=data["id"],
+            parent=data["parent"],
+            summary=data["summary"],
+            description=data.get("description", ""),
+            author=data.get("author", ""),
+            date=data["date"],
+            files={path: FileEntry.from_json(entry) for path, entry in data["files"].items()},
+        )
+
+    @classmethod
+    def new(
+        cls, *, parent: str | None, summary: str, description: str, author: str, files: Mapping[str, FileEntry]
+    ) -> Commit:
+        """Build a commit whose id is a 40-hex digest of its content and creation instant."""
+        draft = cls(
+            id="", parent=parent, summary=summary, description=description, author=author, date=utc_now_iso(),
+            files=dict(files),
+        )
+        material = json.dumps({**draft.to_json(), "nonce": time.time_ns()}, sort_keys=True).encode()
+        return dataclasses.replace(draft, id=hashlib.sha1(material).hexdigest())
+
+
+@dataclass(frozen=True)
+class RepoMeta:
+    private: bool
+    created_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"private": self.private, "created_at": self.created_at}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RepoMeta:
+        return cls(private=bool(data["private"]), created_at=data["created_at"])
+
+
+# --------------------------------------------------------------------------- commit bodies
+
+
+@dataclass(frozen=True)
+class AddFile:
+    path: str
+    entry: FileEntry
+    staged_blob: Path
+
+
+@dataclass(frozen=True)
+class DeleteFile:
+    path: str
+
+
+@dataclass(frozen=True)
+class DeleteFolder:
+    path: str
+
+
+Operation = AddFile | DeleteFile | DeleteFolder
+
+
+@dataclass
+class CommitRequest:
+    """A parsed and fully validated commit body whose new files wait in a staging folder."""
+
+    summary: str
+    description: str
+    parent_commit: str | None
+    operations: list[Operation] = field(default_factory=list)
+
+
+def parse_commit_body(body_path: Path, staging_dir: Path) -> CommitRequest:
+    """Parse the NDJSON body `huggingface_hub` sends to `/commit` (see `_commit_api._prepare_commit_payload`).
+
+    The first line is `{"key": "header", "value": {"summary", "description", "parentCommit"?}}`,
+    then one line per operation: `file` (base64 `content`), `deletedFile`, `deletedFolder`.
+    File contents are decoded into `staging_dir` so nothing touches the repo until the
+    whole body is known to be valid.
+    """
+    with open(body_path, "rb") as body:
+        lines = ((number, raw) for number, raw in enumerate(body, start=1) if raw.strip())
+        first = next(lines, None)
+        if first is None:
+            raise BadRequest("Malformed commit: the body is empty, expected a 'header' line first.")
+        request = _parse_header(_parse_ndjson_line(*first))
+        for number, raw in lines:
+            request.operations.append(_parse_operation(_parse_ndjson_line(number, raw), number, staging_dir))
+    return request
+
+
+def _parse_ndjson_line(number: int, raw: bytes) -> dict[str, Any]:
+    try:
+        item = json.loads(raw)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise BadRequest(f"Malformed commit: line {number} is not valid JSON.") from None
+    if not isinstance(item, dict) or not isinstance(item.get("key"), str) or not isinstance(item.get("value"), dict):
+        raise BadRequest(
+            f"Malformed commit: line {number} must be an object with a string 'key' and an object 'value'."
+        )
+    return item
+
+
+def _parse_header(item: dict[str, Any]) -> CommitRequest:
+    if item["key"] != "header":
+        raise BadRequest(f"Malformed commit: the first line must be the 'header', got {item['key']!r}.")
+    value = item["value"]
+    summary, description, parent = value.get("summary"), value.get("description") or "", value.get("parentCommit")
+    if not isinstance(summary, str) or not summary.strip():
+        raise BadRequest("Malformed commit: the header needs a non-empty 'summary'.")
+    if not isinstance(description, str):
+        raise BadRequest("Malformed commit: the header 'description' must be a string.")
+    if parent is not None and (not isinstance(parent, str) or not re.fullmatch(r"[0-9a-fA-F]{5,40}", parent)):
+        raise BadRequest("Malformed commit: 'parentCommit' must be a hexadecimal commit id.")
+    return CommitRequest(summary=summary, description=description, parent_commit=parent.lower() if parent else None)
+
+
+def _parse_operation(item: dict[str, Any], number: int, staging_dir: Path) -> Operation:
+    key, value = item["key"], item["value"]
+    if key == "file":
+        return _stage_file(value, number, staging_dir)
+    if key == "deletedFile":
+        return DeleteFile(validate_repo_path(value.get("path")))
+    if key == "deletedFolder":
+        return DeleteFolder(validate_repo_path(value.get("path"), folder=True))
+    if key == "lfsFile":
+        raise BadRequest(
+            "LFS files are not supported by this registry: every file is uploaded inline (uploadMode 'regular')."
+        )
+    if key == "header":
+        raise BadRequest(f"Malformed commit: line {number} is a second 'header'.")
+    raise BadRequest(f"Malformed commit: line {number} has unknown key {key!r}.")
+
+
+def _stage_file(value: dict[str, Any], number: int, staging_dir: Path) -> AddFile:
+    path = validate_repo_path(value.get("path"))
+    if value.get("encoding", "base64") != "base64":
+        raise BadRequest(f"Malformed commit: line {number} ({path}) must use encoding 'base64'.")
+    content = value.get("content")
+    if not isinstance(content, str):
+        raise BadRequest(f"Malformed commit: line {number} ({path}) has no string 'content'.")
+    try:
+        data = base64.b64decode(content, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"Malformed commit: line {number} ({path}) has invalid base64 content.") from None
+    staged_blob = staging_dir / f"{number}.blob"
+    with open(staged_blob, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    entry = FileEntry(sha256=hashlib.sha256(data).hexdigest(), oid=git_blob_oid(data), size=len(data))
+    return AddFile(path=path, entry=entry, staged_blob=staged_blob)
+
+
+def git_blob_oid(data: bytes) -> str:
+    """The id git gives this content (`git hash-object`); the client compares it to skip unchanged files."""
+    digest = hashlib.sha1(b"blob %d\x00" % len(data))
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def apply_operations(files: Mapping[str, FileEntry], operations: list[Operation]) -> dict[str, FileEntry]:
+    """The file list after `operations`, in order; deleting a missing file is a 404 like on the Hub."""
+    result = dict(files)
+    for operation in operations:
+        if isinstance(operation, AddFile):
+            result[operation.path] = operation.entry
+        elif isinstance(operation, DeleteFile):
+            if result.pop(operation.path, None) is None:
+                raise EntryNotFound(f"A file with this name doesn't exist: {operation.path}")
+        else:
+            prefix = operation.path + "/"
+            for path in [path for path in result if path.startswith(prefix)]:
+                del result[path]
+    _reject_file_folder_clashes(result)
+    return result
+
+
+def _reject_file_folder_clashes(files: Mapping[str, FileEntry]) -> None:
+    """A path cannot be both a file and a folder (`a` and `a/b`): git trees cannot hold that."""
+    folders = {path.rsplit("/", depth)[0] for path in files for depth in range(1, path.count("/") + 1)}
+    clashes = sorted(folders & set(files))
+    if clashes:
+        raise BadRequest(f"Invalid commit: {clashes[0]!r} would be both a file and a folder.")
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """All repositories under one root directory.
+
+    Writes to one repo are serialized with an exclusive `flock` on its lock file,
+    which also works across worker processes and is released by the kernel if
+    the server dies. Reads take no lock: they only follow refs, which are
+    replaced atomically, to immutable commit records and blobs.
+    """
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+        self._models = self.root / "models"
+        self._locks = self.root / "locks"
+        self._tmp = self.root / "tmp"
+        self._trash = self.root / "trash"
+        for folder in (self._models, self._locks, self._tmp, self._trash):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._commit_cache: dict[tuple[str, str], Commit] = {}
+        self._commit_cache_lock = threading.Lock()
+        self.recover()
+
+    # -- start-up
+
+    def recover(self) -> None:
+        """Remove what an interrupted process left in tmp/ and trash/; committed data is never there."""
+        for folder in (self._tmp, self._trash):
+            for leftover in folder.iterdir():
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+
+    # -- temporary files
+
+    def temp_path(self, suffix: str = "") -> Path:
+        """A fresh path under tmp/, on the same filesystem as the repos so `os.replace` is atomic."""
+        return self._tmp / f"{uuid.uuid4().hex}{suffix}"
+
+    # -- repositories
+
+    def repo_meta(self, repo: RepoId) -> RepoMeta | None:
+        try:
+            return RepoMeta.from_json(json.loads((self._repo_dir(repo) / "repo.json").read_bytes()))
+        except FileNotFoundError:
+            return None
+
+    def iter_repos(self) -> Iterator[RepoId]:
+        """Every repo on disk, sorted by id; half-created repos are never visible (see `create_repo`)."""
+        for meta_file in sorted(self._models.glob("*/*/repo.json")):
+            yield RepoId(meta_file.parent.parent.name, meta_file.parent.name)
+
+    def create_repo(self, repo: RepoId, *, private: bool, author: str) -> Commit:
+        """Create a repo whose `main` holds an empty initial commit, like the Hub does.
+
+        The repo is assembled under tmp/ and renamed into place in one step, so it
+        either fully exists or does not.
+        """
+        with self._repo_lock(repo):
+            if self.repo_meta(repo) is not None:
+                raise RepoExists(f"You already created this model repo: {repo}")
+            building = self.temp_path(".repo")
+            for sub in ("blobs", "commits", "refs/heads"):
+                (building / sub).mkdir(parents=True)
+            initial = Commit.new(parent=None, summary="initial commit", description="", author=author, files={})
+            _write_file(building / "repo.json", _to_json_bytes(RepoMeta(private, utc_now_iso()).to_json()))
+            _write_file(building / "commits" / f"{initial.id}.json", _to_json_bytes(initial.to_json()))
+            _write_file(building / "refs" / "heads" / DEFAULT_BRANCH, initial.id.encode())
+            final = self._repo_dir(repo)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # debris of a repo whose creation or deletion was interrupted
+                os.replace(final, self._trash / uuid.uuid4().hex)
+            os.replace(building, final)
+            _fsync_dir(final.parent)
+            return initial
+
+    def delete_repo(self, repo: RepoId) -> None:
+        """Move the repo to trash/ atomically, then remove it; a crash in between is cleaned on start."""
+        with self._repo_lock(repo):
+            self._require_repo(repo)
+            doomed = self._trash / uuid.uuid4().hex
+            os.replace(self._repo_dir(repo), doomed)
+            _fsync_dir(self._repo_dir(repo).parent)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def set_private(self, repo: RepoId, private: bool) -> None:
+        with self._repo_lock(repo):
+            meta = self._require_repo(repo)
+            new_meta = RepoMeta(private=private, created_at=meta.created_at)
+            self._replace_file(self._repo_dir(repo) / "repo.json", _to_json_bytes(new_meta.to_json()))
+
+    # -- revisions
+
+    def resolve(self, repo: RepoId, revision: str) -> Commit:
+        """Turn a branch name or a full 40-hex commit id into a commit, or raise `RevisionNotFound`."""
+        commit_id = self._read_branch_or_none(repo, revision)
+        if commit_id is None and FULL_COMMIT_ID.fullmatch(revision.lower()):
+            commit_id = revision.lower()
+        if commit_id is None:
+            raise RevisionNotFound(f"Invalid rev id: {revision}")
+        try:
+            return self.read_commit(repo, commit_id)
+        except FileNotFoundError:
+            raise RevisionNotFound(f"Invalid rev id: {revision}") from None
+
+    def read_commit(self, repo: RepoId, commit_id: str) -> Commit:
+        """Commits are immutable, so they are cached in memory once read."""
+        key = (str(repo), commit_id)
+        with self._commit_cache_lock:
+            cached = self._commit_cache.get(key)
+        if cached is not None:
+            return cached
+        commit = Commit.from_json(json.loads((self._repo_dir(repo) / "commits" / f"{commit_id}.json").read_bytes()))
+        with self._commit_cache_lock:
+            if len(self._commit_cache) > 10_000:
+                self._commit_cache.clear()
+            self._commit_cache[key] = commit
+        return commit
+
+    def history(self, repo: RepoId, commit: Commit) -> Iterator[Commit]:
+        """`commit` and its ancestors, newest first."""
+        current: Commit | None = commit
+        while current is not None:
+            yield current
+            current = self.read_commit(repo, current.parent) if current.parent else None
+
+    def branches(self, repo: RepoId) -> dict[str, str]:
+        heads = self._repo_dir(repo) / "refs" / "heads"
+        return {ref.name: ref.read_text().strip() for ref in sorted(heads.iterdir()) if ref.is_file()}
+
+    def create_branch(self, repo: RepoId, branch: str, start: Commit) -> None:
+        validate_branch_name(branch)
+        with self._repo_lock(repo):
+            self._require_repo(repo)
+            if self._read_branch_or_none(repo, branch) is not None:
+                raise RefExists(f"Reference already exists: refs/heads/{branch}")
+            self._replace_file(self._repo_dir(repo) / "refs" / "heads" / branch, start.id.encode())
+
+    def delete_branch(self, repo: RepoId, branch: str) -> None:
+        if branch == DEFAULT_BRANCH:
+            raise BadRequest(f"The default branch '{DEFAULT_BRANCH}' cannot be deleted.")
+        with self._repo_lock(repo):
+            self._require_repo(repo)
+            if self._read_branch_or_none(repo, branch) is None:
+                raise RevisionNotFound(f"Invalid rev id: {branch}")
+            (self._repo_dir(repo) / "refs" / "heads" / branch).unlink()
+            _fsync_dir(self._repo_dir(repo) / "refs" / "heads")
+
+    def blob_path(self, repo: RepoId, entry: FileEntry) -> Path:
+        return self._repo_dir(repo) / "blobs" / entry.sha256
+
+    # -- commits
+
+    def commit(self, repo: RepoId, branch: str, body_path: Path, *, author: str) -> Commit:
+        """Apply the NDJSON commit in `body_path` on top of `branch` and move the branch to it.
+
+        The body is parsed and staged before taking the repo lock (it may be large);
+        conflicts are checked under the lock. Publication order is blobs, commit
+        record, branch ref, each written atomically, so a crash at any moment
+        leaves the branch on a complete revision.
+        """
+        staging = self.temp_path(".staging")
+        staging.mkdir()
+        try:
+            request = parse_commit_body(body_path, staging)
+            with self._repo_lock(repo):
+                self._require_repo(repo)
+                head = self._read_branch_or_none(repo, branch)
+                if head is None:
+                    raise RevisionNotFound(f"Invalid rev id: {branch}")
+                if request.parent_commit is not None and not head.startswith(request.parent_commit):
+                    raise ParentCommitMismatch(
+                        f"A commit has happened since: parent commit {request.parent_commit} is not the head"
+                        f" of '{branch}' ({head}). Fetch the new head and retry."
+                    )
+                files = apply_operations(self.read_commit(repo, head).files, request.operations)
+                commit = Commit.new(
+                    parent=head, summary=request.summary, description=request.description, author=author, files=files
+                )
+                self._publish_blobs(repo, request.operations)
+                record = self._repo_dir(repo) / "commits" / f"{commit.id}.json"
+                self._replace_file(record, _to_json_bytes(commit.to_json()))
+                self._replace_file(self._repo_dir(repo) / "refs" / "heads" / branch, commit.id.encode())
+                return commit
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _publish_blobs(self, repo: RepoId, operations: list[Operation]) -> None:
+        blobs = self._repo_dir(repo) / "blobs"
+        for operation in operations:
+            if isinstance(operation, AddFile):
+                target = blobs / operation.entry.sha256
+                if not target.exists():  # same name means same bytes: keep the one already published
+                    os.replace(operation.staged_blob, target)
+        _fsync_dir(blobs)
+
+    # -- internals
+
+    def _repo_dir(self, repo: RepoId) -> Path:
+        return self._models / repo.namespace / repo.name
+
+    def _require_repo(self, repo: RepoId) -> RepoMeta:
+        meta = self.repo_meta(repo)
+        if meta is None:
+            raise RepoNotFound(f"Repository not found: {repo}")
+        return meta
+
+    def _read_branch_or_none(self, repo: RepoId, branch: str) -> str | None:
+        if not _BRANCH_NAME.fullmatch(branch) or ".." in branch:
+            return None
+        try:
+            return (self._repo_dir(repo) / "refs" / "heads" / branch).read_text().strip() or None
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _replace_file(self, path: Path, data: bytes) -> None:
+        """Write `data` under tmp/, fsync it, then atomically replace `path` and fsync its folder."""
+        temp = self.temp_path(".part")
+        _write_file(temp, data)
+        os.replace(temp, path)
+        _fsync_dir(path.parent)
+
+    @contextmanager
+    def _repo_lock(self, repo: RepoId) -> Iterator[None]:
+        lock_file = self._locks / repo.namespace / f"{repo.name}.lock"
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_file, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _to_json_bytes(data: Any) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=True).encode()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable: without this a power cut can undo an `os.replace`."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
