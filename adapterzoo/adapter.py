@@ -131,7 +131,7 @@ def new_adapter(name: str, atype: AdapterType, config: AdapterConfig, model: nn.
     generator = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     tensors: dict[str, dict[str, torch.Tensor]] = {}
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # trainable later, even if made in inference mode
         for site, shapes in expected_shapes(atype, model, config, sizes).items():
             tensors[site] = {}
             for key, shape in shapes.items():
@@ -158,7 +158,8 @@ def adapter_from_state(
             elif tuple(t.shape) != shape:
                 wrong.append(f"{flat}: {tuple(t.shape)} (expected {shape})")
             else:
-                tensors[site][key] = t.detach().to(torch.float32).clone()
+                with torch.inference_mode(False):
+                    tensors[site][key] = t.detach().to(torch.float32).clone()
     wanted = {f"{s}.{k}" for s, ks in expected.items() for k in ks}
     extra = sorted(set(state) - wanted)
     if missing or wrong or extra:

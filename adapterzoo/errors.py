@@ -39,6 +39,14 @@ class AdapterFileError(AdapterZooError, ValueError):
     """A saved adapter that cannot be read: missing, truncated, corrupt, or a pickle file."""
 
 
+class UnsupportedFormatError(AdapterFileError):
+    """A foreign adapter (PEFT, AdapterHub) using an option adapterzoo cannot reproduce exactly."""
+
+
+class HubError(AdapterZooError, RuntimeError):
+    """A push to or pull from a Hub (or a registry speaking its API) that failed."""
+
+
 class ShapeMismatchError(AdapterZooError, ValueError):
     """Adapter tensors whose shapes do not match what the type and the base expect."""
 

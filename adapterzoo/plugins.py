@@ -58,7 +58,8 @@ def load_entry_points() -> None:
 _loaded = False
 
 
-def _ensure_loaded() -> None:
+def load_plugins() -> None:
+    """Load the entry-point plugins once per process (later calls do nothing)."""
     global _loaded
     if not _loaded:
         _loaded = True
@@ -67,7 +68,7 @@ def _ensure_loaded() -> None:
 
 def adapter_types() -> dict[str, TypeInfo]:
     """Every registered adapter type by name, asking the plugins afresh each time."""
-    _ensure_loaded()
+    load_plugins()
     distributions = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     found: dict[str, TypeInfo] = {}
     for impl in pm.hook.register_adapter_types.get_hookimpls():

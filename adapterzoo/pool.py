@@ -107,7 +107,8 @@ class SlotPool:
 
     def _write(self, slot: int, adapter: Adapter) -> None:
         shapes = expected_shapes(self.atype, self.model, adapter.config, self.bucket)
-        with torch.no_grad():
+        # normal tensors even when called under inference_mode, so that later writes always work
+        with torch.inference_mode(False), torch.no_grad():
             for site, site_shapes in shapes.items():
                 if site not in self.tensors:
                     self.tensors[site] = {

@@ -21,7 +21,7 @@ from torch import nn
 from . import plugins
 from .adapter import Adapter, adapter_from_state, check_name, check_sizes, new_adapter
 from .base import Fingerprint, check_fingerprint, fingerprint, freeze, load_base
-from .errors import AdapterExistsError, BatchError, InvalidConfigError, UnknownAdapterError
+from .errors import AdapterExistsError, BatchError, InvalidConfigError, PoolFullError, UnknownAdapterError
 from .plan import BatchPlan, build_plan
 from .pool import LivePool, SlotPool
 from .runtime import Runtime, active
@@ -194,6 +194,28 @@ class Zoo:
             write_foreign(self, adapter, folder, format)
         return folder
 
+    def push_to_hub(
+        self,
+        name: str,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        endpoint: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        format: str = "native",
+        metadata: dict | None = None,
+    ):
+        """Push an adapter, with a model card, to the Hub or a registry (endpoint: argument, else HF_ENDPOINT).
+
+        Returns huggingface_hub's `CommitInfo`. See adapterzoo/hub.py.
+        """
+        from .hub import push_adapter
+
+        return push_adapter(self, name, repo_id, private=private, token=token, endpoint=endpoint, revision=revision,
+                            commit_message=commit_message, format=format, metadata=metadata)
+
     def remove_adapter(self, name: str) -> None:
         with self._lock:
             adapter = self.get_adapter(name)
@@ -240,6 +262,17 @@ class Zoo:
                 groups.setdefault(a.pool_key, []).append(a)
             for key, group in groups.items():
                 live_pools[key] = LivePool(group[0].atype, group[0].variant, group[0].bucket, group, self.model, self.device, self.dtype)
+            resident: dict[tuple, list[Adapter]] = {}
+            for n, a in distinct.items():
+                if n not in live:
+                    resident.setdefault(a.pool_key, []).append(a)
+            for group in resident.values():  # fail before any slot changes hands
+                if len(group) > self.slots:
+                    raise PoolFullError(
+                        f"this batch uses {len(group)} distinct {group[0].type_name} adapters of size "
+                        f"{group[0].bucket}, but a pool has {self.slots} slots; split the batch, or create the "
+                        f"zoo with more slots (Zoo.from_pretrained(..., slots={len(group)}))"
+                    )
             placed: dict[str, tuple[object, int]] = {}
             pinned = set(distinct)
             for n, a in distinct.items():

@@ -1,0 +1,114 @@
+"""`adapterzoo ...`: the command line. Plugins can add commands (hook `register_commands`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import plugins
+
+
+@click.group()
+@click.version_option(package_name="adapterzoo")
+def cli() -> None:
+    """One frozen base transformer, many adapters of many types, one mixed batch."""
+
+
+@cli.command(name="plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins_command(as_json: bool) -> None:
+    """List the adapter types installed, and the distribution each comes from."""
+    rows = [
+        {"type": info.name, "kind": info.cls.kind, "plugin": info.plugin,
+         "distribution": info.distribution or "(not installed as a distribution)", "version": info.version or ""}
+        for info in sorted(plugins.adapter_types().values(), key=lambda i: i.name)
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("type", "kind", "plugin", "distribution", "version")
+    for r in rows:
+        table.add_row(r["type"], r["kind"], r["plugin"], r["distribution"], r["version"])
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def ls(folder: Path) -> None:
+    """List the adapters saved under FOLDER (one sub-folder each)."""
+    from .storage import CONFIG_FILE, read_json
+
+    found = sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}")) + ([folder] if (folder / CONFIG_FILE).exists() else [])
+    if not found:
+        click.echo(f"no adapters under {folder}")
+        return
+    for path in found:
+        record = read_json(path / CONFIG_FILE)
+        base = record.get("base", {}).get("id", "?")
+        click.echo(f"{path.name:24} {record.get('adapter_type', '?'):12} base={base} config={json.dumps(record.get('config', {}))}")
+
+
+@cli.command()
+@click.option("--base", default="smollm2", show_default=True, help="Base model: folder, Hub id, .gguf, 'smollm2' or 'minilm'.")
+@click.option("--max-new-tokens", default=16, show_default=True)
+def demo(base: str, max_new_tokens: int) -> None:
+    """The main job: one base, one adapter of every type, one mixed batch, one mixed generate."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(base, max_new_tokens))
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--token", default=None, help="Hub token (default: $HF_TOKEN or the stored login).")
+@click.option("--endpoint", default=None, help="Hub or registry URL (default: $HF_ENDPOINT, else huggingface.co).")
+@click.option("--revision", "--branch", "revision", default=None, help="Branch to push to (created if missing; default main).")
+@click.option("--message", "-m", default=None, help="Commit message.")
+def push(folder: Path, repo_id: str, private: bool, token: str | None, endpoint: str | None, revision: str | None,
+         message: str | None) -> None:
+    """Push the adapter saved in FOLDER to REPO_ID (org/name), with a model card. Needs no base."""
+    from .errors import AdapterZooError
+    from .hub import push_adapter_folder
+
+    try:
+        info = push_adapter_folder(folder, repo_id, private=private or None, token=token, endpoint=endpoint,
+                                   revision=revision, commit_message=message)
+    except AdapterZooError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"pushed {folder} to {repo_id} ({revision or 'main'}): commit {info.oid} {info.commit_url}")
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--revision", default=None, help="Branch or commit id (default main).")
+@click.option("--token", default=None, help="Hub token (default: $HF_TOKEN or the stored login).")
+@click.option("--endpoint", default=None, help="Hub or registry URL (default: $HF_ENDPOINT, else huggingface.co).")
+def pull(repo_id: str, out_dir: Path, revision: str | None, token: str | None, endpoint: str | None) -> None:
+    """Download the adapter REPO_ID (org/name) into OUT_DIR, checked, without loading a base."""
+    from .errors import AdapterZooError
+    from .hub import pull_adapter
+
+    try:
+        out = pull_adapter(repo_id, out_dir, revision=revision, token=token, endpoint=endpoint)
+    except AdapterZooError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"pulled {repo_id} ({revision or 'main'}) into {out}")
+
+
+def main() -> None:
+    plugins.load_plugins()
+    plugins.pm.hook.register_commands(cli=cli)
+    cli()
+
+
+if __name__ == "__main__":
+    main()

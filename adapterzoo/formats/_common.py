@@ -1,0 +1,113 @@
+"""What the PEFT and AdapterHub readers and writers share: weights with metadata, the fingerprint,
+the search for the adapter type that claims a foreign name, and config-field checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ..base import check_fingerprint
+from ..errors import AdapterFileError, UnsupportedFormatError
+from ..storage import atomic_write, read_safetensors, refuse_pickles, tensors_to_bytes
+
+# safetensors `__metadata__` keys adapterzoo adds to foreign files (strings only; other tools ignore them)
+META_BASE = "adapterzoo.base"
+META_TYPE = "adapterzoo.type"
+META_METADATA = "adapterzoo.metadata"
+
+
+def read_weights(path: Path, folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of `path`; a folder with only pickles gets the pickle refusal."""
+    if not path.exists():
+        refuse_pickles(folder)
+        raise AdapterFileError(f"{folder} has no {path.name}; save or download the adapter again")
+    state = read_safetensors(path)
+    return state, safetensors_metadata(path)
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def check_base(zoo, metadata: dict[str, str], what: str, *, force: bool) -> None:
+    """Check the base fingerprint adapterzoo stored in a foreign file (foreign tools store none)."""
+    raw = metadata.get(META_BASE)
+    if not raw:
+        return
+    try:
+        saved = json.loads(raw)
+    except json.JSONDecodeError:
+        return
+    if isinstance(saved, dict) and {"architecture", "shapes", "weights"} <= set(saved):
+        check_fingerprint(zoo.fingerprint, saved, what, force=force)
+
+
+def stored_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    try:
+        value = json.loads(metadata.get(META_METADATA, "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def write_pair(folder: Path, config_name: str, config: dict[str, Any], weights_name: str,
+               state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Weights first, config last, each atomically (as the native format does)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / weights_name, tensors_to_bytes({k: v.float() for k, v in state.items()}, metadata=metadata))
+    atomic_write(folder / config_name, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def adapterzoo_metadata(zoo, adapter) -> dict[str, str]:
+    return {
+        "format": "pt",
+        META_BASE: json.dumps(zoo.fingerprint.to_dict()),
+        META_TYPE: adapter.type_name,
+        META_METADATA: json.dumps(adapter.metadata, default=str),
+    }
+
+
+def types_claiming(attribute: str, value: str) -> list[str]:
+    """Names of the installed adapter types whose class lists `value` in `attribute`."""
+    from .. import plugins
+
+    return sorted(n for n, info in plugins.adapter_types().items() if value in (getattr(info.cls, attribute, None) or ()))
+
+
+def claimed(attribute: str) -> list[str]:
+    from .. import plugins
+
+    return sorted({v for info in plugins.adapter_types().values() for v in (getattr(info.cls, attribute, None) or ())})
+
+
+def is_empty(value: Any) -> bool:
+    """A config value that switches nothing on: None, False, "", "none", {}, []."""
+    return value is None or value is False or value == "none" or (isinstance(value, (str, list, tuple, dict, set)) and not value)
+
+
+def check_fields(config: dict[str, Any], *, what: str, known: Iterable[str], hints: dict[str, str], way_out: str) -> None:
+    """Refuse every field outside `known` whose value switches something on.
+
+    Foreign formats grow new options every release; an option we do not know changes the math in
+    a way we cannot reproduce, so it is an error, never a silent skip.
+    """
+    known = set(known)
+    for key in sorted(config):
+        if key in known or is_empty(config[key]):
+            continue
+        hint = hints.get(key, f"adapterzoo cannot reproduce it exactly. {way_out}")
+        raise UnsupportedFormatError(f"{what}: config field {key}={config[key]!r} is not supported: {hint}")
+
+
+def read_safetensors_plain(path: Path) -> dict[str, torch.Tensor]:
+    return read_safetensors(path)

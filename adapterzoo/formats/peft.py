@@ -1,0 +1,107 @@
+"""PEFT's folder layout (`PeftModel.save_pretrained` / `from_pretrained`, checked against PEFT 0.21).
+
+    adapter_config.json          PEFT's config: `peft_type` ("LORA", "PREFIX_TUNING", ...) and its fields
+    adapter_model.safetensors    tensors; LoRA keys start with `base_model.model.` followed by the
+                                 module path, prompt-learning methods save one `prompt_embeddings`
+
+The generic part lives here: the files, the key prefix, the base fingerprint, which adapter type
+claims a `peft_type`, and errors. What each type's tensors and config fields are called is in the
+type's `from_peft` / `to_peft` (see plugins/adapterzoo_lora/peft.py). PEFT stores no base
+fingerprint; adapterzoo adds one to the safetensors metadata of the files it writes (PEFT ignores
+it), so an adapterzoo-written PEFT folder still refuses the wrong base when loaded back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..adapter import adapter_from_state, check_sizes
+from ..errors import UnsupportedFormatError
+from ..storage import read_json
+from . import _common
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..adapter import Adapter
+    from ..zoo import Zoo
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+# PEFT's prompt-learning methods save their tensors without the module-path prefix
+PROMPT_LEARNING = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE"}
+# Fields every PEFT config has that change nothing in the math
+COMMON_FIELDS = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
+COMMON_HINTS = {
+    "modules_to_save": "PEFT saves full trained copies of these modules, which would replace layers of the base "
+    "that every other adapter shares. Merge the adapter into the base with PEFT "
+    "(model.merge_and_unload()) and load the result as a new base, or retrain without modules_to_save.",
+}
+
+
+def type_for(zoo: "Zoo", peft_type: Any, what: str):
+    names = _common.types_claiming("peft_types", peft_type) if isinstance(peft_type, str) else []
+    if not names:
+        readable = ", ".join(_common.claimed("peft_types")) or "none"
+        raise UnsupportedFormatError(
+            f"{what} is a PEFT {peft_type} adapter, which adapterzoo cannot load: the installed adapter types "
+            f"read PEFT {readable}. Install a plugin whose type maps {peft_type} (see docs/formats.md), or "
+            "merge the adapter into the base with PEFT (merge_and_unload) and load that as the base."
+        )
+    return zoo.adapter_type(names[0])
+
+
+def read(zoo: "Zoo", name: str, folder: Path, *, ignore_base_mismatch: bool = False) -> "Adapter":
+    what = f"PEFT adapter at {folder}"
+    peft_config = read_json(folder / CONFIG_FILE)
+    atype = type_for(zoo, peft_config.get("peft_type"), what)
+    state, metadata = _common.read_weights(folder / WEIGHTS_FILE, folder)
+    _common.check_base(zoo, metadata, what, force=ignore_base_mismatch)
+    state = {k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k: v for k, v in state.items()}
+    try:
+        config_values, flat = atype.from_peft(zoo.model, dict(peft_config), state)
+    except UnsupportedFormatError as exc:
+        raise UnsupportedFormatError(f"{exc} (in {folder})") from exc
+    config = atype.Config.from_dict(config_values)
+    sizes = check_sizes(atype, config, zoo.pool_limits, zoo.max_size)
+    adapter = adapter_from_state(name, atype, config, zoo.model, sizes, flat, what)
+    adapter.metadata = {**_common.stored_metadata(metadata), "source_format": "peft"}
+    return adapter
+
+
+def write(zoo: "Zoo", adapter: "Adapter", folder: Path) -> Path:
+    atype = adapter.atype
+    if getattr(atype, "to_peft", None) is None:
+        raise UnsupportedFormatError(
+            f"adapter {adapter.name!r} is of type {atype.name!r}, which has no PEFT mapping (its class defines no "
+            "to_peft); save it with format='native', or give the type to_peft/from_peft (see docs/formats.md)"
+        )
+    peft_config, state = atype.to_peft(zoo.model, adapter.config, adapter.state_dict())
+    peft_config = {
+        "base_model_name_or_path": getattr(zoo.model.config, "_name_or_path", None) or None,
+        "task_type": "CAUSAL_LM" if zoo.is_causal_lm else "FEATURE_EXTRACTION",
+        "inference_mode": True,
+        "revision": None,
+        **peft_config,
+    }
+    if peft_config["peft_type"] not in PROMPT_LEARNING:
+        state = {KEY_PREFIX + k: v for k, v in state.items()}
+    _common.write_pair(folder, CONFIG_FILE, peft_config, WEIGHTS_FILE, state, _common.adapterzoo_metadata(zoo, adapter))
+    return folder
+
+
+def check_fields(peft_config: dict[str, Any], what: str, known: set[str], hints: dict[str, str]) -> None:
+    """For a type's `from_peft`: refuse every field that is switched on and not in `known`."""
+    _common.check_fields(
+        peft_config, what=what, known=known | COMMON_FIELDS, hints={**COMMON_HINTS, **hints},
+        way_out="Retrain without it, or merge the adapter into the base with PEFT (merge_and_unload) and load that as the base.",
+    )
+
+
+def single_submodule(peft_config: dict[str, Any], what: str) -> None:
+    n = peft_config.get("num_transformer_submodules") or 1
+    if n != 1:
+        raise UnsupportedFormatError(
+            f"{what}: num_transformer_submodules={n} (an encoder-decoder base); adapterzoo's bases are decoder-only "
+            "or encoder-only, so this adapter cannot be loaded"
+        )
