@@ -117,9 +117,22 @@ def download_adapter(
     `.incomplete` blob and renames it when it is whole, so an interrupted download leaves nothing a
     later load could mistake for an adapter, and the next call resumes it.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     endpoint = resolve_endpoint(endpoint)
+    # Ask first whether this token may read the repo. snapshot_download alone would answer a 404 or
+    # 401 from the cache if an earlier download (perhaps with another tenant's token) put the adapter
+    # there; a "no" from the server must stay a no. Only an unreachable server falls back to the cache.
+    try:
+        HfApi(endpoint=endpoint, token=token, **_library()).model_info(repo_id, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise hub_error(exc, "download", repo_id, endpoint, revision) from exc
+    except HfHubHTTPError as exc:
+        if getattr(getattr(exc, "response", None), "status_code", None) in (401, 403):
+            raise hub_error(exc, "download", repo_id, endpoint, revision) from exc
+    except Exception:  # noqa: BLE001 - unreachable or offline: snapshot_download decides from the cache
+        pass
     try:
         path = snapshot_download(
             repo_id, revision=revision, token=token, endpoint=endpoint,
@@ -137,13 +150,13 @@ def pull_adapter(repo_id: str, out_dir: str | os.PathLike, *, revision: str | No
     The copy is made in a temporary folder beside `out_dir` and renamed into place, so `out_dir`
     is either the whole adapter or untouched.
     """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AdapterFileError(f"{out} exists and is not empty; pull into a new folder")
     source = download_adapter(repo_id, revision=revision, token=token, endpoint=endpoint)
     fmt = detect_format(source)
     if fmt == "native":
         load_native(source)  # checksum and readability, before anything lands in out_dir
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise AdapterFileError(f"{out} exists and is not empty; pull into a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.pull-"))
     try:

@@ -19,7 +19,9 @@ base, slot pools, batch plans, saving, training, serving):
    Prompt and prefix types also say `length(config)`, the number of virtual tokens.
 
 Optional: `merge(module, tensors, config)` folds an adapter into a module's weights (in place) for
-single-adapter deployment, and `peft_*` methods map to and from PEFT's file format.
+single-adapter deployment; `peft_types` with `from_peft` / `to_peft`, and `adapterhub_architectures`
+with `from_adapterhub` / `to_adapterhub`, map to and from PEFT's and AdapterHub's file formats
+(adapterzoo.formats and docs/formats.md; a type without them gets a clear error for those formats).
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ class Zoo:
         else:
             from .formats import write_foreign
 
-            write_foreign(self, adapter, folder, format)
+            write_foreign(self, adapter, folder, format, metadata=metadata)
         return folder
 
     def push_to_hub(

@@ -46,17 +46,17 @@ def read_foreign(zoo: "Zoo", name: str, folder: Path, fmt: str, *, ignore_base_m
     raise UnsupportedFormatError(f"unknown adapter format {fmt!r}; adapterzoo reads {', '.join(FORMATS)}")
 
 
-def write_foreign(zoo: "Zoo", adapter: "Adapter", folder: Path, fmt: str) -> Path:
-    """Write `adapter` to `folder` in PEFT's or AdapterHub's layout."""
+def write_foreign(zoo: "Zoo", adapter: "Adapter", folder: Path, fmt: str, *, metadata: dict | None = None) -> Path:
+    """Write `adapter` to `folder` in PEFT's or AdapterHub's layout (`metadata` joins the adapter's own)."""
     folder = Path(folder)
     if fmt == "peft":
         from . import peft
 
-        return peft.write(zoo, adapter, folder)
+        return peft.write(zoo, adapter, folder, metadata=metadata)
     if fmt == "adapterhub":
         from . import adapterhub
 
-        return adapterhub.write(zoo, adapter, folder)
+        return adapterhub.write(zoo, adapter, folder, metadata=metadata)
     raise UnsupportedFormatError(
         f"unknown format {fmt!r} for save_adapter; use one of {', '.join(map(repr, FORMATS))}"
     )

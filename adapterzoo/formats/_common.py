@@ -68,12 +68,12 @@ def write_pair(folder: Path, config_name: str, config: dict[str, Any], weights_n
     atomic_write(folder / config_name, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
 
-def adapterzoo_metadata(zoo, adapter) -> dict[str, str]:
+def adapterzoo_metadata(zoo, adapter, extra: dict | None = None) -> dict[str, str]:
     return {
         "format": "pt",
         META_BASE: json.dumps(zoo.fingerprint.to_dict()),
         META_TYPE: adapter.type_name,
-        META_METADATA: json.dumps(adapter.metadata, default=str),
+        META_METADATA: json.dumps({**adapter.metadata, **(extra or {})}, default=str),
     }
 
 

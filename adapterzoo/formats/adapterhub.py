@@ -113,7 +113,7 @@ def _check_head(zoo: "Zoo", folder: Path, what: str) -> None:
             )
 
 
-def write(zoo: "Zoo", adapter: "Adapter", folder: Path) -> Path:
+def write(zoo: "Zoo", adapter: "Adapter", folder: Path, *, metadata: dict | None = None) -> Path:
     atype = adapter.atype
     if getattr(atype, "to_adapterhub", None) is None:
         raise UnsupportedFormatError(
@@ -130,5 +130,5 @@ def write(zoo: "Zoo", adapter: "Adapter", folder: Path) -> Path:
         "name": adapter.name,
         "version": VERSION,
     }
-    _common.write_pair(folder, CONFIG_FILE, ah, WEIGHTS_FILE, state, _common.adapterzoo_metadata(zoo, adapter))
+    _common.write_pair(folder, CONFIG_FILE, ah, WEIGHTS_FILE, state, _common.adapterzoo_metadata(zoo, adapter, metadata))
     return folder

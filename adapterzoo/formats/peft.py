@@ -69,7 +69,7 @@ def read(zoo: "Zoo", name: str, folder: Path, *, ignore_base_mismatch: bool = Fa
     return adapter
 
 
-def write(zoo: "Zoo", adapter: "Adapter", folder: Path) -> Path:
+def write(zoo: "Zoo", adapter: "Adapter", folder: Path, *, metadata: dict | None = None) -> Path:
     atype = adapter.atype
     if getattr(atype, "to_peft", None) is None:
         raise UnsupportedFormatError(
@@ -86,7 +86,7 @@ def write(zoo: "Zoo", adapter: "Adapter", folder: Path) -> Path:
     }
     if peft_config["peft_type"] not in PROMPT_LEARNING:
         state = {KEY_PREFIX + k: v for k, v in state.items()}
-    _common.write_pair(folder, CONFIG_FILE, peft_config, WEIGHTS_FILE, state, _common.adapterzoo_metadata(zoo, adapter))
+    _common.write_pair(folder, CONFIG_FILE, peft_config, WEIGHTS_FILE, state, _common.adapterzoo_metadata(zoo, adapter, metadata))
     return folder
 
 

@@ -19,6 +19,8 @@ from torch import nn
 from adapterzoo import AdapterConfig, AdapterType, require
 from adapterzoo.sites import find_role, linear_dims
 
+from . import adapterhub as _adapterhub
+
 ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "swish": nn.functional.silu,
                "silu": nn.functional.silu, "tanh": torch.tanh}
 ROLES = {"attention": "attention_output", "ffn": "ffn_output"}
@@ -68,6 +70,15 @@ class Houlsby(AdapterType):
             tensor.normal_(0, config.init_std, generator=generator)
         else:
             tensor.zero_()
+
+    # AdapterHub's file format (adapterzoo.formats); the key and config mapping is in adapterhub.py beside this file
+    adapterhub_architectures = _adapterhub.ARCHITECTURES
+
+    def from_adapterhub(self, model, config, state):
+        return _adapterhub.from_adapterhub(self, model, config, state)
+
+    def to_adapterhub(self, model, config, state, name):
+        return _adapterhub.to_adapterhub(self, model, config, state, name)
 
     def delta(self, x, y, w, training):
         down, down_bias, up, up_bias = w["down"], w["down_bias"], w["up"], w["up_bias"]

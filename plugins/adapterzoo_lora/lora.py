@@ -19,6 +19,8 @@ from torch import nn
 from adapterzoo import AdapterConfig, AdapterType, require
 from adapterzoo.sites import Conv1D, find_linear, linear_dims
 
+from . import peft as _peft
+
 # The layers PEFT targets by default, per model family.
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
@@ -103,6 +105,15 @@ class Lora(AdapterType):
             return nn.functional.linear(nn.functional.linear(x, A[0]), B[0]) * scale[0]
         h = torch.bmm(x, A.transpose(1, 2))  # (n, T, r)
         return torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # (n, T, out)
+
+    # PEFT's file format (adapterzoo.formats); the key and config mapping is in peft.py beside this file
+    peft_types = _peft.PEFT_TYPES
+
+    def from_peft(self, model, peft_config, state):
+        return _peft.from_peft(model, peft_config, state)
+
+    def to_peft(self, model, config, state):
+        return _peft.to_peft(model, config, state)
 
     def merge(self, module, tensors, config, sign=1.0):
         delta_w = sign * config.scale * tensors["B"] @ tensors["A"]  # (out, in)

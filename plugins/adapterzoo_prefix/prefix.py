@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from adapterzoo import AdapterConfig, AdapterType, require
 from adapterzoo.sites import attention_dims, find_role
 
+from . import peft as _peft
+
 
 @dataclass
 class PrefixConfig(AdapterConfig):
@@ -49,6 +51,15 @@ class Prefix(AdapterType):
 
     def init(self, name, tensor, config, generator, module):
         tensor.normal_(0, config.init_std, generator=generator)
+
+    # PEFT's file format (adapterzoo.formats); the key and config mapping is in peft.py beside this file
+    peft_types = _peft.PEFT_TYPES
+
+    def from_peft(self, model, peft_config, state):
+        return _peft.from_peft(self, model, peft_config, state)
+
+    def to_peft(self, model, config, state):
+        return _peft.to_peft(self, model, config, state)
 
     def prefix(self, w):
         # (n, P, kv_heads, head_dim) -> (n, kv_heads, P, head_dim), the layout attention uses

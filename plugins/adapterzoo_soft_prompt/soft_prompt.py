@@ -15,6 +15,8 @@ import torch
 from adapterzoo import AdapterConfig, AdapterType, require
 from adapterzoo.sites import hidden_size
 
+from . import peft as _peft
+
 
 @dataclass
 class SoftPromptConfig(AdapterConfig):
@@ -51,6 +53,15 @@ class SoftPrompt(AdapterType):
             tensor.copy_(module.weight.detach()[rows].float().cpu())
         else:
             tensor.normal_(0, 0.02, generator=generator)
+
+    # PEFT's file format (adapterzoo.formats); the key and config mapping is in peft.py beside this file
+    peft_types = _peft.PEFT_TYPES
+
+    def from_peft(self, model, peft_config, state):
+        return _peft.from_peft(self, model, peft_config, state)
+
+    def to_peft(self, model, config, state):
+        return _peft.to_peft(self, model, config, state)
 
     def virtual_tokens(self, w):
         return w["embeds"]  # (n, P, d)
