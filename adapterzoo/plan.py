@@ -1,7 +1,8 @@
 """BatchPlan: which pool and slot every row of a batch uses, built once per forward.
 
 Every adapter type computes its contribution for the whole batch at once by gathering its
-tensors by slot (`pool.site(path)[name][slots]`), Punica's BGMV idea in plain PyTorch. A plan
+tensors by slot (`pool.site(path)[name][slots]`), Punica's BGMV idea in plain PyTorch (see
+`SlotWeights`). A plan
 holds one `PoolUse` per pool the batch touches; a forward costs one gather and one batched
 computation per (pool, site), never a loop over rows or over distinct adapters.
 """
@@ -11,6 +12,47 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+
+class SlotWeights(dict):
+    """One pool's adapter tensors for the rows that use it, as a type's `delta` sees them.
+
+    `w[name]` is the tensor gathered by slot: leading dim n (one per row) or 1 (every row shares
+    one slot, so it broadcasts). Constants (e.g. LoRA's scale) come the same way, and
+    `w["variant"]` is the pool's variant string. `w.matmul(x, name)` computes `x @ W[slot]` for
+    every row of x (n, T, in) with W stored as (in, out) per slot; for one token per row (a
+    decode step) it runs as a weighted `embedding_bag` over the pool itself, which reads each
+    adapter's weights once and copies nothing: Punica's BGMV kernel in stock PyTorch.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], constants: dict[str, torch.Tensor], slots: torch.Tensor | int, variant: str):
+        super().__init__(variant=variant)
+        self._pool = {**tensors, **constants}
+        self.slots = slots
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        t = self._pool[name]
+        if isinstance(self.slots, int):
+            value = t[self.slots : self.slots + 1]
+        else:
+            value = t[self.slots]
+        self[name] = value
+        return value
+
+    def matmul(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Per row i: x[i] @ W[slot_i], with W (slots, in, out) in the pool. Returns (n, T, out)."""
+        W = self._pool[name]
+        if isinstance(self.slots, int):
+            return x @ W[self.slots]
+        n, T, fan_in = x.shape
+        if T == 1 and W.is_contiguous():
+            table = W.view(-1, W.shape[-1])  # row (slot * in + k) is W[slot][k, :]
+            index = (self.slots[:, None] * fan_in + torch.arange(fan_in, device=x.device)).reshape(-1)
+            offsets = torch.arange(0, n * fan_in, fan_in, device=x.device)
+            out = torch.nn.functional.embedding_bag(index, table, offsets, mode="sum",
+                                                    per_sample_weights=x.reshape(-1).to(table.dtype))
+            return out[:, None, :]
+        return torch.bmm(x, self[name])
 
 
 @dataclass
@@ -26,19 +68,9 @@ class PoolUse:
     slots: torch.Tensor | int
     lengths: torch.Tensor | None = None  # virtual tokens per row (prompt / prefix kinds)
 
-    def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-row adapter tensors: leading dim n (rows) or 1 (shared), plus constants and the
-        pool's variant (a string, under "variant")."""
-        pool = self.pool
-        if isinstance(self.slots, int):
-            s = self.slots
-            w = {k: t[s : s + 1] for k, t in tensors.items()}
-            w.update({k: t[s : s + 1] for k, t in pool.constants.items()})
-        else:
-            w = {k: t.index_select(0, self.slots) for k, t in tensors.items()}
-            w.update({k: t.index_select(0, self.slots) for k, t in pool.constants.items()})
-        w["variant"] = pool.variant
-        return w
+    def gather(self, tensors: dict[str, torch.Tensor]) -> SlotWeights:
+        """The pool's tensors at one site (and its constants) for these rows, gathered lazily."""
+        return SlotWeights(tensors, self.pool.constants, self.slots, self.pool.variant)
 
 
 @dataclass

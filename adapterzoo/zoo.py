@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from torch import nn
 from . import plugins
 from .adapter import Adapter, adapter_from_state, check_name, check_sizes, new_adapter
 from .base import Fingerprint, check_fingerprint, fingerprint, freeze, load_base
-from .errors import AdapterExistsError, BatchError, InvalidConfigError, PoolFullError, UnknownAdapterError
+from .errors import AdapterExistsError, AdapterZooError, BatchError, InvalidConfigError, PoolFullError, UnknownAdapterError
 from .plan import BatchPlan, build_plan
 from .pool import LivePool, SlotPool
 from .runtime import Runtime, active
@@ -147,6 +148,27 @@ class Zoo:
 
         Everything is read and checked before the zoo changes: a bad file leaves it as it was.
         """
+        adapter = self.read_adapter(name, source, revision=revision, token=token, endpoint=endpoint,
+                                    ignore_base_mismatch=ignore_base_mismatch)
+        if trainable:
+            adapter.set_trainable(True)
+        return self.add_loaded_adapter(adapter)
+
+    def read_adapter(
+        self,
+        name: str,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        endpoint: str | None = None,
+        ignore_base_mismatch: bool = False,
+    ) -> Adapter:
+        """Read and check an adapter (as `load_adapter` does) without adding it to the zoo.
+
+        A server reads in a background thread, then adds the result between two forwards with
+        `add_loaded_adapter`, so that hooks and pools never change under a running batch.
+        """
         check_name(name)
         folder = Path(source)
         if not folder.exists() and _looks_like_repo_id(str(source)):
@@ -155,13 +177,13 @@ class Zoo:
             folder = download_adapter(str(source), revision=revision, token=token, endpoint=endpoint)
         fmt = detect_format(folder)
         if fmt == "native":
-            adapter = self._read_native(name, folder, ignore_base_mismatch)
-        else:
-            from .formats import read_foreign
+            return self._read_native(name, folder, ignore_base_mismatch)
+        from .formats import read_foreign
 
-            adapter = read_foreign(self, name, folder, fmt, ignore_base_mismatch=ignore_base_mismatch)
-        if trainable:
-            adapter.set_trainable(True)
+        return read_foreign(self, name, folder, fmt, ignore_base_mismatch=ignore_base_mismatch)
+
+    def add_loaded_adapter(self, adapter: Adapter) -> AdapterInfo:
+        """Add an adapter from `read_adapter` (its name must be free)."""
         self._register(adapter)
         return self._info(adapter)
 
@@ -215,6 +237,31 @@ class Zoo:
 
         return push_adapter(self, name, repo_id, private=private, token=token, endpoint=endpoint, revision=revision,
                             commit_message=commit_message, format=format, metadata=metadata)
+
+    def merged_model(self, name: str) -> nn.Module:
+        """A copy of the base with adapter `name` folded into its weights, for deploying one
+        specialist alone (e.g. `.save_pretrained(...)`); the zoo's own base stays untouched.
+
+        Only types with a `merge` (LoRA: W + scale * (A B)^T; BitFit: b + delta) can be merged.
+        """
+        adapter = self.get_adapter(name)
+        if not adapter.atype.mergeable:
+            raise AdapterZooError(
+                f"adapter {name!r} is a {adapter.type_name} adapter, which cannot be merged into the base weights; "
+                "serve it from the zoo instead (only types with a merge, such as lora and bitfit, can be)"
+            )
+        model = copy.deepcopy(self.model)
+        for module in model.modules():
+            module._forward_hooks.clear()  # the copy must not answer to this zoo's batch plans
+            module._forward_hooks_with_kwargs.clear()
+        model.config._attn_implementation = "sdpa"
+        modules = dict(model.named_modules())
+        try:
+            for site, tensors in adapter.tensors.items():
+                adapter.atype.merge(modules[site], {k: t.detach() for k, t in tensors.items()}, adapter.config)
+        except NotImplementedError as exc:
+            raise AdapterZooError(f"adapter {name!r} cannot be merged into this base: {exc}") from exc
+        return model
 
     def remove_adapter(self, name: str) -> None:
         with self._lock:

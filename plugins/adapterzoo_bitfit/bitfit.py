@@ -50,7 +50,9 @@ class BitFit(AdapterType):
         with torch.no_grad():
             if getattr(module, "bias", None) is None:
                 if not is_linear(module):
-                    raise NotImplementedError(f"cannot merge BitFit into {type(module).__name__}: it has no bias")
+                    raise NotImplementedError(
+                        f"{type(module).__name__} has no bias to fold a BitFit delta into; merge an adapter made with "
+                        "include_norms=False, or serve this one from the zoo")
                 module.bias = nn.Parameter(torch.zeros(tensors["bias"].shape, dtype=module.weight.dtype,
                                                        device=module.weight.device), requires_grad=False)
             module.bias += sign * tensors["bias"].to(module.bias)

@@ -6,7 +6,8 @@ projection) and `output_adapter` (after the feed-forward output), computes at ea
     h + up(f(down(h))) * scaling        then the block's own residual add (and LayerNorm)
 
 with `down` = `adapter_down.0` (Linear hidden -> hidden // reduction_factor), f = `non_linearity`
-and `up` = `adapter_up`: our h + U f(D h + b_d) + b_u exactly when scaling is 1, there is no
+and `up` = `adapter_up` (nn.Linear weights, (out, in): ours are their transposes): our
+h + U f(D h + b_d) + b_u exactly when scaling is 1, there is no
 gating, no adapter LayerNorm, and the adapter reads the sublayer output (`original_ln_before`
 False, `residual_before_ln` True, `original_ln_after` True). Weight names, per layer i:
 
@@ -57,6 +58,11 @@ KNOWN = {"architecture", "mh_adapter", "output_adapter", "reduction_factor", "no
 KEY = re.compile(r"(?:.*?\.)?(\d+)\.(.+)\.adapters\.([^.]+)\.(adapter_down\.0|adapter_up)\.(weight|bias)")
 OURS = {("adapter_down.0", "weight"): "down", ("adapter_down.0", "bias"): "down_bias",
         ("adapter_up", "weight"): "up", ("adapter_up", "bias"): "up_bias"}
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's (out, in) weights <-> our x @ W layout (biases, 1-D, pass through)."""
+    return t.transpose(0, 1).contiguous() if t.dim() == 2 else t
 
 
 def _place(module: str) -> str | None:
@@ -121,7 +127,7 @@ def from_adapterhub(atype, model, ah: dict[str, Any], state: dict[str, torch.Ten
         layer = int(match.group(1))
         if place not in sites or layer >= len(sites[place]):
             raise UnsupportedFormatError(f"{what}: weight {key!r} is for a layer or place this base and config do not have")
-        flat[f"{sites[place][layer]}.{OURS[match.group(4), match.group(5)]}"] = tensor
+        flat[f"{sites[place][layer]}.{OURS[match.group(4), match.group(5)]}"] = _transposed(tensor)
     ours = {"bottleneck": bottleneck, "activation": ACTIVATIONS[act], "locations": locations}
     return ours, flat
 
@@ -165,5 +171,5 @@ def to_adapterhub(atype, model, config, state: dict[str, torch.Tensor], name: st
             else:  # Llama, GPT-2, ...: the decoder layer holds attention_adapters / output_adapters
                 module = re.match(r"(.*?\.\d+)\.", path).group(1) + (".attention_adapters" if place == "attention" else ".output_adapters")
             for ours, (part, kind) in back.items():
-                out[f"{module}.adapters.{name}.{part}.{kind}"] = state[f"{path}.{ours}"]
+                out[f"{module}.adapters.{name}.{part}.{kind}"] = _transposed(state[f"{path}.{ours}"])
     return ah_config, out

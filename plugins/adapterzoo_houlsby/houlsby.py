@@ -3,10 +3,12 @@
 Section 2.1: after the attention output projection and after the feed-forward output, before
 the residual add, h <- h + U f(D h + b_d) + b_u, with D (m x d) projecting down to a bottleneck
 of m and U (d x m) back up. U and b_u start at zero, so a new adapter is the identity (the paper
-initialises near identity). Pfeiffer's variant is `locations=["ffn"]`.
+initialises near identity). Pfeiffer's variant is `locations=["ffn"]`. D and U are stored in
+the `x @ W` layout the batched kernels want: `down` (d, m) = D^T and `up` (m, d) = U^T.
 
-The bottleneck is zero-padded to the pool's bucket: padded rows of D and b_d give f(0) = 0 for
-every activation offered here, and padded columns of U are zero, so padding is exact.
+The bottleneck is zero-padded to the pool's bucket: padded columns of `down` and entries of b_d
+give f(0) = 0 for every activation offered here, and padded rows of `up` are zero, so padding is
+exact.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class Houlsby(AdapterType):
 
     def tensors(self, model, site, module, config):
         d = linear_dims(module)[1]
-        return {"down": ("bottleneck", d), "down_bias": ("bottleneck",), "up": (d, "bottleneck"), "up_bias": (d,)}
+        return {"down": (d, "bottleneck"), "down_bias": ("bottleneck",), "up": ("bottleneck", d), "up_bias": (d,)}
 
     def sizes(self, config):
         return {"bottleneck": config.bottleneck}
@@ -81,8 +83,7 @@ class Houlsby(AdapterType):
         return _adapterhub.to_adapterhub(self, model, config, state, name)
 
     def delta(self, x, y, w, training):
-        down, down_bias, up, up_bias = w["down"], w["down_bias"], w["up"], w["up_bias"]
-        z = torch.matmul(y, down.transpose(1, 2)) + down_bias[:, None, :]  # (n, T, m)
+        z = w.matmul(y, "down") + w["down_bias"][:, None, :]  # (n, T, m): D h + b_d, per row's slot
         z = ACTIVATIONS[w["variant"]](z)
-        return torch.matmul(z, up.transpose(1, 2)) + up_bias[:, None, :]  # (n, T, d)
+        return w.matmul(z, "up") + w["up_bias"][:, None, :]  # (n, T, d): U f(.) + b_u
 

@@ -2,10 +2,12 @@
 
 Eq. (3): h = W0 x + (alpha / r) * B A x, with A (r x in) and B (out x r); B starts at zero, so a
 new adapter leaves the base unchanged. rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r).
+Stored here in the `x @ W` layout the batched kernels want: A as (in, r), B as (r, out), so the
+delta is (x @ A) @ B * scale (PEFT's files hold the transposes; peft.py maps them).
 
-In a mixed batch each row gathers its own A and B by slot, and the whole batch is two batched
-matmuls per site (Punica's BGMV). Ranks below the pool's bucket are zero-padded: the padded rows
-of A and columns of B contribute exactly zero.
+In a mixed batch each row uses its own A and B by slot, and the whole batch is two batched
+matmuls per site (Punica's BGMV). Ranks below the pool's bucket are zero-padded: the padded
+columns of A and rows of B contribute exactly zero.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class Lora(AdapterType):
 
     def tensors(self, model, site, module, config):
         fan_in, fan_out = linear_dims(module)
-        return {"A": ("r", fan_in), "B": (fan_out, "r")}
+        return {"A": (fan_in, "r"), "B": ("r", fan_out)}
 
     def sizes(self, config):
         return {"r": config.r}
@@ -87,24 +89,22 @@ class Lora(AdapterType):
         if name == "A":
             if config.init_lora_weights == "gaussian":
                 tensor.normal_(0, 1 / config.r, generator=generator)
-            else:  # PEFT's default: kaiming-uniform A, as nn.Linear initialises weights
-                bound = 1 / math.sqrt(tensor.shape[1])
+            else:  # PEFT's default: kaiming-uniform A, as nn.Linear initialises weights (fan_in = in)
+                bound = 1 / math.sqrt(tensor.shape[0])
                 tensor.uniform_(-bound, bound, generator=generator)
-        elif config.init_lora_weights is False:
-            bound = 1 / math.sqrt(tensor.shape[1])
+        elif config.init_lora_weights is False:  # random B too (tests): nn.Linear's init, fan_in = r
+            bound = 1 / math.sqrt(tensor.shape[0])
             tensor.uniform_(-bound, bound, generator=generator)
         else:
             tensor.zero_()
 
     def delta(self, x, y, w, training):
-        A, B, scale = w["A"], w["B"], w["scale"]  # (n, r, in), (n, out, r), (n,); n may be 1
+        scale = w["scale"][:, None, None]  # (n or 1, 1, 1)
         if training:
-            keep = 1 - w["dropout"]
-            x = x * (torch.rand_like(x) < keep[:, None, None]) / keep[:, None, None]
-        if A.shape[0] == 1:  # one adapter for the whole batch: plain matmuls
-            return nn.functional.linear(nn.functional.linear(x, A[0]), B[0]) * scale[0]
-        h = torch.bmm(x, A.transpose(1, 2))  # (n, T, r)
-        return torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # (n, T, out)
+            keep = 1 - w["dropout"][:, None, None]
+            x = x * (torch.rand_like(x) < keep) / keep
+        h = w.matmul(x, "A")  # (n, T, r): x @ A[slot] per row
+        return w.matmul(h, "B") * scale  # (n, T, out)
 
     # PEFT's file format (adapterzoo.formats); the key and config mapping is in peft.py beside this file
     peft_types = _peft.PEFT_TYPES
@@ -116,9 +116,9 @@ class Lora(AdapterType):
         return _peft.to_peft(model, config, state)
 
     def merge(self, module, tensors, config, sign=1.0):
-        delta_w = sign * config.scale * tensors["B"] @ tensors["A"]  # (out, in)
+        delta_w = sign * config.scale * tensors["A"] @ tensors["B"]  # (in, out)
         with torch.no_grad():
-            if isinstance(module, Conv1D):
-                module.weight += delta_w.T.to(module.weight)
-            else:
+            if isinstance(module, Conv1D):  # Conv1D keeps its weight as (in, out)
                 module.weight += delta_w.to(module.weight)
+            else:
+                module.weight += delta_w.T.to(module.weight)

@@ -3,8 +3,8 @@
 PEFT saves, per targeted module path `p` (after the `base_model.model.` prefix, which
 adapterzoo.formats.peft strips and adds):
 
-    p.lora_A.weight   (r, in)     ours: `p.A`
-    p.lora_B.weight   (out, r)    ours: `p.B`
+    p.lora_A.weight   (r, in)     ours: `p.A`, transposed to (in, r)
+    p.lora_B.weight   (out, r)    ours: `p.B`, transposed to (r, out)
 
 also for GPT-2's Conv1D layers (PEFT keeps A and B in nn.Linear orientation and flips the
 input itself, `fan_in_fan_out=True`). The scale is lora_alpha / r, or lora_alpha / sqrt(r) with
@@ -58,6 +58,10 @@ HINTS = {
 }
 
 
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1).contiguous() if t.dim() == 2 else t  # other ranks fail the shape check later
+
+
 def from_peft(model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     what = "PEFT LoRA adapter"
     check_fields(peft_config, what, KNOWN, HINTS)
@@ -74,7 +78,7 @@ def from_peft(model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]
         if match is None:
             kind = "LoRA on an embedding layer" if "lora_embedding_" in key else "not a LoRA A or B weight of a linear layer"
             raise UnsupportedFormatError(f"{what}: weight {key!r} is {kind}, which adapterzoo's lora type does not support")
-        flat[f"{match.group(1)}.{match.group(2)}"] = tensor
+        flat[f"{match.group(1)}.{match.group(2)}"] = _transposed(tensor)  # ours is the x @ W layout
     target = peft_config.get("target_modules")
     if isinstance(target, (set, tuple)):
         target = sorted(target)
@@ -114,5 +118,5 @@ def to_peft(model, config, state: dict[str, torch.Tensor]) -> tuple[dict[str, An
     out = {}
     for key, tensor in state.items():
         site, name = key.rsplit(".", 1)
-        out[f"{site}.lora_{name}.weight"] = tensor
+        out[f"{site}.lora_{name}.weight"] = _transposed(tensor)  # PEFT keeps nn.Linear's (out, in)
     return peft_config, out
