@@ -27,7 +27,7 @@ from adapterzoo import Zoo  # noqa: E402
 
 TYPES = {
     "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False},
-    "houlsby": {"bottleneck": 64},
+    "houlsby": {},  # default: bottleneck 32
     "bitfit": {},
     "adapterbias": {},
     "prefix": {"num_virtual_tokens": 16},

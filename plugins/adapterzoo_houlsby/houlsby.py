@@ -30,7 +30,7 @@ ROLES = {"attention": "attention_output", "ffn": "ffn_output"}
 
 @dataclass
 class HoulsbyConfig(AdapterConfig):
-    bottleneck: int = 64
+    bottleneck: int = 32  # about hidden/16 for a 576-wide base (AdapterHub's default reduction factor)
     activation: str = "swish"
     locations: list[str] = field(default_factory=lambda: ["attention", "ffn"])
     init_std: float = 1e-2
