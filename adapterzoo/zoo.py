@@ -23,6 +23,7 @@ from . import plugins
 from .adapter import Adapter, adapter_from_state, check_name, check_sizes, new_adapter
 from .base import Fingerprint, check_fingerprint, fingerprint, freeze, load_base
 from .errors import AdapterExistsError, AdapterZooError, BatchError, InvalidConfigError, PoolFullError, UnknownAdapterError
+from .heads import HeadConfig, class_logits, new_head, pop_head
 from .plan import BatchPlan, build_plan
 from .pool import LivePool, SlotPool
 from .runtime import Runtime, active
@@ -40,6 +41,7 @@ class AdapterInfo:
     where: str  # "device" (in a slot pool) or "host"
     parameters: int
     trainable: bool
+    head: dict[str, Any] | None = None  # the classification head's config, if the adapter has one
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ZooOutput:
     attention_mask: torch.Tensor | None = None  # the full mask the base saw (virtual tokens included)
     plan: BatchPlan | None = None
     loss: torch.Tensor | None = None
+    class_logits: torch.Tensor | None = None  # (B, max num_labels) through each row's head (heads.py)
 
 
 class Zoo:
@@ -121,13 +124,22 @@ class Zoo:
                 f"no adapter named {name!r} in this zoo (it has: {known}); add_adapter or load_adapter it first"
             ) from None
 
-    def add_adapter(self, name: str, adapter_type: str, *, seed: int = 0, trainable: bool = True, **config: Any) -> AdapterInfo:
-        """Create a new adapter, initialised near identity, and make it trainable."""
+    def add_adapter(self, name: str, adapter_type: str, *, seed: int = 0, trainable: bool = True,
+                    head: dict | int | None = None, **config: Any) -> AdapterInfo:
+        """Create a new adapter, initialised near identity, and make it trainable.
+
+        `head={"num_labels": k, "pooling": "mean" | "cls" | "last", "labels": [...]}` gives it a
+        classification head (adapterzoo/heads.py), part of the adapter from then on.
+        """
         check_name(name)
         atype = self.adapter_type(adapter_type)
         cfg = atype.Config.from_dict(config)
+        head_config = HeadConfig.parse(head) if head is not None else None
         sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size)
         adapter = new_adapter(name, atype, cfg, self.model, sizes, seed)
+        if head_config is not None:
+            adapter.head = new_head(head_config, self.model.get_input_embeddings().embedding_dim,
+                                    torch.Generator().manual_seed(seed + 7919))
         if trainable:
             adapter.set_trainable(True)
         self._register(adapter)
@@ -193,8 +205,10 @@ class Zoo:
         cfg = atype.Config.from_dict(record["config"])
         check_fingerprint(self.fingerprint, record.get("base"), f"adapter at {folder}", force=ignore_base_mismatch)
         sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size)
+        head = pop_head(record, state, self.model.get_input_embeddings().embedding_dim, f"adapter at {folder}")
         adapter = adapter_from_state(name, atype, cfg, self.model, sizes, state, f"adapter at {folder}")
         adapter.metadata = dict(record.get("metadata", {}))
+        adapter.head = head
         return adapter
 
     def save_adapter(self, name: str, path: str | os.PathLike, *, format: str = "native", metadata: dict | None = None) -> Path:
@@ -209,8 +223,19 @@ class Zoo:
                 "metadata": {**adapter.metadata, **(metadata or {})},
                 "name": name,
             }
-            save_native(folder, record, adapter.state_dict())
+            state = adapter.state_dict()
+            if adapter.head is not None:
+                record["head"] = adapter.head.config.to_dict()
+                state.update(adapter.head.state_dict())
+            save_native(folder, record, state)
         else:
+            if adapter.head is not None:
+                from .errors import UnsupportedFormatError
+
+                raise UnsupportedFormatError(
+                    f"adapter {name!r} has a classification head, which the {format} format cannot hold; "
+                    "save it with format='native'"
+                )
             from .formats import write_foreign
 
             write_foreign(self, adapter, folder, format, metadata=metadata)
@@ -288,7 +313,8 @@ class Zoo:
         pool = self.pools.get(adapter.pool_key)
         where = "device" if pool is not None and pool.is_current(adapter) else "host"
         return AdapterInfo(adapter.name, adapter.type_name, adapter.config.to_dict(), where,
-                           adapter.num_parameters(), adapter.trainable)
+                           adapter.num_parameters(), adapter.trainable,
+                           adapter.head.config.to_dict() if adapter.head is not None else None)
 
     # ------------------------------------------------------------------ batches
 
@@ -389,6 +415,8 @@ class Zoo:
                     "name (or None for the bare base) per row"
                 )
             plan = self.plan(list(adapters))
+        elif plan.batch_size != batch:
+            raise BatchError(f"the plan is for {plan.batch_size} rows but input_ids has {batch}; build it with zoo.plan(names)")
         embeds = self.model.get_input_embeddings()(input_ids)
         width = 0
         if plan.prompts and past == 0:
@@ -398,6 +426,12 @@ class Zoo:
             positions = positions + plan.prefix_lengths[:, None]
         positions = positions.clamp(min=0)
         kwargs = {self._cache_kw: cache, "use_cache": cache is not None} if cache is not None else {}
+        head_rows = None
+        if past == 0 and any(a.head is not None for a in self._adapters.values()):
+            head_rows = [self._adapters.get(n) if n is not None else None for n in (plan.names or [None] * batch)]
+            if self.is_causal_lm and any(a is not None and a.head is not None for a in head_rows):
+                kwargs["output_hidden_states"] = True
+        caller_mask = attention_mask[:, -length:]
         with active(plan, self.runtime.attention_sites):
             out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, **kwargs)
         result = ZooOutput(attention_mask=attention_mask, plan=plan, cache=getattr(out, self._cache_kw, None))
@@ -405,6 +439,9 @@ class Zoo:
             result.logits = out.logits[:, width:]
         else:
             result.last_hidden_state = out.last_hidden_state[:, width:]
+        if head_rows is not None:
+            hidden = result.last_hidden_state if result.logits is None else out.hidden_states[-1][:, width:]
+            result.class_logits = class_logits(head_rows, hidden, caller_mask)
         if labels is not None:
             result.loss = causal_lm_loss(result.logits, labels.to(self.device))
         return result
@@ -437,6 +474,19 @@ class Zoo:
         from .generate import generate
 
         return generate(self, prompts, adapters, **kwargs)
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, names: str | Sequence[str], examples: Any, **options: Any):
+        """Train one adapter, or many at once in one mixed batch; returns a `TrainReport`.
+
+        `zoo.train("a", examples)` or `zoo.train(["a", "b"], [examples_a, examples_b])`. Only the
+        adapters' tensors (and heads) change; the base never does. Options and their defaults:
+        `adapterzoo.train.train` (epochs, lr, batch_size, eval_examples, patience, checkpoints...).
+        """
+        from .train import train
+
+        return train(self, names, examples, **options)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
