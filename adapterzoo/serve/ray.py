@@ -1,0 +1,302 @@
+"""Ray Serve: N replicas, each holding the base, its slot pools and its own engine.
+
+    adapterzoo serve BASE --ray --replicas N --adapters DIR [--keys KEYS] --host 127.0.0.1 --port 8000
+
+Two deployments:
+
+- `Ingress` (one replica, the HTTP entry): the same OpenAI-compatible app as the single-process
+  server (auth, tenants, validation, errors, SSE), with a `RemoteEngine` in place of the engine:
+  each request goes to `ZooReplica.generate` through a handle with
+  `multiplexed_model_id=<adapter>`, so Serve's model multiplexing sends it to a replica that has
+  that adapter warm when there is one (best effort: Serve may pick another, which then loads it).
+- `ZooReplica` (N replicas): the base, a `Router` (device pools, host, disk, registry) and an
+  `Engine` that mixes every adapter of every request in one continuous batch. `@serve.batch` is
+  not used: it splits batches per multiplexed model id, and the whole point is to mix them.
+
+`get_adapter` is the `@serve.multiplexed` loader: it brings the adapter into the replica's host
+memory (in a thread, so the engine keeps decoding) and returns a lease; when Serve evicts the
+lease from its per-replica LRU, the adapter goes down to disk. Serve may call the lease's
+`__del__` twice (explicitly, then at garbage collection): releasing is idempotent.
+
+Ray opens ports on every address unless told otherwise. `run_ray` binds the node to 127.0.0.1
+when the HTTP host is a loopback address; tests also run it inside a loopback-only network
+namespace (`unshare -n`), with `RAY_AUTH_MODE=token`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from ..errors import BatchError, UnknownAdapterError
+from .engine import (
+    AdapterLoadError,
+    Completion,
+    ContextLengthError,
+    EngineClosedError,
+    EngineError,
+    MaxTokensError,
+    QueueFullError,
+)
+
+log = logging.getLogger("adapterzoo.serve")
+
+BASE_ID = "__base__"  # the multiplexed model id of requests for the bare base
+MODELS_PER_REPLICA = int(os.environ.get("ADAPTERZOO_RAY_MODELS_PER_REPLICA", "64"))
+ERRORS = {cls.__name__: cls for cls in (UnknownAdapterError, ContextLengthError, MaxTokensError, QueueFullError,
+                                        EngineClosedError, AdapterLoadError, BatchError, EngineError)}
+
+
+def _error(exc: BaseException) -> dict[str, str]:
+    name = type(exc).__name__
+    return {"type": name if name in ERRORS else "EngineError", "message": str(exc)}
+
+
+FIELDS = ("id", "adapter", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "ttft", "latency")
+
+
+def _done(value: Completion, replica: str) -> dict[str, Any]:
+    d = {k: getattr(value, k) for k in FIELDS}
+    d.update(kind="done", replica=replica, error=_error(value.error) if value.error is not None else None)
+    return d
+
+
+def _failed(exc: BaseException, replica: str | None = None) -> dict[str, Any]:
+    return {"kind": "done", "id": "", "adapter": None, "text": "", "token_ids": [], "finish_reason": "error",
+            "prompt_tokens": 0, "completion_tokens": 0, "ttft": None, "latency": 0.0, "replica": replica,
+            "error": _error(exc)}
+
+
+def _completion(item: dict[str, Any]) -> Completion:
+    err = item.get("error")
+    error = ERRORS.get(err["type"], EngineError)(err["message"]) if err else None
+    fields = {k: item[k] for k in FIELDS}
+    return Completion(**fields, error=error, replica=item.get("replica"))
+
+
+class _Lease:
+    """What `@serve.multiplexed` caches per adapter; dropping it moves the adapter to disk."""
+
+    def __init__(self, router, name: str):
+        self.router, self.name, self.released = router, name, False
+
+    def __del__(self):  # Serve calls it on eviction, and Python again at collection
+        if not self.released:
+            self.released = True
+            try:
+                self.router.unload(self.name)
+            except Exception:  # noqa: BLE001 - already gone, or shutting down
+                pass
+
+
+class ZooReplica:
+    """One replica: base + pools + router + engine. Wrapped by `serve.deployment` in `build_app`."""
+
+    def __init__(self, options: dict[str, Any]):
+        import torch
+
+        from .command import load_zoo
+        from .http import build_server
+
+        threads = options.get("threads")
+        if threads:
+            torch.set_num_threads(threads)
+        zoo = load_zoo(options["base"], slots=options["slots"], device=options.get("device"), dtype=options.get("dtype"))
+        self.server = build_server(zoo, base_name=options["base_name"], adapters_dir=options.get("adapters_dir"),
+                                   keys_file=options.get("keys_file"), max_batch=options["max_batch"],
+                                   max_queue=options["max_queue"], max_host=options.get("max_host"),
+                                   registry_endpoint=options.get("registry_endpoint"),
+                                   registry_token=options.get("registry_token"),
+                                   registry_namespace=options.get("registry_namespace"),
+                                   default_max_tokens=options.get("default_max_tokens", 16),
+                                   drain_timeout=options.get("drain_timeout", 30.0))
+        self.server.engine.start()
+        try:
+            from ray import serve
+
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside Serve (tests)
+            self.replica = f"{socket.gethostname()}-{os.getpid()}"
+
+    async def get_adapter(self, model_id: str) -> _Lease:
+        await asyncio.to_thread(self.server.router.load, model_id, 600)
+        return _Lease(self.server.router, model_id)
+
+    async def generate(self, payload: dict[str, Any]):
+        """Stream of dicts: {"kind": "delta", "text"} ..., then {"kind": "done", ...}."""
+        from ray import serve
+
+        model_id = serve.get_multiplexed_model_id() or BASE_ID
+        adapter = None if model_id == BASE_ID else model_id
+        if adapter is not None:
+            try:
+                await self.get_adapter(adapter)
+            except Exception as exc:  # noqa: BLE001 - the caller gets it as its answer
+                if not isinstance(exc, UnknownAdapterError):
+                    exc = AdapterLoadError(f"adapter {adapter!r} could not be loaded: {exc}")
+                yield _failed(exc, self.replica)
+                return
+        try:
+            handle = self.server.engine.submit_request(**payload, adapter=adapter, loop=asyncio.get_running_loop())
+        except Exception as exc:  # noqa: BLE001
+            yield _failed(exc, self.replica)
+            return
+        try:
+            async for kind, value in handle.astream():
+                if kind == "delta":
+                    yield {"kind": "delta", "text": value}
+                else:
+                    yield _done(value, self.replica)
+        finally:  # the caller went away (Serve cancels this generator): free the row now
+            handle.cancel()
+
+    def stats(self) -> dict[str, Any]:
+        return {"replica": self.replica, **self.server.engine.stats(), "adapters": self.server.router.residency()}
+
+    def __del__(self):
+        try:
+            self.server.engine.stop(drain=True, timeout=self.server.drain_timeout)
+            self.server.router.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ----------------------------------------------------------------------------- the ingress side
+
+
+class RemoteHandle:
+    """A request running on some replica; the same async interface as `RequestHandle`."""
+
+    def __init__(self, response):
+        self.response = response
+        self.finished = False
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.finished = True
+            try:
+                self.response.cancel()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def astream(self):
+        try:
+            async for item in self.response:
+                if item["kind"] == "delta":
+                    yield "delta", item["text"]
+                else:
+                    self.finished = True
+                    yield "done", _completion(item)
+                    return
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a replica died, Serve refused ...
+            self.finished = True
+            yield "done", _completion(_failed(EngineError(f"the replica failed: {type(exc).__name__}: {exc}")))
+
+    async def aresult(self) -> Completion:
+        async for kind, value in self.astream():
+            if kind == "done":
+                return value
+        raise EngineError("stream ended without a result")
+
+
+class RemoteEngine:
+    """Stands in for `Engine` in the ingress: submits to replicas through a Serve handle."""
+
+    running = True
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {"deployment": "ray"}
+
+    def submit_request(self, prompt=None, adapter=None, *, messages=None, max_tokens=None, chat_max_tokens=512,
+                       sampling=None, tenant=None, loop=None) -> RemoteHandle:
+        payload = {"prompt": prompt, "messages": messages, "max_tokens": max_tokens, "chat_max_tokens": chat_max_tokens,
+                   "sampling": sampling, "tenant": tenant}
+        response = self.handle.options(multiplexed_model_id=adapter or BASE_ID, stream=True).generate.remote(payload)
+        return RemoteHandle(response)
+
+
+class Ingress:
+    """The HTTP entry. Wrapped by `serve.deployment(serve.ingress()(...))` in `build_app`."""
+
+    def __init__(self, replicas, options: dict[str, Any]):
+        from .http import Server
+        from .metrics import ServeMetrics
+        from .router import Router
+        from .tenants import Tenants
+
+        tenants = Tenants.load(options["keys_file"]) if options.get("keys_file") else Tenants.open()
+        router = Router(None, adapters_dir=options.get("adapters_dir"), registry_namespace=options.get("registry_namespace"),
+                        tenants=tenants)
+        self.server = Server(RemoteEngine(replicas), router, tenants, ServeMetrics(), options["base_name"],
+                             default_max_tokens=options.get("default_max_tokens", 16))
+
+    def __serve_build_asgi_app__(self):
+        from .http import create_app
+
+        return create_app(self.server, admin=False)
+
+
+def build_app(options: dict[str, Any], replicas: int):
+    """The Serve application: Ingress -> ZooReplica x `replicas`."""
+    import torch
+    from ray import serve
+
+    gpus = 1 if torch.cuda.is_available() and (options.get("device") in (None, "cuda") or str(options.get("device")).startswith("cuda")) else 0
+    replica_cls = type("ZooReplica", (ZooReplica,), {})
+    replica_cls.get_adapter = serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)(ZooReplica.get_adapter)
+    replica = serve.deployment(replica_cls, name="ZooReplica", num_replicas=replicas,
+                               max_ongoing_requests=options["max_queue"] + options["max_batch"],
+                               ray_actor_options={"num_cpus": 0, "num_gpus": gpus})
+    ingress = serve.deployment(serve.ingress()(type("Ingress", (Ingress,), {})), name="Ingress", num_replicas=1,
+                               max_ongoing_requests=4 * (options["max_queue"] + options["max_batch"]),
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(replica.bind(options), options)
+
+
+def run_ray(options: dict[str, Any], *, host: str, port: int, replicas: int) -> None:
+    """Start a local Ray (or join RAY_ADDRESS), deploy, serve until SIGINT/SIGTERM, shut down."""
+    import ray
+    from ray import serve
+
+    options = {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in options.items()}
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if loopback and not os.environ.get("RAY_ADDRESS"):
+        init["_node_ip_address"] = "127.0.0.1"
+    ray.init(**init)
+    stopping: list[int] = []
+
+    def on_signal(signum, _frame):
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        serve.run(build_app(options, replicas), name="adapterzoo", route_prefix="/")
+        print(f"serving {options['base_name']!r} on Ray Serve ({replicas} replicas) at http://{host}:{port}/v1", flush=True)
+        while not stopping:
+            time.sleep(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,411 @@
+"""The router: where each adapter is, and bringing it up the tiers without pausing decoding.
+
+Tiers, fastest first:
+
+- device: a slot in one of the zoo's `SlotPool`s (what a forward reads);
+- host: an `Adapter` record in the zoo (float32 tensors in memory);
+- disk: a saved adapter folder (the `--adapters` directory, one sub-folder per adapter, or a spill
+  folder for adapters that were only ever in memory);
+- registry: a Hub-compatible registry (adapterzoo_registry, or the Hub itself), pulled with
+  `adapterzoo.hub` into the adapters directory on a miss.
+
+A request names an adapter; `prepare` finds it in the highest tier that has it. A host miss starts
+a background load (a loader thread reads and checks the files, or pulls them from the registry);
+the engine keeps decoding the running batch meanwhile, and the request joins once its adapter is
+in host memory. The loaded record is added to the zoo between two forwards
+(`Engine.call_between_steps`), and the copy into a device slot is made by the engine thread when
+the request joins (`zoo.plan`, between two forwards). Least recently used adapters move down: the
+slot pools evict by LRU (device -> host), and past `max_host` adapters in memory the router drops
+the least recently used idle ones from the zoo (host -> disk; saved first if they were never on
+disk). An adapter in use by a queued or running request never leaves host memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..adapter import check_name
+from ..errors import AdapterZooError, HubError, InvalidNameError, UnknownAdapterError
+from ..storage import CONFIG_FILE
+from .engine import Resolver
+from .tenants import Tenants
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..zoo import Zoo
+    from .engine import Engine
+
+log = logging.getLogger("adapterzoo.serve")
+
+
+@dataclass
+class Entry:
+    """One adapter the server can serve, wherever it is now."""
+
+    name: str
+    path: Path | None = None  # a saved adapter folder (disk tier)
+    repo: str | None = None  # registry repo id (registry tier)
+    revision: str | None = None
+    owner: str | None = None  # tenant name; None: decided by the keys file's patterns
+    public: bool = False
+    pending: str | None = None  # "unload" or "delete", waiting for the last request to finish
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path is not None else (self.repo or "memory")
+
+
+def _is_adapter_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / CONFIG_FILE).exists() or (path / "adapter_config.json").exists())
+
+
+class Router(Resolver):
+    """Tiers device -> host -> disk -> registry, background loading, and per-tenant limits."""
+
+    def __init__(
+        self,
+        zoo: "Zoo",
+        *,
+        adapters_dir: str | Path | None = None,
+        registry_endpoint: str | None = None,
+        registry_token: str | None = None,
+        registry_namespace: str | None = None,
+        registry_repos: dict[str, str] | None = None,
+        max_host: int | None = None,
+        spill_dir: str | Path | None = None,
+        tenants: Tenants | None = None,
+        metrics: Any = None,
+        loaders: int = 2,
+    ):
+        super().__init__(zoo)
+        self.adapters_dir = Path(adapters_dir) if adapters_dir else None
+        self.registry_endpoint = registry_endpoint
+        self.registry_token = registry_token
+        self.registry_namespace = registry_namespace
+        self.max_host = max_host
+        self.spill_dir = Path(spill_dir) if spill_dir else (self.adapters_dir / ".spill" if self.adapters_dir else None)
+        self.tenants = tenants or Tenants.open()
+        from .engine import _NullMetrics
+
+        self.metrics = metrics or _NullMetrics()
+        self.engine: "Engine | None" = None
+        self._lock = threading.RLock()
+        self.catalog: dict[str, Entry] = {}
+        self._refs: collections.Counter[str] = collections.Counter()
+        self._loading: dict[str, Future] = {}
+        self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapterzoo-loader")
+        for name in (zoo._adapters if zoo is not None else ()):  # zoo None: a catalog only (Ray ingress)
+            self.catalog[name] = Entry(name)
+            self._host_lru[name] = None
+        for name, repo in (registry_repos or {}).items():
+            self.catalog[name] = Entry(name, repo=repo)
+        self.rescan()
+        self._evict_overflow()
+        if hasattr(self.metrics, "track_residency"):
+            self.metrics.track_residency(self.residency)
+
+    def attach(self, engine: "Engine") -> None:
+        self.engine = engine
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ catalog
+
+    def rescan(self) -> list[str]:
+        """Add the adapter folders under `adapters_dir` that the catalog does not know yet."""
+        found = []
+        if self.adapters_dir is None or not self.adapters_dir.is_dir():
+            return found
+        with self._lock:
+            for path in sorted(self.adapters_dir.iterdir()):
+                if path.name.startswith(".") or not _is_adapter_folder(path):
+                    continue
+                entry = self.catalog.get(path.name)
+                if entry is None:
+                    self.catalog[path.name] = Entry(path.name, path=path)
+                    found.append(path.name)
+                elif entry.path is None:
+                    entry.path = path
+        return found
+
+    def _entry(self, name: str) -> Entry | None:
+        with self._lock:
+            entry = self.catalog.get(name)
+            if entry is None and self.adapters_dir is not None and _is_adapter_folder(self.adapters_dir / name):
+                entry = self.catalog[name] = Entry(name, path=self.adapters_dir / name)
+            if entry is None and self.registry_namespace:
+                try:
+                    check_name(name)
+                except InvalidNameError:
+                    return None
+                entry = Entry(name, repo=f"{self.registry_namespace}/{name}")  # known once it loads
+            return entry
+
+    def visible(self, name: str, tenant: str | None) -> bool:
+        entry = self._entry(name)
+        if entry is None or entry.pending == "delete":
+            return False
+        t = self.tenants.get(tenant) if tenant is not None else self.tenants.authenticate(None)
+        return self.tenants.can_use(t, name, owner=entry.owner, public=entry.public)
+
+    def models(self, tenant: str | None) -> list[Entry]:
+        """The adapters `tenant` may list and use."""
+        self.rescan()
+        with self._lock:
+            names = sorted(self.catalog)
+        return [self.catalog[n] for n in names if self.visible(n, tenant)]
+
+    def on_device(self, name: str) -> bool:
+        return self.zoo is not None and super().on_device(name)
+
+    def tier(self, name: str) -> str | None:
+        if self.zoo is None:
+            return None
+        if self.on_device(name):
+            return "device"
+        if name in self.zoo._adapters:
+            return "host"
+        entry = self.catalog.get(name)
+        if entry is None:
+            return None
+        return "disk" if entry.path is not None else "registry"
+
+    def residency(self) -> dict[str, int]:
+        if self.zoo is None:
+            return {}
+        with self._lock:
+            device = sum(len(p.lru) for p in self.zoo.pools.values())
+            host = len(self.zoo._adapters)
+            disk = sum(1 for n, e in self.catalog.items() if e.path is not None and n not in self.zoo._adapters)
+        return {"device": device, "host": host, "disk": disk}
+
+    # ------------------------------------------------------------------ the Resolver protocol
+
+    def check(self, name: str, tenant: str | None = None) -> None:
+        if not self.visible(name, tenant):
+            raise UnknownAdapterError(f"The model {name!r} does not exist or you do not have access to it.")
+
+    def acquire(self, name: str) -> None:
+        with self._lock:
+            self._refs[name] += 1
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._refs[name] -= 1
+            if self._refs[name] <= 0:
+                del self._refs[name]
+            if name in self._host_lru:
+                self._host_lru.move_to_end(name)
+            entry = self.catalog.get(name)
+            pending = entry.pending if entry is not None and name not in self._refs else None
+        if pending:
+            self._pool.submit(self._drop, name, pending == "delete")
+        elif self.max_host is not None and len(self.zoo._adapters) > self.max_host:
+            self._pool.submit(self._evict_overflow)  # adapters held over the limit by requests
+
+    def in_use(self, name: str) -> int:
+        with self._lock:
+            return self._refs.get(name, 0)
+
+    def resident_limit(self, tenant: str | None) -> int | None:
+        return self.tenants.resident_limit(tenant)
+
+    def placed(self, names: Sequence[str], seconds: float) -> None:
+        for _ in names:
+            self.metrics.swap("host", seconds / len(names))
+
+    def prepare(self, name: str, tenant: str | None = None) -> Future:
+        with self._lock:
+            if name in self.zoo._adapters:
+                self._host_lru[name] = None
+                self._host_lru.move_to_end(name)
+                self.metrics.lookup(name, "device" if self.on_device(name) else "host")
+                done: Future = Future()
+                done.set_result(None)
+                return done
+            entry = self._entry(name)
+            if entry is None:
+                failed: Future = Future()
+                failed.set_exception(UnknownAdapterError(f"The model {name!r} does not exist or you do not have access to it."))
+                return failed
+            tier = "disk" if entry.path is not None else "registry"
+            self.metrics.lookup(name, tier)
+            future = self._loading.get(name)
+            if future is None:
+                future = self._loading[name] = Future()
+                self._pool.submit(self._load, entry, future)
+            return future
+
+    # ------------------------------------------------------------------ loading and eviction
+
+    def load(self, name: str, timeout: float | None = None) -> None:
+        """Bring `name` into host memory now (blocking)."""
+        self.prepare(name).result(timeout)
+
+    def _load(self, entry: Entry, future: Future) -> None:
+        name = entry.name
+        t0 = time.perf_counter()
+        tier = "disk" if entry.path is not None else "registry"
+        try:
+            if entry.path is None:
+                entry.path = self._pull(entry)
+            adapter = self.zoo.read_adapter(name, entry.path)
+            self._evict_overflow(room=1)  # make room first: host memory stays within max_host
+            self._between_steps(lambda: None if name in self.zoo._adapters else self.zoo.add_loaded_adapter(adapter))
+            with self._lock:
+                self.catalog.setdefault(name, entry)
+                self._host_lru[name] = None
+            self.metrics.swap(tier, time.perf_counter() - t0)
+            future.set_result(None)
+        except BaseException as exc:  # noqa: BLE001 - the request that asked gets it
+            log.warning("loading adapter %r from %s failed: %s", name, entry.source, exc)
+            self.metrics.load_failed(name)
+            future.set_exception(exc)
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+
+    def _pull(self, entry: Entry) -> Path:
+        """Registry -> disk: into the adapters folder when there is one, else the HF cache."""
+        from .. import hub
+
+        try:
+            if self.adapters_dir is not None:
+                target = self.adapters_dir / entry.name
+                if not _is_adapter_folder(target):
+                    hub.pull_adapter(entry.repo, target, revision=entry.revision, token=self.registry_token,
+                                     endpoint=self.registry_endpoint)
+                return target
+            return hub.download_adapter(entry.repo, revision=entry.revision, token=self.registry_token,
+                                        endpoint=self.registry_endpoint)
+        except HubError as exc:
+            from huggingface_hub.errors import RepositoryNotFoundError
+
+            if isinstance(exc.__cause__, RepositoryNotFoundError):
+                with self._lock:
+                    if self.catalog.get(entry.name) is entry and entry.repo == f"{self.registry_namespace}/{entry.name}":
+                        del self.catalog[entry.name]
+                raise UnknownAdapterError(
+                    f"The model {entry.name!r} does not exist or you do not have access to it.") from exc
+            raise
+
+    def _between_steps(self, fn):
+        if self.engine is not None:
+            return self.engine.call_between_steps(fn).result()
+        with self.zoo._lock:
+            return fn()
+
+    def _evict_overflow(self, room: int = 0) -> None:
+        """Host -> disk for the least recently used idle adapters beyond `max_host` (- `room`)."""
+        if self.max_host is None or self.zoo is None:
+            return
+        with self._lock:
+            excess = len(self.zoo._adapters) + room - self.max_host
+            victims = [n for n in self._host_lru
+                       if n in self.zoo._adapters and n not in self._refs and n not in self._loading][:max(0, excess)]
+        for name in victims:
+            try:
+                self._drop(name, delete=False)
+                self.metrics.evicted()
+            except AdapterZooError as exc:  # pragma: no cover - logged, the adapter just stays
+                log.warning("could not move adapter %r to disk: %s", name, exc)
+
+    def _ensure_on_disk(self, name: str) -> None:
+        entry = self.catalog.setdefault(name, Entry(name))
+        if entry.path is not None and _is_adapter_folder(entry.path):
+            return
+        if self.spill_dir is None:
+            raise AdapterZooError(f"adapter {name!r} exists only in memory and the server has no spill folder")
+        target = self.spill_dir / name
+        self.zoo.save_adapter(name, target)
+        entry.path = target
+
+    def _drop(self, name: str, delete: bool) -> bool:
+        """Remove `name` from host memory (and device slots), if no request uses it; with
+        `delete`, also from the catalog. Returns False when it is in use (left pending)."""
+        with self._lock:
+            entry = self.catalog.get(name)
+            if name in self._refs:
+                if entry is not None:
+                    entry.pending = "delete" if delete or entry.pending == "delete" else "unload"
+                return False
+            if not delete and name in self.zoo._adapters:
+                self._ensure_on_disk(name)
+
+        def remove() -> None:
+            with self._lock:
+                if name in self._refs:  # a request took it meanwhile: keep it
+                    return
+                if name in self.zoo._adapters:
+                    self.zoo.remove_adapter(name)
+                self._host_lru.pop(name, None)
+                e = self.catalog.get(name)
+                if e is not None:
+                    e.pending = None
+                    if delete:
+                        del self.catalog[name]
+
+        self._between_steps(remove)
+        return True
+
+    # ------------------------------------------------------------------ admin
+
+    def add(self, name: str, source: str | Path | None = None, *, owner: str | None = None, public: bool = False,
+            revision: str | None = None, load: bool = True, timeout: float | None = 120) -> Entry:
+        """Make `name` servable: from a folder or a registry repo id (or already in the zoo)."""
+        check_name(name)
+        with self._lock:
+            old = self.catalog.get(name)
+            if old is not None and old.pending != "delete" and (source is None or str(source) == old.source):
+                old.owner, old.public = owner or old.owner, public or old.public
+                entry = old
+            else:
+                if name in self.zoo._adapters or name in self._refs:
+                    from ..errors import AdapterExistsError
+
+                    raise AdapterExistsError(f"an adapter named {name!r} is already served; unload or delete it first")
+                entry = Entry(name, owner=owner, public=public, revision=revision)
+                if source is not None and Path(source).exists():
+                    entry.path = Path(source)
+                elif source is not None:
+                    entry.repo = str(source)
+                elif self.adapters_dir is not None and _is_adapter_folder(self.adapters_dir / name):
+                    entry.path = self.adapters_dir / name
+                else:
+                    raise UnknownAdapterError(f"no source given for {name!r} and it is not under the adapters folder")
+                self.catalog[name] = entry
+        if load:
+            try:
+                self.prepare(name).result(timeout)
+            except BaseException:
+                with self._lock:
+                    if self.catalog.get(name) is entry and name not in self.zoo._adapters:
+                        del self.catalog[name]
+                raise
+        return entry
+
+    def unload(self, name: str) -> bool:
+        """Host and device -> disk (it stays servable). False: in use, done when released."""
+        if name not in self.catalog:
+            raise UnknownAdapterError(f"no adapter named {name!r} is served")
+        return self._drop(name, delete=False)
+
+    def delete(self, name: str) -> bool:
+        """Stop serving `name` (its files stay). False: in use, done when released."""
+        if name not in self.catalog:
+            raise UnknownAdapterError(f"no adapter named {name!r} is served")
+        return self._drop(name, delete=True)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        entry = self.catalog[name]
+        return {"id": name, "tier": self.tier(name), "source": entry.source, "owner": entry.owner or self.tenants.owner_of(name),
+                "public": entry.public or self.tenants.is_public(name), "in_use": self.in_use(name),
+                "pending": entry.pending, "type": self.zoo._adapters[name].type_name if name in self.zoo._adapters else None}

@@ -1,0 +1,252 @@
+"""Serving throughput and time to first token: adapterzoo's engine vs the base vs PEFT, one run.
+
+A mixed workload on SmolLM2-135M (float32): R requests, each for one of 100 LoRA adapters
+(r=8 on q_proj,v_proj; Zipf popularity), short prompts, T new tokens each (EOS ignored, so every
+system generates exactly R*T tokens), all arriving at once (an offline burst), at most B rows
+decoded together. Systems, measured in the same process, round-robin over the rounds:
+
+  zoo              adapterzoo's continuous-batching engine, every request with its adapter
+  zoo (base)       the same engine and workload with no adapters: the ceiling we aim for
+  hf base          plain transformers `generate` on the base, static batches of B in arrival order
+  peft set_adapter PEFT: group the requests by adapter, `set_adapter`, `generate` each group
+  peft mixed       PEFT's mixed batch: static batches of B in arrival order, `generate(adapter_names=...)`
+
+Throughput is generated tokens per second of wall time; time to first token (TTFT) is measured
+from the burst's start (for static batching, when the request's batch produced its first token).
+Reports medians over rounds; writes benchmarks/results/serve.{json,png}.
+
+    python benchmarks/serve.py [--requests 48] [--adapters 100] [--max-tokens 16] [--batch 16] [--rounds 3] [--threads 1]
+
+The machine is shared and noisy: re-measure final numbers on a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, save_json  # noqa: E402
+
+from adapterzoo import Zoo  # noqa: E402
+from adapterzoo.serve import Engine, SamplingParams  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "Water boils at", "My favourite colour is",
+    "The three primary colours are", "Once upon a time, in a small village,", "1, 2, 3, 4,", "The opposite of hot is",
+    "Translate to French: good morning", "A haiku about the sea:", "SELECT name FROM users WHERE", "The best way to learn is",
+]
+
+
+def workload(n: int, adapters: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    names = [f"a{i}" for i in range(adapters)]
+    rng.shuffle(names)
+    weights = [1 / (k + 1) ** 1.1 for k in range(adapters)]
+    return [(rng.choice(PROMPTS), name) for name in rng.choices(names, weights=weights, k=n)]
+
+
+def build(adapters: int):
+    """The zoo, a PEFT model with the same 100 LoRA adapters (weights copied through PEFT's files),
+    and a plain HF copy of the base."""
+    from peft import LoraConfig, get_peft_model
+
+    zoo = Zoo.from_pretrained("smollm2", device="cpu", dtype=torch.float32, slots=16)
+    base = copy.deepcopy(zoo.model)
+    base.config._attn_implementation = "sdpa"
+    hf_base = copy.deepcopy(base)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    peft = get_peft_model(base, config, adapter_name="a0")
+    for i in range(1, adapters):
+        peft.add_adapter(f"a{i}", config)
+    peft.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        peft.save_pretrained(tmp, selected_adapters=[f"a{i}" for i in range(adapters)])
+        for i in range(adapters):
+            folder = Path(tmp) / f"a{i}"  # PEFT saves non-"default" adapters in sub-folders
+            zoo.load_adapter(f"a{i}", folder)
+    return zoo, peft, hf_base
+
+
+class FirstToken:
+    """A logits processor that notes when generate produced its first token."""
+
+    def __init__(self):
+        self.at: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
+
+
+def run_zoo(zoo: Zoo, jobs, max_tokens: int, batch: int, with_adapters: bool) -> dict:
+    engine = Engine(zoo, max_batch=batch, max_queue=len(jobs) + 1).start()
+    try:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        t0 = time.perf_counter()
+        handles = [engine.submit(p, a if with_adapters else None, params) for p, a in jobs]
+        results = [h.result(3600) for h in handles]
+        wall = time.perf_counter() - t0
+    finally:
+        engine.stop()
+    return {"wall": wall, "tokens": sum(r.completion_tokens for r in results), "ttft": [r.ttft for r in results],
+            "texts": [r.text for r in results]}
+
+
+def _hf_generate(model, tok, prompts, max_tokens, **kwargs):
+    from transformers import LogitsProcessorList
+
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    first = FirstToken()
+    out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id, logits_processor=LogitsProcessorList([first]), **kwargs)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [tok.decode(row, skip_special_tokens=True) for row in new], first.at, int(new.numel())
+
+
+def run_static(model, tok, jobs, max_tokens: int, batch: int, mixed: bool | None) -> dict:
+    """mixed=None: the plain base; True: PEFT adapter_names; static batches in arrival order."""
+    t0 = time.perf_counter()
+    ttft, texts, tokens = [0.0] * len(jobs), [""] * len(jobs), 0
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        kwargs = {"adapter_names": [a for _, a in chunk]} if mixed else {}
+        out, first, n = _hf_generate(model, tok, [p for p, _ in chunk], max_tokens, **kwargs)
+        tokens += n
+        for i, text in enumerate(out):
+            ttft[start + i], texts[start + i] = first - t0, text
+    return {"wall": time.perf_counter() - t0, "tokens": tokens, "ttft": ttft, "texts": texts}
+
+
+def run_set_adapter(peft, tok, jobs, max_tokens: int, batch: int) -> dict:
+    """PEFT without mixed batches: one adapter at a time (groups in order of first arrival)."""
+    t0 = time.perf_counter()
+    groups: dict[str, list[int]] = {}
+    for i, (_, a) in enumerate(jobs):
+        groups.setdefault(a, []).append(i)
+    ttft, texts, tokens = [0.0] * len(jobs), [""] * len(jobs), 0
+    for name, idx in groups.items():
+        peft.set_adapter(name)
+        for start in range(0, len(idx), batch):
+            part = idx[start:start + batch]
+            out, first, n = _hf_generate(peft, tok, [jobs[i][0] for i in part], max_tokens)
+            tokens += n
+            for i, text in zip(part, out):
+                ttft[i], texts[i] = first - t0, text
+    return {"wall": time.perf_counter() - t0, "tokens": tokens, "ttft": ttft, "texts": texts}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--adapters", type=int, default=100)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every system (1 is steadier on a CPU shared with other jobs)")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t_build = time.perf_counter()
+    zoo, peft, hf_base = build(args.adapters)
+    tok = copy.deepcopy(zoo.tokenizer)
+    tok.padding_side = "left"
+    jobs = workload(args.requests, args.adapters)
+    print(f"built base + {args.adapters} adapters (zoo and PEFT) in {time.perf_counter() - t_build:.0f}s; "
+          f"{args.requests} requests over {len({a for _, a in jobs})} distinct adapters, {args.max_tokens} tokens each, "
+          f"batch {args.batch}, {args.rounds} rounds")
+    systems = {
+        "zoo": lambda: run_zoo(zoo, jobs, args.max_tokens, args.batch, True),
+        "zoo (base)": lambda: run_zoo(zoo, jobs, args.max_tokens, args.batch, False),
+        "hf base": lambda: run_static(hf_base, tok, jobs, args.max_tokens, args.batch, None),
+        "peft set_adapter": lambda: run_set_adapter(peft, tok, jobs, args.max_tokens, args.batch),
+        "peft mixed": lambda: run_static(peft, tok, jobs, args.max_tokens, args.batch, True),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in systems}
+    with torch.inference_mode():
+        run_zoo(zoo, jobs[:4], 2, args.batch, True)  # warm-up: pools, hooks, allocator
+        for r in range(args.rounds):
+            for name, fn in systems.items():
+                runs[name].append(fn())
+                last = runs[name][-1]
+                print(f"  round {r + 1} {name:17} {last['tokens'] / last['wall']:7.1f} tok/s  wall {last['wall']:.1f}s", flush=True)
+    summary = {}
+    for name, rs in runs.items():
+        summary[name] = {
+            "tokens_per_s": statistics.median(x["tokens"] / x["wall"] for x in rs),
+            "wall_s": statistics.median(x["wall"] for x in rs),
+            "ttft_p50_s": statistics.median(pct(x["ttft"], 0.5) for x in rs),
+            "ttft_p99_s": statistics.median(pct(x["ttft"], 0.99) for x in rs),
+            "tokens": rs[0]["tokens"],
+        }
+    ours = summary["zoo"]["tokens_per_s"]
+    ratios = {
+        "zoo_vs_zoo_base_throughput": summary["zoo (base)"]["tokens_per_s"] / ours,
+        "zoo_vs_hf_base_throughput": summary["hf base"]["tokens_per_s"] / ours,
+        "zoo_over_peft_set_adapter": ours / summary["peft set_adapter"]["tokens_per_s"],
+        "zoo_over_peft_mixed": ours / summary["peft mixed"]["tokens_per_s"],
+    }
+    agree = sum(a == b for a, b in zip(runs["zoo"][0]["texts"], runs["peft mixed"][0]["texts"])) / len(jobs)
+    print(f"\n{'system':18} {'tok/s':>8} {'wall s':>8} {'TTFT p50':>9} {'TTFT p99':>9}   (median of {args.rounds})")
+    for name, m in summary.items():
+        print(f"{name:18} {m['tokens_per_s']:8.1f} {m['wall_s']:8.2f} {m['ttft_p50_s']:9.2f} {m['ttft_p99_s']:9.2f}")
+    print(f"\nbase engine / zoo engine throughput: {ratios['zoo_vs_zoo_base_throughput']:.2f}x (aim: <= 1.3x)")
+    print(f"hf base / zoo engine throughput:     {ratios['zoo_vs_hf_base_throughput']:.2f}x")
+    print(f"zoo / PEFT set_adapter:              {ratios['zoo_over_peft_set_adapter']:.2f}x")
+    print(f"zoo / PEFT mixed adapter_names:      {ratios['zoo_over_peft_mixed']:.2f}x")
+    print(f"same text as PEFT mixed (greedy):    {agree:.0%} of requests")
+    payload = {"config": vars(args), "distinct_adapters": len({a for _, a in jobs}), "machine": machine(),
+               "summary": summary, "ratios": ratios, "agreement_with_peft": agree,
+               "note": "shared 2-core CPU: re-measure on a quiet machine"}
+    path = save_json("serve", payload)
+    print(f"wrote {path}")
+    if not args.no_plot:
+        plot(summary, RESULTS / "serve.png", args)
+    return payload
+
+
+def plot(summary: dict, path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.bar(names, [summary[n]["tokens_per_s"] for n in names], color=["C0", "C1", "C2", "C3", "C4"])
+    a.set_ylabel("generated tokens / s")
+    a.set_title(f"throughput ({args.requests} requests, {args.adapters} LoRA adapters)")
+    x = range(len(names))
+    b.bar([i - 0.2 for i in x], [summary[n]["ttft_p50_s"] for n in names], width=0.4, label="p50")
+    b.bar([i + 0.2 for i in x], [summary[n]["ttft_p99_s"] for n in names], width=0.4, label="p99")
+    b.set_xticks(list(x), names)
+    b.set_ylabel("seconds")
+    b.set_title("time to first token (burst arrival)")
+    b.legend()
+    for ax in (a, b):
+        ax.tick_params(axis="x", rotation=25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The continuous-batching engine: every request gets what `zoo.generate` gives it alone."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+
+import pytest
+
+from adapterzoo.serve import ContextLengthError, Engine, QueueFullError, SamplingParams
+from adapterzoo.serve.engine import Resolver, _safe_end
+from adapterzoo.testing.models import tiny_zoo
+
+from .conftest import TYPE_NAMES, make_adapters
+
+PROMPTS = ["abc ->", "hello", "x", "the quick brown", "1 2 3", "zz top", "q", "a much longer prompt than the rest"]
+
+
+@functools.lru_cache(maxsize=None)
+def zoo_for(family: str, slots: int = 16):
+    zoo = tiny_zoo(family, slots=slots)
+    make_adapters(zoo, None, TYPE_NAMES)
+    return zoo
+
+
+def solo(zoo, prompt, adapter, **kwargs):
+    return zoo.generate([prompt], [adapter], **kwargs)[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_requests_joining_and_leaving_get_their_solo_output(family):
+    """All six types and the bare base, mixed; requests arrive while others decode, with
+    different lengths, so rows join and leave at many steps."""
+    zoo = zoo_for(family)
+    names = [*TYPE_NAMES, None]
+    jobs = [(PROMPTS[i % len(PROMPTS)], names[i % len(names)], 3 + (i * 5) % 9) for i in range(21)]
+    with Engine(zoo, max_batch=6) as engine:
+        handles = [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[:7]]
+        while engine.steps < 2:
+            time.sleep(0.005)
+        handles += [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[7:]]
+        results = [h.result(120) for h in handles]
+    assert engine.steps > 0
+    outputs = set()
+    for (prompt, adapter, n), done in zip(jobs, results):
+        assert done.error is None, done.error
+        assert done.text == solo(zoo, prompt, adapter, max_new_tokens=n), (prompt, adapter)
+        assert done.adapter == adapter and done.completion_tokens <= n
+        outputs.add(done.text)
+    assert len(outputs) > 8  # the adapters really steer the rows apart
+
+
+def test_seeded_sampling_equals_solo_sampling():
+    zoo = zoo_for("llama")
+    kwargs = dict(temperature=1.3, top_k=20, top_p=0.9)
+    jobs = [("hello", "lora", 1), ("abc ->", "prefix", 2), ("x", None, 3), ("zz top", "prompt", 4)]
+    with Engine(zoo) as engine:
+        handles = [engine.submit(p, a, SamplingParams(max_tokens=8, seed=s, **kwargs)) for p, a, s in jobs]
+        results = [h.result(60).text for h in handles]
+    for (p, a, s), text in zip(jobs, results):
+        assert text == solo(zoo, p, a, max_new_tokens=8, do_sample=True, temperature=1.3, top_k=20, top_p=0.9, seed=s)
+
+
+def test_streaming_deltas_stop_sequences_and_max_tokens():
+    zoo = zoo_for("llama")
+    full = solo(zoo, "hello", "lora", max_new_tokens=12)
+    assert len(full) > 4
+    stop = full[3:5]
+    with Engine(zoo) as engine:
+        handle = engine.submit("hello", "lora", SamplingParams(max_tokens=12, stop=(stop, "\x00never")))
+        deltas = list(handle)
+        done = handle.result(30)
+        assert done.finish_reason == "stop"
+        assert done.text == full[: full.find(stop)] == solo(zoo, "hello", "lora", max_new_tokens=12, stop=[stop])
+        assert "".join(deltas) == done.text  # the stop sequence never leaks into the stream
+        short = engine.submit("hello", "lora", SamplingParams(max_tokens=3)).result(30)
+        assert short.finish_reason == "length" and short.completion_tokens == 3
+        assert engine.submit("hello", "lora", SamplingParams(max_tokens=0)).result(5).text == ""
+
+
+def test_safe_end_holds_back_partial_stops_and_characters():
+    assert _safe_end("abc", ()) == 3
+    assert _safe_end("abc\ufffd", ()) == 3
+    assert _safe_end("hello wo", ("world",)) == 6
+    assert _safe_end("hello", ("xyz",)) == 5
+
+
+def test_cancel_frees_the_row_and_its_cache():
+    zoo = zoo_for("llama")
+    with Engine(zoo) as engine:
+        long = engine.submit("hello", "houlsby", SamplingParams(max_tokens=200, stop=("\x00",)))
+        other = engine.submit("abc ->", "lora", SamplingParams(max_tokens=6))
+        next(iter(long))
+        long.cancel()
+        done = long.result(30)
+        assert done.finish_reason == "cancelled"
+        assert other.result(30).text == solo(zoo, "abc ->", "lora", max_new_tokens=6)
+        deadline = time.monotonic() + 10
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["running"] == 0 and engine._cache is None
+
+
+def test_queue_limit_and_context_length():
+    zoo = zoo_for("llama")
+    engine = Engine(zoo, max_queue=2)  # not started: nothing leaves the queue
+    engine.submit("a", None)
+    engine.submit("b", "lora")
+    with pytest.raises(QueueFullError):
+        engine.submit("c", None)
+    engine.stop(drain=False)
+    with Engine(zoo) as engine:
+        with pytest.raises(ContextLengthError):
+            engine.submit("x" * 300, None)
+        with pytest.raises(ContextLengthError):
+            engine.submit("hello", None, SamplingParams(max_tokens=252))
+        # the soft prompt's virtual tokens count too: found at admission, the request fails clearly
+        done = engine.submit("hello", "prompt", SamplingParams(max_tokens=250)).result(30)
+        assert done.finish_reason == "error" and isinstance(done.error, ContextLengthError)
+        assert engine.generate("hello", "lora", max_tokens=4) == solo(zoo, "hello", "lora", max_new_tokens=4)
+
+
+def test_more_distinct_adapters_than_slots():
+    """A pool of 2 slots, 6 LoRA adapters at once: requests wait for a slot, none is wrong."""
+    zoo = tiny_zoo("llama", slots=2)
+    names = [f"l{i}" for i in range(6)]
+    for i, n in enumerate(names):
+        zoo.add_adapter(n, "lora", seed=i, trainable=False, init_lora_weights=False)
+        from adapterzoo.testing.models import perturb
+
+        perturb(zoo, n, scale=1.0, seed=i)
+    jobs = [(PROMPTS[i % 4], names[i % 6]) for i in range(12)]
+    with Engine(zoo, max_batch=8) as engine:
+        results = [h.result(60).text for h in [engine.submit(p, a, SamplingParams(max_tokens=5)) for p, a in jobs]]
+    assert results == [solo(zoo, p, a, max_new_tokens=5) for p, a in jobs]
+
+
+class _Limited(Resolver):
+    def resident_limit(self, tenant):
+        return 1 if tenant == "small" else None
+
+
+def test_tenant_resident_slot_limit():
+    zoo = zoo_for("llama")
+    engine = Engine(zoo, resolver=_Limited(zoo))
+    seen = []
+    original = engine._decode
+
+    def spy():
+        seen.append({r.adapter for r in engine._rows if r.tenant == "small"})
+        original()
+
+    engine._decode = spy
+    with engine:
+        hs = [engine.submit(PROMPTS[i], TYPE_NAMES[i % 3], SamplingParams(max_tokens=4), tenant="small") for i in range(6)]
+        hs += [engine.submit(PROMPTS[i], TYPE_NAMES[3 + i % 3], SamplingParams(max_tokens=4), tenant="big") for i in range(6)]
+        for h in hs:
+            assert h.result(60).error is None
+    assert seen and max(len(s) for s in seen) == 1
+
+
+def test_loading_never_pauses_decoding(monkeypatch, tmp_path):
+    """An adapter that takes a second to read: the running request keeps decoding meanwhile."""
+    from adapterzoo.serve.router import Router
+
+    zoo = tiny_zoo("llama")
+    make_adapters(zoo, tmp_path, ["fast", "slow"])
+    zoo.remove_adapter("slow")
+    read = zoo.read_adapter
+    gate = threading.Event()
+
+    def slow_read(name, source, **kw):
+        gate.wait(10)
+        return read(name, source, **kw)
+
+    monkeypatch.setattr(zoo, "read_adapter", slow_read)
+    router = Router(zoo, adapters_dir=tmp_path)
+    with Engine(zoo, resolver=router) as engine:
+        slow = engine.submit("hello", "slow", SamplingParams(max_tokens=4))
+        fast = engine.submit("abc ->", "fast", SamplingParams(max_tokens=20, stop=("\x00",)))
+        done = fast.result(60)  # finishes while "slow" is still being read
+        assert not slow.done and done.completion_tokens > 0
+        gate.set()
+        assert slow.result(60).text == solo(zoo, "hello", "slow", max_new_tokens=4)
+    router.close()
+
+
+def test_stop_drains_running_requests():
+    zoo = zoo_for("llama")
+    engine = Engine(zoo).start()
+    handles = [engine.submit(p, a, SamplingParams(max_tokens=6)) for p, a in zip(PROMPTS, [*TYPE_NAMES, None])]
+    engine.stop(drain=True, timeout=60)
+    assert all(h.done and h.result().finish_reason in ("length", "stop") for h in handles)
+    from adapterzoo.serve import EngineClosedError
+
+    with pytest.raises(EngineClosedError):
+        engine.submit("x", None)

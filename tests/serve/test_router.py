@@ -1,0 +1,168 @@
+"""The router's tiers (device -> host -> disk -> registry), eviction, faults, and tenants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapterzoo import AdapterFileError, InvalidConfigError, UnknownAdapterError, Zoo
+from adapterzoo.serve import AdapterLoadError, Engine, SamplingParams
+from adapterzoo.serve.metrics import ServeMetrics
+from adapterzoo.serve.router import Router
+from adapterzoo.serve.tenants import RateLimiter, Tenant, Tenants
+from adapterzoo.storage import WEIGHTS_FILE
+
+from .conftest import make_adapters
+
+NAMES = [f"a{i}" for i in range(8)]
+
+
+@pytest.fixture
+def served(tiny_base, tmp_path):
+    """A zoo with eight saved adapters on disk (none in memory), and their solo outputs."""
+    reference = Zoo.from_pretrained(tiny_base, device="cpu")
+    make_adapters(reference, tmp_path / "adapters", NAMES)
+    expected = {n: reference.generate(["hello"], [n], max_new_tokens=5)[0] for n in NAMES}
+    zoo = Zoo.from_pretrained(tiny_base, device="cpu", slots=2)
+    return zoo, tmp_path / "adapters", expected
+
+
+def _value(metrics, name, labels):
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_tiers_and_lru_eviction(served):
+    zoo, folder, expected = served
+    metrics = ServeMetrics()
+    router = Router(zoo, adapters_dir=folder, max_host=3, metrics=metrics)
+    assert sorted(router.catalog) == NAMES and not zoo.adapters
+    with Engine(zoo, resolver=router, metrics=metrics) as engine:
+        assert engine.generate("hello", "a0", max_tokens=5) == expected["a0"]  # disk -> host -> device
+        assert router.tier("a0") == "device"
+        assert engine.generate("hello", "a0", max_tokens=5) == expected["a0"]  # device hit
+        for name in NAMES:  # more adapters than host and device hold
+            assert engine.generate("hello", name, max_tokens=5) == expected[name]
+            assert len(zoo.adapters) <= 3
+        assert router.tier("a0") == "disk"  # moved down: device -> host -> disk
+        assert engine.generate("hello", "a0", max_tokens=5) == expected["a0"]  # and back up
+    router.close()
+    assert _value(metrics, "adapterzoo_adapter_hits_total", {"adapter": "a0"}) == 2  # 2nd and 3rd request
+    assert _value(metrics, "adapterzoo_adapter_misses_total", {"adapter": "a0", "tier": "disk"}) == 2
+    assert _value(metrics, "adapterzoo_adapter_swap_seconds_count", {"tier": "disk"}) >= len(NAMES) + 1
+    assert _value(metrics, "adapterzoo_adapter_evictions_total", {}) >= len(NAMES) - 3
+    assert sum(len(p.lru) for p in zoo.pools.values()) <= 2 * len(zoo.pools)
+
+
+def test_in_memory_adapter_spills_to_disk_and_comes_back(tiny_base, tmp_path):
+    zoo = Zoo.from_pretrained(tiny_base, device="cpu")
+    make_adapters(zoo, None, ["m0", "m1", "m2"])
+    expected = {n: zoo.generate(["abc"], [n], max_new_tokens=4)[0] for n in ["m0", "m1", "m2"]}
+    router = Router(zoo, spill_dir=tmp_path / "spill", max_host=1)
+    with Engine(zoo, resolver=router) as engine:
+        for n in ["m0", "m1", "m2", "m0"]:
+            assert engine.generate("abc", n, max_tokens=4) == expected[n]
+    router.close()
+    assert (tmp_path / "spill" / "m1").is_dir() and len(zoo.adapters) == 1
+
+
+def test_a_corrupt_adapter_fails_only_its_request(served):
+    zoo, folder, expected = served
+    (folder / "a1" / WEIGHTS_FILE).write_bytes(b"garbage")
+    router = Router(zoo, adapters_dir=folder)
+    with Engine(zoo, resolver=router) as engine:
+        bad = engine.submit("hello", "a1", SamplingParams(max_tokens=5))
+        good = engine.submit("hello", "a2", SamplingParams(max_tokens=5))
+        done = bad.result(30)
+        assert done.finish_reason == "error" and isinstance(done.error, AdapterLoadError)
+        assert "a1" in str(done.error) and "corrupt" in str(done.error)
+        assert good.result(30).text == expected["a2"]
+        with pytest.raises(UnknownAdapterError):
+            engine.submit("hello", "nope", SamplingParams(max_tokens=5))
+    router.close()
+
+
+def test_admin_add_unload_delete(served, tmp_path):
+    zoo, folder, expected = served
+    router = Router(zoo)  # no adapters folder: adapters come only through the admin calls
+    assert not router.catalog
+    with Engine(zoo, resolver=router) as engine:
+        router.add("x", folder / "a3", owner="acme")
+        assert router.tier("x") == "host" and router.describe("x")["owner"] == "acme"
+        assert engine.generate("hello", "x", max_tokens=5) == expected["a3"]
+        assert router.unload("x") and router.tier("x") == "disk"
+        assert engine.generate("hello", "x", max_tokens=5) == expected["a3"]
+        handle = engine.submit("hello", "x", SamplingParams(max_tokens=50, stop=("\x00",)))
+        assert router.delete("x") is False  # in use: gone when its last request ends
+        handle.result(30)
+        import time
+
+        deadline = time.monotonic() + 10
+        while "x" in router.catalog and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "x" not in router.catalog and "x" not in zoo.adapters
+        with pytest.raises(AdapterFileError):
+            router.add("y", tmp_path)  # not an adapter folder
+        assert "y" not in router.catalog
+    router.close()
+
+
+def test_registry_tier(tiny_base, tmp_path):
+    """A miss everywhere else pulls `namespace/name` from a registry (our Hub-compatible server)."""
+    from tests.registry.conftest import ALICE_TOKEN, TOKENS, start_registry
+
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
+    registry = start_registry(tmp_path / "root", tmp_path / "registry.log", tokens_file=tokens)
+    try:
+        source = Zoo.from_pretrained(tiny_base, device="cpu")
+        make_adapters(source, None, ["r0", "r1"])
+        for n in ["r0", "r1"]:
+            source.push_to_hub(n, f"alice/{n}", endpoint=registry.url, token=ALICE_TOKEN)
+        expected = {n: source.generate(["hello"], [n], max_new_tokens=5)[0] for n in ["r0", "r1"]}
+        zoo = Zoo.from_pretrained(tiny_base, device="cpu")
+        metrics = ServeMetrics()
+        router = Router(zoo, adapters_dir=tmp_path / "adapters", registry_endpoint=registry.url,
+                        registry_token=ALICE_TOKEN, registry_namespace="alice", max_host=1, metrics=metrics)
+        with Engine(zoo, resolver=router) as engine:
+            assert engine.generate("hello", "r0", max_tokens=5) == expected["r0"]
+            assert engine.generate("hello", "r1", max_tokens=5) == expected["r1"]
+            assert (tmp_path / "adapters" / "r0").is_dir()  # pulled to disk: evictions are free
+            assert router.tier("r0") == "disk"
+            assert engine.generate("hello", "r0", max_tokens=5) == expected["r0"]
+            done = engine.submit("hello", "missing", SamplingParams(max_tokens=5)).result(30)
+            assert isinstance(done.error, UnknownAdapterError)
+        router.close()
+        assert _value(metrics, "adapterzoo_adapter_misses_total", {"adapter": "r0", "tier": "registry"}) == 1
+        assert _value(metrics, "adapterzoo_adapter_misses_total", {"adapter": "r0", "tier": "disk"}) == 1
+    finally:
+        registry.kill()
+
+
+def test_tenants_file(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "tenants:\n"
+        "  acme: {keys: [k-acme], adapters: ['acme-*'], max_resident: 2, rps: 5}\n"
+        "  beta: {keys: [k-beta], adapters: [beta-one]}\n"
+        "  ops: {keys: [k-ops], admin: true}\n"
+        "public: ['shared-*']\n"
+        "keys: {k-acme-2: acme}\n"
+    )
+    t = Tenants.load(path)
+    acme, beta, ops = (t.authenticate(k) for k in ("k-acme", "k-beta", "k-ops"))
+    assert t.authenticate("k-acme-2") is acme and t.authenticate("nope") is None and t.authenticate(None) is None
+    assert t.can_use(acme, "acme-sql") and not t.can_use(beta, "acme-sql") and t.can_use(ops, "acme-sql")
+    assert t.can_use(beta, "shared-x") and t.can_use(beta, "beta-one") and not t.can_use(acme, "beta-one")
+    assert t.resident_limit("acme") == 2 and t.resident_limit("beta") is None
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"tenants": {"x": {"keys": ["k"], "rsp": 3}}}))
+    with pytest.raises(InvalidConfigError, match="rsp"):
+        Tenants.load(bad)
+
+
+def test_rate_limiter_token_bucket():
+    limiter, tenant = RateLimiter(), Tenant("t", rps=2, burst=3)
+    assert [limiter.allow(tenant, now=0.0) for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow(tenant, now=0.5) and not limiter.allow(tenant, now=0.5)
+    assert limiter.allow(Tenant("free"), now=0.0)
