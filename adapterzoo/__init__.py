@@ -16,6 +16,8 @@ from .errors import (
     PoolFullError,
     PoolLimitError,
     ShapeMismatchError,
+    TrainingDivergedError,
+    TrainingError,
     UnknownAdapterError,
     UnknownAdapterTypeError,
 )
@@ -29,5 +31,5 @@ __all__ = [
     "Zoo", "ZooOutput", "AdapterInfo", "hookimpl", "AdapterType", "AdapterConfig", "require",
     "AdapterZooError", "AdapterExistsError", "AdapterFileError", "BaseMismatchError", "BatchError",
     "InvalidConfigError", "InvalidNameError", "PluginError", "PoolFullError", "PoolLimitError",
-    "ShapeMismatchError", "UnknownAdapterError", "UnknownAdapterTypeError",
+    "ShapeMismatchError", "TrainingDivergedError", "TrainingError", "UnknownAdapterError", "UnknownAdapterTypeError",
 ]

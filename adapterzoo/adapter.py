@@ -46,6 +46,7 @@ class Adapter:
     sizes: dict[str, int]  # the type's named sizes, true values
     metadata: dict[str, Any] = field(default_factory=dict)
     _edits: int = 0
+    head: Any = None  # an optional classification head (adapterzoo.heads.Head), trained and saved with it
 
     @property
     def type_name(self) -> str:
@@ -68,7 +69,8 @@ class Adapter:
         return any(t.requires_grad for site in self.tensors.values() for t in site.values())
 
     def parameters(self) -> list[torch.Tensor]:
-        return [t for site in self.tensors.values() for t in site.values()]
+        head = list(self.head.tensors.values()) if self.head is not None else []
+        return [t for site in self.tensors.values() for t in site.values()] + head
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.parameters())
@@ -81,7 +83,7 @@ class Adapter:
         self._edits += 1
 
     def set_trainable(self, trainable: bool) -> None:
-        for site in self.tensors.values():
+        for site in [*self.tensors.values(), *([self.head.tensors] if self.head is not None else [])]:
             for key, t in list(site.items()):
                 if trainable and not isinstance(t, nn.Parameter):
                     site[key] = nn.Parameter(t.detach(), requires_grad=True)
@@ -138,6 +140,7 @@ def new_adapter(name: str, atype: AdapterType, config: AdapterConfig, model: nn.
                 t = torch.empty(shape, dtype=torch.float32)
                 atype.init(key, t, config, generator, modules[site])
                 tensors[site][key] = t
+        atype.init_from_base(model, config, tensors, generator)  # optional second pass (AdapterType)
     return Adapter(name, atype, config, tensors, sizes)
 
 

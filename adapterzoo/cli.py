@@ -104,6 +104,43 @@ def pull(repo_id: str, out_dir: Path, revision: str | None, token: str | None, e
     click.echo(f"pulled {repo_id} ({revision or 'main'}) into {out}")
 
 
+@cli.command()
+@click.argument("base")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--adapters", "adapters_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of saved adapters (one sub-folder each, named as the adapter); also where registry pulls go.")
+@click.option("--keys", "keys_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="YAML/JSON keys file: API keys -> tenants, owned and public adapters, limits (default: open server).")
+@click.option("--name", "base_name", default=None, help="Model id of the base in the API (default: BASE's folder name).")
+@click.option("--slots", default=16, show_default=True, help="Device slots per adapter pool.")
+@click.option("--max-batch", default=32, show_default=True, help="Requests decoded together at most.")
+@click.option("--max-queue", default=256, show_default=True, help="Waiting requests at most (then 429).")
+@click.option("--max-host", default=None, type=int, help="Adapters kept in host memory at most (then LRU ones go to disk).")
+@click.option("--max-tokens", "default_max_tokens", default=16, show_default=True, help="Default max_tokens of /v1/completions.")
+@click.option("--registry", default=None, help="Registry (Hub API) URL to pull missing adapters from.")
+@click.option("--registry-token", default=None, envvar="ADAPTERZOO_REGISTRY_TOKEN", help="Token for the registry.")
+@click.option("--registry-namespace", default=None, help="Look up unknown adapter NAME as NAMESPACE/NAME in the registry.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]), help="Base dtype.")
+@click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds to finish running requests on shutdown.")
+@click.option("--ray", is_flag=True, help="Deploy on Ray Serve (pip install 'adapterzoo[ray]').")
+@click.option("--replicas", default=1, show_default=True, help="Ray Serve replicas (with --ray).")
+@click.option("--log-level", default="warning", show_default=True)
+def serve(**options) -> None:
+    """Serve BASE and its adapters over an OpenAI-compatible HTTP API (see docs/serving.md)."""
+    from .serve.command import run_serve
+
+    run_serve(**options)
+
+
+from .train_cli import eval_command, tasks_command, train_command  # noqa: E402  (train, eval, tasks)
+
+cli.add_command(train_command)
+cli.add_command(eval_command)
+cli.add_command(tasks_command)
+
+
 def main() -> None:
     plugins.load_plugins()
     plugins.pm.hook.register_commands(cli=cli)

@@ -69,3 +69,12 @@ class BatchError(AdapterZooError, ValueError):
 
 class PluginError(AdapterZooError, RuntimeError):
     """A plugin that breaks the contract (bad hook name, duplicate type name, missing attribute)."""
+
+
+class TrainingError(AdapterZooError, ValueError):
+    """Bad training input: empty or malformed examples, a label outside the head's classes, a
+    sequence longer than the base allows, an adapter of another type, a bad option."""
+
+
+class TrainingDivergedError(AdapterZooError, RuntimeError):
+    """The loss became nan or inf; the adapters were restored to their last good state."""

@@ -83,6 +83,7 @@ class AdapterType:
     name: ClassVar[str]
     Config: ClassVar[type[AdapterConfig]]
     kind: ClassVar[Kind] = "delta"
+    default_lr: ClassVar[float] = 1e-3  # AdamW learning rate `zoo.train` uses unless told otherwise
 
     # 1. where
     def sites(self, model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -109,6 +110,12 @@ class AdapterType:
     def init(self, name: str, tensor: torch.Tensor, config: AdapterConfig, generator: torch.Generator, module: nn.Module) -> None:
         """Fill `tensor` (true shape, float32, on the CPU) in place; `module` is the site. Default: zeros."""
         tensor.zero_()
+
+    def init_from_base(self, model: nn.Module, config: AdapterConfig, tensors: dict[str, dict[str, torch.Tensor]],
+                       generator: torch.Generator) -> None:
+        """Optional second init pass, with the whole base at hand, after `init` filled every tensor
+        (`tensors`: site -> name -> tensor, true shapes, float32, CPU). Default: nothing. Prefix
+        tuning uses it to start from the keys and values of real tokens."""
 
     # 3. how
     def delta(self, x: torch.Tensor, y: torch.Tensor, w: dict[str, torch.Tensor], training: bool) -> torch.Tensor:

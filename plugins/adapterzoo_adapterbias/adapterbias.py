@@ -29,6 +29,7 @@ class AdapterBias(AdapterType):
     name = "adapterbias"
     Config = AdapterBiasConfig
     kind = "delta"
+    default_lr = 1e-2  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
     def sites(self, model, config):
         return find_role(model, "ffn_output")

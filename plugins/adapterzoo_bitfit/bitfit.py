@@ -32,6 +32,7 @@ class BitFit(AdapterType):
     name = "bitfit"
     Config = BitFitConfig
     kind = "delta"
+    default_lr = 1e-2  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
     def sites(self, model, config):
         found = set(find_linear(model, config.target_modules))

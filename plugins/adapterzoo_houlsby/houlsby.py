@@ -49,6 +49,7 @@ class Houlsby(AdapterType):
     name = "houlsby"
     Config = HoulsbyConfig
     kind = "delta"
+    default_lr = 2e-3  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
     def sites(self, model, config):
         found = []

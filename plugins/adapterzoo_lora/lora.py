@@ -71,6 +71,7 @@ class Lora(AdapterType):
     name = "lora"
     Config = LoraConfig
     kind = "delta"
+    default_lr = 2e-3  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
     def sites(self, model, config):
         return find_linear(model, targets(model, config))

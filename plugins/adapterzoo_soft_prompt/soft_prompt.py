@@ -33,6 +33,7 @@ class SoftPrompt(AdapterType):
     name = "soft_prompt"
     Config = SoftPromptConfig
     kind = "prompt"
+    default_lr = 1e-1  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
     def sites(self, model, config):
         embeddings = model.get_input_embeddings()
