@@ -2,9 +2,9 @@
 
 Every adapter type computes its contribution for the whole batch at once by gathering its
 tensors by slot (`pool.site(path)[name][slots]`), Punica's BGMV idea in plain PyTorch (see
-`SlotWeights`). A plan
-holds one `PoolUse` per pool the batch touches; a forward costs one gather and one batched
-computation per (pool, site), never a loop over rows or over distinct adapters.
+`SlotWeights`). A plan holds one `PoolUse` per pool the batch touches; a forward costs one
+gather and one batched computation per (pool, site), never a loop over rows or over distinct
+adapters.
 """
 
 from __future__ import annotations
@@ -20,22 +20,22 @@ class SlotWeights(dict):
     `w[name]` is the tensor gathered by slot: leading dim n (one per row) or 1 (every row shares
     one slot, so it broadcasts). Constants (e.g. LoRA's scale) come the same way, and
     `w["variant"]` is the pool's variant string. `w.matmul(x, name)` computes `x @ W[slot]` for
-    every row of x (n, T, in) with W stored as (in, out) per slot; for one token per row (a
-    decode step) it runs as a weighted `embedding_bag` over the pool itself, which reads each
-    adapter's weights once and copies nothing: Punica's BGMV kernel in stock PyTorch.
+    every row of x (n, T, in) with W stored as (in, out) per slot, without copying weights where
+    it can: for one token per row (a decode step) it runs as a weighted `embedding_bag` over the
+    pool itself, which reads each adapter's weights once (Punica's BGMV kernel in stock
+    PyTorch); rows that come in runs of one slot (a trainer's or a prefill's batch) are folded
+    into one matrix per run.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], constants: dict[str, torch.Tensor], slots: torch.Tensor | int, variant: str):
-        super().__init__(variant=variant)
-        self._pool = {**tensors, **constants}
-        self.slots = slots
+    def __init__(self, tensors: dict[str, torch.Tensor], use: "PoolUse"):
+        super().__init__(variant=use.pool.variant)
+        self._pool = {**tensors, **use.pool.constants}
+        self._use = use
+        self.slots = use.slots
 
     def __missing__(self, name: str) -> torch.Tensor:
         t = self._pool[name]
-        if isinstance(self.slots, int):
-            value = t[self.slots : self.slots + 1]
-        else:
-            value = t[self.slots]
+        value = t[self.slots : self.slots + 1] if isinstance(self.slots, int) else t[self.slots]
         self[name] = value
         return value
 
@@ -45,13 +45,17 @@ class SlotWeights(dict):
         if isinstance(self.slots, int):
             return x @ W[self.slots]
         n, T, fan_in = x.shape
+        use = self._use
         if T == 1 and W.is_contiguous():
+            index, offsets = use.bag_index(fan_in, x.device)
             table = W.view(-1, W.shape[-1])  # row (slot * in + k) is W[slot][k, :]
-            index = (self.slots[:, None] * fan_in + torch.arange(fan_in, device=x.device)).reshape(-1)
-            offsets = torch.arange(0, n * fan_in, fan_in, device=x.device)
             out = torch.nn.functional.embedding_bag(index, table, offsets, mode="sum",
                                                     per_sample_weights=x.reshape(-1).to(table.dtype))
             return out[:, None, :]
+        if use.run_slots is not None:  # runs of g rows with one slot: (runs, g*T, in) @ (runs, in, out)
+            runs = len(use.run_slots)
+            out = torch.bmm(x.reshape(runs, -1, fan_in), W[use.run_slots])
+            return out.reshape(n, T, -1)
         return torch.bmm(x, self[name])
 
 
@@ -61,16 +65,37 @@ class PoolUse:
 
     `rows` is None when every row uses this pool (no index_select / index_add needed), and
     `slots` is a plain int when all those rows share one slot (the weights then broadcast).
+    `run_slots` is set when the rows come in equal runs of one slot each (the slot of each run).
     """
 
     pool: object  # SlotPool or LivePool
     rows: torch.Tensor | None
     slots: torch.Tensor | int
     lengths: torch.Tensor | None = None  # virtual tokens per row (prompt / prefix kinds)
+    run_slots: torch.Tensor | None = None
+    _bags: dict = field(default_factory=dict, repr=False)
 
     def gather(self, tensors: dict[str, torch.Tensor]) -> SlotWeights:
         """The pool's tensors at one site (and its constants) for these rows, gathered lazily."""
-        return SlotWeights(tensors, self.pool.constants, self.slots, self.pool.variant)
+        return SlotWeights(tensors, self)
+
+    def bag_index(self, fan_in: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """embedding_bag's indices and offsets for `SlotWeights.matmul`, made once per plan."""
+        if fan_in not in self._bags:
+            n = len(self.slots)
+            index = (self.slots[:, None] * fan_in + torch.arange(fan_in, device=device)).reshape(-1)
+            self._bags[fan_in] = (index, torch.arange(0, n * fan_in, fan_in, device=device))
+        return self._bags[fan_in]
+
+
+def _equal_runs(slots: list[int]) -> list[int] | None:
+    """The slot of each run if `slots` is k > 1 equal-length runs of one slot each, else None."""
+    size = next((i for i, s in enumerate(slots) if s != slots[0]), len(slots))
+    if size in (1, len(slots)) or len(slots) % size:
+        return None
+    runs = [slots[i] for i in range(0, len(slots), size)]
+    same = all(slots[i] == runs[i // size] for i in range(len(slots)))
+    return runs if same else None
 
 
 @dataclass
@@ -113,10 +138,12 @@ def build_plan(assignments: list[tuple[object, int, int] | None], device: torch.
     for pool, rows, slots, lengths in groups.values():
         every_row = len(rows) == batch
         one_slot = len(set(slots)) == 1
+        runs = None if one_slot else _equal_runs(slots)
         use = PoolUse(
             pool=pool,
             rows=None if every_row else torch.tensor(rows, device=device),
             slots=slots[0] if one_slot else torch.tensor(slots, device=device),
+            run_slots=None if runs is None else torch.tensor(runs, device=device),
         )
         kind = pool.atype.kind
         if kind == "delta":

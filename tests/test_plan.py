@@ -1,0 +1,53 @@
+"""BatchPlan and SlotWeights: every way of computing x @ W[slot] per row gives the same answer."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from adapterzoo.plan import PoolUse, _equal_runs, build_plan
+
+
+def fake_pool(slots: int = 6, fan_in: int = 5, fan_out: int = 3):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(slots, fan_in, fan_out, generator=g)
+    W[0] = 0  # slot 0: no adapter
+    return types.SimpleNamespace(atype=types.SimpleNamespace(kind="delta"), constants={}, variant=""), W
+
+
+@pytest.mark.parametrize("slots", [[3, 3, 3, 3], [1, 4, 2, 5], [2, 2, 5, 5, 1, 1], [1, 1, 1, 2, 2, 2], [4, 1, 1, 4]])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_matmul_by_slot_matches_the_naive_loop(slots, tokens):
+    pool, W = fake_pool()
+    plan = build_plan([(pool, s, 0) for s in slots], torch.device("cpu"))
+    use = plan.deltas[0]
+    x = torch.randn(len(slots), tokens, W.shape[1])
+    w = use.gather({"W": W})
+    got = w.matmul(x, "W")
+    expected = torch.stack([x[i] @ W[s] for i, s in enumerate(slots)])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    if len(set(slots)) > 1:
+        torch.testing.assert_close(w["W"], W[torch.tensor(slots)])  # the gathered view a type may use
+
+
+def test_plan_marks_runs_and_shared_slots():
+    pool, _ = fake_pool()
+    plan = build_plan([(pool, 2, 0)] * 3 + [(pool, 5, 0)] * 3, torch.device("cpu"))
+    assert plan.deltas[0].run_slots.tolist() == [2, 5] and plan.deltas[0].rows is None
+    plan = build_plan([(pool, 2, 0), None, (pool, 2, 0)], torch.device("cpu"))
+    assert plan.deltas[0].slots == 2 and plan.deltas[0].rows.tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("slots,runs", [([1, 1, 2, 2], [1, 2]), ([1, 2, 3], None), ([1, 1, 1], None),
+                                        ([1, 1, 2, 2, 2], None), ([1, 1, 2, 2, 1, 1], [1, 2, 1])])
+def test_equal_runs(slots, runs):
+    assert _equal_runs(slots) == runs
+
+
+def test_bag_indices_are_made_once_per_plan():
+    pool, W = fake_pool()
+    use = PoolUse(pool=pool, rows=None, slots=torch.tensor([1, 3]))
+    first = use.bag_index(5, torch.device("cpu"))
+    assert use.bag_index(5, torch.device("cpu")) is first
