@@ -4,8 +4,10 @@ The base's modules are never replaced. Each module that some adapter type attach
 forward hook, installed the first time an adapter uses that site; it reads the active
 `BatchPlan` (a context variable, so concurrent threads never see each other's plans) and adds
 every pool's delta for the rows that use it. Prefix tuning needs to extend an attention layer's
-keys and values, which no module hook can reach: for that the base's attention implementation is
-wrapped once (transformers' `AttentionInterface`), and the wrapper prepends each row's prefix.
+keys and values, which no module hook can reach. Without a KV cache (training, a plain forward)
+the base's attention implementation, wrapped once (transformers' `AttentionInterface`), prepends
+each row's prefix in every layer. With a KV cache (generation, serving) the prefix is written
+into the cache once, at prefill, as PEFT does, so decode steps copy nothing more than the base.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from torch import nn
 from .plan import BatchPlan, PoolUse
 
 _ACTIVE: ContextVar[BatchPlan | None] = ContextVar("adapterzoo_plan", default=None)
-_SITES: ContextVar[dict[int, str] | None] = ContextVar("adapterzoo_attention_sites", default=None)
+_SITES: ContextVar[dict[int, str] | None] = ContextVar("adapterzoo_attention_sites", default=None)  # None: prefixes are in the cache
 ATTENTION_NAME = "adapterzoo"
 
 
 @contextmanager
-def active(plan: BatchPlan | None, attention_sites: dict[int, str]) -> Iterator[None]:
+def active(plan: BatchPlan | None, attention_sites: dict[int, str] | None) -> Iterator[None]:
+    """Make `plan` the one the hooks see; `attention_sites` None: prefixes are in the KV cache."""
     token = _ACTIVE.set(plan)
     sites_token = _SITES.set(attention_sites)
     try:
@@ -58,6 +61,19 @@ class Runtime:
 
     def hook_prefix_site(self, path: str) -> None:
         self.attention_sites[id(self.modules[path])] = path
+
+    def prefix_fits_cache(self) -> bool:
+        """Whether prefixes can live in a KV cache: the cache has one mask for every layer, so
+        every attention layer must be a prefix site (true of the built-in prefix type)."""
+        modules = [self.modules[p] for p in self.attention_sites.values()]
+        return (bool(modules) and all(hasattr(m, "layer_idx") for m in modules)
+                and len(modules) == _attention_layer_count(self.model))
+
+    def write_prefixes(self, plan: BatchPlan, cache, like: torch.Tensor) -> None:
+        """Put every row's prefix keys/values (zeros where it has none) into an empty cache."""
+        for path in sorted(self.attention_sites.values(), key=lambda p: self.modules[p].layer_idx):
+            keys, values = prefix_keys_values(plan, path, plan.batch_size, like)
+            cache.update(keys, values, self.modules[path].layer_idx)
 
     def remove(self) -> None:
         for handle in self.delta_sites.values():
@@ -128,25 +144,47 @@ def prefixed_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _with_prefix(plan: BatchPlan, path: str, module, query, key, value, mask):
-    batch, kv_heads, kv_len, head_dim = key.shape
-    q_len = query.shape[2]
+def _attention_layer_count(model: nn.Module) -> int:
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+
+
+def prefix_keys_values(plan: BatchPlan, path: str, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's prefix at one attention layer, (B, kv_heads, width, head_dim), zeros for rows
+    without one (their columns are masked)."""
     width = plan.prefix_width
-    pk = key.new_zeros(batch, kv_heads, width, head_dim)
-    pv = value.new_zeros(batch, kv_heads, width, head_dim)
+    pk = pv = None
     for use in plan.prefixes:
         tensors = use.pool.site(path)
         if tensors is None:
             continue
         k, v = use.pool.atype.prefix(use.gather(tensors))  # (n, kv_heads, P_bucket, head_dim)
-        k, v = _fit(k, width).to(key.dtype), _fit(v, width).to(value.dtype)
+        k, v = _fit(k, width).to(like.dtype), _fit(v, width).to(like.dtype)
+        if pk is None:
+            pk = k.new_zeros(batch, *k.shape[1:])
+            pv = v.new_zeros(batch, *v.shape[1:])
         if use.rows is None:
             pk, pv = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
         else:
             pk = pk.index_copy(0, use.rows, k.expand(len(use.rows), -1, -1, -1))
             pv = pv.index_copy(0, use.rows, v.expand(len(use.rows), -1, -1, -1))
-    prefix_mask = torch.arange(width, device=key.device)[None, :] < plan.prefix_lengths[:, None]  # (B, P)
-    prefix_mask = prefix_mask[:, None, None, :].expand(batch, 1, q_len, width)
+    return pk, pv
+
+
+def prefix_columns(plan: BatchPlan) -> torch.Tensor:
+    """(B, width) bool: which prefix columns each row uses (left-aligned)."""
+    width = plan.prefix_width
+    return torch.arange(width, device=plan.prefix_lengths.device)[None, :] < plan.prefix_lengths[:, None]
+
+
+def _with_prefix(plan: BatchPlan, path: str, module, query, key, value, mask):
+    batch, kv_heads, kv_len, head_dim = key.shape
+    q_len = query.shape[2]
+    width = plan.prefix_width
+    pk, pv = prefix_keys_values(plan, path, batch, key)
+    if pk is None:  # no prefix adapter attaches here
+        return key, value, mask
+    prefix_mask = prefix_columns(plan)[:, None, None, :].expand(batch, 1, q_len, width)
     if mask is None:  # sdpa would have used is_causal; spell the mask out instead
         mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=key.device)
         if getattr(module, "is_causal", True) and q_len > 1:

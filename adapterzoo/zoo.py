@@ -26,7 +26,7 @@ from .errors import AdapterExistsError, AdapterZooError, BatchError, InvalidConf
 from .heads import HeadConfig, class_logits, new_head, pop_head
 from .plan import BatchPlan, build_plan
 from .pool import LivePool, SlotPool
-from .runtime import Runtime, active
+from .runtime import Runtime, active, prefix_columns
 from .storage import detect_format, load_native, save_native
 from .types import AdapterType
 
@@ -421,9 +421,15 @@ class Zoo:
         width = 0
         if plan.prompts and past == 0:
             embeds, attention_mask, width = self._prepend_prompts(plan, embeds, attention_mask)
-        positions = attention_mask.long().cumsum(-1)[:, -embeds.shape[1]:] - 1
-        if plan.prefix_lengths is not None:
-            positions = positions + plan.prefix_lengths[:, None]
+        # With a cache, prefixes are written into it once (at prefill) and masked like past tokens;
+        # without one, the attention wrapper puts them in front of every layer's keys and values.
+        prefix_in_cache = cache is not None and self.runtime.prefix_fits_cache()
+        if prefix_in_cache and past == 0 and plan.prefixes:
+            self.runtime.write_prefixes(plan, cache, embeds)
+            attention_mask = torch.cat([prefix_columns(plan).to(attention_mask.dtype), attention_mask], 1)
+        positions = attention_mask.long().cumsum(-1)[:, -embeds.shape[1]:] - 1  # as if run alone
+        if plan.prefix_lengths is not None and not prefix_in_cache:
+            positions = positions + plan.prefix_lengths[:, None]  # real tokens start after the prefix
         positions = positions.clamp(min=0)
         kwargs = {self._cache_kw: cache, "use_cache": cache is not None} if cache is not None else {}
         head_rows = None
@@ -432,7 +438,7 @@ class Zoo:
             if self.is_causal_lm and any(a is not None and a.head is not None for a in head_rows):
                 kwargs["output_hidden_states"] = True
         caller_mask = attention_mask[:, -length:]
-        with active(plan, self.runtime.attention_sites):
+        with active(plan, None if prefix_in_cache else self.runtime.attention_sites):
             out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, **kwargs)
         result = ZooOutput(attention_mask=attention_mask, plan=plan, cache=getattr(out, self._cache_kw, None))
         if getattr(out, "logits", None) is not None:
