@@ -1,8 +1,8 @@
 """Mixed-batch generation with a KV cache: every row its own adapter, one forward per step.
 
 Prompts are left-padded so every row's next token sits in the last column. Soft prompts enter
-once, at prefill, and then live in the cache like any other token; prefixes are re-applied by
-the attention wrapper at every step; delta types act at every step. Finished rows keep stepping
+once, at prefill, and then live in the cache like any other token; so do prefix keys and
+values, written into the cache at prefill; delta types act at every step. Finished rows keep stepping
 (on a pad token, masked out) until every row is done, so the batch shape never changes.
 """
 

@@ -1,9 +1,12 @@
 """Serving throughput and time to first token: adapterzoo's engine vs the base vs PEFT, one run.
 
 A mixed workload on SmolLM2-135M (float32): R requests, each for one of 100 LoRA adapters
-(r=8 on q_proj,v_proj; Zipf popularity), short prompts, T new tokens each (EOS ignored, so every
-system generates exactly R*T tokens), all arriving at once (an offline burst), at most B rows
-decoded together. Systems, measured in the same process, round-robin over the rounds:
+(r=8 on q_proj,v_proj; Zipf popularity), short prompts, each asking for its own number of new
+tokens, uniform in [T/4, 7T/4] (mean T; `--fixed-length` gives every request exactly T), EOS
+ignored, all arriving at once (an offline burst), at most B rows decoded together. Only the
+tokens a request asked for count; static batching has to run each batch to its longest request,
+which is the waste continuous batching removes. Systems, measured in the same process,
+round-robin over the rounds:
 
   zoo              adapterzoo's continuous-batching engine, every request with its adapter
   zoo (base)       the same engine and workload with no adapters: the ceiling we aim for
@@ -17,7 +20,7 @@ Reports medians over rounds; writes benchmarks/results/serve.{json,png}.
 
     python benchmarks/serve.py [--requests 48] [--adapters 100] [--max-tokens 16] [--batch 16] [--rounds 3] [--threads 1]
 
-The machine is shared and noisy: re-measure final numbers on a quiet one.
+Medians over interleaved rounds; the numbers in README.md were taken on a quiet machine.
 """
 
 from __future__ import annotations
@@ -46,12 +49,16 @@ PROMPTS = [
 ]
 
 
-def workload(n: int, adapters: int, seed: int = 0) -> list[tuple[str, str]]:
+def workload(n: int, adapters: int, max_tokens: int = 16, fixed_length: bool = False,
+             seed: int = 0) -> list[tuple[str, str, int]]:
+    """(prompt, adapter, new tokens wanted) per request."""
     rng = random.Random(seed)
     names = [f"a{i}" for i in range(adapters)]
     rng.shuffle(names)
     weights = [1 / (k + 1) ** 1.1 for k in range(adapters)]
-    return [(rng.choice(PROMPTS), name) for name in rng.choices(names, weights=weights, k=n)]
+    chosen = rng.choices(names, weights=weights, k=n)
+    lo, hi = (max_tokens, max_tokens) if fixed_length else (max(1, max_tokens // 4), max_tokens * 7 // 4)
+    return [(rng.choice(PROMPTS), name, rng.randint(lo, hi)) for name in chosen]
 
 
 def build(adapters: int):
@@ -89,12 +96,12 @@ class FirstToken:
         return scores
 
 
-def run_zoo(zoo: Zoo, jobs, max_tokens: int, batch: int, with_adapters: bool) -> dict:
+def run_zoo(zoo: Zoo, jobs, batch: int, with_adapters: bool) -> dict:
     engine = Engine(zoo, max_batch=batch, max_queue=len(jobs) + 1).start()
     try:
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         t0 = time.perf_counter()
-        handles = [engine.submit(p, a if with_adapters else None, params) for p, a in jobs]
+        handles = [engine.submit(p, a if with_adapters else None, SamplingParams(max_tokens=n, ignore_eos=True))
+                   for p, a, n in jobs]
         results = [h.result(3600) for h in handles]
         wall = time.perf_counter() - t0
     finally:
@@ -103,43 +110,46 @@ def run_zoo(zoo: Zoo, jobs, max_tokens: int, batch: int, with_adapters: bool) ->
             "texts": [r.text for r in results]}
 
 
-def _hf_generate(model, tok, prompts, max_tokens, **kwargs):
+def _hf_generate(model, tok, prompts, wanted: list[int], **kwargs):
+    """One static batch: it runs to its longest request; each row keeps the tokens it asked for."""
     from transformers import LogitsProcessorList
 
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     first = FirstToken()
-    out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+    steps = max(wanted)
+    out = model.generate(**enc, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                          pad_token_id=tok.pad_token_id, logits_processor=LogitsProcessorList([first]), **kwargs)
     new = out[:, enc["input_ids"].shape[1]:]
-    return [tok.decode(row, skip_special_tokens=True) for row in new], first.at, int(new.numel())
+    texts = [tok.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, wanted)]
+    return texts, first.at, sum(wanted)
 
 
-def run_static(model, tok, jobs, max_tokens: int, batch: int, mixed: bool | None) -> dict:
+def run_static(model, tok, jobs, batch: int, mixed: bool | None) -> dict:
     """mixed=None: the plain base; True: PEFT adapter_names; static batches in arrival order."""
     t0 = time.perf_counter()
     ttft, texts, tokens = [0.0] * len(jobs), [""] * len(jobs), 0
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
-        kwargs = {"adapter_names": [a for _, a in chunk]} if mixed else {}
-        out, first, n = _hf_generate(model, tok, [p for p, _ in chunk], max_tokens, **kwargs)
+        kwargs = {"adapter_names": [a for _, a, _ in chunk]} if mixed else {}
+        out, first, n = _hf_generate(model, tok, [p for p, _, _ in chunk], [w for _, _, w in chunk], **kwargs)
         tokens += n
         for i, text in enumerate(out):
             ttft[start + i], texts[start + i] = first - t0, text
     return {"wall": time.perf_counter() - t0, "tokens": tokens, "ttft": ttft, "texts": texts}
 
 
-def run_set_adapter(peft, tok, jobs, max_tokens: int, batch: int) -> dict:
+def run_set_adapter(peft, tok, jobs, batch: int) -> dict:
     """PEFT without mixed batches: one adapter at a time (groups in order of first arrival)."""
     t0 = time.perf_counter()
     groups: dict[str, list[int]] = {}
-    for i, (_, a) in enumerate(jobs):
+    for i, (_, a, _) in enumerate(jobs):
         groups.setdefault(a, []).append(i)
     ttft, texts, tokens = [0.0] * len(jobs), [""] * len(jobs), 0
     for name, idx in groups.items():
         peft.set_adapter(name)
         for start in range(0, len(idx), batch):
             part = idx[start:start + batch]
-            out, first, n = _hf_generate(peft, tok, [jobs[i][0] for i in part], max_tokens)
+            out, first, n = _hf_generate(peft, tok, [jobs[i][0] for i in part], [jobs[i][2] for i in part])
             tokens += n
             for i, text in zip(part, out):
                 ttft[i], texts[i] = first - t0, text
@@ -155,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--adapters", type=int, default=100)
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=16, help="mean new tokens per request")
+    ap.add_argument("--fixed-length", action="store_true", help="every request asks for exactly --max-tokens")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
@@ -169,20 +180,21 @@ def main(argv: list[str] | None = None) -> dict:
     zoo, peft, hf_base = build(args.adapters)
     tok = copy.deepcopy(zoo.tokenizer)
     tok.padding_side = "left"
-    jobs = workload(args.requests, args.adapters)
+    jobs = workload(args.requests, args.adapters, args.max_tokens, args.fixed_length)
     print(f"built base + {args.adapters} adapters (zoo and PEFT) in {time.perf_counter() - t_build:.0f}s; "
-          f"{args.requests} requests over {len({a for _, a in jobs})} distinct adapters, {args.max_tokens} tokens each, "
+          f"{args.requests} requests over {len({a for _, a, _ in jobs})} distinct adapters, "
+          f"{min(n for *_, n in jobs)}-{max(n for *_, n in jobs)} new tokens each, "
           f"batch {args.batch}, {args.rounds} rounds")
     systems = {
-        "zoo": lambda: run_zoo(zoo, jobs, args.max_tokens, args.batch, True),
-        "zoo (base)": lambda: run_zoo(zoo, jobs, args.max_tokens, args.batch, False),
-        "hf base": lambda: run_static(hf_base, tok, jobs, args.max_tokens, args.batch, None),
-        "peft set_adapter": lambda: run_set_adapter(peft, tok, jobs, args.max_tokens, args.batch),
-        "peft mixed": lambda: run_static(peft, tok, jobs, args.max_tokens, args.batch, True),
+        "zoo": lambda: run_zoo(zoo, jobs, args.batch, True),
+        "zoo (base)": lambda: run_zoo(zoo, jobs, args.batch, False),
+        "hf base": lambda: run_static(hf_base, tok, jobs, args.batch, None),
+        "peft set_adapter": lambda: run_set_adapter(peft, tok, jobs, args.batch),
+        "peft mixed": lambda: run_static(peft, tok, jobs, args.batch, True),
     }
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     with torch.inference_mode():
-        run_zoo(zoo, jobs[:4], 2, args.batch, True)  # warm-up: pools, hooks, allocator
+        run_zoo(zoo, [(p, a, 2) for p, a, _ in jobs[:4]], args.batch, True)  # warm-up: pools, hooks, allocator
         for r in range(args.rounds):
             for name, fn in systems.items():
                 runs[name].append(fn())
@@ -213,9 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"zoo / PEFT set_adapter:              {ratios['zoo_over_peft_set_adapter']:.2f}x")
     print(f"zoo / PEFT mixed adapter_names:      {ratios['zoo_over_peft_mixed']:.2f}x")
     print(f"same text as PEFT mixed (greedy):    {agree:.0%} of requests")
-    payload = {"config": vars(args), "distinct_adapters": len({a for _, a in jobs}), "machine": machine(),
+    payload = {"config": vars(args), "distinct_adapters": len({a for _, a, _ in jobs}), "machine": machine(),
                "summary": summary, "ratios": ratios, "agreement_with_peft": agree,
-               "note": "shared 2-core CPU: re-measure on a quiet machine"}
+               "command": "python benchmarks/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     path = save_json("serve", payload)
     print(f"wrote {path}")
     if not args.no_plot:
