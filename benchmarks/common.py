@@ -13,6 +13,16 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# the configs the training benchmarks give each type (LoRA on every linear layer)
+TRAINED_TYPES = {
+    "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+    "houlsby": {"bottleneck": 32},
+    "bitfit": {},
+    "adapterbias": {},
+    "prefix": {"num_virtual_tokens": 16},
+    "soft_prompt": {"num_virtual_tokens": 16},
+}
+
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
                         setup: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:

@@ -23,19 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save_json  # noqa: E402
+from common import TRAINED_TYPES as TYPES, machine, save_json  # noqa: E402
 
 from adapterzoo import Zoo  # noqa: E402
 from adapterzoo.tasks import all_tasks  # noqa: E402
-
-TYPES = {
-    "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-    "houlsby": {"bottleneck": 32},
-    "bitfit": {},
-    "adapterbias": {},
-    "prefix": {"num_virtual_tokens": 16},
-    "soft_prompt": {"num_virtual_tokens": 16},
-}
 
 
 def setup(zoo: Zoo, n: int, types: list[str], steps: int, batch: int, tag: str):

@@ -28,20 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, save_json  # noqa: E402
+from common import RESULTS, TRAINED_TYPES as TYPES, machine, save_json  # noqa: E402
 
 from adapterzoo import Zoo  # noqa: E402
 from adapterzoo.tasks import get_task  # noqa: E402
 from adapterzoo.train import score_task  # noqa: E402
 
-TYPES = {
-    "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-    "houlsby": {"bottleneck": 32},
-    "bitfit": {},
-    "adapterbias": {},
-    "prefix": {"num_virtual_tokens": 16},
-    "soft_prompt": {"num_virtual_tokens": 16},
-}
 ROUTING_TASKS = ["reverse", "sort", "sort-desc", "rotate-left", "rotate-right", "pair-swap", "double", "upper"]
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
+from ..adapter import Adapter, adapter_from_state, check_sizes
 from ..base import check_fingerprint
 from ..errors import AdapterFileError, UnsupportedFormatError
 from ..storage import atomic_write, read_safetensors, refuse_pickles, tensors_to_bytes
@@ -58,6 +59,21 @@ def stored_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def converted_adapter(zoo, name: str, atype, convert: Callable[[], tuple[dict, dict]], *, folder: Path, what: str,
+                      metadata: dict[str, str], source_format: str) -> Adapter:
+    """The adapter a type's converter (`from_peft`, `from_adapterhub`) makes of a foreign folder,
+    sized and checked as a native one is; a converter's refusal names the folder."""
+    try:
+        config_values, flat = convert()
+    except UnsupportedFormatError as exc:
+        raise UnsupportedFormatError(f"{exc} (in {folder})") from exc
+    config = atype.Config.from_dict(config_values)
+    sizes = check_sizes(atype, config, zoo.pool_limits, zoo.max_size)
+    adapter = adapter_from_state(name, atype, config, zoo.model, sizes, flat, what)
+    adapter.metadata = {**stored_metadata(metadata), "source_format": source_format}
+    return adapter
 
 
 def write_pair(folder: Path, config_name: str, config: dict[str, Any], weights_name: str,

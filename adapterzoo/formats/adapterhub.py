@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..adapter import adapter_from_state, check_sizes
 from ..errors import AdapterFileError, BaseMismatchError, UnsupportedFormatError
 from ..storage import read_json
 from . import _common
@@ -78,15 +77,8 @@ def read(zoo: "Zoo", name: str, folder: Path, *, ignore_base_mismatch: bool = Fa
             "base, or pass ignore_base_mismatch=True if you know the layouts agree."
         )
     _check_head(zoo, folder, what)
-    try:
-        config_values, flat = atype.from_adapterhub(zoo.model, dict(ah), state)
-    except UnsupportedFormatError as exc:
-        raise UnsupportedFormatError(f"{exc} (in {folder})") from exc
-    config = atype.Config.from_dict(config_values)
-    sizes = check_sizes(atype, config, zoo.pool_limits, zoo.max_size)
-    adapter = adapter_from_state(name, atype, config, zoo.model, sizes, flat, what)
-    adapter.metadata = {**_common.stored_metadata(metadata), "source_format": "adapterhub"}
-    return adapter
+    return _common.converted_adapter(zoo, name, atype, lambda: atype.from_adapterhub(zoo.model, dict(ah), state),
+                                     folder=folder, what=what, metadata=metadata, source_format="adapterhub")
 
 
 def _check_head(zoo: "Zoo", folder: Path, what: str) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapter import adapter_from_state, check_sizes
+import torch
+
 from ..errors import UnsupportedFormatError
 from ..storage import read_json
 from . import _common
@@ -58,15 +59,8 @@ def read(zoo: "Zoo", name: str, folder: Path, *, ignore_base_mismatch: bool = Fa
     state, metadata = _common.read_weights(folder / WEIGHTS_FILE, folder)
     _common.check_base(zoo, metadata, what, force=ignore_base_mismatch)
     state = {k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k: v for k, v in state.items()}
-    try:
-        config_values, flat = atype.from_peft(zoo.model, dict(peft_config), state)
-    except UnsupportedFormatError as exc:
-        raise UnsupportedFormatError(f"{exc} (in {folder})") from exc
-    config = atype.Config.from_dict(config_values)
-    sizes = check_sizes(atype, config, zoo.pool_limits, zoo.max_size)
-    adapter = adapter_from_state(name, atype, config, zoo.model, sizes, flat, what)
-    adapter.metadata = {**_common.stored_metadata(metadata), "source_format": "peft"}
-    return adapter
+    return _common.converted_adapter(zoo, name, atype, lambda: atype.from_peft(zoo.model, dict(peft_config), state),
+                                     folder=folder, what=what, metadata=metadata, source_format="peft")
 
 
 def write(zoo: "Zoo", adapter: "Adapter", folder: Path, *, metadata: dict | None = None) -> Path:
@@ -105,3 +99,15 @@ def single_submodule(peft_config: dict[str, Any], what: str) -> None:
             f"{what}: num_transformer_submodules={n} (an encoder-decoder base); adapterzoo's bases are decoder-only "
             "or encoder-only, so this adapter cannot be loaded"
         )
+
+
+def prompt_embeddings(peft_config: dict[str, Any], state: dict[str, torch.Tensor], what: str,
+                      known: set[str]) -> tuple[torch.Tensor, int]:
+    """The one tensor PEFT's prompt-learning methods save (`prompt_embeddings`, (P, ...)) and P,
+    after checking the config fields: what prefix tuning and prompt tuning read alike."""
+    check_fields(peft_config, what, known, {})
+    single_submodule(peft_config, what)
+    if set(state) != {"prompt_embeddings"}:
+        raise UnsupportedFormatError(f"{what}: expected one tensor 'prompt_embeddings', found {sorted(state)}")
+    emb = state["prompt_embeddings"]
+    return emb, int(peft_config.get("num_virtual_tokens") or emb.shape[0])

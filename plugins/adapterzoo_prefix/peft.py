@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import UnsupportedFormatError
-from adapterzoo.formats.peft import check_fields, single_submodule
+from adapterzoo.formats.peft import prompt_embeddings
 from adapterzoo.sites import attention_dims
 
 PEFT_TYPES = ("PREFIX_TUNING",)
@@ -39,12 +39,7 @@ def _layout(atype, model, config_sites) -> tuple[list[str], int, int]:
 
 def from_peft(atype, model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]):
     what = "PEFT prefix-tuning adapter"
-    check_fields(peft_config, what, KNOWN, {})
-    single_submodule(peft_config, what)
-    if set(state) != {"prompt_embeddings"}:
-        raise UnsupportedFormatError(f"{what}: expected one tensor 'prompt_embeddings', found {sorted(state)}")
-    emb = state["prompt_embeddings"]
-    p = int(peft_config.get("num_virtual_tokens") or emb.shape[0])
+    emb, p = prompt_embeddings(peft_config, state, what, KNOWN)
     config = {"num_virtual_tokens": p}
     sites, kv_heads, head_dim = _layout(atype, model, atype.sites(model, atype.Config.from_dict(config)))
     layers = len(sites)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import UnsupportedFormatError
-from adapterzoo.formats.peft import check_fields, single_submodule
+from adapterzoo.formats.peft import prompt_embeddings
 from adapterzoo.sites import hidden_size
 
 PEFT_TYPES = ("PROMPT_TUNING",)
@@ -24,12 +24,7 @@ KNOWN = {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_a
 
 def from_peft(atype, model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]):
     what = "PEFT prompt-tuning adapter"
-    check_fields(peft_config, what, KNOWN, {})
-    single_submodule(peft_config, what)
-    if set(state) != {"prompt_embeddings"}:
-        raise UnsupportedFormatError(f"{what}: expected one tensor 'prompt_embeddings', found {sorted(state)}")
-    emb = state["prompt_embeddings"]
-    p = int(peft_config.get("num_virtual_tokens") or emb.shape[0])
+    emb, p = prompt_embeddings(peft_config, state, what, KNOWN)
     d = hidden_size(model)
     if peft_config.get("token_dim") not in (None, d) or tuple(emb.shape) != (p, d):
         raise UnsupportedFormatError(
