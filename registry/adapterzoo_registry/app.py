@@ -16,7 +16,6 @@ import json
 import logging
 import mimetypes
 import re
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from .storage import (
     DEFAULT_BRANCH,
     FULL_COMMIT_ID,
     BadRequest,
+    BoundedCache,
     Commit,
     EntryNotFound,
     FileEntry,
@@ -214,21 +214,10 @@ class CardReader:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._cache: dict[tuple[str, str], ModelCard] = {}
-        self._lock = threading.Lock()
+        self._cache: BoundedCache[tuple[str, str], ModelCard] = BoundedCache()
 
     def card(self, repo: RepoId, commit: Commit) -> ModelCard:
-        key = (str(repo), commit.id)
-        with self._lock:
-            cached = self._cache.get(key)
-        if cached is not None:
-            return cached
-        card = self._read(repo, commit)
-        with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[key] = card
-        return card
+        return self._cache.get_or_compute((str(repo), commit.id), lambda: self._read(repo, commit))
 
     def _read(self, repo: RepoId, commit: Commit) -> ModelCard:
         entry = commit.files.get("README.md")
@@ -467,8 +456,9 @@ def list_models(request: Request) -> JSONResponse:
     for repo in registry.store.iter_repos():
         if (author and repo.namespace != author) or search not in str(repo).lower():
             continue
-        meta = registry.store.repo_meta(repo)
-        if meta is None or (meta.private and not principal.can_read(repo.namespace)):
+        try:
+            meta = registry.readable_repo(principal, repo)
+        except RepoNotFound:  # missing, or private to this caller: left out like on every other route
             continue
         try:
             head = registry.store.resolve(repo, DEFAULT_BRANCH)

@@ -32,14 +32,17 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 DEFAULT_BRANCH = "main"
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 # --------------------------------------------------------------------------- errors
 
@@ -364,10 +367,7 @@ def _stage_file(value: dict[str, Any], number: int, staging_dir: Path) -> AddFil
     except (binascii.Error, ValueError):
         raise BadRequest(f"Malformed commit: line {number} ({path}) has invalid base64 content.") from None
     staged_blob = staging_dir / f"{number}.blob"
-    with open(staged_blob, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
+    _write_file(staged_blob, data)
     entry = FileEntry(sha256=hashlib.sha256(data).hexdigest(), oid=git_blob_oid(data), size=len(data))
     return AddFile(path=path, entry=entry, staged_blob=staged_blob)
 
@@ -424,8 +424,7 @@ class Store:
         self._trash = self.root / "trash"
         for folder in (self._models, self._locks, self._tmp, self._trash):
             folder.mkdir(parents=True, exist_ok=True)
-        self._commit_cache: dict[tuple[str, str], Commit] = {}
-        self._commit_cache_lock = threading.Lock()
+        self._commit_cache: BoundedCache[tuple[str, str], Commit] = BoundedCache()
         self.recover()
 
     # -- start-up
@@ -513,17 +512,10 @@ class Store:
 
     def read_commit(self, repo: RepoId, commit_id: str) -> Commit:
         """Commits are immutable, so they are cached in memory once read."""
-        key = (str(repo), commit_id)
-        with self._commit_cache_lock:
-            cached = self._commit_cache.get(key)
-        if cached is not None:
-            return cached
-        commit = Commit.from_json(json.loads((self._repo_dir(repo) / "commits" / f"{commit_id}.json").read_bytes()))
-        with self._commit_cache_lock:
-            if len(self._commit_cache) > 10_000:
-                self._commit_cache.clear()
-            self._commit_cache[key] = commit
-        return commit
+        return self._commit_cache.get_or_compute(
+            (str(repo), commit_id),
+            lambda: Commit.from_json(json.loads((self._repo_dir(repo) / "commits" / f"{commit_id}.json").read_bytes())),
+        )
 
     def history(self, repo: RepoId, commit: Commit) -> Iterator[Commit]:
         """`commit` and its ancestors, newest first."""
@@ -638,6 +630,35 @@ class Store:
                 yield
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class BoundedCache(Generic[_K, _V]):
+    """A thread-safe memo for values that never change once computed (immutable commits and what derives from them).
+
+    It is emptied outright when it grows past `max_entries`, which bounds memory without any
+    per-entry bookkeeping. `compute` runs outside the lock, so two threads missing the same key
+    may both compute it; that is harmless because the value for a key is always the same.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._max_entries = max_entries
+        self._entries: dict[_K, _V] = {}
+        self._lock = threading.Lock()
+
+    def get_or_compute(self, key: _K, compute: Callable[[], _V]) -> _V:
+        with self._lock:
+            if key in self._entries:
+                return self._entries[key]
+        value = compute()
+        with self._lock:
+            if len(self._entries) > self._max_entries:
+                self._entries.clear()
+            self._entries[key] = value
+        return value
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
 
 
 def _to_json_bytes(data: Any) -> bytes:
