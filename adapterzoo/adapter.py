@@ -47,6 +47,7 @@ class Adapter:
     metadata: dict[str, Any] = field(default_factory=dict)
     _edits: int = 0
     head: Any = None  # an optional classification head (adapterzoo.heads.Head), trained and saved with it
+    _bucket_shapes: dict | None = field(default=None, repr=False)
 
     @property
     def type_name(self) -> str:
@@ -55,6 +56,13 @@ class Adapter:
     @property
     def bucket(self) -> dict[str, int]:
         return {k: bucket(v) for k, v in self.sizes.items()}
+
+    def bucket_shapes(self, model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
+        """site -> tensor name -> shape in its pool (sizes rounded up to the bucket). Config and
+        sizes never change, so this is worked out once, not at every slot write or training step."""
+        if self._bucket_shapes is None:
+            self._bucket_shapes = expected_shapes(self.atype, model, self.config, self.bucket)
+        return self._bucket_shapes
 
     @property
     def variant(self) -> str:

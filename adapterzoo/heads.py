@@ -165,16 +165,17 @@ def class_logits(rows: Sequence["Adapter | None"], hidden: torch.Tensor, mask: t
                                               value=float("-inf")))
     W, b = torch.stack(weights), torch.stack(biases)  # (H + 1, K, d), (H + 1, K)
     idx = torch.tensor(index, device=device)
-    pooled = pool(hidden.float(), mask.to(device), torch.tensor(pooling, device=device))  # (B, d)
+    pooled = pool(hidden.float(), mask.to(device), pooling)  # (B, d)
     return torch.einsum("bd,bkd->bk", pooled, W[idx]) + b[idx]  # (B, K)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: torch.Tensor) -> torch.Tensor:
-    """Per row: mean (how=0), first real token (1) or last real token (2) of (B, T, d)."""
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: list[int]) -> torch.Tensor:
+    """Per row: mean (pooling[i]=0), first real token (1) or last real token (2) of (B, T, d)."""
     B, T, _ = hidden.shape
     m = mask.to(hidden.dtype)
     out = (hidden * m[:, :, None]).sum(1) / m.sum(1).clamp(min=1)[:, None]  # (B, d) mean
-    if bool((how > 0).any()):
+    if any(pooling):  # a Python list: no device sync to find out
+        how = torch.tensor(pooling, device=hidden.device)
         real = mask > 0
         first = real.int().argmax(1)  # (B,)
         last = T - 1 - real.flip(1).int().argmax(1)

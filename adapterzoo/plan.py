@@ -71,7 +71,6 @@ class PoolUse:
     pool: object  # SlotPool or LivePool
     rows: torch.Tensor | None
     slots: torch.Tensor | int
-    lengths: torch.Tensor | None = None  # virtual tokens per row (prompt / prefix kinds)
     run_slots: torch.Tensor | None = None
     _bags: dict = field(default_factory=dict, repr=False)
 
@@ -86,6 +85,28 @@ class PoolUse:
             index = (self.slots[:, None] * fan_in + torch.arange(fan_in, device=device)).reshape(-1)
             self._bags[fan_in] = (index, torch.arange(0, n * fan_in, fan_in, device=device))
         return self._bags[fan_in]
+
+
+def place_rows(out: torch.Tensor, use: PoolUse, value: torch.Tensor) -> torch.Tensor:
+    """`out` (B, ...) with `value` (n or 1, ...) put in the rows of `use` (every row when
+    `use.rows` is None, then without a copy)."""
+    if use.rows is None:
+        return value.expand(out.shape[0], *value.shape[1:])
+    return out.index_copy(0, use.rows, value.expand(len(use.rows), *value.shape[1:]))
+
+
+def fit_tokens(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Cut or zero-pad dimension `dim` (the virtual-token one) of `t` to `width`."""
+    have = t.shape[dim]
+    if have >= width:
+        return t.narrow(dim, 0, width)
+    pads = [0, 0] * (t.dim() - 1 - dim) + [0, width - have]
+    return torch.nn.functional.pad(t, pads)
+
+
+def virtual_columns(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) bool: which of the `width` left-aligned virtual columns each row uses."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def _equal_runs(slots: list[int]) -> list[int] | None:
@@ -106,20 +127,22 @@ class BatchPlan:
     prefixes: list[PoolUse] = field(default_factory=list)
     prompt_lengths: torch.Tensor | None = None  # (B,) virtual prompt tokens per row
     prefix_lengths: torch.Tensor | None = None  # (B,) prefix tokens per row
+    prompt_width: int = 0  # the most virtual prompt tokens of any row (a plain int: no device sync)
+    prefix_width: int = 0
     training: bool = False
     names: list[str | None] = field(default_factory=list)
-
-    @property
-    def prompt_width(self) -> int:
-        return int(self.prompt_lengths.max()) if self.prompt_lengths is not None else 0
-
-    @property
-    def prefix_width(self) -> int:
-        return int(self.prefix_lengths.max()) if self.prefix_lengths is not None else 0
+    adapters: list = field(default_factory=list)  # the Adapter (or None) of each row
+    residents: list[tuple] = field(default_factory=list)  # (SlotPool, slot, the slot's stamp) it reads
 
     @property
     def is_empty(self) -> bool:
         return not (self.deltas or self.prompts or self.prefixes)
+
+    def is_current(self) -> bool:
+        """Whether every slot this plan reads still holds what was placed there: a later plan
+        may have evicted one of its adapters and reused the slot (a few int compares, so a
+        plan kept across decode steps is checked at every step)."""
+        return all(pool.stamps[slot] == stamp for pool, slot, stamp in self.residents)
 
 
 def build_plan(assignments: list[tuple[object, int, int] | None], device: torch.device, training: bool = False) -> BatchPlan:
@@ -151,14 +174,15 @@ def build_plan(assignments: list[tuple[object, int, int] | None], device: torch.
             continue
         per_row = torch.zeros(batch, dtype=torch.long)
         per_row[rows] = torch.tensor(lengths)
-        use.lengths = torch.tensor(lengths, device=device)
         if kind == "prompt":
             plan.prompts.append(use)
             plan.prompt_lengths = per_row if plan.prompt_lengths is None else plan.prompt_lengths + per_row
         else:
             plan.prefixes.append(use)
             plan.prefix_lengths = per_row if plan.prefix_lengths is None else plan.prefix_lengths + per_row
-    for attr in ("prompt_lengths", "prefix_lengths"):
-        if getattr(plan, attr) is not None:
-            setattr(plan, attr, getattr(plan, attr).to(device))
+    for attr in ("prompt", "prefix"):
+        lengths = getattr(plan, f"{attr}_lengths")
+        if lengths is not None:
+            setattr(plan, f"{attr}_width", int(lengths.max()))  # on the host, before the copy
+            setattr(plan, f"{attr}_lengths", lengths.to(device))
     return plan

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import torch
 
-from .adapter import Adapter, expected_shapes
+from .adapter import Adapter
 from .errors import PoolFullError
 
 
@@ -46,6 +46,10 @@ class SlotPool:
         self.constants: dict[str, torch.Tensor] = {}  # name -> (capacity + 1,)
         self.lru: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, least recent first
         self.versions: dict[str, int] = {}
+        # stamps[slot] changes whenever the slot is written or cleared: a plan that read a stamp
+        # can tell whether its slots still hold what it placed there (BatchPlan.is_current)
+        self.stamps = [0] * (capacity + 1)
+        self._writes = 0
 
     def __repr__(self) -> str:
         return f"SlotPool({self.atype.name}, {self.bucket}, {len(self.lru)}/{self.capacity} used)"
@@ -53,10 +57,6 @@ class SlotPool:
     # -- what a forward pass reads
     def site(self, site: str) -> dict[str, torch.Tensor] | None:
         return self.tensors.get(site)
-
-    def nbytes(self) -> int:
-        tensors = [t for ts in self.tensors.values() for t in ts.values()] + list(self.constants.values())
-        return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- residency
     def slot_of(self, name: str) -> int | None:
@@ -97,6 +97,7 @@ class SlotPool:
     def evict(self, name: str) -> int:
         slot = self.lru.pop(name)
         self.versions.pop(name, None)
+        self._stamp(slot)
         with torch.no_grad():
             for ts in self.tensors.values():
                 for t in ts.values():
@@ -105,8 +106,13 @@ class SlotPool:
                 t[slot] = 0
         return slot
 
+    def _stamp(self, slot: int) -> None:
+        self._writes += 1
+        self.stamps[slot] = self._writes
+
     def _write(self, slot: int, adapter: Adapter) -> None:
-        shapes = expected_shapes(self.atype, self.model, adapter.config, self.bucket)
+        self._stamp(slot)
+        shapes = adapter.bucket_shapes(self.model)
         # normal tensors even when called under inference_mode, so that later writes always work
         with torch.inference_mode(False), torch.no_grad():
             for site, site_shapes in shapes.items():
@@ -143,7 +149,7 @@ class LivePool:
         self.device, self.dtype = device, dtype
         self.index = {a.name: i + 1 for i, a in enumerate(adapters)}
         self._sites: dict[str, dict[str, torch.Tensor]] = {}
-        self._shapes = [expected_shapes(atype, model, a.config, self.bucket) for a in adapters]
+        self._shapes = [a.bucket_shapes(model) for a in adapters]
         self.constants = {
             key: torch.tensor([0.0] + [atype.constants(a.config)[key] for a in adapters], device=device, dtype=dtype)
             for key in atype.constants(adapters[0].config)

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .plan import BatchPlan, PoolUse
+from .plan import BatchPlan, PoolUse, fit_tokens, place_rows, virtual_columns
 
 _ACTIVE: ContextVar[BatchPlan | None] = ContextVar("adapterzoo_plan", default=None)
 _SITES: ContextVar[dict[int, str] | None] = ContextVar("adapterzoo_attention_sites", default=None)  # None: prefixes are in the cache
@@ -36,10 +36,6 @@ def active(plan: BatchPlan | None, attention_sites: dict[int, str] | None) -> It
     finally:
         _ACTIVE.reset(token)
         _SITES.reset(sites_token)
-
-
-def current_plan() -> BatchPlan | None:
-    return _ACTIVE.get()
 
 
 class Runtime:
@@ -74,10 +70,6 @@ class Runtime:
         for path in sorted(self.attention_sites.values(), key=lambda p: self.modules[p].layer_idx):
             keys, values = prefix_keys_values(plan, path, plan.batch_size, like)
             cache.update(keys, values, self.modules[path].layer_idx)
-
-    def remove(self) -> None:
-        for handle in self.delta_sites.values():
-            handle.remove()
         self.delta_sites.clear()
 
 
@@ -159,22 +151,17 @@ def prefix_keys_values(plan: BatchPlan, path: str, batch: int, like: torch.Tenso
         if tensors is None:
             continue
         k, v = use.pool.atype.prefix(use.gather(tensors))  # (n, kv_heads, P_bucket, head_dim)
-        k, v = _fit(k, width).to(like.dtype), _fit(v, width).to(like.dtype)
+        k, v = fit_tokens(k, width, 2).to(like.dtype), fit_tokens(v, width, 2).to(like.dtype)
         if pk is None:
             pk = k.new_zeros(batch, *k.shape[1:])
             pv = v.new_zeros(batch, *v.shape[1:])
-        if use.rows is None:
-            pk, pv = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
-        else:
-            pk = pk.index_copy(0, use.rows, k.expand(len(use.rows), -1, -1, -1))
-            pv = pv.index_copy(0, use.rows, v.expand(len(use.rows), -1, -1, -1))
+        pk, pv = place_rows(pk, use, k), place_rows(pv, use, v)
     return pk, pv
 
 
 def prefix_columns(plan: BatchPlan) -> torch.Tensor:
     """(B, width) bool: which prefix columns each row uses (left-aligned)."""
-    width = plan.prefix_width
-    return torch.arange(width, device=plan.prefix_lengths.device)[None, :] < plan.prefix_lengths[:, None]
+    return virtual_columns(plan.prefix_lengths, plan.prefix_width)
 
 
 def _with_prefix(plan: BatchPlan, path: str, module, query, key, value, mask):
@@ -195,10 +182,3 @@ def _with_prefix(plan: BatchPlan, path: str, module, query, key, value, mask):
     mask = torch.cat([prefix_mask, mask.expand(batch, 1, q_len, kv_len)], dim=-1)
     return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask
 
-
-def _fit(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Cut or zero-pad the token dim (2) of (n, heads, P, d) to `width`."""
-    have = t.shape[2]
-    if have >= width:
-        return t[:, :, :width]
-    return torch.nn.functional.pad(t, (0, 0, 0, width - have))

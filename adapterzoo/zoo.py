@@ -24,9 +24,10 @@ from .adapter import Adapter, adapter_from_state, check_name, check_sizes, new_a
 from .base import Fingerprint, check_fingerprint, fingerprint, freeze, load_base
 from .errors import AdapterExistsError, AdapterZooError, BatchError, InvalidConfigError, PoolFullError, UnknownAdapterError
 from .heads import HeadConfig, class_logits, new_head, pop_head
-from .plan import BatchPlan, build_plan
+from .plan import BatchPlan, build_plan, fit_tokens, place_rows, virtual_columns
 from .pool import LivePool, SlotPool
 from .runtime import Runtime, active, prefix_columns
+from .sites import hidden_size
 from .storage import detect_format, load_native, save_native
 from .types import AdapterType
 
@@ -138,7 +139,7 @@ class Zoo:
         sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size)
         adapter = new_adapter(name, atype, cfg, self.model, sizes, seed)
         if head_config is not None:
-            adapter.head = new_head(head_config, self.model.get_input_embeddings().embedding_dim,
+            adapter.head = new_head(head_config, hidden_size(self.model),
                                     torch.Generator().manual_seed(seed + 7919))
         if trainable:
             adapter.set_trainable(True)
@@ -205,7 +206,7 @@ class Zoo:
         cfg = atype.Config.from_dict(record["config"])
         check_fingerprint(self.fingerprint, record.get("base"), f"adapter at {folder}", force=ignore_base_mismatch)
         sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size)
-        head = pop_head(record, state, self.model.get_input_embeddings().embedding_dim, f"adapter at {folder}")
+        head = pop_head(record, state, hidden_size(self.model), f"adapter at {folder}")
         adapter = adapter_from_state(name, atype, cfg, self.model, sizes, state, f"adapter at {folder}")
         adapter.metadata = dict(record.get("metadata", {}))
         adapter.head = head
@@ -359,6 +360,8 @@ class Zoo:
             ]
             plan = build_plan(assignments, self.device, training=bool(live))
             plan.names = list(adapters)
+            plan.adapters = [None if n is None else distinct[n] for n in adapters]
+            plan.residents = [(pool, slot, pool.stamps[slot]) for n, (pool, slot) in placed.items() if n not in live]
             return plan
 
     def _resident(self, adapter: Adapter, pinned: set[str]) -> tuple[SlotPool, int]:
@@ -404,6 +407,12 @@ class Zoo:
                 f"attention_mask has shape {tuple(attention_mask.shape)}, which does not fit input_ids "
                 f"{tuple(input_ids.shape)}; pass one mask value per token"
             )
+        with self._lock:  # no other thread's plan may rewrite a slot while this forward reads it
+            plan = self._plan_for(batch, adapters, plan)
+            return self._run(input_ids, attention_mask, plan, cache, labels, past)
+
+    def _plan_for(self, batch: int, adapters: Sequence[str | None] | None, plan: BatchPlan | None) -> BatchPlan:
+        """The caller's plan if it still holds (else the same names planned again), or a new one."""
         if plan is None:
             if adapters is None:
                 adapters = [None] * batch
@@ -417,6 +426,13 @@ class Zoo:
             plan = self.plan(list(adapters))
         elif plan.batch_size != batch:
             raise BatchError(f"the plan is for {plan.batch_size} rows but input_ids has {batch}; build it with zoo.plan(names)")
+        elif not plan.is_current():  # a later plan took one of its slots
+            plan = self.plan(plan.names, training=plan.training)
+        return plan
+
+    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: BatchPlan, cache: Any,
+             labels: torch.Tensor | None, past: int) -> ZooOutput:
+        batch, length = input_ids.shape
         embeds = self.model.get_input_embeddings()(input_ids)
         width = 0
         if plan.prompts and past == 0:
@@ -433,9 +449,9 @@ class Zoo:
         positions = positions.clamp(min=0)
         kwargs = {self._cache_kw: cache, "use_cache": cache is not None} if cache is not None else {}
         head_rows = None
-        if past == 0 and any(a.head is not None for a in self._adapters.values()):
-            head_rows = [self._adapters.get(n) if n is not None else None for n in (plan.names or [None] * batch)]
-            if self.is_causal_lm and any(a is not None and a.head is not None for a in head_rows):
+        if past == 0 and any(a is not None and a.head is not None for a in plan.adapters):
+            head_rows = plan.adapters
+            if self.is_causal_lm:
                 kwargs["output_hidden_states"] = True
         caller_mask = attention_mask[:, -length:]
         with active(plan, None if prefix_in_cache else self.runtime.attention_sites):
@@ -463,14 +479,8 @@ class Zoo:
         virtual = embeds.new_zeros(batch, width, dim)
         for use in plan.prompts:
             tokens = use.pool.atype.virtual_tokens(use.gather(use.pool.site(self.runtime.embedding_path)))  # (n, P, d)
-            tokens = tokens[:, :width].to(embeds.dtype)
-            if tokens.shape[1] < width:
-                tokens = torch.nn.functional.pad(tokens, (0, 0, 0, width - tokens.shape[1]))
-            if use.rows is None:
-                virtual = tokens.expand(batch, -1, -1)
-            else:
-                virtual = virtual.index_copy(0, use.rows, tokens.expand(len(use.rows), -1, -1))
-        virtual_mask = torch.arange(width, device=mask.device)[None, :] < plan.prompt_lengths[:, None]
+            virtual = place_rows(virtual, use, fit_tokens(tokens, width, 1).to(embeds.dtype))
+        virtual_mask = virtual_columns(plan.prompt_lengths, width)
         return torch.cat([virtual, embeds], 1), torch.cat([virtual_mask.to(mask.dtype), mask], 1), width
 
     # ------------------------------------------------------------------ generation

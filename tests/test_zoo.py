@@ -88,6 +88,42 @@ def test_lru_spills_to_host_and_comes_back_with_the_same_results():
     torch.testing.assert_close(run(zoo, ["l1"]), first["l1"], atol=0, rtol=0)
 
 
+def test_a_plan_whose_slot_was_taken_is_planned_again():
+    # slots=1: planning "b" evicts "a" and writes "b" into the very slot plan_a points at
+    zoo = tiny_zoo("llama", slots=1)
+    for i, name in enumerate("ab"):
+        zoo.add_adapter(name, "lora", r=4, init_lora_weights=False, seed=i, trainable=False)
+    alone = run(zoo, ["a"])
+    plan_a = zoo.plan(["a"])
+    zoo.plan(["b"])
+    assert not plan_a.is_current()
+    with torch.inference_mode():
+        again = output(zoo(IDS[:1], None, plan=plan_a))
+    torch.testing.assert_close(again, alone, atol=0, rtol=0)
+
+
+def test_threads_sharing_one_slot_each_get_their_own_adapter():
+    import threading
+
+    zoo = tiny_zoo("llama", slots=1)
+    for i, name in enumerate("ab"):
+        zoo.add_adapter(name, "lora", r=4, init_lora_weights=False, seed=i, trainable=False)
+    prompts = ["abc", "hello"]
+    solo = {n: zoo.generate(prompts, [n, n], max_new_tokens=6) for n in "ab"}
+    results: dict[str, list] = {n: [] for n in "ab"}
+
+    def work(name: str) -> None:
+        for _ in range(3):
+            results[name].append(zoo.generate(prompts, [name, name], max_new_tokens=6))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {n: [solo[n]] * 3 for n in "ab"}
+
+
 def test_ranks_share_pools_by_bucket():
     zoo = tiny_zoo("llama")
     for name, r in [("r5", 5), ("r8", 8), ("r12", 12)]:
