@@ -18,8 +18,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterZooError, BaseMismatchError
+from .storage import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_BASE = "smollm2"
@@ -115,17 +114,13 @@ def gguf_as_safetensors(gguf: Path) -> Path:
         del config.quantization_config
     clean = type(model)(config)
     clean.load_state_dict(model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        clean.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # another process may have won the race: then keep theirs
-    except OSError:
+        with atomic_dir(target, replace=False) as tmp:
+            clean.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # another process may have won the race: then keep theirs
         if not (target / "model.safetensors").exists():
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

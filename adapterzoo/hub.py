@@ -29,7 +29,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .errors import AdapterFileError, HubError
-from .storage import CONFIG_FILE, WEIGHTS_FILE, detect_format, load_native, read_json
+from .formats import _common
+from .formats import adapterhub as ah_format
+from .formats import peft as peft_format
+from .storage import CONFIG_FILE, WEIGHTS_FILE, atomic_dir, detect_format, load_native, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
@@ -38,8 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 README = "README.md"
 # Files a push replaces: the adapter files of every format, so a repo never mixes two formats.
-ADAPTER_FILES = {CONFIG_FILE, WEIGHTS_FILE, "adapter_config.json", "adapter_model.safetensors", "adapter.safetensors",
-                 "head_config.json", "model_head.safetensors"}
+ADAPTER_FILES = {CONFIG_FILE, WEIGHTS_FILE, peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE, ah_format.CONFIG_FILE,
+                 ah_format.WEIGHTS_FILE, ah_format.HEAD_CONFIG_FILE, ah_format.HEAD_WEIGHTS_FILE}
 FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
 
 
@@ -157,20 +160,12 @@ def pull_adapter(repo_id: str, out_dir: str | os.PathLike, *, revision: str | No
     fmt = detect_format(source)
     if fmt == "native":
         load_native(source)  # checksum and readability, before anything lands in out_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.pull-"))
-    try:
+    with atomic_dir(out, replace=False) as tmp:  # an empty out_dir gives way; one filled meanwhile is kept
         for path in sorted(source.rglob("*")):
             if path.is_file():
                 target = tmp / path.relative_to(source)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target)  # follows the cache's symlinks
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -179,29 +174,21 @@ def pull_adapter(repo_id: str, out_dir: str | os.PathLike, *, revision: str | No
 
 def card_record(folder: Path) -> dict[str, Any]:
     """What the model card says about the adapter saved in `folder` (any format)."""
-    from .formats import _common
-
     fmt = detect_format(folder)
     if fmt == "native":
         record, _ = load_native(folder)
         base = record.get("base") or {}
         return {"format": fmt, "type": record["adapter_type"], "config": record["config"],
                 "base_fingerprint": base.get("id"), "metrics": (record.get("metadata") or {}).get("metrics") or {}}
-    config = read_json(folder / "adapter_config.json")
-    weights = folder / ("adapter_model.safetensors" if fmt == "peft" else "adapter.safetensors")
+    layout = peft_format if fmt == "peft" else ah_format
+    config = read_json(folder / layout.CONFIG_FILE)
+    weights = folder / layout.WEIGHTS_FILE
     meta = _common.safetensors_metadata(weights) if weights.exists() else {}
     if fmt == "peft":
         names = _common.types_claiming("peft_types", config.get("peft_type"))
     else:
-        from .formats.adapterhub import architecture
-
-        names = _common.types_claiming("adapterhub_architectures", architecture(config))
-    base = {}
-    if meta.get(_common.META_BASE):
-        try:
-            base = json.loads(meta[_common.META_BASE])
-        except json.JSONDecodeError:
-            base = {}
+        names = _common.types_claiming("adapterhub_architectures", ah_format.architecture(config))
+    base = _common.stored_base(meta)
     return {"format": fmt, "type": meta.get(_common.META_TYPE) or (names[0] if names else "unknown"),
             "config": config, "base_fingerprint": base.get("id"),
             "metrics": _common.stored_metadata(meta).get("metrics") or {}}

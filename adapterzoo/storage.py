@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -46,6 +48,48 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_dir(target: Path, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside `target` to fill; when the block succeeds, rename it to
+    `target`, so `target` is either the whole new folder or what it was before.
+
+    replace=True: an existing `target` is moved aside first, put back if the rename fails, and
+    removed once the new folder is in place. replace=False: only an absent or empty `target` gives
+    way; a non-empty one raises `OSError` (as when another process got there first) and is kept.
+    On any error the temporary folder is removed.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        _swap_in(tmp, target, replace)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, target: Path, replace: bool) -> None:
+    if not replace:
+        if target.exists():
+            target.rmdir()  # only an empty folder gives way; a full one raises OSError
+        os.replace(tmp, target)
+        return
+    old = None
+    try:
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, old / "x")
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None and not target.exists() and (old / "x").exists():
+            os.replace(old / "x", target)  # put the old folder back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def tensors_to_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -79,14 +123,16 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def refuse_pickles(folder: Path) -> None:
+def refuse_pickles(folder: Path, *, wanted: str = "safetensors", hint: str | None = None) -> None:
+    """Refuse a folder holding pickle weights; `wanted` names the safetensors file it lacks and
+    `hint` (a format's own way out) replaces the generic conversion advice."""
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
     if pickles:
+        hint = hint or ("Convert them with safetensors.torch.save_file(torch.load(path, weights_only=True), "
+                        "'adapter_model.safetensors') where you trust the file, and load the result.")
         raise AdapterFileError(
-            f"{folder} holds pickle weights ({', '.join(pickles)}) and no safetensors; adapterzoo refuses "
-            "pickle files because loading them can run arbitrary code. Convert them with "
-            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'adapter_model.safetensors') "
-            "where you trust the file, and load the result."
+            f"{folder} holds pickle weights ({', '.join(pickles)}) and no {wanted}; adapterzoo refuses "
+            f"pickle files because loading them can run arbitrary code. {hint}"
         )
 
 

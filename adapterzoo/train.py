@@ -26,29 +26,32 @@ state is restored at the end (`restore_best`).
 
 Checkpoints (`checkpoint_dir`) hold the adapters' tensors, the optimizers' state, the step, the
 data position (which is a function of the step), best scores, history and the torch RNG state,
-written to a temporary folder and renamed, so `resume=True` continues bit for bit as if the run
-had never stopped. A nan/inf loss stops training, puts the adapters back to their last good state
-and raises `TrainingDivergedError` naming the step; the last checkpoint on disk is a good one.
-`save_to` writes the final adapters only at the very end (to a temporary folder, then renamed),
-so nothing half-trained ever sits under the final name.
+written (each file synced to disk) to a temporary folder and renamed, so `resume=True` continues
+bit for bit as if the run had never stopped. A resumed run must have the same adapters, examples
+(checked by their sha256), batch_size and grad_accum; the other options (lr, weight_decay,
+schedule, ...) are the resuming call's. A nan/inf loss or gradient, or nan/inf parameters after an
+update, stops training, puts the adapters back to their last good state and raises
+`TrainingDivergedError` naming the step; the last checkpoint on disk is a good one. `save_to`
+writes the final adapters only at the very end (to a temporary folder, then renamed), and only
+finite ones, so nothing half-trained or diverged ever sits under the final name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
 from .errors import TrainingDivergedError, TrainingError, UnknownAdapterError
-from .storage import atomic_write, read_json
+from .storage import atomic_dir, atomic_write, read_json, read_safetensors, tensors_to_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import Adapter
@@ -58,6 +61,7 @@ FALLBACK_LR = 1e-3
 SCHEDULES = ("linear", "cosine", "constant")
 METRICS = ("auto", "exact_match", "accuracy", "loss")
 CHECKPOINT_VERSION = 1
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------- reports
@@ -175,18 +179,42 @@ class _Job:
     bad_evals: int = 0
     best_state: list[torch.Tensor] | None = None
     last_good: list[torch.Tensor] | None = None
+    _epoch_chunks: tuple[int, int, list[list[int]]] | None = field(default=None, repr=False)  # (epoch, batch_size, chunks)
 
     @property
     def classifier(self) -> bool:
         return self.adapter.head is not None
 
     def micro_batches(self, batch_size: int, grad_accum: int) -> list[list[int]]:
-        """Indices of this job's micro-batches at its current step (deterministic in the step)."""
+        """Indices of this job's micro-batches at its current step (deterministic in the step).
+
+        The epoch's permutation depends only on (seed, epoch), so it is drawn once per epoch and
+        kept: the same order as drawing it again at every step, from any step a run resumes at."""
         epoch, within = divmod(self.step, self.steps_per_epoch)
-        n = len(self.items)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch))).tolist()
-        chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-        return chunks[within * grad_accum:(within + 1) * grad_accum]
+        if self._epoch_chunks is None or self._epoch_chunks[:2] != (epoch, batch_size):
+            n = len(self.items)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch))).tolist()
+            self._epoch_chunks = (epoch, batch_size, [order[i:i + batch_size] for i in range(0, n, batch_size)])
+        return self._epoch_chunks[2][within * grad_accum:(within + 1) * grad_accum]
+
+
+def _finite(params: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of `params` is finite (one device sync)."""
+    if not params:
+        return True
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+
+def _default_max_new_tokens(jobs: list[_Job]) -> int:
+    """Room for the longest answer among the jobs' eval examples (its tokens and eos), plus 2."""
+    return max((len(it.labels) - it.labels.count(-100) for j in jobs for it in j.eval_items
+                if it.labels is not None), default=0) + 2
+
+
+def _examples_sha256(items: list[_Item]) -> str:
+    """What the examples are, as trained on (token ids, token labels, class labels), in order."""
+    data = json.dumps([[it.ids, it.labels, it.label] for it in items], separators=(",", ":"))
+    return hashlib.sha256(data.encode()).hexdigest()
 
 
 def _mix(seed: int, epoch: int) -> int:
@@ -426,7 +454,7 @@ def train(
     """
     single = isinstance(names, str)
     name_list = [names] if single else list(names)
-    _check_options(zoo, name_list, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+    _check_options(name_list, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                    warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                    eval_every=eval_every, eval_metric=eval_metric, patience=patience, eval_batch_size=eval_batch_size,
                    checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume,
@@ -455,11 +483,10 @@ def train(
                          schedule=schedule, optimizer=None, report=AdapterReport(name, adapter.type_name, lr=lrs[i]), params=[]))
     metric = _metric(jobs, eval_metric)
     if max_new_tokens is None:
-        max_new_tokens = max((len(it.labels) - it.labels.count(-100) for j in jobs for it in j.eval_items
-                              if it.labels is not None), default=0) + 2
+        max_new_tokens = _default_max_new_tokens(jobs)
     # everything checked: from here on the adapters change
     for job in jobs:
-        if not job.adapter.trainable or any(not t.requires_grad for t in job.adapter.parameters()):
+        if any(not t.requires_grad for t in job.adapter.parameters()):
             job.adapter.set_trainable(True)
         job.params = job.adapter.parameters()
         job.optimizer = torch.optim.AdamW(job.params, lr=job.lr, weight_decay=weight_decay)
@@ -524,6 +551,10 @@ def train(
     for j in jobs:
         j.report.steps = j.step
     if targets:
+        bad = [j for j in jobs if not _finite(j.params)]  # e.g. an on_step callback wrote nan/inf
+        if bad:
+            # last_good is the state before each one's last update; checkpoints never hold nan/inf
+            _diverged(_Diverged(bad, "parameters", failed=bad[0].step, restored=max(bad[0].step - 1, 0)), ckpt)
         for j in jobs:
             meta = {"training": {"steps": j.step, "examples": len(j.items), "lr": j.lr, "metric": j.report.metric,
                                  "best_eval": j.report.best_eval, "best_step": j.report.best_step,
@@ -533,9 +564,21 @@ def train(
 
 
 class _Diverged(Exception):
-    def __init__(self, jobs: list[_Job], what: str):
+    """`what` ("loss", "gradient", "parameters") of `jobs` became nan/inf at step `failed` (1-based);
+    their `last_good` state is the one after step `restored`; `stale`: the step whose checkpoint
+    holds the state that diverged, if one may."""
+
+    def __init__(self, jobs: list[_Job], what: str, *, failed: int, restored: int, stale: int | None = None):
         super().__init__(what)
         self.jobs, self.what = jobs, what
+        self.failed, self.restored, self.stale = failed, restored, stale
+
+
+def _diverged_before_update(jobs: list[_Job], what: str) -> _Diverged:
+    """The state after `step` updates gave a nan/inf loss or gradient in the next step: `last_good`
+    is the state before the last update, and a checkpoint of step `step` holds the bad state."""
+    step = jobs[0].step
+    return _Diverged(jobs, what, failed=step + 1, restored=max(step - 1, 0), stale=step)
 
 
 def _bucket(adapter: "Adapter") -> int:
@@ -575,7 +618,7 @@ def _train_step(zoo: "Zoo", active: list[_Job], batch_size: int, grad_accum: int
                 values = per_job.detach().cpu()
                 bad = [j for k, j in enumerate(present) if not math.isfinite(float(values[k]))]
                 if bad:
-                    raise _Diverged(bad, "loss")
+                    raise _diverged_before_update(bad, "loss")
                 weights = torch.tensor([1.0 / parts[id(j)] for j in present], device=per_job.device)
                 (per_job * weights).sum().backward()
             tokens = mask.sum(1)
@@ -591,7 +634,8 @@ def _train_step(zoo: "Zoo", active: list[_Job], batch_size: int, grad_accum: int
             grads = [p.grad.detach().norm() for p in j.params if p.grad is not None]
             norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
         if not math.isfinite(float(norm)):
-            raise _Diverged([j], "gradient")
+            raise _diverged_before_update([j], "gradient")
+    bad = []
     for j in active:
         for snap, p in zip(j.last_good, j.params):  # the state that just gave a finite loss
             snap.copy_(p.detach())
@@ -600,17 +644,22 @@ def _train_step(zoo: "Zoo", active: list[_Job], batch_size: int, grad_accum: int
             group["lr"] = j.lr * factor
         j.optimizer.step()
         j.adapter.mark_edited()
+        if not _finite(j.params):  # an update that overflowed: never keep (or save) it
+            bad.append(j)
+            continue
         j.step += 1
         j.report.final_train_loss = loss_sum[j.name]
         j.report.history.append({"step": j.step, "train_loss": loss_sum[j.name], "lr": j.lr * factor})
+    if bad:  # the state before the update gave a finite loss; it was never checkpointed with a later step
+        step = bad[0].step
+        raise _Diverged(bad, "parameters", failed=step + 1, restored=step)
     return loss_sum
 
 
 def _diverged(bad: _Diverged, ckpt: Path | None):
     """Put the diverged adapters back to their last state with a finite loss, drop a checkpoint
     that holds the state that diverged, and raise `TrainingDivergedError`."""
-    step = bad.jobs[0].step  # steps done; step + 1 is the one that failed
-    for j in bad.jobs:  # the current state gave a nan loss or gradient: go back to the one before it
+    for j in bad.jobs:  # go back to the last state that gave a finite loss
         with torch.no_grad():
             for p, snap in zip(j.params, j.last_good):
                 p.copy_(snap)
@@ -620,7 +669,7 @@ def _diverged(bad: _Diverged, ckpt: Path | None):
     kept = None
     if ckpt is not None:
         latest = latest_checkpoint(ckpt)
-        if latest is not None and latest.name == f"step-{step:08d}":
+        if latest is not None and bad.stale is not None and latest.name == f"step-{bad.stale:08d}":
             shutil.rmtree(latest, ignore_errors=True)  # it holds the state that diverged
             older = sorted(p for p in ckpt.glob("step-*") if (p / "trainer.json").exists())
             if older:
@@ -633,9 +682,9 @@ def _diverged(bad: _Diverged, ckpt: Path | None):
     where = (f"the last good checkpoint is {kept} (resume=True with a lower learning rate continues from it)"
              if kept else "there is no checkpoint to resume from")
     raise TrainingDivergedError(
-        f"the {bad.what} of {names} became nan/inf at step {step + 1} (learning rate {lrs}); training stopped and "
+        f"the {bad.what} of {names} became nan/inf at step {bad.failed} (learning rate {lrs}); training stopped and "
         f"{'they were' if len(bad.jobs) > 1 else 'it was'} restored to the last state with a finite loss (after "
-        f"step {max(step - 1, 0)}). Nothing was saved under the final name; {where}. Try a lower learning rate "
+        f"step {bad.restored}). Nothing was saved under the final name; {where}. Try a lower learning rate "
         "(e.g. 10x lower), more warmup, or max_grad_norm=1.0."
     )
 
@@ -667,8 +716,7 @@ def evaluate(zoo: "Zoo", names: Sequence[str], examples: Sequence[Sequence[Any]]
                          warmup_steps=0, steps_per_epoch=1, schedule="constant", optimizer=None, report=AdapterReport(name, adapter.type_name),
                          params=[]))
     if max_new_tokens is None:
-        max_new_tokens = max((len(it.labels) - it.labels.count(-100) for j in jobs for it in j.eval_items
-                              if it.labels is not None), default=0) + 2
+        max_new_tokens = _default_max_new_tokens(jobs)
     return _evaluate(zoo, jobs, _metric(jobs, metric), batch_size, max_new_tokens)
 
 
@@ -695,9 +743,7 @@ def score_task(zoo: "Zoo", adapters: Sequence[str | None], task: Any, examples: 
         if classify and (adapter.head is None or adapter.head.num_labels != len(task.labels)):
             raise TrainingError(f"adapter {name!r} needs a {len(task.labels)}-label head to score {task.name!r}")
     scores: dict[str | None, float] = {}
-    size = max(1, zoo.slots)
-    groups = [adapters[i:i + size] for i in range(0, len(adapters), size)]
-    for group in groups:
+    for group in _groups(zoo, adapters):
         rows = [(name, ex) for name in group for ex in examples]
         outputs: list[Any] = []
         if classify:
@@ -722,10 +768,10 @@ def score_task(zoo: "Zoo", adapters: Sequence[str | None], task: Any, examples: 
     return scores
 
 
-def _groups(zoo: "Zoo", jobs: list[_Job]) -> list[list[_Job]]:
-    """Jobs in groups small enough that every batch fits the slot pools."""
+def _groups(zoo: "Zoo", items: list[T]) -> list[list[T]]:
+    """Jobs (or adapter names) in groups small enough that every batch fits the slot pools."""
     size = max(1, zoo.slots)
-    return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 @torch.no_grad()
@@ -744,7 +790,7 @@ def _evaluate(zoo: "Zoo", jobs: list[_Job], metric: str, batch_size: int, max_ne
             per_job, counts = _job_losses(zoo, out, labels, classes, job_of_row, len(group))
             loss_sum += (per_job * counts).cpu()
             loss_n += counts.cpu()
-            if metric == "accuracy" or (metric == "loss" and out.class_logits is not None):
+            if metric == "accuracy":
                 has = classes != -100
                 if bool(has.any()):
                     pred = out.class_logits.cpu()[has].argmax(-1)
@@ -796,7 +842,7 @@ def _evaluate_and_track(zoo: "Zoo", jobs: list[_Job], metric: str, patience: int
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_options(zoo: "Zoo", names: list[str], **o: Any) -> dict[str, Any]:
+def _check_options(names: list[str], **o: Any) -> None:
     def positive_int(key: str, value: Any, allow_none: bool = False) -> None:
         if value is None and allow_none:
             return
@@ -834,7 +880,6 @@ def _check_options(zoo: "Zoo", names: list[str], **o: Any) -> dict[str, Any]:
             raise TrainingError("patience (early stopping) needs eval_examples and eval_every")
     if o["resume"] and o["checkpoint_dir"] is None:
         raise TrainingError("resume=True needs checkpoint_dir, the folder the interrupted run wrote checkpoints to")
-    return o
 
 
 def _check_adapters(zoo: "Zoo", names: list[str], adapter_type: str | None) -> list["Adapter"]:
@@ -905,23 +950,8 @@ def _targets(save_to: Any, names: list[str], single: bool) -> dict[str, Path]:
 def save_final(zoo: "Zoo", name: str, target: Path, metadata: dict) -> Path:
     """Save to a temporary folder beside `target`, then rename it into place (replacing an old one)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    old = None
-    try:
+    with atomic_dir(target, replace=True) as tmp:
         zoo.save_adapter(name, tmp, metadata=metadata)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, old / "x")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.replace(old / "x", target)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -932,19 +962,16 @@ def _signature(jobs: list[_Job], **options: Any) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint."""
     return {
         "adapters": [{"name": j.name, "type": j.adapter.type_name, "config": j.adapter.config.to_dict(),
-                      "examples": len(j.items), "seed": j.seed,
+                      "examples": len(j.items), "examples_sha256": _examples_sha256(j.items), "seed": j.seed,
                       "parameters": [list(p.shape) for p in j.adapter.parameters()]} for j in jobs],
         **{k: v for k, v in options.items()},
     }
 
 
 def _save_checkpoint(folder: Path, jobs: list[_Job], signature: dict, keep: int) -> Path:
-    from safetensors.torch import save_file
-
     step = max(j.step for j in jobs)
-    for j in jobs:  # never write a bad state
-        if not all(bool(torch.isfinite(p).all()) for p in j.params):
-            return folder
+    if not all(_finite(j.params) for j in jobs):  # never write a bad state
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     meta_jobs = []
@@ -970,17 +997,9 @@ def _save_checkpoint(folder: Path, jobs: list[_Job], signature: dict, keep: int)
         })
     record = {"version": CHECKPOINT_VERSION, "step": step, "signature": signature, "jobs": meta_jobs}
     name = f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}.tmp-"))
-    try:
-        save_file(tensors, tmp / "state.safetensors")
-        (tmp / "trainer.json").write_text(json.dumps(record, indent=1, sort_keys=True))
-        final = folder / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(folder / name, replace=True) as tmp:  # each file synced before the rename and LATEST
+        atomic_write(tmp / "state.safetensors", tensors_to_bytes(tensors))
+        atomic_write(tmp / "trainer.json", json.dumps(record, indent=1, sort_keys=True).encode())
     atomic_write(folder / "LATEST", name.encode())
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -996,9 +1015,25 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return path if (path / "trainer.json").exists() else None
 
 
-def _load_checkpoint(folder: Path, jobs: list[_Job], signature: dict) -> int | None:
-    from safetensors.torch import load_file
+def _signature_diffs(saved: Any, current: dict) -> list[str]:
+    """What differs between two signatures: top-level options by name, adapters' fields as
+    "<field> of '<name>'" (so different examples of the same count are named as such)."""
+    saved = saved if isinstance(saved, dict) else {}
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if a == b:
+            continue
+        if key == "adapters" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
+                isinstance(x, dict) and isinstance(y, dict) and x.get("name") == y.get("name") for x, y in zip(a, b)):
+            diffs += [f"{field_name} of {y['name']!r}" for x, y in zip(a, b)
+                      for field_name in sorted(set(x) | set(y)) if x.get(field_name) != y.get(field_name)]
+        else:
+            diffs.append(key)
+    return diffs
 
+
+def _load_checkpoint(folder: Path, jobs: list[_Job], signature: dict) -> int | None:
     path = latest_checkpoint(folder)
     if path is None:
         return None  # nothing to resume: start from the beginning
@@ -1006,12 +1041,12 @@ def _load_checkpoint(folder: Path, jobs: list[_Job], signature: dict) -> int | N
     saved = json.loads(json.dumps(record.get("signature")))
     current = json.loads(json.dumps(signature))
     if saved != current:
-        diffs = sorted(k for k in set(saved or {}) | set(current) if (saved or {}).get(k) != current.get(k))
+        diffs = _signature_diffs(saved, current)
         raise TrainingError(
             f"the checkpoint in {path} was written by a different training run (it differs in: {', '.join(diffs)}); "
             "resume with the same adapters, data and options, or use another checkpoint_dir"
         )
-    tensors = load_file(path / "state.safetensors")
+    tensors = read_safetensors(path / "state.safetensors")
     with torch.no_grad():
         for k, (j, meta) in enumerate(zip(jobs, record["jobs"])):
             for i, p in enumerate(j.params):
@@ -1027,7 +1062,9 @@ def _load_checkpoint(folder: Path, jobs: list[_Job], signature: dict) -> int | N
                 if key.startswith(prefix):
                     i_str, field_name = key[len(prefix):].split(".", 1)
                     state.setdefault(int(i_str), {})[field_name] = value
-            j.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            # the state (moments, step counts) is the checkpoint's; the options (lr, weight_decay, betas,
+            # ...) are this call's, as the optimizer was just made with them: a checkpoint's would override them
+            j.optimizer.load_state_dict({"state": state, "param_groups": j.optimizer.state_dict()["param_groups"]})
             j.step, j.active, j.bad_evals = meta["step"], meta["active"], meta["bad_evals"]
             r = meta["report"]
             for key in ("examples", "tokens", "seconds", "best_eval", "best_step", "final_train_loss",

@@ -244,6 +244,81 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
         other.train("l", const_examples("a", 8), max_steps=2, batch_size=4, checkpoint_dir=tmp_path, resume=True, **QUIET)
 
 
+def test_resume_refuses_other_examples_of_the_same_count(tmp_path):
+    zoo = learnable_zoo()
+    zoo.add_adapter("l", "lora", r=2)
+    zoo.train("l", const_examples("a", 8), max_steps=2, checkpoint_dir=tmp_path, checkpoint_every=1, **QUIET)
+    other = learnable_zoo()
+    other.add_adapter("l", "lora", r=2)
+    before = state(other, "l")
+    with pytest.raises(TrainingError, match="different training run") as info:
+        other.train("l", const_examples("b", 8), max_steps=4, checkpoint_dir=tmp_path, resume=True, **QUIET)
+    assert "examples_sha256 of 'l'" in str(info.value)  # says what differs: the data, not its size
+    assert all(torch.equal(x, y) for x, y in zip(before, state(other, "l")))
+    # the same examples resume
+    report = other.train("l", const_examples("a", 8), max_steps=4, checkpoint_dir=tmp_path, resume=True, **QUIET)
+    assert report.resumed_from == 2
+
+
+def _resume_with_weight_decay(folder, weight_decay: float) -> list[torch.Tensor]:
+    zoo = learnable_zoo()
+    zoo.add_adapter("l", "lora", seed=1, **TYPES["lora"])
+    zoo.train("l", const_examples("a", 16), max_steps=6, lr=1e-2, batch_size=4, checkpoint_dir=folder, resume=True,
+              weight_decay=weight_decay, **QUIET)
+    return state(zoo, "l")
+
+
+def test_resume_applies_the_resuming_calls_weight_decay(tmp_path):
+    """The checkpoint brings back the optimizer's moments, not its options: a weight_decay given
+    on resume is the one used (as the lr is), not the interrupted run's."""
+    import shutil
+
+    class Stop(Exception):
+        pass
+
+    def crash(info):
+        if info.step == 2:
+            raise Stop
+
+    zoo = learnable_zoo()
+    zoo.add_adapter("l", "lora", seed=1, **TYPES["lora"])
+    with pytest.raises(Stop):
+        zoo.train("l", const_examples("a", 16), max_steps=6, lr=1e-2, batch_size=4, checkpoint_dir=tmp_path / "a",
+                  checkpoint_every=1, weight_decay=0.0, on_step=crash, **QUIET)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    plain = _resume_with_weight_decay(tmp_path / "a", 0.0)
+    decayed = _resume_with_weight_decay(tmp_path / "b", 50.0)
+    size = lambda ts: sum(float(t.abs().sum()) for t in ts)  # noqa: E731
+    assert size(decayed) < 0.5 * size(plain)  # decoupled decay shrinks every tensor by (1 - lr * wd) = 0.5 a step
+
+
+def test_checkpoint_files_are_synced_and_a_truncated_one_is_a_clear_error(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc to name the synced files")
+    monkeypatch.setattr(os, "fsync", spy)
+    zoo = learnable_zoo()
+    zoo.add_adapter("l", "lora", r=2)
+    zoo.train("l", const_examples("a", 8), max_steps=2, checkpoint_dir=tmp_path, checkpoint_every=1, **QUIET)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert any("state.safetensors" in name for name in synced) and any("trainer.json" in name for name in synced)
+
+    weights = latest_checkpoint(tmp_path) / "state.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    other = learnable_zoo()
+    other.add_adapter("l", "lora", r=2)
+    with pytest.raises(AdapterFileError, match="not a readable safetensors file"):
+        other.train("l", const_examples("a", 8), max_steps=4, checkpoint_dir=tmp_path, resume=True, **QUIET)
+
+
 def test_early_stopping_restores_the_best_state():
     zoo = learnable_zoo()
     zoo.add_adapter("a", "lora", **TYPES["lora"])
@@ -316,6 +391,66 @@ def test_save_to_writes_only_at_the_end(tmp_path):
     other.load_adapter("b", tmp_path / "out" / "b")
     for x, y in zip(state(zoo, "b"), state(other, "b")):
         assert torch.equal(x, y)
+
+
+def test_an_update_that_overflows_is_caught_at_its_own_step(tmp_path):
+    """Parameters are checked right after every optimizer step, not only through the next step's
+    loss: the step whose update overflowed is named, and its state is never kept or saved."""
+    zoo = learnable_zoo()
+    zoo.add_adapter("a", "lora", init_lora_weights=False, **TYPES["lora"])
+    before = state(zoo, "a")
+    out = tmp_path / "final"
+    with pytest.raises(TrainingDivergedError) as info:  # decay by (1 - lr * wd) = -1e40 overflows float32 at once
+        zoo.train("a", const_examples("ok", 8), max_steps=3, lr=1e20, weight_decay=1e20, warmup=0, save_to=out,
+                  checkpoint_dir=tmp_path / "ck", checkpoint_every=1, **QUIET)
+    message = str(info.value)
+    assert "parameters of 'a' became nan/inf at step 1" in message and "after step 0" in message
+    assert not out.exists() and not list(tmp_path.glob(".final*"))
+    assert latest_checkpoint(tmp_path / "ck") is None and "no checkpoint" in message
+    assert all(torch.equal(x, y) for x, y in zip(before, state(zoo, "a")))  # the state before the bad update
+
+
+def test_nan_parameters_after_the_last_step_are_never_saved(tmp_path):
+    """Nothing checks the parameters after the last step through a later loss: they are checked
+    before saving, and nan/inf ones are put back and refused, never written under the final name."""
+    zoo = learnable_zoo()
+    zoo.add_adapter("a", "lora", **TYPES["lora"])
+    seen = {}
+
+    def poison(info):  # as if the last step's update had overflowed
+        seen[info.step] = state(zoo, "a")
+        if info.step == 3:
+            with torch.no_grad():
+                zoo.get_adapter("a").parameters()[0].fill_(float("inf"))
+
+    out = tmp_path / "final"
+    with pytest.raises(TrainingDivergedError) as info:
+        zoo.train("a", const_examples("ok", 8), max_steps=3, batch_size=8, save_to=out, on_step=poison, **QUIET)
+    message = str(info.value)
+    assert "parameters of 'a' became nan/inf at step 3" in message and "after step 2" in message
+    assert not out.exists() and not list(tmp_path.glob(".final*"))
+    assert all(torch.equal(x, y) for x, y in zip(seen[2], state(zoo, "a")))  # back to the last good state
+
+
+def test_save_to_replaces_an_old_folder_and_a_failed_save_keeps_it(tmp_path, monkeypatch):
+    zoo = learnable_zoo()
+    zoo.add_adapter("a", "lora", r=2)
+    out = tmp_path / "out"
+    zoo.train("a", const_examples("a", 8), max_steps=1, save_to=out, **QUIET)
+    (out / "stale.txt").write_text("from an older save")
+    zoo.train("a", const_examples("a", 8), max_steps=2, save_to=out, **QUIET)
+    assert not (out / "stale.txt").exists()  # replaced as a whole
+    assert json.loads((out / CONFIG_FILE).read_text())["metadata"]["training"]["steps"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folders left
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(zoo, "save_adapter", broken)
+    with pytest.raises(OSError, match="disk full"):
+        zoo.train("a", const_examples("a", 8), max_steps=3, save_to=out, **QUIET)
+    assert json.loads((out / CONFIG_FILE).read_text())["metadata"]["training"]["steps"] == 2  # the old one stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # ----------------------------------------------------------------------------- bad input

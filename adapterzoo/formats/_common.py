@@ -20,10 +20,11 @@ META_TYPE = "adapterzoo.type"
 META_METADATA = "adapterzoo.metadata"
 
 
-def read_weights(path: Path, folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, safetensors metadata) of `path`; a folder with only pickles gets the pickle refusal."""
+def read_weights(path: Path, folder: Path, *, pickle_hint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of `path`; a folder with only pickles gets the pickle refusal
+    (with `pickle_hint`, the format's own way out, if given)."""
     if not path.exists():
-        refuse_pickles(folder)
+        refuse_pickles(folder, wanted=path.name if pickle_hint else "safetensors", hint=pickle_hint)
         raise AdapterFileError(f"{folder} has no {path.name}; save or download the adapter again")
     state = read_safetensors(path)
     return state, safetensors_metadata(path)
@@ -40,16 +41,22 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     return dict(meta) if isinstance(meta, dict) else {}
 
 
-def check_base(zoo, metadata: dict[str, str], what: str, *, force: bool) -> None:
-    """Check the base fingerprint adapterzoo stored in a foreign file (foreign tools store none)."""
+def stored_base(metadata: dict[str, str]) -> dict[str, Any]:
+    """The base fingerprint dict adapterzoo stored in a foreign file's metadata, else {}."""
     raw = metadata.get(META_BASE)
     if not raw:
-        return
+        return {}
     try:
         saved = json.loads(raw)
     except json.JSONDecodeError:
-        return
-    if isinstance(saved, dict) and {"architecture", "shapes", "weights"} <= set(saved):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def check_base(zoo, metadata: dict[str, str], what: str, *, force: bool) -> None:
+    """Check the base fingerprint adapterzoo stored in a foreign file (foreign tools store none)."""
+    saved = stored_base(metadata)
+    if {"architecture", "shapes", "weights"} <= set(saved):
         check_fingerprint(zoo.fingerprint, saved, what, force=force)
 
 
@@ -125,5 +132,7 @@ def check_fields(config: dict[str, Any], *, what: str, known: Iterable[str], hin
         raise UnsupportedFormatError(f"{what}: config field {key}={config[key]!r} is not supported: {hint}")
 
 
-def read_safetensors_plain(path: Path) -> dict[str, torch.Tensor]:
-    return read_safetensors(path)
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's (out, in) weights <-> adapterzoo's x @ W layout; other ranks (biases) pass through
+    (a wrong rank then fails the shape check)."""
+    return t.transpose(0, 1).contiguous() if t.dim() == 2 else t

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import AdapterFileError, BaseMismatchError, UnsupportedFormatError
-from ..storage import read_json
+from ..storage import read_json, read_safetensors
 from . import _common
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,6 +35,9 @@ PICKLE_FILE = "pytorch_adapter.bin"
 HEAD_CONFIG_FILE = "head_config.json"
 HEAD_WEIGHTS_FILE = "model_head.safetensors"
 VERSION = "adapters.1.3.0"
+# the way out when a folder holds only pickles (`pytorch_adapter.bin`): adapterzoo never unpickles
+PICKLE_HINT = ("Save the adapter again with the adapters library's model.save_adapter(path, name, use_safetensors=True), "
+               "where you trust the file.")
 
 
 def architecture(ah: dict[str, Any]) -> str:
@@ -62,13 +65,7 @@ def read(zoo: "Zoo", name: str, folder: Path, *, ignore_base_mismatch: bool = Fa
             f"read AdapterHub {readable} adapters. Install a plugin whose type maps {arch!r} (see docs/formats.md)."
         )
     atype = zoo.adapter_type(names[0])
-    if not (folder / WEIGHTS_FILE).exists() and (folder / PICKLE_FILE).exists():
-        raise AdapterFileError(
-            f"{folder} holds pickle weights ({PICKLE_FILE}) and no {WEIGHTS_FILE}; adapterzoo refuses pickle files "
-            "because loading them can run arbitrary code. Save the adapter again with the adapters library's "
-            "model.save_adapter(path, name, use_safetensors=True), where you trust the file."
-        )
-    state, metadata = _common.read_weights(folder / WEIGHTS_FILE, folder)
+    state, metadata = _common.read_weights(folder / WEIGHTS_FILE, folder, pickle_hint=PICKLE_HINT)
     _common.check_base(zoo, metadata, what, force=ignore_base_mismatch)
     family = getattr(zoo.model.config, "model_type", None)
     if not ignore_base_mismatch and ah.get("model_type") not in (None, family):
@@ -96,7 +93,7 @@ def _check_head(zoo: "Zoo", folder: Path, what: str) -> None:
     if not weights.exists():
         return  # only a pickle copy of the static head, or none: nothing we would load anyway
     params = zoo.model.state_dict()  # with tied weights (GPT-2's lm_head is its input embedding)
-    for key, tensor in _common.read_safetensors_plain(weights).items():
+    for key, tensor in read_safetensors(weights).items():
         mine = params.get(key)
         if mine is None or mine.shape != tensor.shape or not torch.allclose(mine.detach().float().cpu(), tensor.float(), atol=1e-6):
             raise UnsupportedFormatError(

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import UnsupportedFormatError
+from adapterzoo.formats._common import transposed
 from adapterzoo.formats.adapterhub import check_fields
 from adapterzoo.sites import hidden_size
 
@@ -60,11 +61,6 @@ OURS = {("adapter_down.0", "weight"): "down", ("adapter_down.0", "bias"): "down_
         ("adapter_up", "weight"): "up", ("adapter_up", "bias"): "up_bias"}
 
 
-def _transposed(t: torch.Tensor) -> torch.Tensor:
-    """nn.Linear's (out, in) weights <-> our x @ W layout (biases, 1-D, pass through)."""
-    return t.transpose(0, 1).contiguous() if t.dim() == 2 else t
-
-
 def _place(module: str) -> str | None:
     if module in ("attention.output", "attention_adapters"):
         return "attention"
@@ -73,7 +69,7 @@ def _place(module: str) -> str | None:
     return None
 
 
-def _sites_by_place(atype, model, locations: list[str]) -> dict[str, list[str]]:
+def _sites_by_place(model, locations: list[str]) -> dict[str, list[str]]:
     from .houlsby import ROLES
     from adapterzoo.sites import find_role
 
@@ -115,7 +111,7 @@ def from_adapterhub(atype, model, ah: dict[str, Any], state: dict[str, torch.Ten
             "sizes, which one adapterzoo houlsby config cannot express; retrain with one reduction_factor"
         )
     bottleneck = max(1, int(hidden // rf))
-    sites = _sites_by_place(atype, model, locations)
+    sites = _sites_by_place(model, locations)
     flat: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         match = KEY.fullmatch(key)
@@ -127,7 +123,7 @@ def from_adapterhub(atype, model, ah: dict[str, Any], state: dict[str, torch.Ten
         layer = int(match.group(1))
         if place not in sites or layer >= len(sites[place]):
             raise UnsupportedFormatError(f"{what}: weight {key!r} is for a layer or place this base and config do not have")
-        flat[f"{sites[place][layer]}.{OURS[match.group(4), match.group(5)]}"] = _transposed(tensor)
+        flat[f"{sites[place][layer]}.{OURS[match.group(4), match.group(5)]}"] = transposed(tensor)
     ours = {"bottleneck": bottleneck, "activation": ACTIVATIONS[act], "locations": locations}
     return ours, flat
 
@@ -161,7 +157,7 @@ def to_adapterhub(atype, model, config, state: dict[str, torch.Tensor], name: st
         "inv_adapter_reduction_factor": None,
         "stochastic_depth": 0.0,
     }
-    sites = _sites_by_place(atype, model, config.locations)
+    sites = _sites_by_place(model, config.locations)
     back = {v: k for k, v in OURS.items()}
     out: dict[str, torch.Tensor] = {}
     for place, paths in sites.items():
@@ -171,5 +167,5 @@ def to_adapterhub(atype, model, config, state: dict[str, torch.Tensor], name: st
             else:  # Llama, GPT-2, ...: the decoder layer holds attention_adapters / output_adapters
                 module = re.match(r"(.*?\.\d+)\.", path).group(1) + (".attention_adapters" if place == "attention" else ".output_adapters")
             for ours, (part, kind) in back.items():
-                out[f"{module}.adapters.{name}.{part}.{kind}"] = _transposed(state[f"{path}.{ours}"])
+                out[f"{module}.adapters.{name}.{part}.{kind}"] = transposed(state[f"{path}.{ours}"])
     return ah_config, out

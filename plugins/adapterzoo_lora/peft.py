@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import UnsupportedFormatError
+from adapterzoo.formats._common import transposed
 from adapterzoo.formats.peft import check_fields
 
 PEFT_TYPES = ("LORA",)
@@ -58,10 +59,6 @@ HINTS = {
 }
 
 
-def _transposed(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(0, 1).contiguous() if t.dim() == 2 else t  # other ranks fail the shape check later
-
-
 def from_peft(model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     what = "PEFT LoRA adapter"
     check_fields(peft_config, what, KNOWN, HINTS)
@@ -78,7 +75,7 @@ def from_peft(model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]
         if match is None:
             kind = "LoRA on an embedding layer" if "lora_embedding_" in key else "not a LoRA A or B weight of a linear layer"
             raise UnsupportedFormatError(f"{what}: weight {key!r} is {kind}, which adapterzoo's lora type does not support")
-        flat[f"{match.group(1)}.{match.group(2)}"] = _transposed(tensor)  # ours is the x @ W layout
+        flat[f"{match.group(1)}.{match.group(2)}"] = transposed(tensor)  # ours is the x @ W layout
     target = peft_config.get("target_modules")
     if isinstance(target, (set, tuple)):
         target = sorted(target)
@@ -118,5 +115,5 @@ def to_peft(model, config, state: dict[str, torch.Tensor]) -> tuple[dict[str, An
     out = {}
     for key, tensor in state.items():
         site, name = key.rsplit(".", 1)
-        out[f"{site}.lora_{name}.weight"] = _transposed(tensor)  # PEFT keeps nn.Linear's (out, in)
+        out[f"{site}.lora_{name}.weight"] = transposed(tensor)  # PEFT keeps nn.Linear's (out, in)
     return peft_config, out

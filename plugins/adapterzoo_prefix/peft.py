@@ -28,7 +28,7 @@ KNOWN = {"num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads",
          "prefix_projection", "encoder_hidden_size", "init_weights"}
 
 
-def _layout(atype, model, config_sites) -> tuple[list[str], int, int]:
+def _layout(model, config_sites) -> tuple[list[str], int, int]:
     modules = dict(model.named_modules())
     dims = {attention_dims(model, modules[s]) for s in config_sites}
     if len(dims) != 1:
@@ -41,7 +41,7 @@ def from_peft(atype, model, peft_config: dict[str, Any], state: dict[str, torch.
     what = "PEFT prefix-tuning adapter"
     emb, p = prompt_embeddings(peft_config, state, what, KNOWN)
     config = {"num_virtual_tokens": p}
-    sites, kv_heads, head_dim = _layout(atype, model, atype.sites(model, atype.Config.from_dict(config)))
+    sites, kv_heads, head_dim = _layout(model, atype.sites(model, atype.Config.from_dict(config)))
     layers = len(sites)
     expected = {"num_layers": layers, "token_dim": kv_heads * head_dim, "num_attention_heads": kv_heads}
     for key, value in expected.items():
@@ -64,7 +64,7 @@ def from_peft(atype, model, peft_config: dict[str, Any], state: dict[str, torch.
 
 
 def to_peft(atype, model, config, state: dict[str, torch.Tensor]):
-    sites, kv_heads, head_dim = _layout(atype, model, atype.sites(model, config))
+    sites, kv_heads, head_dim = _layout(model, atype.sites(model, config))
     p = config.num_virtual_tokens
     kv = torch.stack([torch.stack([state[f"{s}.keys"], state[f"{s}.values"]], 1) for s in sites], 1)  # (P, L, 2, kv, hd)
     peft_config = {

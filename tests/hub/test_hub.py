@@ -305,3 +305,21 @@ def test_pull_refuses_a_corrupt_upload(registry, alice: HfApi, unique: str, tmp_
     assert not (tmp_path / "out").exists()
     with pytest.raises(AdapterFileError, match="checksum"):
         tiny_zoo("llama").load_adapter("a", repo_id, endpoint=registry.url)
+
+
+def test_card_record_reads_the_base_of_a_foreign_folder_and_tolerates_an_odd_entry(tmp_path: Path) -> None:
+    """The model card takes the base fingerprint from the metadata adapterzoo adds to foreign files
+    (parsed as the loader parses it); an entry that is not a JSON object gives no fingerprint."""
+    from safetensors.torch import load_file, save_file
+
+    from adapterzoo.formats import _common
+    from adapterzoo.hub import card_record
+
+    zoo = _zoo_with("lora")
+    folder = zoo.save_adapter("a", tmp_path / "peft", format="peft")
+    record = card_record(folder)
+    assert record["format"] == "peft" and record["type"] == "lora" and record["base_fingerprint"] == zoo.fingerprint.id
+    weights = folder / "adapter_model.safetensors"
+    meta = _common.safetensors_metadata(weights)
+    save_file(load_file(weights), weights, metadata={**meta, _common.META_BASE: "[1, 2]"})
+    assert card_record(folder)["base_fingerprint"] is None
