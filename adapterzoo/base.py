@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,6 +210,3 @@ def base_state_checksum(model: nn.Module) -> str:
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
-
-def to_json(d: dict) -> str:
-    return json.dumps(d, indent=2, sort_keys=True)
