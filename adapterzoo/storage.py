@@ -102,6 +102,11 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         data = path.read_bytes()
     except FileNotFoundError as exc:
         raise AdapterFileError(f"{path} does not exist") from exc
+    return parse_safetensors(data, path)
+
+
+def parse_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors in `data` (read from `path`), or an `AdapterFileError` saying it is broken."""
     try:
         return load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
@@ -164,11 +169,7 @@ def load_native(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         )
     if expected.get("sha256") not in (None, hashlib.sha256(data).hexdigest()):
         raise AdapterFileError(f"{weights} does not match the checksum in its config: it is corrupt; save or download it again")
-    try:
-        state = load_safetensors_bytes(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise AdapterFileError(f"{weights} is not a readable safetensors file ({exc}); save or download it again") from exc
-    return record, state
+    return record, parse_safetensors(data, weights)
 
 
 def detect_format(folder: Path) -> str:
