@@ -70,7 +70,6 @@ class Runtime:
         for path in sorted(self.attention_sites.values(), key=lambda p: self.modules[p].layer_idx):
             keys, values = prefix_keys_values(plan, path, plan.batch_size, like)
             cache.update(keys, values, self.modules[path].layer_idx)
-        self.delta_sites.clear()
 
 
 def _delta_hook(path: str):

@@ -124,6 +124,16 @@ def test_threads_sharing_one_slot_each_get_their_own_adapter():
     assert results == {n: [solo[n]] * 3 for n in "ab"}
 
 
+def test_adding_adapters_after_a_prefix_generation_changes_no_other_output():
+    zoo = tiny_zoo("llama")
+    zoo.add_adapter("a", "lora", r=4, init_lora_weights=False, trainable=False)
+    zoo.add_adapter("p", "prefix", num_virtual_tokens=3, trainable=False)
+    before = run(zoo, ["a", "p"])
+    zoo.generate(["abc"], ["p"], max_new_tokens=2)  # prefixes written into a KV cache
+    zoo.add_adapter("b", "lora", r=4, init_lora_weights=False, seed=1, trainable=False)  # same sites as "a"
+    torch.testing.assert_close(run(zoo, ["a", "p"]), before, atol=0, rtol=0)
+
+
 def test_ranks_share_pools_by_bucket():
     zoo = tiny_zoo("llama")
     for name, r in [("r5", 5), ("r8", 8), ("r12", 12)]:
