@@ -27,6 +27,21 @@ def load_zoo(base: str, *, slots: int, device: str | None, dtype: str | None):
     return Zoo.from_pretrained(base, **kwargs)
 
 
+def server_from_options(options: dict):
+    """Load the base and build its `Server` from `run_serve`'s options (the single-process server
+    and every Ray replica build theirs this way)."""
+    from .http import build_server
+
+    zoo = load_zoo(options["base"], slots=options["slots"], device=options.get("device"), dtype=options.get("dtype"))
+    return build_server(zoo, base_name=options["base_name"], adapters_dir=options.get("adapters_dir"),
+                        keys_file=options.get("keys_file"), max_batch=options["max_batch"],
+                        max_queue=options["max_queue"], max_host=options.get("max_host"),
+                        registry_endpoint=options.get("registry_endpoint"), registry_token=options.get("registry_token"),
+                        registry_namespace=options.get("registry_namespace"),
+                        default_max_tokens=options.get("default_max_tokens", 16),
+                        drain_timeout=options.get("drain_timeout", 30.0))
+
+
 def run_serve(base: str, host: str, port: int, adapters_dir: Path | None, keys_file: Path | None, base_name: str | None,
               slots: int, max_batch: int, max_queue: int, max_host: int | None, registry: str | None,
               registry_token: str | None, registry_namespace: str | None, device: str | None, dtype: str | None,
@@ -47,12 +62,8 @@ def run_serve(base: str, host: str, port: int, adapters_dir: Path | None, keys_f
 
         run_ray(options, host=host, port=port, replicas=replicas)
         return
-    from .http import build_server, create_app, serve
+    from .http import create_app, serve
 
-    zoo = load_zoo(base, slots=slots, device=device, dtype=dtype)
-    server = build_server(zoo, base_name=name, adapters_dir=adapters_dir, keys_file=keys_file, max_batch=max_batch,
-                          max_queue=max_queue, max_host=max_host, registry_endpoint=registry, registry_token=registry_token,
-                          registry_namespace=registry_namespace, default_max_tokens=default_max_tokens,
-                          drain_timeout=drain_timeout)
+    server = server_from_options(options)
     click.echo(f"serving {name!r} ({len(server.router.catalog)} adapters) on http://{host}:{port}/v1", err=True)
     serve(create_app(server), host=host, port=port, log_level=log_level, drain_timeout=drain_timeout)

@@ -70,6 +70,14 @@ class MaxTokensError(ContextLengthError):
 class AdapterLoadError(EngineError):
     """The adapter a request names could not be loaded (corrupt file, registry down, ...)."""
 
+    @classmethod
+    def wrap(cls, name: str | None, exc: BaseException) -> BaseException:
+        """What a request for adapter `name` fails with when loading it raised `exc`: an
+        `UnknownAdapterError` as it is (404), anything else as an `AdapterLoadError` (500)."""
+        if isinstance(exc, UnknownAdapterError):
+            return exc
+        return cls(f"adapter {name!r} could not be loaded: {exc}")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -80,7 +88,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # also accepts one string, any sequence of strings, or None
     ignore_eos: bool = False  # always generate max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
@@ -92,9 +100,8 @@ class SamplingParams:
             raise BatchError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise BatchError(f"top_k must be >= 0, got {self.top_k!r}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))
 
     @property
     def greedy(self) -> bool:
@@ -306,6 +313,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._stopped = False
+        self._calls_closed = False  # the loop has left: `call_between_steps` runs calls inline
         # the running batch (engine thread only)
         self._rows: list[Request] = []
         self._cache = None
@@ -319,6 +327,7 @@ class Engine:
 
     def start(self) -> "Engine":
         if self._thread is None:
+            self._calls_closed = False
             # a new thread gets OpenMP's default team size whatever torch.get_num_threads() says there;
             # on a busy CPU that oversubscribes it badly (20x slower measured), so pass ours on
             self._torch_threads = torch.get_num_threads()
@@ -453,8 +462,6 @@ class Engine:
 
     def generate(self, prompt: str, adapter: str | None = None, timeout: float | None = None, **params: Any) -> str:
         """Submit one request and wait for its text (a convenience for scripts and tests)."""
-        if isinstance(params.get("stop"), list):
-            params["stop"] = tuple(params["stop"])
         return self.submit(prompt, adapter, SamplingParams(**params)).result(timeout).text
 
     def _check_length(self, req: Request) -> None:
@@ -474,16 +481,23 @@ class Engine:
 
     def call_between_steps(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the engine thread between two forwards (inline when the engine is not
-        running). Used to register and remove adapters without racing a forward."""
+        running). Used to register and remove adapters without racing a forward.
+
+        The check and the put are one step under `_cond`, and the loop closes the queue under
+        `_cond` before its last drain: a call is either queued before that drain (which runs it)
+        or sees the queue closed and runs inline, never left in a queue nobody reads."""
         f: Future = Future()
-        if self._thread is None or self._stopped or threading.current_thread() is self._thread:
+        with self._cond:
+            queued = (self._thread is not None and not self._calls_closed
+                      and threading.current_thread() is not self._thread)
+            if queued:
+                self._calls.put((fn, f))
+                self._cond.notify_all()
+        if not queued:
             try:
                 f.set_result(fn())
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 f.set_exception(exc)
-            return f
-        self._calls.put((fn, f))
-        self._wake()
         return f
 
     def _wake(self) -> None:
@@ -495,22 +509,26 @@ class Engine:
     def _loop(self) -> None:
         torch.set_num_threads(self._torch_threads)
         with torch.inference_mode():
-            while True:
-                self._run_calls()
-                with self._cond:
-                    if self._stopped:
-                        break
-                    if not self._rows and not self._has_admissible():
-                        self._cond.wait(0.05)
-                        continue
-                try:
-                    self._iteration()
-                except Exception as exc:  # noqa: BLE001 - a bug must not kill the server
-                    log.exception("engine step failed; failing the running batch")
-                    for req in list(self._rows):
-                        self._finish(req, "error", exc)
-                    self._reset_batch()
-            self._run_calls()
+            try:
+                while True:
+                    self._run_calls()
+                    with self._cond:
+                        if self._stopped:
+                            break
+                        if not self._rows and not self._has_admissible():
+                            self._cond.wait(0.05)
+                            continue
+                    try:
+                        self._iteration()
+                    except Exception as exc:  # noqa: BLE001 - a bug must not kill the server
+                        log.exception("engine step failed; failing the running batch")
+                        for req in list(self._rows):
+                            self._finish(req, "error", exc)
+                        self._reset_batch()
+            finally:
+                with self._cond:  # from here on, call_between_steps runs calls inline ...
+                    self._calls_closed = True
+                self._run_calls()  # ... and every call queued before is run here
 
     def _run_calls(self) -> None:
         while True:
@@ -591,22 +609,20 @@ class Engine:
         budget = self.max_prefill_tokens
         taken: set[int] = set()
         for req in waiting:
-            if len(self._rows) + len(joiners) >= self.max_batch:
-                break
+            # requests that need no row leave the queue even when the batch is full, so that
+            # they stop counting against max_queue
             if req.cancelled:
                 taken.add(id(req))
                 self._finish(req, "cancelled")
                 continue
-            if req.ready is not None:
-                if not req.ready.done():
-                    continue
-                exc = req.ready.exception()
-                if exc is not None:
-                    taken.add(id(req))
-                    if not isinstance(exc, UnknownAdapterError):
-                        exc = AdapterLoadError(f"adapter {req.adapter!r} could not be loaded: {exc}")
-                    self._finish(req, "error", exc)
-                    continue
+            if req.ready is not None and req.ready.done() and req.ready.exception() is not None:
+                taken.add(id(req))
+                self._finish(req, "error", AdapterLoadError.wrap(req.adapter, req.ready.exception()))
+                continue
+            if len(self._rows) + len(joiners) >= self.max_batch:
+                continue  # the batch is full: only the cancelled and failed (above) can leave
+            if req.ready is not None and not req.ready.done():
+                continue
             if req.adapter is not None:
                 adapter = zoo._adapters.get(req.adapter)
                 if adapter is None:  # unloaded between its load and now: fetch it again
@@ -683,7 +699,7 @@ class Engine:
             for r in joiners:
                 self._finish(r, "error", exc)
             return
-        self.metrics.prefill(len(joiners), int(mask.sum()))
+        self.metrics.prefill(int(mask.sum()))
         nxt = self._sample(joiners, out.logits[:, -1])
         alive = [i for i, r in enumerate(joiners) if self._append(r, nxt[i])]
         if not alive:
@@ -753,6 +769,8 @@ class Engine:
             return False
         req.tokens.append(token)
         self.tokens_generated += 1
+        # the whole output, decoded again: exactly what decoding all tokens at once gives (an
+        # incremental decode differs for some tokenizers: merged bytes, cleaned-up spaces)
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
         stops = req.params.stop
         if stops:
@@ -762,11 +780,9 @@ class Engine:
                 self._finish(req, "stop")
                 return False
         req.text = text
+        # admission ensured prefix + virtual + prompt + max_tokens <= context_length, so this
+        # also keeps every position within the context
         if len(req.tokens) >= req.params.max_tokens:
-            self._finish(req, "length")
-            return False
-        positions = req.prefix + req.virtual + len(req.prompt_ids) + len(req.tokens)
-        if positions >= self.context_length:
             self._finish(req, "length")
             return False
         safe = _safe_end(text, stops)

@@ -272,8 +272,8 @@ class Server:
                            headers={"Retry-After": "1"})
 
     def sampling(self, body: _Body) -> dict[str, Any]:
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed, "stop": stop}
+        return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed,
+                "stop": body.stop}  # a string, a list or None: SamplingParams takes each
 
     def model_card(self, name: str, owner: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": owner}
@@ -315,19 +315,16 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
         tenant = s.tenant(request)
         data = [s.model_card(s.base_name, "adapterzoo")]
         for entry in s.router.models(tenant.name):
-            data.append(s.model_card(entry.name, entry.owner or s.tenants.owner_of(entry.name) or "public"))
+            data.append(s.model_card(entry.name, s.router.owner(entry.name) or "public"))
         return JSONResponse({"object": "list", "data": data})
 
     @timed("/v1/models/{model}")
     async def get_model(request: Request) -> Response:
         tenant = s.tenant(request)
         model = request.path_params["model"]
-        if model == s.base_name:
+        if s.adapter_for(model, tenant) is None:
             return JSONResponse(s.model_card(model, "adapterzoo"))
-        if not s.router.visible(model, tenant.name):
-            raise not_found(model)
-        entry = s.router._entry(model)
-        return JSONResponse(s.model_card(model, entry.owner or s.tenants.owner_of(model) or "public"))
+        return JSONResponse(s.model_card(model, s.router.owner(model) or "public"))
 
     async def _generate(request: Request, chat: bool) -> Response:
         tenant = s.tenant(request)
@@ -615,7 +612,7 @@ def build_server(
 ) -> Server:
     """Engine + router + tenants + metrics around a loaded `Zoo`."""
     if tenants is None:
-        tenants = Tenants.load(keys_file) if keys_file else Tenants.open()
+        tenants = Tenants.from_keys_file(keys_file)
     metrics = ServeMetrics()
     router = Router(zoo, adapters_dir=adapters_dir, registry_endpoint=registry_endpoint, registry_token=registry_token,
                     registry_namespace=registry_namespace, max_host=max_host, tenants=tenants, metrics=metrics)

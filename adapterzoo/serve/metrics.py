@@ -62,7 +62,7 @@ class ServeMetrics:
     def rejected(self, reason: str) -> None:
         self.rejected_requests.labels(reason).inc()
 
-    def prefill(self, rows: int, tokens: int) -> None:
+    def prefill(self, tokens: int) -> None:
         self.tokens.labels("prompt").inc(tokens)
 
     def decode_step(self, rows: int) -> None:

@@ -100,21 +100,12 @@ class ZooReplica:
     def __init__(self, options: dict[str, Any]):
         import torch
 
-        from .command import load_zoo
-        from .http import build_server
+        from .command import server_from_options
 
         threads = options.get("threads")
         if threads:
             torch.set_num_threads(threads)
-        zoo = load_zoo(options["base"], slots=options["slots"], device=options.get("device"), dtype=options.get("dtype"))
-        self.server = build_server(zoo, base_name=options["base_name"], adapters_dir=options.get("adapters_dir"),
-                                   keys_file=options.get("keys_file"), max_batch=options["max_batch"],
-                                   max_queue=options["max_queue"], max_host=options.get("max_host"),
-                                   registry_endpoint=options.get("registry_endpoint"),
-                                   registry_token=options.get("registry_token"),
-                                   registry_namespace=options.get("registry_namespace"),
-                                   default_max_tokens=options.get("default_max_tokens", 16),
-                                   drain_timeout=options.get("drain_timeout", 30.0))
+        self.server = server_from_options(options)
         self.server.engine.start()
         try:
             from ray import serve
@@ -137,9 +128,7 @@ class ZooReplica:
             try:
                 await self.get_adapter(adapter)
             except Exception as exc:  # noqa: BLE001 - the caller gets it as its answer
-                if not isinstance(exc, UnknownAdapterError):
-                    exc = AdapterLoadError(f"adapter {adapter!r} could not be loaded: {exc}")
-                yield _failed(exc, self.replica)
+                yield _failed(AdapterLoadError.wrap(adapter, exc), self.replica)
                 return
         try:
             handle = self.server.engine.submit_request(**payload, adapter=adapter, loop=asyncio.get_running_loop())
@@ -241,7 +230,7 @@ class Ingress:
         from .router import Router
         from .tenants import Tenants
 
-        tenants = Tenants.load(options["keys_file"]) if options.get("keys_file") else Tenants.open()
+        tenants = Tenants.from_keys_file(options.get("keys_file"))
         router = Router(None, adapters_dir=options.get("adapters_dir"), registry_namespace=options.get("registry_namespace"),
                         tenants=tenants)
         self.server = Server(RemoteEngine(replicas), router, tenants, ServeMetrics(), options["base_name"],

@@ -60,6 +60,11 @@ class Entry:
     def source(self) -> str:
         return str(self.path) if self.path is not None else (self.repo or "memory")
 
+    @property
+    def tier(self) -> str:
+        """The tier it is stored in below host memory."""
+        return "disk" if self.path is not None else "registry"
+
 
 def _is_adapter_folder(path: Path) -> bool:
     return path.is_dir() and ((path / CONFIG_FILE).exists() or (path / "adapter_config.json").exists())
@@ -95,7 +100,8 @@ class Router(Resolver):
 
         self.metrics = metrics or _NullMetrics()
         self.engine: "Engine | None" = None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the catalog, refs and LRU; never held over file I/O
+        self._spill_lock = threading.Lock()  # one spill save at a time (two drops of one adapter)
         self.catalog: dict[str, Entry] = {}
         self._refs: collections.Counter[str] = collections.Counter()
         self._loading: dict[str, Future] = {}
@@ -149,6 +155,11 @@ class Router(Resolver):
                 entry = Entry(name, repo=f"{self.registry_namespace}/{name}")  # known once it loads
             return entry
 
+    def owner(self, name: str) -> str | None:
+        """The tenant that owns `name`: as added (`add(owner=...)`), else by the keys file's patterns."""
+        entry = self._entry(name)
+        return (entry.owner if entry is not None else None) or self.tenants.owner_of(name)
+
     def visible(self, name: str, tenant: str | None) -> bool:
         entry = self._entry(name)
         if entry is None or entry.pending == "delete":
@@ -174,9 +185,7 @@ class Router(Resolver):
         if name in self.zoo._adapters:
             return "host"
         entry = self.catalog.get(name)
-        if entry is None:
-            return None
-        return "disk" if entry.path is not None else "registry"
+        return entry.tier if entry is not None else None
 
     def residency(self) -> dict[str, int]:
         if self.zoo is None:
@@ -236,8 +245,7 @@ class Router(Resolver):
                 failed: Future = Future()
                 failed.set_exception(UnknownAdapterError(f"The model {name!r} does not exist or you do not have access to it."))
                 return failed
-            tier = "disk" if entry.path is not None else "registry"
-            self.metrics.lookup(name, tier)
+            self.metrics.lookup(name, entry.tier)
             future = self._loading.get(name)
             if future is None:
                 future = self._loading[name] = Future()
@@ -253,7 +261,7 @@ class Router(Resolver):
     def _load(self, entry: Entry, future: Future) -> None:
         name = entry.name
         t0 = time.perf_counter()
-        tier = "disk" if entry.path is not None else "registry"
+        tier = entry.tier
         try:
             if entry.path is None:
                 entry.path = self._pull(entry)
@@ -318,32 +326,45 @@ class Router(Resolver):
             except AdapterZooError as exc:  # pragma: no cover - logged, the adapter just stays
                 log.warning("could not move adapter %r to disk: %s", name, exc)
 
-    def _ensure_on_disk(self, name: str) -> None:
-        entry = self.catalog.setdefault(name, Entry(name))
-        if entry.path is not None and _is_adapter_folder(entry.path):
-            return
-        if self.spill_dir is None:
-            raise AdapterZooError(f"adapter {name!r} exists only in memory and the server has no spill folder")
-        target = self.spill_dir / name
-        self.zoo.save_adapter(name, target)
-        entry.path = target
+    def _ensure_on_disk(self, name: str, entry: Entry) -> None:
+        """Save `name` to the spill folder unless `entry` already has an adapter folder. Called
+        without `_lock` held: a save writes and fsyncs files, and the engine thread takes `_lock`
+        whenever a request ends (`release`), so holding it here would stall decoding."""
+        with self._spill_lock:  # a second drop of the same adapter waits, then finds it saved
+            if entry.path is not None and _is_adapter_folder(entry.path):
+                return
+            if self.spill_dir is None:
+                raise AdapterZooError(f"adapter {name!r} exists only in memory and the server has no spill folder")
+            target = self.spill_dir / name
+            self.zoo.save_adapter(name, target)
+            with self._lock:
+                entry.path = target
 
     def _drop(self, name: str, delete: bool) -> bool:
         """Remove `name` from host memory (and device slots), if no request uses it; with
-        `delete`, also from the catalog. Returns False when it is in use (left pending)."""
+        `delete`, also from the catalog. Returns False when it is in use (left pending).
+
+        Decided under `_lock`; the save to disk (unloading an adapter that has no folder) runs
+        outside it; the removal re-checks under `_lock` that no request took the adapter and that
+        the catalog entry is still the one decided on."""
         with self._lock:
             entry = self.catalog.get(name)
             if name in self._refs:
                 if entry is not None:
                     entry.pending = "delete" if delete or entry.pending == "delete" else "unload"
                 return False
-            if not delete and name in self.zoo._adapters:
-                self._ensure_on_disk(name)
+            save = not delete and name in self.zoo._adapters
+            if save:
+                entry = self.catalog.setdefault(name, Entry(name))
+        if save:
+            self._ensure_on_disk(name, entry)
 
         def remove() -> None:
             with self._lock:
                 if name in self._refs:  # a request took it meanwhile: keep it
                     return
+                if entry is not None and self.catalog.get(name) is not entry:
+                    return  # deleted (and maybe added again) meanwhile: not the adapter decided on
                 if name in self.zoo._adapters:
                     self.zoo.remove_adapter(name)
                 self._host_lru.pop(name, None)
@@ -406,6 +427,6 @@ class Router(Resolver):
 
     def describe(self, name: str) -> dict[str, Any]:
         entry = self.catalog[name]
-        return {"id": name, "tier": self.tier(name), "source": entry.source, "owner": entry.owner or self.tenants.owner_of(name),
+        return {"id": name, "tier": self.tier(name), "source": entry.source, "owner": self.owner(name),
                 "public": entry.public or self.tenants.is_public(name), "in_use": self.in_use(name),
                 "pending": entry.pending, "type": self.zoo._adapters[name].type_name if name in self.zoo._adapters else None}

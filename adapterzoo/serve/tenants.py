@@ -93,6 +93,11 @@ class Tenants:
         return cls([Tenant("default")], public=["*"], open_access=True)
 
     @classmethod
+    def from_keys_file(cls, path: str | Path | None) -> "Tenants":
+        """The tenants of a keys file; open access (`open()`) when there is none."""
+        return cls.load(path) if path else cls.open()
+
+    @classmethod
     def load(cls, path: str | Path) -> "Tenants":
         path = Path(path)
         text = path.read_text()

@@ -196,3 +196,95 @@ def test_stop_drains_running_requests():
 
     with pytest.raises(EngineClosedError):
         engine.submit("x", None)
+
+
+def test_sampling_params_normalise_stop():
+    assert SamplingParams(stop=None).stop == ()
+    assert SamplingParams(stop="ab").stop == ("ab",)
+    assert SamplingParams(stop=["ab", "", "c"]).stop == ("ab", "c")
+    assert SamplingParams(stop=("x",)).stop == ("x",) and SamplingParams().stop == ()
+
+
+def test_a_call_queued_as_the_loop_stops_still_runs():
+    """`call_between_steps` racing `stop()`: its put lands as late as it can (after the loop has
+    left, if nothing prevents it). The call must still run, or `Router._between_steps` waits
+    forever and shutdown hangs."""
+    engine = Engine(zoo_for("llama")).start()
+    thread, calls = engine._thread, engine._calls
+    in_put = threading.Event()
+
+    class LatePut:
+        def put(self, item):
+            in_put.set()
+            thread.join(1.0)  # the loop may exit meanwhile only if the put is not under `_cond`
+            calls.put(item)
+
+        def get_nowait(self):
+            return calls.get_nowait()
+
+    engine._calls = LatePut()
+    ran = threading.Event()
+    futures = []
+    caller = threading.Thread(target=lambda: futures.append(engine.call_between_steps(lambda: ran.set() or "ran")))
+    caller.start()
+    assert in_put.wait(10)
+    stopper = threading.Thread(target=engine.stop, kwargs={"drain": False})
+    stopper.start()
+    caller.join(30)
+    stopper.join(60)
+    assert not stopper.is_alive() and futures
+    assert futures[0].result(timeout=10) == "ran" and ran.is_set()
+    assert engine.call_between_steps(lambda: "inline").result(0) == "inline"  # stopped: runs inline
+
+
+class _BrokenLoads(Resolver):
+    def check(self, name, tenant=None):
+        pass
+
+    def prepare(self, name, tenant=None):
+        from concurrent.futures import Future
+
+        failed = Future()
+        failed.set_exception(OSError("the disk is on fire"))
+        return failed
+
+
+def test_cancelled_and_failed_requests_leave_the_queue_while_the_batch_is_full():
+    """With every row taken, a cancelled queued request (or one whose adapter failed to load)
+    must not keep its place against max_queue until a row frees up (spurious 429s)."""
+    from adapterzoo.serve import AdapterLoadError
+
+    engine = Engine(zoo_for("llama"), max_batch=1, max_queue=2, resolver=_BrokenLoads(zoo_for("llama")))
+    decode = engine._decode
+
+    def slow_decode():
+        time.sleep(0.05)
+        decode()
+
+    engine._decode = slow_decode
+    with engine:
+        long = engine.submit("hello", None, SamplingParams(max_tokens=240, ignore_eos=True))  # ~12 s
+        deadline = time.monotonic() + 30
+        while engine.stats()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = [engine.submit("abc", None, SamplingParams(max_tokens=2)) for _ in range(2)]
+        with pytest.raises(QueueFullError):
+            engine.submit("x", None)
+        for h in queued:
+            h.cancel()
+        assert [h.result(5).finish_reason for h in queued] == ["cancelled", "cancelled"]
+        failed = engine.submit("abc", "ghost", SamplingParams(max_tokens=2)).result(5)
+        assert isinstance(failed.error, AdapterLoadError) and "the disk is on fire" in str(failed.error)
+        assert not long.done  # all of it happened while the one row was still taken
+        engine.submit("x", None, SamplingParams(max_tokens=1))  # the queue has room again
+        long.cancel()
+
+
+def test_a_request_that_fills_the_context_runs_to_max_tokens():
+    """prompt (+ virtual tokens) + max_tokens == the context length exactly: every token comes."""
+    zoo = zoo_for("llama")
+    with Engine(zoo) as engine:
+        n = engine.context_length - len(engine.encode("hello"))
+        for adapter, virtual in [(None, 0), ("prompt", 4), ("prefix", 3)]:
+            done = engine.submit("hello", adapter, SamplingParams(max_tokens=n - virtual, ignore_eos=True)).result(60)
+            assert done.finish_reason == "length" and done.completion_tokens == n - virtual, adapter

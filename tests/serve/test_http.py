@@ -53,6 +53,11 @@ def test_models_are_listed_per_tenant(setup):
     assert acme == sorted(["tiny", "acme-lora", "acme-houlsby", "acme-prefix", "acme-broken", "shared-adapterbias", "shared-prompt"])
     assert beta == sorted(["tiny", "beta-bitfit", "shared-adapterbias", "shared-prompt"])
     assert server.client("k-acme").models.retrieve("acme-lora").id == "acme-lora"
+    owners = {m.id: m.owned_by for m in server.client("k-acme").models.list()}
+    assert owners["tiny"] == "adapterzoo" and owners["acme-lora"] == "acme" and owners["shared-prompt"] == "public"
+    assert server.client("k-beta").models.retrieve("tiny").owned_by == "adapterzoo"
+    assert server.client("k-acme").models.retrieve("acme-lora").owned_by == "acme"
+    assert server.client("k-beta").models.retrieve("shared-prompt").owned_by == "public"
     with pytest.raises(openai.NotFoundError):
         server.client("k-beta").models.retrieve("acme-lora")
 

@@ -166,3 +166,80 @@ def test_rate_limiter_token_bucket():
     assert [limiter.allow(tenant, now=0.0) for _ in range(4)] == [True, True, True, False]
     assert limiter.allow(tenant, now=0.5) and not limiter.allow(tenant, now=0.5)
     assert limiter.allow(Tenant("free"), now=0.0)
+
+
+def test_a_spill_save_does_not_hold_the_router_lock(tiny_base, tmp_path, monkeypatch):
+    """Unloading (or evicting) an adapter that was only in memory saves it first. The engine
+    thread takes the router's lock whenever a request ends (`release`): a save held under that
+    lock would stall decoding for the whole batch."""
+    import threading
+
+    zoo = Zoo.from_pretrained(tiny_base, device="cpu")
+    make_adapters(zoo, None, ["m0", "m1"])
+    router = Router(zoo, spill_dir=tmp_path / "spill")
+    save = zoo.save_adapter
+    saving, finish, saves = threading.Event(), threading.Event(), []
+
+    def slow_save(name, path, **kw):
+        saves.append(name)
+        saving.set()
+        assert finish.wait(30)
+        return save(name, path, **kw)
+
+    monkeypatch.setattr(zoo, "save_adapter", slow_save)
+    unloaded = []
+    unloader = threading.Thread(target=lambda: unloaded.append(router.unload("m0")))
+    unloader.start()
+    assert saving.wait(10)
+    # meanwhile: a request for m1 ends (the engine thread) and a new one takes m0
+    ender = threading.Thread(target=lambda: (router.acquire("m1"), router.release("m1"), router.acquire("m0")))
+    ender.start()
+    ender.join(5)
+    try:
+        assert not ender.is_alive(), "release() waited for a file save"
+    finally:
+        finish.set()
+        unloader.join(30)
+        ender.join(30)
+    # saved, but kept in memory: a request took it while it was being saved
+    assert unloaded == [True] and "m0" in zoo.adapters and router.catalog["m0"].path == tmp_path / "spill" / "m0"
+    router.release("m0")
+    assert router.unload("m0") and "m0" not in zoo.adapters and router.tier("m0") == "disk"
+    assert saves == ["m0"]  # the second unload found it on disk already
+    router.close()
+
+
+def test_owner_tier_and_shared_helpers(tmp_path):
+    from adapterzoo.serve.router import Entry
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"tenants": {"acme": {"keys": ["k"], "adapters": ["acme-*"]}}}))
+    tenants = Tenants.from_keys_file(keys)
+    assert not tenants.open_access and tenants.owner_of("acme-x") == "acme"
+    assert Tenants.from_keys_file(None).open_access
+    router = Router(None, tenants=tenants)
+    router.catalog["acme-x"] = Entry("acme-x", path=tmp_path)
+    router.catalog["given"] = Entry("given", repo="ns/given", owner="beta")
+    router.catalog["acme-given"] = Entry("acme-given", repo="ns/acme-given", owner="beta")
+    assert [router.owner(n) for n in ("acme-x", "given", "acme-given", "nobody")] == ["acme", "beta", "beta", None]
+    assert router.catalog["acme-x"].tier == "disk" and router.catalog["given"].tier == "registry"
+    unknown = UnknownAdapterError("no such adapter")
+    assert AdapterLoadError.wrap("a", unknown) is unknown
+    wrapped = AdapterLoadError.wrap("a", OSError("disk on fire"))
+    assert isinstance(wrapped, AdapterLoadError) and str(wrapped) == "adapter 'a' could not be loaded: disk on fire"
+    router.close()
+
+
+def test_server_from_options(tiny_base, tmp_path):
+    """The single-process server and every Ray replica build their server from the same options."""
+    from adapterzoo.serve.command import server_from_options
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"tenants": {"acme": {"keys": ["k"], "adapters": ["acme-*"]}}}))
+    server = server_from_options(dict(base=str(tiny_base), base_name="tiny", slots=2, max_batch=3, max_queue=5,
+                                      device="cpu", keys_file=keys, max_host=4, default_max_tokens=7, drain_timeout=9.0))
+    assert (server.engine.max_batch, server.engine.max_queue, server.router.max_host) == (3, 5, 4)
+    assert (server.base_name, server.default_max_tokens, server.drain_timeout) == ("tiny", 7, 9.0)
+    assert server.tenants is server.router.tenants and server.tenants.owner_of("acme-1") == "acme"
+    assert server.engine.zoo.slots == 2 and not server.engine.running
+    server.router.close()
