@@ -62,6 +62,8 @@ def main() -> int:
                 if r.choices[0].text != text:
                     wrong.append((name, r.choices[0].text, text))
                 replicas.setdefault(name, []).append(r.system_fingerprint)
+                if round_ == 0:  # Serve puts a new adapter on the replica with the fewest loaded, as
+                    time.sleep(1.0)  # its routers last heard (pushed every 0.1 s): let them hear
         report["wrong"] = wrong
         report["replicas"] = replicas
         stream = acme.completions.create(model=next(iter(expected)), prompt="hello", max_tokens=6, temperature=0, stream=True)
