@@ -8,16 +8,8 @@ import pytest
 import torch
 
 from adapterzoo import BatchError
-from adapterzoo.testing.models import perturb, tiny_zoo
+from adapterzoo.testing.models import ONE_OF_EACH as TYPES, perturb, tiny_zoo
 
-TYPES = {
-    "lora": ("lora", {"init_lora_weights": False}),
-    "houlsby": ("houlsby", {"bottleneck": 8}),
-    "bitfit": ("bitfit", {}),
-    "adapterbias": ("adapterbias", {}),
-    "prefix": ("prefix", {"num_virtual_tokens": 3}),
-    "prompt": ("soft_prompt", {"num_virtual_tokens": 4}),
-}
 PROMPTS = ["abc ->", "hello", "x", "the quick brown", "1 2 3", "zz top", "q"]
 
 

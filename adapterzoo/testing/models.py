@@ -12,6 +12,15 @@ import torch
 
 VOCAB = 100
 FAMILIES = ("llama", "gpt2", "bert")
+# one small adapter of each built-in type for these tiny bases: key -> (type, config)
+ONE_OF_EACH = {
+    "lora": ("lora", {"init_lora_weights": False}),
+    "houlsby": ("houlsby", {"bottleneck": 8}),
+    "bitfit": ("bitfit", {}),
+    "adapterbias": ("adapterbias", {}),
+    "prefix": ("prefix", {"num_virtual_tokens": 3}),
+    "prompt": ("soft_prompt", {"num_virtual_tokens": 4}),
+}
 
 
 def char_tokenizer():

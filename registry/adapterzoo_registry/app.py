@@ -365,15 +365,22 @@ async def validate_yaml(request: Request) -> JSONResponse:
 # --------------------------------------------------------------------------- repo lifecycle
 
 
-async def create_repo(request: Request) -> JSONResponse:
-    """POST /api/repos/create: 409 if it exists, which `create_repo(exist_ok=True)` treats as success."""
+async def _repo_request(request: Request, doing: str):
+    """What create and delete both read first: the registry, the caller (who must be
+    authenticated), the JSON body, and the namespace (the body's organization, else the user)."""
     registry = _registry(request)
     payload = await _json_body(request)
     principal = registry.principal(request)
     _require_model_type(payload.get("type"))
     if not principal.authenticated:
-        raise Unauthorized("Authentication required to create a repo.")
+        raise Unauthorized(f"Authentication required to {doing} a repo.")
     organization = payload.get("organization") or (None if principal.unrestricted else principal.user)
+    return registry, principal, payload, organization
+
+
+async def create_repo(request: Request) -> JSONResponse:
+    """POST /api/repos/create: 409 if it exists, which `create_repo(exist_ok=True)` treats as success."""
+    registry, principal, payload, organization = await _repo_request(request, "create")
     if organization is None:
         raise BadRequest("Give the repo id as 'namespace/name': this open registry has no user to default to.")
     repo = RepoId.parse(organization, payload.get("name"))
@@ -390,13 +397,7 @@ async def create_repo(request: Request) -> JSONResponse:
 
 async def delete_repo(request: Request) -> JSONResponse:
     """DELETE /api/repos/delete with {"name", "organization", "type"}."""
-    registry = _registry(request)
-    payload = await _json_body(request)
-    principal = registry.principal(request)
-    _require_model_type(payload.get("type"))
-    if not principal.authenticated:
-        raise Unauthorized("Authentication required to delete a repo.")
-    organization = payload.get("organization") or (None if principal.unrestricted else principal.user)
+    registry, principal, payload, organization = await _repo_request(request, "delete")
     repo = RepoId.parse(organization, payload.get("name"))
 
     def delete() -> None:

@@ -21,16 +21,8 @@ import httpx
 import pytest
 
 from adapterzoo import Zoo
-from adapterzoo.testing.models import char_tokenizer, perturb, tiny_model
+from adapterzoo.testing.models import ONE_OF_EACH as TYPES, char_tokenizer, perturb, tiny_model
 
-TYPES = {
-    "lora": ("lora", {"init_lora_weights": False}),
-    "houlsby": ("houlsby", {"bottleneck": 8}),
-    "bitfit": ("bitfit", {}),
-    "adapterbias": ("adapterbias", {}),
-    "prefix": ("prefix", {"num_virtual_tokens": 3}),
-    "prompt": ("soft_prompt", {"num_virtual_tokens": 4}),
-}
 TYPE_NAMES = list(TYPES)
 
 
