@@ -26,6 +26,12 @@ def plugins_command(as_json: bool) -> None:
          "distribution": info.distribution or "(not installed as a distribution)", "version": info.version or ""}
         for info in sorted(plugins.adapter_types().values(), key=lambda i: i.name)
     ]
+    # plugins that failed to import: listed too, with the error, so a missing type is explained
+    rows += [
+        {"type": None, "kind": None, "plugin": f.plugin, "distribution": f.distribution or "", "version": f.version or "",
+         "error": f.error}
+        for f in sorted(plugins.failures.values(), key=lambda f: f.plugin)
+    ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -34,8 +40,13 @@ def plugins_command(as_json: bool) -> None:
 
     table = Table("type", "kind", "plugin", "distribution", "version")
     for r in rows:
-        table.add_row(r["type"], r["kind"], r["plugin"], r["distribution"], r["version"])
+        if r["type"] is None:
+            table.add_row("[red]failed to load[/red]", "", r["plugin"], r["distribution"], r["version"])
+        else:
+            table.add_row(r["type"], r["kind"], r["plugin"], r["distribution"], r["version"])
     Console().print(table)
+    for f in sorted(plugins.failures.values(), key=lambda f: f.plugin):
+        click.echo(f"plugin {f.plugin!r} failed to load: {f.error} (skip it with ADAPTERZOO_DISABLE_PLUGINS={f.plugin})")
 
 
 @cli.command()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import warnings
 from dataclasses import dataclass
 
 import pluggy
@@ -42,16 +43,56 @@ def _env_list(name: str) -> list[str] | None:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+class PluginLoadWarning(UserWarning):
+    """A plugin that could not be loaded; the others load and the command line still runs."""
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """An entry point whose plugin failed to import (listed by `adapterzoo plugins`)."""
+
+    plugin: str
+    distribution: str | None
+    version: str | None
+    error: str  # "ModuleNotFoundError: No module named 'x'"
+
+
+failures: dict[str, PluginFailure] = {}  # entry-point name -> why it did not load
+# id(plugin object) -> its distribution; pluggy keeps its own list only for the plugins it loads itself
+_distributions: dict[int, importlib.metadata.Distribution] = {}
+
+
 def load_entry_points() -> None:
-    """Register every plugin named by an `adapterzoo` entry point (once), honouring the env vars."""
+    """Register every plugin named by an `adapterzoo` entry point (once), honouring the env vars.
+
+    A plugin that fails to import does not take the others (or the command line) down with it: it
+    becomes a `PluginLoadWarning` naming the plugin, its distribution, the error and the way to
+    silence it, and `failures` records it for `adapterzoo plugins`.
+    """
     allowed = _env_list("ADAPTERZOO_LOAD_PLUGINS")
     for name in _env_list("ADAPTERZOO_DISABLE_PLUGINS") or []:
         pm.set_blocked(name)
-    if allowed is not None:
-        for ep in importlib.metadata.entry_points(group=GROUP):
-            if ep.name not in allowed:
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != GROUP or pm.has_plugin(ep.name) or pm.is_blocked(ep.name) or ep.name in failures:
+                continue
+            if allowed is not None and ep.name not in allowed:
                 pm.set_blocked(ep.name)
-    pm.load_setuptools_entrypoints(GROUP)
+                continue
+            project = dist.metadata["Name"] if dist.metadata else None
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # an ImportError, or anything the module raises at import
+                failures[ep.name] = PluginFailure(ep.name, project, dist.version, f"{type(exc).__name__}: {exc}")
+                warnings.warn(
+                    f"adapterzoo plugin {ep.name!r} (from {project or 'an unnamed distribution'}) failed to load: "
+                    f"{type(exc).__name__}: {exc}. Its adapter types are unavailable; fix or reinstall it "
+                    f"(pip install -U {project or '<plugin>'}), or skip it with ADAPTERZOO_DISABLE_PLUGINS={ep.name}",
+                    PluginLoadWarning, stacklevel=2,
+                )
+                continue
+            pm.register(plugin, name=ep.name)
+            _distributions[id(plugin)] = dist
     pm.check_pending()  # an impl of a misspelt hook fails here, loudly
 
 
@@ -69,12 +110,11 @@ def load_plugins() -> None:
 def adapter_types() -> dict[str, TypeInfo]:
     """Every registered adapter type by name, asking the plugins afresh each time."""
     load_plugins()
-    distributions = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     found: dict[str, TypeInfo] = {}
     for impl in pm.hook.register_adapter_types.get_hookimpls():
         registered: list[type] = []
         impl.function(register=registered.append)
-        dist = distributions.get(id(impl.plugin))
+        dist = _distributions.get(id(impl.plugin))
         for cls in registered:
             _check_type_class(cls, impl.plugin_name)
             if cls.name in found and found[cls.name].cls is not cls:
@@ -87,7 +127,7 @@ def adapter_types() -> dict[str, TypeInfo]:
                 name=cls.name,
                 cls=cls,
                 plugin=impl.plugin_name,
-                distribution=dist.project_name if dist else None,
+                distribution=dist.metadata["Name"] if dist else None,
                 version=dist.version if dist else None,
             )
     return found

@@ -199,3 +199,37 @@ def test_env_vars_choose_which_plugins_load(ia3_site):
     assert only.strip() == "['ia3', 'lora']"
     blocked = _run([sys.executable, "-c", script], dict(ia3_site, ADAPTERZOO_DISABLE_PLUGINS="prefix,ia3"))
     assert "prefix" not in blocked and "ia3" not in blocked and "lora" in blocked
+
+
+@pytest.fixture
+def broken_site(tmp_path):
+    """A distribution whose `adapterzoo` entry point names a module that imports a missing package."""
+    dist = tmp_path / "adapterzoo_broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: adapterzoo-broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[adapterzoo]\nbroken = adapterzoo_broken\n")
+    (tmp_path / "adapterzoo_broken.py").write_text("import a_package_that_is_not_installed\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_a_plugin_that_fails_to_import_is_a_named_warning_and_the_cli_still_runs(broken_site):
+    helped = subprocess.run([sys.executable, "-m", "adapterzoo.cli", "--help"], env=broken_site, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    assert "Usage" in helped.stdout
+    assert "'broken'" in helped.stderr and "adapterzoo-broken" in helped.stderr
+    assert "ModuleNotFoundError" in helped.stderr and "ADAPTERZOO_DISABLE_PLUGINS=broken" in helped.stderr
+    listed = json.loads(_run([sys.executable, "-m", "adapterzoo.cli", "plugins", "--json"], broken_site))
+    failed = next(r for r in listed if r["plugin"] == "broken")
+    assert failed["type"] is None and "a_package_that_is_not_installed" in failed["error"]
+    assert failed["distribution"] == "adapterzoo-broken"
+    assert BUILTINS <= {r["type"] for r in listed}  # the other plugins still load
+    table = _run([sys.executable, "-m", "adapterzoo.cli", "plugins"], broken_site)
+    assert "failed to load" in table and "ADAPTERZOO_DISABLE_PLUGINS=broken" in table
+
+
+def test_disabling_a_broken_plugin_silences_its_warning(broken_site):
+    env = dict(broken_site, ADAPTERZOO_DISABLE_PLUGINS="broken")
+    result = subprocess.run([sys.executable, "-m", "adapterzoo.cli", "plugins", "--json"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "broken" not in result.stderr and "broken" not in result.stdout
