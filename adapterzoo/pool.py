@@ -116,11 +116,12 @@ class SlotPool:
         # normal tensors even when called under inference_mode, so that later writes always work
         with torch.inference_mode(False), torch.no_grad():
             for site, site_shapes in shapes.items():
-                if site not in self.tensors:
-                    self.tensors[site] = {
-                        k: torch.zeros((self.capacity + 1, *s), device=self.device, dtype=self.dtype)
-                        for k, s in site_shapes.items()
-                    }
+                # a site's tensors are the union over the adapters placed here: one LoRA adapter may
+                # have only a bias at a site where another has A and B (other slots read zeros)
+                pooled = self.tensors.setdefault(site, {})
+                for k, s in site_shapes.items():
+                    if k not in pooled:
+                        pooled[k] = torch.zeros((self.capacity + 1, *s), device=self.device, dtype=self.dtype)
             for site, ts in self.tensors.items():
                 own = adapter.tensors.get(site, {})
                 for key, t in ts.items():
