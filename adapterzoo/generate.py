@@ -32,6 +32,11 @@ def encode_left_padded(tokenizer, prompts: Sequence[str], device) -> tuple[torch
     return input_ids.to(device), mask.to(device)
 
 
+# Temperatures below this sample greedily (vLLM's rule): logits / 1e-40 overflow to inf, and
+# the softmax of inf is NaN.
+SAMPLING_EPS = 1e-5
+
+
 def pad_token_id(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if tid is not None:
@@ -41,7 +46,7 @@ def pad_token_id(tokenizer) -> int:
 
 def sample_next(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Greedy argmax, or sampling with temperature, top-k and top-p (nucleus) filtering."""
-    if not do_sample or temperature <= 0:
+    if not do_sample or temperature < SAMPLING_EPS:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k and top_k > 0:

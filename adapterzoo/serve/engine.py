@@ -39,12 +39,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from ..errors import AdapterZooError, BatchError, UnknownAdapterError
-from ..generate import pad_token_id, sample_next
+from ..generate import SAMPLING_EPS, pad_token_id, sample_next
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..zoo import Zoo
 
 log = logging.getLogger("adapterzoo.serve")
+
+MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's limit)
 
 
 class EngineError(AdapterZooError, RuntimeError):
@@ -67,6 +69,11 @@ class MaxTokensError(ContextLengthError):
     """max_tokens alone is over the base's context length."""
 
 
+class RequestFailedError(EngineError):
+    """One request could not go on (its logits were NaN or inf, sampling failed, its adapter
+    raised in a forward). Only that request fails; the batch it ran in goes on."""
+
+
 class AdapterLoadError(EngineError):
     """The adapter a request names could not be loaded (corrupt file, registry down, ...)."""
 
@@ -81,7 +88,8 @@ class AdapterLoadError(EngineError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 (the default) is greedy."""
+    """How to pick tokens. temperature 0 (the default) is greedy; so is any temperature below
+    `SAMPLING_EPS` (dividing logits by 1e-40 overflows them to inf)."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -90,6 +98,12 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # also accepts one string, any sequence of strings, or None
     ignore_eos: bool = False  # always generate max_tokens (benchmarks)
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the request before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # generating one of these ends the request (not in the text)
+    presence_penalty: float = 0.0  # OpenAI's: minus this for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often it was generated
+    repetition_penalty: float = 1.0  # HF's/vLLM's: over prompt and output, > 1 discourages repeats
+    logprobs: int | None = None  # record each chosen token's logprob and this many top alternatives
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -100,12 +114,42 @@ class SamplingParams:
             raise BatchError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise BatchError(f"top_k must be >= 0, got {self.top_k!r}")
+        if not (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= max(self.max_tokens, 0)):
+            raise BatchError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and -2 <= value <= 2):
+                raise BatchError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 2):
+            raise BatchError(f"repetition_penalty must be a number in (0, 2], got {self.repetition_penalty!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise BatchError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < SAMPLING_EPS
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing to adjust or record: the batch's argmax is this row's token."""
+        return self.greedy and not self.penalised and not self.min_tokens and self.logprobs is None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its log-probability under the model (raw logits, before temperature
+    and penalties, as vLLM reports by default) and the `logprobs` most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -123,6 +167,7 @@ class Completion:
     latency: float  # seconds from submit to the end
     error: BaseException | None = None
     replica: str | None = None  # which Ray Serve replica produced it (None: this process)
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids (when asked for)
 
 
 _ids = itertools.count(1)
@@ -226,6 +271,8 @@ class Request:
     generator: torch.Generator | None = None
     handle: RequestHandle | None = None
     acquired: bool = False
+    progressed: float = 0.0  # when it last made progress (joined, or got a token): the watchdog reads it
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -292,6 +339,9 @@ class Engine:
         max_prefill_tokens: int = 4096,
         resolver: Resolver | None = None,
         metrics: Any = None,
+        max_queue_per_tenant: int | None = None,
+        max_rows_per_tenant: int | None = None,
+        stuck_after: float = 60.0,
     ):
         if zoo.tokenizer is None or not zoo.is_causal_lm:
             raise EngineError("the engine needs a causal language model base with a tokenizer")
@@ -300,6 +350,11 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        # fairness: a tenant's share of the queue, and of the batch's rows (None: no cap). Rows
+        # beyond a tenant's share stay free for others, so their requests join at the next step.
+        self.max_queue_per_tenant = max_queue_per_tenant
+        self.max_rows_per_tenant = max_rows_per_tenant
+        self.stuck_after = stuck_after
         self.resolver = resolver or Resolver(zoo)
         self.resolver.attach(self)
         self.metrics = metrics or _NullMetrics()
@@ -307,6 +362,7 @@ class Engine:
         self.context_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
         self.eos = self.tokenizer.eos_token_id
         self.pad = pad_token_id(self.tokenizer)
+        self.vocab_size = int(zoo.model.get_input_embeddings().num_embeddings)
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -320,6 +376,11 @@ class Engine:
         self._mask: torch.Tensor | None = None  # (B, L): the mask of what the cache holds
         self._next: torch.Tensor | None = None  # (B,): each row's last sampled token, fed next
         self._plan = None
+        # every request taken from the queue and not yet finished (joining or running): whatever
+        # goes wrong, each of them is ended (finished, failed or cancelled) and releases its adapter
+        self._taken: set[Request] = set()
+        self._turn: list[str | None] = []  # tenants in admission order: the one served last goes last
+        self._reported_stuck: set[str] = set()
         self.steps = 0
         self.tokens_generated = 0
 
@@ -333,6 +394,7 @@ class Engine:
             self._torch_threads = torch.get_num_threads()
             self._thread = threading.Thread(target=self._loop, name="adapterzoo-engine", daemon=True)
             self._thread.start()
+            threading.Thread(target=self._watchdog, args=(self._thread,), name="adapterzoo-watchdog", daemon=True).start()
         return self
 
     def stop(self, drain: bool = True, timeout: float | None = 30.0) -> None:
@@ -359,6 +421,16 @@ class Engine:
         self._thread = None
         self._cancel_all("engine stopped")
 
+    def _cancel_all(self, why: str) -> None:
+        """End every request still here: past a drain, each fails with `EngineClosedError`, so
+        a client gets a 503 (or an SSE error event), never a cut connection."""
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        error = EngineClosedError(f"the server shut down before this request finished ({why}); retry it")
+        for r in [*waiting, *self._rows, *list(self._taken)]:
+            self._finish(r, "error", error)
+        self._reset_batch()
+
     def __enter__(self) -> "Engine":
         return self.start()
 
@@ -373,6 +445,33 @@ class Engine:
         with self._cond:
             return {"waiting": len(self._waiting), "running": len(self._rows), "steps": self.steps,
                     "tokens_generated": self.tokens_generated}
+
+    # ------------------------------------------------------------------ the watchdog
+
+    def stuck(self) -> list[str]:
+        """Ids of requests taken from the queue that made no progress (no token) for
+        `stuck_after` seconds: a forward that hangs, an adapter that blocks. `/health` turns
+        unhealthy while there are any."""
+        now = time.monotonic()
+        with self._cond:
+            taken = list(self._taken)
+        return sorted(r.id for r in taken if not r.handle.done and now - r.progressed > self.stuck_after)
+
+    def healthy(self) -> bool:
+        """Running, its thread alive, and no stuck request."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return self.running and alive and not self.stuck()
+
+    def _watchdog(self, thread: threading.Thread) -> None:
+        """Log each stuck request once, and keep the stuck-requests gauge current."""
+        period = max(0.05, min(5.0, self.stuck_after / 4))
+        while thread.is_alive() and not self._stopped:
+            stuck = self.stuck()
+            self.metrics.stuck(len(stuck))
+            for rid in set(stuck) - self._reported_stuck:
+                log.error("request %s made no progress for over %.0fs: the engine step may be hung", rid, self.stuck_after)
+            self._reported_stuck = set(stuck)
+            time.sleep(period)
 
     # ------------------------------------------------------------------ submitting
 
@@ -391,47 +490,90 @@ class Engine:
     ) -> RequestHandle:
         """Queue a request; returns at once. Raises `QueueFullError`, `EngineClosedError`,
         `UnknownAdapterError` or `ContextLengthError` for a request that cannot be taken."""
-        params = params or SamplingParams()
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise BatchError("the prompt must have at least one token; got an empty prompt")
+        return self.submit_many([prompt], adapter, [params or SamplingParams()], tenant=tenant, loop=loop,
+                                request_ids=[request_id])[0]
+
+    def submit_many(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        adapter: str | None,
+        params: Sequence[SamplingParams],
+        *,
+        tenant: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        request_ids: Sequence[str | None] | None = None,
+    ) -> list[RequestHandle]:
+        """Queue several requests (the prompts and choices of one API call) all or none: a batch
+        the queue cannot hold is refused whole, so no half of it sits in the queue."""
+        reqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            self.check_ids(ids)
+            for t in p.stop_token_ids:
+                self.check_token(t, "stop_token_ids")
+            req = Request(ids, adapter, p, tenant)
+            if request_ids and request_ids[i]:
+                req.id = request_ids[i]
+            req.engine = self
+            req.submitted = time.monotonic()
+            req.handle = RequestHandle(req, loop)
+            if not p.greedy:
+                req.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else secrets.randbits(62))
+            if p.logprobs is not None:
+                req.logprobs = []
+            self._check_length(req)
+            reqs.append(req)
         if adapter is not None:
             self.resolver.check(adapter, tenant)
-        req = Request(ids, adapter, params, tenant)
-        if request_id:
-            req.id = request_id
-        req.engine = self
-        req.submitted = time.monotonic()
-        req.handle = RequestHandle(req, loop)
-        if not params.greedy:
-            req.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else secrets.randbits(62))
         with self._cond:
             if self._closing:
                 raise EngineClosedError("the server is shutting down and takes no new requests")
-            if len(self._waiting) >= self.max_queue:
+            # cancelled requests still in the queue (until the next step) take no room
+            live = [r for r in self._waiting if not r.cancelled]
+            if len(live) + len(reqs) > self.max_queue:
                 self.metrics.rejected("queue_full")
-                raise QueueFullError(
-                    f"too many requests are waiting ({len(self._waiting)}, the limit is {self.max_queue}); retry later"
-                )
-            if adapter is not None:
-                self.resolver.acquire(adapter)
-                req.acquired = True
+                raise QueueFullError(f"too many requests are waiting ({len(live)}, the limit is {self.max_queue}; this "
+                                     f"call adds {len(reqs)}); retry later")
+            share = self.max_queue_per_tenant
+            mine = sum(1 for r in live if r.tenant == tenant)
+            if share is not None and mine + len(reqs) > share:
+                self.metrics.rejected("tenant_queue_full")
+                raise QueueFullError(f"your requests already fill your share of the queue ({mine} waiting, a tenant "
+                                     f"may have {share}; this call adds {len(reqs)}); retry later")
             try:
-                self._check_length(req)
-                if adapter is not None:
-                    req.ready = self.resolver.prepare(adapter, tenant)
+                for req in reqs:
+                    if adapter is not None:
+                        self.resolver.acquire(adapter)
+                        req.acquired = True
+                        req.ready = self.resolver.prepare(adapter, tenant)
             except BaseException:
-                self._release(req)
+                for req in reqs:
+                    self._release(req)
                 raise
-            if params.max_tokens == 0:
-                self._finish(req, "length")
-                return req.handle
-            self._waiting.append(req)
+            for req in reqs:
+                if req.params.max_tokens == 0:
+                    self._finish(req, "length")
+                else:
+                    self._waiting.append(req)
             self.metrics.queue_depth(len(self._waiting))
             self._cond.notify_all()
-        if req.ready is not None:
-            req.ready.add_done_callback(lambda _f: self._wake())
-        return req.handle
+        for req in reqs:
+            if req.ready is not None:
+                req.ready.add_done_callback(lambda _f: self._wake())
+        return [r.handle for r in reqs]
+
+    def check_token(self, token: int, what: str = "prompt") -> None:
+        if not (isinstance(token, int) and not isinstance(token, bool) and 0 <= token < self.vocab_size):
+            raise BatchError(f"{what} has token id {token!r}, outside this model's vocabulary [0, {self.vocab_size}); "
+                             "use ids from /tokenize")
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """Token ids must be in the vocabulary (an id past it would fail every row prefilled with it)."""
+        if not ids:
+            raise BatchError("the prompt must have at least one token; got an empty prompt")
+        low, high = min(ids), max(ids)
+        if low < 0 or high >= self.vocab_size:
+            self.check_token(low if low < 0 else high)
 
     def submit_request(
         self,
@@ -448,17 +590,43 @@ class Engine:
         """What the HTTP layer calls: a prompt (text or token ids) or chat `messages` (rendered with
         the base's chat template); `max_tokens=None` means what is left of the context, capped at
         `chat_max_tokens`. Raises like `submit`."""
+        return self.submit_call([messages if messages is not None else prompt], adapter, chat=messages is not None,
+                                max_tokens=max_tokens, chat_max_tokens=chat_max_tokens, sampling=sampling,
+                                tenant=tenant, loop=loop)[0]
+
+    def prompt_ids(self, prompt: str | Sequence[int] | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+        """A prompt's token ids: text is tokenized, chat `messages` rendered with the template first."""
         if messages is not None:
             prompt = render_chat(self.tokenizer, messages)
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in (prompt or [])]
         if not ids:
             raise BatchError("The prompt is empty: give at least one token.")
-        if max_tokens is None:
-            max_tokens = max(1, min(chat_max_tokens, self.context_length - len(ids)))
-        if max_tokens > self.context_length:
-            raise MaxTokensError(f"max_tokens is {max_tokens}, over this model's context length of {self.context_length}")
-        params = SamplingParams(max_tokens=max_tokens, **(sampling or {}))
-        return self.submit(ids, adapter, params, tenant=tenant, loop=loop)
+        return ids
+
+    def submit_call(self, prompts: Sequence[Any], adapter: str | None = None, *, chat: bool = False,
+                    max_tokens: int | None = None, chat_max_tokens: int = 512, sampling: dict[str, Any] | None = None,
+                    n: int = 1, tenant: str | None = None, loop: asyncio.AbstractEventLoop | None = None,
+                    request_id: str | None = None) -> list[RequestHandle]:
+        """One API call: every prompt (text, token ids, or chat messages when `chat`) times `n`
+        choices, queued all or none. Choice j of a seeded call samples with `seed + j`, so each
+        equals a solo run with that seed. Tokenizes: call it off the event loop."""
+        items, params = [], []
+        for prompt in prompts:
+            ids = self.prompt_ids(messages=prompt) if chat else self.prompt_ids(prompt)
+            limit = max_tokens
+            if limit is None:
+                limit = max(1, min(chat_max_tokens, self.context_length - len(ids)))
+            if limit > self.context_length:
+                raise MaxTokensError(f"max_tokens is {limit}, over this model's context length of {self.context_length}")
+            for j in range(n):
+                options = dict(sampling or {})
+                if j and options.get("seed") is not None:
+                    options["seed"] = (options["seed"] + j) % 2**63
+                items.append(ids)
+                params.append(SamplingParams(max_tokens=limit, **options))
+        ids = [None] * len(items) if not request_id else [request_id if len(items) == 1 else f"{request_id}-{i}"
+                                                           for i in range(len(items))]
+        return self.submit_many(items, adapter, params, tenant=tenant, loop=loop, request_ids=ids)
 
     def generate(self, prompt: str, adapter: str | None = None, timeout: float | None = None, **params: Any) -> str:
         """Submit one request and wait for its text (a convenience for scripts and tests)."""
@@ -521,9 +689,13 @@ class Engine:
                     try:
                         self._iteration()
                     except Exception as exc:  # noqa: BLE001 - a bug must not kill the server
-                        log.exception("engine step failed; failing the running batch")
-                        for req in list(self._rows):
-                            self._finish(req, "error", exc)
+                        # per-request failures are handled inside the step; reaching here is a bug
+                        # in the engine itself: every request it had taken ends (none hangs for ever)
+                        log.exception("engine step failed; failing the requests it held")
+                        error = RequestFailedError(f"the server failed while running this request "
+                                                   f"({type(exc).__name__}); retry it")
+                        for req in [*self._rows, *list(self._taken)]:
+                            self._finish(req, "error", error)
                         self._reset_batch()
             finally:
                 with self._cond:  # from here on, call_between_steps runs calls inline ...
@@ -591,9 +763,35 @@ class Engine:
         self._rows, self._cache, self._mask, self._next, self._plan = [], None, None, None, None
 
     # -- join
+    def _in_turn(self, waiting: list[Request]) -> list[Request]:
+        """The waiting requests round-robin across tenants (each tenant's in arrival order),
+        starting with the tenant served longest ago: one tenant's flood cannot push another
+        tenant's request back."""
+        by_tenant: dict[str | None, collections.deque[Request]] = {}
+        for r in waiting:
+            by_tenant.setdefault(r.tenant, collections.deque()).append(r)
+        for t in by_tenant:
+            if t not in self._turn:
+                self._turn.insert(0, t)  # a tenant new to the queue goes first
+        order = [t for t in self._turn if t in by_tenant]
+        out: list[Request] = []
+        while by_tenant:
+            for t in order:
+                q = by_tenant.get(t)
+                if q:
+                    out.append(q.popleft())
+                    if not q:
+                        del by_tenant[t]
+        return out
+
+    def _served(self, tenant: str | None) -> None:
+        if tenant in self._turn:
+            self._turn.remove(tenant)
+        self._turn.append(tenant)
+
     def _admit(self) -> list[Request]:
-        """Pick waiting requests that can join now, in arrival order, skipping (not waiting
-        behind) those whose adapter is still loading or whose limits are reached."""
+        """Pick waiting requests that can join now, round-robin across tenants, skipping (not
+        waiting behind) those whose adapter is still loading or whose limits are reached."""
         zoo = self.zoo
         with self._cond:
             waiting = list(self._waiting)
@@ -601,6 +799,7 @@ class Engine:
             return []
         pools: dict[tuple, set[str]] = {}
         tenants: dict[str | None, set[str]] = {}
+        rows: collections.Counter[str | None] = collections.Counter(r.tenant for r in self._rows)
         for r in self._rows:
             if r.adapter is not None:
                 pools.setdefault(zoo._adapters[r.adapter].pool_key, set()).add(r.adapter)
@@ -608,7 +807,7 @@ class Engine:
         joiners: list[Request] = []
         budget = self.max_prefill_tokens
         taken: set[int] = set()
-        for req in waiting:
+        for req in self._in_turn(waiting):
             # requests that need no row leave the queue even when the batch is full, so that
             # they stop counting against max_queue
             if req.cancelled:
@@ -621,6 +820,8 @@ class Engine:
                 continue
             if len(self._rows) + len(joiners) >= self.max_batch:
                 continue  # the batch is full: only the cancelled and failed (above) can leave
+            if self.max_rows_per_tenant is not None and rows[req.tenant] >= self.max_rows_per_tenant:
+                continue  # the rest of the batch stays free for other tenants
             if req.ready is not None and not req.ready.done():
                 continue
             if req.adapter is not None:
@@ -654,10 +855,16 @@ class Engine:
                 in_pool.add(req.adapter)
                 mine.add(req.adapter)
             joiners.append(req)
+            rows[req.tenant] += 1
+            self._served(req.tenant)
             taken.add(id(req))
         if taken:
+            now = time.monotonic()
             with self._cond:
                 self._waiting = collections.deque(r for r in self._waiting if id(r) not in taken)
+                for r in joiners:
+                    r.progressed = now
+                    self._taken.add(r)
         return joiners
 
     def _place(self, joiners: list[Request]) -> None:
@@ -675,33 +882,25 @@ class Engine:
         self._plan = None
 
     def _join(self, joiners: list[Request]) -> None:
-        from transformers import DynamicCache
-
+        """Prefill the joiners together and merge them into the batch. If that raises (an adapter
+        that throws, a slot it cannot get), each joiner is tried alone: only the ones that fail
+        alone fail."""
         try:
             self._place(joiners)
-        except Exception as exc:  # noqa: BLE001
-            for r in joiners:
-                self._finish(r, "error", exc)
+            out = self._prefill(joiners)
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            if len(joiners) > 1:
+                for r in joiners:
+                    self._join([r])
+                return
+            req = joiners[0]
+            log.warning("request %s (adapter %r) failed at prefill: %s", req.id, req.adapter, exc)
+            self._finish(req, "error", _request_error(req, exc, "prefill"))
             return
         zoo = self.zoo
-        width = max(len(r.prompt_ids) for r in joiners)
-        ids = torch.full((len(joiners), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(joiners), width), dtype=torch.long)
-        for i, r in enumerate(joiners):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
-        try:
-            plan = zoo.plan([r.adapter for r in joiners], training=False)
-            cache = DynamicCache(config=zoo.model.config)
-            out = zoo.forward(ids.to(zoo.device), mask.to(zoo.device), plan=plan, cache=cache)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("prefill failed")
-            for r in joiners:
-                self._finish(r, "error", exc)
-            return
-        self.metrics.prefill(int(mask.sum()))
-        nxt = self._sample(joiners, out.logits[:, -1])
-        alive = [i for i, r in enumerate(joiners) if self._append(r, nxt[i])]
+        self.metrics.prefill(sum(len(r.prompt_ids) for r in joiners))
+        nxt = self._choose(joiners, out.logits[:, -1])
+        alive = [i for i, r in enumerate(joiners) if nxt[i] is not None and self._take(r, nxt[i])]
         if not alive:
             return
         new_cache, new_mask = out.cache, out.attention_mask
@@ -712,10 +911,27 @@ class Engine:
         new_next = torch.tensor([nxt[i] for i in alive], dtype=torch.long, device=zoo.device)
         self._merge([joiners[i] for i in alive], new_cache, new_mask, new_next)
 
+    def _prefill(self, joiners: list[Request]):
+        from transformers import DynamicCache
+
+        zoo = self.zoo
+        width = max(len(r.prompt_ids) for r in joiners)
+        ids = torch.full((len(joiners), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(joiners), width), dtype=torch.long)
+        for i, r in enumerate(joiners):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids):] = 1
+        plan = zoo.plan([r.adapter for r in joiners], training=False)
+        cache = DynamicCache(config=zoo.model.config)
+        return zoo.forward(ids.to(zoo.device), mask.to(zoo.device), plan=plan, cache=cache)
+
     def _merge(self, rows: list[Request], cache, mask: torch.Tensor, nxt: torch.Tensor) -> None:
         """Append rows (with their cache and mask) to the running batch, left-padding the side
         with the shorter history: padded columns are masked zeros, so positions do not move."""
         self._plan = None
+        with self._cond:
+            for r in rows:
+                self._taken.discard(r)  # from here on they are rows: `_rows` keeps them
         if not self._rows:
             self._rows, self._cache, self._mask, self._next = list(rows), cache, mask, nxt
             self._trim()
@@ -735,36 +951,124 @@ class Engine:
     # -- decode
     def _decode(self) -> None:
         zoo = self.zoo
-        if self._plan is None:
-            self._plan = zoo.plan([r.adapter for r in self._rows], training=False)
         step_mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], 1)
-        out = zoo.forward(self._next[:, None], step_mask, plan=self._plan, cache=self._cache)
+        try:
+            if self._plan is None:
+                self._plan = zoo.plan([r.adapter for r in self._rows], training=False)
+            out = zoo.forward(self._next[:, None], step_mask, plan=self._plan, cache=self._cache)
+        except Exception as exc:  # noqa: BLE001 - find whose adapter raised; fail only those rows
+            self._isolate_decode_failure(exc)
+            return
         self._cache, self._mask = out.cache, step_mask
-        nxt = self._sample(self._rows, out.logits[:, -1])
+        nxt = self._choose(self._rows, out.logits[:, -1])
         self.steps += 1
         self.metrics.decode_step(len(self._rows))
         for r, t in zip(self._rows, nxt):
-            self._append(r, t)
-        self._next = torch.tensor(nxt, dtype=torch.long, device=zoo.device)
+            if t is not None:
+                self._take(r, t)
+        # a failed row feeds a pad token until the next step drops it
+        self._next = torch.tensor([self.pad if t is None else t for t in nxt], dtype=torch.long, device=zoo.device)
 
-    def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
-        out = logits.argmax(-1).tolist()
+    def _isolate_decode_failure(self, exc: Exception) -> None:
+        """A decode forward raised. No token was taken, so the step can be run again exactly:
+        restore the cache to its width before the step, then run each adapter's rows alone on a
+        copy of their cache; the rows whose adapter raises alone fail, the others go on at the
+        next step. If none raises alone, the failure belongs to no adapter and every row fails."""
+        import copy
+
+        width = self._mask.shape[1]
+        for layer in self._cache.layers:  # layers the failed forward reached hold one column more
+            if getattr(layer, "keys", None) is not None and layer.keys.numel() and layer.keys.shape[-2] > width:
+                layer.keys = layer.keys[..., :width, :]
+                layer.values = layer.values[..., :width, :]
+        self._plan = None
+        groups: dict[str | None, list[int]] = {}
+        for i, r in enumerate(self._rows):
+            groups.setdefault(r.adapter, []).append(i)
+        step_mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], 1)
+        culprits = 0
+        for adapter, rows in groups.items():
+            idx = torch.tensor(rows, device=self._mask.device)
+            cache = copy.deepcopy(self._cache)
+            cache.batch_select_indices(idx)
+            try:
+                self.zoo.forward(self._next.index_select(0, idx)[:, None], step_mask.index_select(0, idx),
+                                 adapters=[adapter] * len(rows), cache=cache)
+            except Exception as alone:  # noqa: BLE001
+                culprits += 1
+                log.warning("adapter %r failed in a decode step: %s", adapter, alone)
+                for i in rows:
+                    self._finish(self._rows[i], "error", _request_error(self._rows[i], alone, "decoding"))
+        if not culprits:
+            log.exception("a decode step failed, and no adapter fails alone", exc_info=exc)
+            for r in self._rows:
+                self._finish(r, "error", _request_error(r, exc, "decoding"))
+
+    def _choose(self, rows: list[Request], logits: torch.Tensor) -> list[int | None]:
+        """One token per row; None for a row that failed (NaN or inf logits, sampling raised),
+        which is finished with its error here: it never takes the other rows down."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        greedy = logits.argmax(-1).tolist()
+        out: list[int | None] = []
         for i, r in enumerate(rows):
-            if not r.params.greedy:
-                p = r.params
-                out[i] = int(sample_next(logits[i : i + 1], do_sample=True, temperature=p.temperature, top_k=p.top_k,
-                                         top_p=p.top_p, generator=r.generator)[0])
+            try:
+                if not finite[i]:
+                    raise RequestFailedError(
+                        f"the model produced NaN or infinite scores for this request"
+                        f"{f' with adapter {r.adapter!r}' if r.adapter else ''}; the adapter's weights may be "
+                        "corrupt (check them for NaN/inf), or the request's values out of range")
+                out.append(greedy[i] if r.params.plain else self._choose_one(r, logits[i]))
+            except Exception as exc:  # noqa: BLE001 - this row alone fails
+                self._finish(r, "error", exc if isinstance(exc, RequestFailedError) else
+                             RequestFailedError(f"sampling failed for this request: {type(exc).__name__}: {exc}"))
+                out.append(None)
         return out
+
+    def _choose_one(self, req: Request, raw: torch.Tensor) -> int:
+        """A row's token: penalties (vLLM's order: repetition, then frequency and presence), EOS
+        and stop ids held back before min_tokens, then greedy or seeded sampling (the same
+        `sample_next` call `zoo.generate` makes, so a plain seeded row equals a solo run)."""
+        p = req.params
+        scores = raw.float()
+        if p.penalised:
+            scores = apply_penalties(scores, req.prompt_ids, req.tokens, p)
+        if len(req.tokens) < p.min_tokens:
+            banned = [t for t in (self.eos, *p.stop_token_ids) if t is not None]
+            if banned:
+                scores = scores.clone()
+                scores[banned] = float("-inf")
+        if p.greedy:
+            token = int(scores.argmax())
+        else:
+            token = int(sample_next(scores[None], do_sample=True, temperature=p.temperature, top_k=p.top_k,
+                                    top_p=p.top_p, generator=req.generator)[0])
+        if req.logprobs is not None:
+            req.logprobs.append(token_logprob(raw, token, p.logprobs or 0))
+        return token
+
+    def _take(self, req: Request, token: int) -> bool:
+        """`_append`, with any error it raises (decoding text) failing this request alone."""
+        try:
+            return self._append(req, token)
+        except Exception as exc:  # noqa: BLE001
+            self._finish(req, "error", RequestFailedError(f"could not decode this request's output: {exc}"))
+            return False
 
     def _append(self, req: Request, token: int) -> bool:
         """Take one sampled token; stream what is safe to send. False when the request is done."""
+        now = time.monotonic()
+        req.progressed = now
         if req.first_token_at is None:
-            req.first_token_at = time.monotonic()
+            req.first_token_at = now
             self.metrics.first_token(req.first_token_at - req.submitted)
         if req.cancelled:
             self._finish(req, "cancelled")
             return False
-        if self.eos is not None and token == self.eos and not req.params.ignore_eos:
+        past_min = len(req.tokens) >= req.params.min_tokens
+        if self.eos is not None and token == self.eos and not req.params.ignore_eos and past_min:
+            self._finish(req, "stop")
+            return False
+        if token in req.params.stop_token_ids and past_min:  # not part of the output (nor its logprobs)
             self._finish(req, "stop")
             return False
         req.tokens.append(token)
@@ -773,7 +1077,7 @@ class Engine:
         # incremental decode differs for some tokenizers: merged bytes, cleaned-up spaces)
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
         stops = req.params.stop
-        if stops:
+        if stops and len(req.tokens) >= req.params.min_tokens:
             cut = min((text.find(s) for s in stops if s in text), default=-1)
             if cut >= 0:
                 req.text = text[:cut]
@@ -792,33 +1096,67 @@ class Engine:
         return True
 
     def _finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
+        """End a request: exactly once, releasing its adapter first (whatever fails after)."""
         if req.handle.done:
             return
+        with self._cond:
+            self._taken.discard(req)
+        self._release(req)
         now = time.monotonic()
         if req.sent < len(req.text) and reason != "error":
             req.handle._push("delta", req.text[req.sent:])
             req.sent = len(req.text)
-        self._release(req)
+        logprobs = None
+        if req.logprobs is not None:
+            # the EOS or stop id that ended the request was scored but is not in token_ids
+            logprobs = list(req.logprobs[:len(req.tokens)])
         done = Completion(
             id=req.id, adapter=req.adapter, text=req.text, token_ids=list(req.tokens), finish_reason=reason,
             prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.tokens),
             ttft=None if req.first_token_at is None else req.first_token_at - req.submitted,
-            latency=now - req.submitted, error=error,
+            latency=now - req.submitted, error=error, logprobs=logprobs,
         )
-        self.metrics.finished(done)
-        req.handle._push("done", done)
+        try:
+            self.metrics.finished(done)
+        finally:
+            req.handle._push("done", done)
 
     def _release(self, req: Request) -> None:
         if req.acquired:
             req.acquired = False
             self.resolver.release(req.adapter)
 
-    def _cancel_all(self, why: str) -> None:
-        with self._cond:
-            waiting, self._waiting = list(self._waiting), collections.deque()
-        for r in [*waiting, *self._rows]:
-            self._finish(r, "cancelled")
-        self._reset_batch()
+
+
+def _request_error(req: Request, exc: BaseException, stage: str) -> RequestFailedError:
+    """What a request fails with when its own forward raised (named errors keep their words)."""
+    what = f"adapter {req.adapter!r}" if req.adapter else "the base"
+    detail = str(exc) if isinstance(exc, AdapterZooError) else f"{type(exc).__name__}: {exc}"
+    return RequestFailedError(f"{what} failed during {stage} of this request: {detail}")
+
+
+def apply_penalties(scores: torch.Tensor, prompt: Sequence[int], output: Sequence[int], p: SamplingParams) -> torch.Tensor:
+    """vLLM's penalties on one row's scores: repetition over prompt and output tokens (a positive
+    score divided by it, a negative one multiplied), then frequency and presence over the output."""
+    scores = scores.clone()
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted({*prompt, *output}), dtype=torch.long, device=scores.device)
+        picked = scores[seen]
+        scores[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    if output and (p.frequency_penalty or p.presence_penalty):
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=scores.shape[-1]).to(scores)
+        scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(scores)
+    return scores
+
+
+def token_logprob(raw: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-probability under the raw scores, and the `top` most likely."""
+    logprobs = raw.float().log_softmax(-1)
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]))
+        alternatives = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
