@@ -1,12 +1,14 @@
 """The ASGI app: the part of the Hugging Face Hub HTTP API that `huggingface_hub` 2.x uses.
 
 Paths, methods, headers and reply fields follow what the client reads in
-`hf_api.py`, `_commit_api.py`, `_upload_pipeline.py`, `file_download.py` and
-`utils/_http.py` (version 2.4), so `HfApi(endpoint=...)`, `hf_hub_download` and
-`snapshot_download` work against this server unchanged. Only model repos exist.
+`hf_api.py`, `_commit_api.py`, `lfs.py`, `file_download.py` and `utils/_http.py`
+(version 2.4), so `HfApi(endpoint=...)`, `hf_hub_download` and `snapshot_download`
+work against this server unchanged. Only model repos exist.
 
-Every file is uploaded inline in the commit body: `/preupload` answers
-`uploadMode: "regular"` for all files, so the client never needs LFS or Xet.
+Small files travel inline in the commit body (`/preupload` answers `uploadMode: "regular"`);
+files over `lfs_threshold_bytes` go through the Git LFS basic transfer (`uploadMode: "lfs"`),
+streamed to disk and hashed as they arrive (see `lfs.py`). Every request first passes
+`guard.RequestGuard` (Host allow-list, no cross-origin writes, JSON-only writes).
 """
 
 from __future__ import annotations
@@ -15,27 +17,30 @@ import hashlib
 import json
 import logging
 import mimetypes
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, unquote
 
-import yaml
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from . import lfs, page
 from .auth import Principal, TokenTable, Unauthorized
+from .cards import CardError, CardReader, parse_front_matter
+from .guard import LOOPBACK_HOSTS, RequestGuard
 from .storage import (
     DEFAULT_BRANCH,
+    DISK_FULL_ERRNOS,
     FULL_COMMIT_ID,
     BadRequest,
-    BoundedCache,
     Commit,
     EntryNotFound,
     FileEntry,
@@ -45,51 +50,77 @@ from .storage import (
     RepoId,
     RepoMeta,
     RepoNotFound,
+    RepoSummary,
     Store,
-    validate_branch_name,
+    disk_full,
+    validate_ref_name,
     validate_repo_path,
 )
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 DEFAULT_PAGE_SIZE = 1000
+DEFAULT_LFS_THRESHOLD_BYTES = 10 * 1024 * 1024  # what the Hub uses: bigger files go through LFS
 MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
-MAX_README_BYTES = 1024 * 1024
+# A body this small is read and dropped after an early refusal, so the connection stays usable;
+# a bigger one is never read (the reply says `Connection: close`).
+DISCARDABLE_BODY_BYTES = 64 * 1024
 
 logger = logging.getLogger("adapterzoo_registry")
+
+
+class NotImplementedRoute(RegistryError):
+    status = 501
+    error_code = "NotImplemented"
 
 
 def create_app(
     root: Path | str,
     *,
     tokens_file: Path | str | None = None,
+    open_access: bool = False,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     page_size: int = DEFAULT_PAGE_SIZE,
+    allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS,
+    lfs_threshold_bytes: int | None = DEFAULT_LFS_THRESHOLD_BYTES,
+    max_lfs_object_bytes: int = lfs.DEFAULT_MAX_OBJECT_BYTES,
+    namespace_quota_bytes: int | None = None,
+    max_concurrent_uploads: int = lfs.DEFAULT_MAX_CONCURRENT_UPLOADS,
 ) -> Starlette:
     """Build the registry app serving the repos under `root`.
 
-    Without `tokens_file` the registry is open: anyone may create, write and delete.
+    Give `tokens_file`, or `open_access=True` for a registry anyone may write to (local
+    experiments only). `allowed_hosts` are the names the `Host` header may carry ("*": any).
+    Files over `lfs_threshold_bytes` are uploaded through Git LFS (None: every file inline).
     Opening the store also removes temporary files a killed server left behind.
     """
+    if tokens_file is None and not open_access:
+        raise ValueError("Give a tokens file, or open_access=True for a registry anyone may write to.")
+    if tokens_file is not None and open_access:
+        raise ValueError("Give a tokens file or open_access=True, not both.")
     tokens = TokenTable.load(tokens_file) if tokens_file is not None else TokenTable.open_access()
-    store = Store(root)
+    store = Store(root, namespace_quota_bytes=namespace_quota_bytes)
     app = Starlette(
         routes=_routes(),
+        middleware=[Middleware(RequestGuard, allowed_hosts=allowed_hosts)],
         exception_handlers={
             RegistryError: _registry_error_response,
             HTTPException: _http_error_response,
-            Exception: _internal_error_response,
+            OSError: _os_error_response,
         },
     )
     app.state.registry = Registry(
         store=store, tokens=tokens, max_upload_bytes=max_upload_bytes, page_size=max(1, page_size),
-        cards=CardReader(store),
-    )
+        cards=CardReader(store), lfs_threshold_bytes=lfs_threshold_bytes,
+        uploads=lfs.UploadGate(max_lfs_object_bytes, max_concurrent_uploads),
+    )  # fmt: skip
     return app
 
 
 def _routes() -> list[Route]:
     repo = "/api/models/{namespace}/{name}"
+    git = "/{namespace}/{name}.git/info/lfs/objects"
     return [
+        Route("/", page.index, methods=["GET", "POST"]),
         Route("/api/whoami-v2", whoami),
         Route("/api/validate-yaml", validate_yaml, methods=["POST"]),
         Route("/api/repos/create", create_repo, methods=["POST"]),
@@ -97,21 +128,28 @@ def _routes() -> list[Route]:
         Route("/api/models", list_models),
         Route(repo, model_info),
         Route(repo + "/revision/{revision:path}", model_info),
-        Route(repo + "/tree/{revision}", list_tree),
-        Route(repo + "/tree/{revision}/{path:path}", list_tree),
+        Route(repo + "/tree/{rest:path}", list_tree),
         Route(repo + "/paths-info/{revision:path}", paths_info, methods=["POST"]),
         Route(repo + "/preupload/{revision:path}", preupload, methods=["POST"]),
         Route(repo + "/commit/{revision:path}", commit, methods=["POST"]),
         Route(repo + "/refs", list_refs),
         Route(repo + "/commits/{revision:path}", list_commits),
-        Route(repo + "/branch/{branch}", create_branch, methods=["POST"]),
-        Route(repo + "/branch/{branch}", delete_branch, methods=["DELETE"]),
+        Route(repo + "/branch/{branch:path}", create_branch, methods=["POST"]),
+        Route(repo + "/branch/{branch:path}", delete_branch, methods=["DELETE"]),
+        Route(repo + "/tag/{revision:path}", create_tag, methods=["POST"]),
+        Route(repo + "/tag/{tag:path}", delete_tag, methods=["DELETE"]),
         Route(repo + "/settings", update_settings, methods=["PUT"]),
         Route(repo + "/auth-check", auth_check),
         Route(repo + "/auth-check/write", auth_check),
-        Route("/api/{kind}/{rest:path}", unknown_api_route, methods=["GET", "HEAD", "POST", "PUT", "DELETE"]),
-        Route("/{namespace}/{name}/resolve/{revision}/{path:path}", resolve_file, methods=["GET", "HEAD"]),
-        Route("/{kind}/{namespace}/{name}/resolve/{revision}/{path:path}", unknown_api_route, methods=["GET", "HEAD"]),
+        Route(repo + "/xet-write-token/{rest:path}", xet_not_supported),
+        Route(repo + "/xet-read-token/{rest:path}", xet_not_supported),
+        Route(git + "/batch", lfs_batch, methods=["POST"]),
+        Route(git + "/verify", lfs_verify, methods=["POST"]),
+        Route(git + "/{oid}", lfs_upload, methods=["PUT"]),
+        Route("/api/{kind}/{rest:path}", unknown_api_route, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
+        Route("/{namespace}/{name}", page.repo_page, methods=["GET", "POST"]),
+        Route("/{namespace}/{name}/resolve/{rest:path}", resolve_file, methods=["GET", "HEAD"]),
+        Route("/{kind}/{namespace}/{name}/resolve/{rest:path}", unknown_api_route, methods=["GET", "HEAD"]),
     ]
 
 
@@ -127,9 +165,19 @@ class Registry:
     max_upload_bytes: int
     page_size: int
     cards: CardReader
+    lfs_threshold_bytes: int | None
+    uploads: lfs.UploadGate
+
+    @property
+    def max_inline_bytes(self) -> int:
+        """The largest file a commit body may carry inline; bigger ones must come through LFS."""
+        return self.lfs_threshold_bytes if self.lfs_threshold_bytes is not None else self.max_upload_bytes
 
     def principal(self, request: Request) -> Principal:
         return self.tokens.authenticate(request.headers.get("authorization"))
+
+    def can_see(self, principal: Principal, summary: RepoSummary) -> bool:
+        return not summary.meta.private or principal.can_read(summary.repo.namespace)
 
     def readable_repo(self, principal: Principal, repo: RepoId) -> RepoMeta:
         """The repo's metadata, or 404 RepoNotFound if it is missing *or* private to this caller.
@@ -142,6 +190,7 @@ class Registry:
         return meta
 
     def writable_repo(self, principal: Principal, repo: RepoId) -> RepoMeta:
+        """As `readable_repo`, then 401/403 unless the caller may write; called before any body is read."""
         meta = self.readable_repo(principal, repo)
         principal.require_write(repo.namespace)
         return meta
@@ -157,78 +206,6 @@ def _repo(request: Request) -> RepoId:
 
 def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
-
-
-# --------------------------------------------------------------------------- model cards
-
-
-_FRONT_MATTER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)^---[ \t]*\r?$", re.DOTALL | re.MULTILINE)
-
-
-def parse_front_matter(readme: str) -> dict[str, Any]:
-    """The YAML metadata block at the top of a README.md; `ValueError` if it is not a YAML mapping."""
-    match = _FRONT_MATTER.match(readme)
-    if match is None:
-        return {}
-    try:
-        metadata = yaml.safe_load(match.group(1))
-    except yaml.YAMLError as error:
-        raise ValueError(f"Invalid YAML in README.md metadata: {error}") from None
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict):
-        raise ValueError("README.md metadata must be a YAML mapping (key: value).")
-    return json.loads(json.dumps(metadata, default=str))  # dates and such become JSON-safe strings
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What search needs from a README: its metadata and the tags derived from it."""
-
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def tags(self) -> list[str]:
-        """`tags:` from the front matter, then `library_name`, without duplicates."""
-        declared = self.metadata.get("tags")
-        if isinstance(declared, (str, int, float)):
-            declared = [declared]
-        tags = [str(tag) for tag in declared or [] if isinstance(tag, (str, int, float)) and not isinstance(tag, bool)]
-        if self.library_name:
-            tags.append(self.library_name)
-        return list(dict.fromkeys(tags))
-
-    @property
-    def library_name(self) -> str | None:
-        value = self.metadata.get("library_name")
-        return value if isinstance(value, str) else None
-
-    @property
-    def pipeline_tag(self) -> str | None:
-        value = self.metadata.get("pipeline_tag")
-        return value if isinstance(value, str) else None
-
-
-class CardReader:
-    """Reads README.md front matter per commit; commits are immutable, so results are cached."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._cache: BoundedCache[tuple[str, str], ModelCard] = BoundedCache()
-
-    def card(self, repo: RepoId, commit: Commit) -> ModelCard:
-        return self._cache.get_or_compute((str(repo), commit.id), lambda: self._read(repo, commit))
-
-    def _read(self, repo: RepoId, commit: Commit) -> ModelCard:
-        entry = commit.files.get("README.md")
-        if entry is None:
-            return ModelCard()
-        with open(self._store.blob_path(repo, entry), "rb") as blob:
-            text = blob.read(MAX_README_BYTES).decode("utf-8", errors="replace")
-        try:
-            return ModelCard(parse_front_matter(text))
-        except ValueError:
-            return ModelCard()  # a broken card makes a repo unsearchable by tags, not unreadable
 
 
 # --------------------------------------------------------------------------- JSON shapes
@@ -350,14 +327,22 @@ def whoami(request: Request) -> JSONResponse:
 
 
 async def validate_yaml(request: Request) -> JSONResponse:
-    """POST /api/validate-yaml: `create_commit` asks this before committing a README.md."""
+    """POST /api/validate-yaml: `create_commit` asks this before committing a README.md.
+
+    Only for callers with a token (anonymous callers have nothing to commit), and parsed off
+    the event loop by the hardened card parser, so no request can stall the others.
+    """
+    registry = _registry(request)
+    principal = registry.principal(request)
+    if not principal.authenticated:
+        raise Unauthorized("Authentication required to validate YAML: send a token (Authorization: Bearer ...).")
     payload = await _json_body(request)
-    content = payload.get("content")
-    if not isinstance(content, str):
+    content = _optional(payload, "content", str)
+    if content is None:
         raise BadRequest("Expected a string 'content'.")
     try:
-        parse_front_matter(content)
-    except ValueError as error:
+        await run_in_threadpool(parse_front_matter, content)
+    except CardError as error:
         return JSONResponse({"error": str(error), "errors": [{"message": str(error)}]}, status_code=400)
     return JSONResponse({"errors": [], "warnings": []})
 
@@ -367,14 +352,15 @@ async def validate_yaml(request: Request) -> JSONResponse:
 
 async def _repo_request(request: Request, doing: str):
     """What create and delete both read first: the registry, the caller (who must be
-    authenticated), the JSON body, and the namespace (the body's organization, else the user)."""
+    authenticated, checked before the body is read), the JSON body, and the namespace
+    (the body's organization, else the user)."""
     registry = _registry(request)
-    payload = await _json_body(request)
     principal = registry.principal(request)
-    _require_model_type(payload.get("type"))
     if not principal.authenticated:
         raise Unauthorized(f"Authentication required to {doing} a repo.")
-    organization = payload.get("organization") or (None if principal.unrestricted else principal.user)
+    payload = await _json_body(request)
+    _require_model_type(payload.get("type"))
+    organization = _optional(payload, "organization", str) or (None if principal.unrestricted else principal.user)
     return registry, principal, payload, organization
 
 
@@ -411,8 +397,9 @@ async def delete_repo(request: Request) -> JSONResponse:
 async def update_settings(request: Request) -> JSONResponse:
     """PUT /api/models/{repo}/settings: only visibility is supported (no gating)."""
     registry = _registry(request)
-    payload = await _json_body(request)
     principal, repo = registry.principal(request), _repo(request)
+    await run_in_threadpool(registry.writable_repo, principal, repo)
+    payload = await _json_body(request)
     if payload.get("gated") not in (None, False):
         raise BadRequest("Gated repos are not supported by this registry.")
     private = _requested_privacy(payload)
@@ -437,60 +424,125 @@ def _requested_privacy(payload: Mapping[str, Any]) -> bool | None:
         if visibility not in ("public", "private"):
             raise BadRequest("'visibility' must be 'public' or 'private'.")
         return visibility == "private"
-    private = payload.get("private")
-    return bool(private) if private is not None else None
+    return _optional(payload, "private", bool)
+
+
+def _optional(payload: Mapping[str, Any], key: str, kind: type) -> Any:
+    """payload[key] if it has type `kind` (a bool is no int here), None if absent, else 400 naming the key."""
+    value = payload.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise BadRequest(f"'{key}' must be a {_TYPE_NAMES.get(kind, kind.__name__)}, not {type(value).__name__}: {value!r:.80}.")
+    return value
+
+
+_TYPE_NAMES = {bool: "JSON boolean (true or false, without quotes)", str: "string", int: "integer", list: "list"}
 
 
 # --------------------------------------------------------------------------- reading
 
+# Query parameters `HfApi.list_models` may send that this registry honours. Any other filter is
+# refused by name: ignoring it would silently return repos that do not match.
+LIST_MODELS_PARAMS = frozenset(
+    {"search", "author", "filter", "sort", "direction", "limit", "full", "cardData", "config", "expand", "expand[]",
+     "cursor", "pipeline_tag", "gated"}
+)  # fmt: skip
 
-def list_models(request: Request) -> JSONResponse:
-    """GET /api/models?search=&author=&filter=...: the repos this caller can see, filtered by tags."""
+
+async def list_models(request: Request) -> JSONResponse:
+    """GET /api/models?search=&author=&filter=...: the repos this caller can see, one page at a time.
+
+    Repos come from the store's in-memory index, so a page costs a walk over memory and the
+    JSON of the repos on it, not a read of every repo.
+    """
     registry, params = _registry(request), request.query_params
+    unsupported = sorted(set(params.keys()) - LIST_MODELS_PARAMS)
+    if unsupported:
+        raise BadRequest(
+            f"list_models filter {unsupported[0]!r} is not supported by this registry; supported: search, author,"
+            " filter (tags), pipeline_tag, gated, sort (lastModified, createdAt), limit, full, cardData, expand."
+        )
     principal = registry.principal(request)
+    try:
+        start = max(int(params.get("cursor", "0")), 0)
+    except ValueError:
+        raise BadRequest("Invalid 'cursor' query parameter.") from None
+    limit = params.get("limit", "")
+    page_size = min(registry.page_size, int(limit)) if limit.isdigit() and int(limit) > 0 else registry.page_size
+
+    def listing() -> tuple[list[dict[str, Any]], bool]:
+        window = list(islice(_matching_repos(registry, principal, params), start, start + page_size + 1))
+        expand = set(params.getlist("expand")) | set(params.getlist("expand[]"))
+        full = _truthy(params.get("full"))
+        models = []
+        for summary in window[:page_size]:
+            try:
+                head = registry.store.read_commit(summary.repo, summary.head)
+            except (OSError, ValueError):  # deleted while we were listing
+                continue
+            models.append(
+                _model_json(
+                    registry, summary.repo, summary.meta, head,
+                    siblings=full or "siblings" in expand,
+                    card_data=full or _truthy(params.get("cardData")) or "cardData" in expand,
+                )
+            )  # fmt: skip
+        return models, len(window) > page_size
+
+    models, more = await run_in_threadpool(listing)
+    headers = {}
+    if more:
+        headers["Link"] = f'<{request.url.include_query_params(cursor=start + page_size)}>; rel="next"'
+    return JSONResponse(models, headers=headers)
+
+
+def _matching_repos(registry: Registry, principal: Principal, params: Any) -> Iterable[RepoSummary]:
+    """The repos visible to `principal` that pass every filter, in the order asked for."""
     search = (params.get("search") or "").lower()
     author = params.get("author")
     wanted_tags = set(params.getlist("filter"))
-    expand = set(params.getlist("expand")) | set(params.getlist("expand[]"))
-    full = _truthy(params.get("full"))
-    models = []
-    for repo in registry.store.iter_repos():
-        if (author and repo.namespace != author) or search not in str(repo).lower():
-            continue
-        try:
-            meta = registry.readable_repo(principal, repo)
-        except RepoNotFound:  # missing, or private to this caller: left out like on every other route
-            continue
-        try:
-            head = registry.store.resolve(repo, DEFAULT_BRANCH)
-        except RegistryError:  # deleted while we were listing
-            continue
-        model = _model_json(
-            registry, repo, meta, head,
-            siblings=full or "siblings" in expand,
-            card_data=full or _truthy(params.get("cardData")) or "cardData" in expand,
-        )
-        if wanted_tags <= set(model["tags"]):
-            models.append(model)
-    _sort_models(models, params.get("sort"))
-    limit = params.get("limit", "")
-    page_size = min(registry.page_size, int(limit)) if limit.isdigit() and int(limit) > 0 else registry.page_size
-    return _paginated(request, models, page_size)
-
-
-def _sort_models(models: list[dict[str, Any]], sort: str | None) -> None:
-    """Newest first for date sorts like the Hub; counters are always 0 here, so other sorts keep id order."""
+    pipeline_tag = params.get("pipeline_tag")
+    gated = params.get("gated")
+    if gated is not None and gated.lower() not in ("true", "false"):
+        raise BadRequest("'gated' must be true or false.")
+    if gated is not None and gated.lower() == "true":
+        return []  # nothing here is gated
+    summaries: Iterable[RepoSummary] = registry.store.summaries()
+    sort = params.get("sort")
     if sort in ("lastModified", "createdAt"):
-        models.sort(key=lambda model: model[sort], reverse=True)
+        key = (lambda s: s.last_modified) if sort == "lastModified" else (lambda s: s.meta.created_at)
+        summaries = sorted(summaries, key=key, reverse=params.get("direction", "-1") != "1")
+    elif sort not in (None, "", "id", "downloads", "likes", "trendingScore"):
+        raise BadRequest(f"Unsupported sort {sort!r}: use lastModified or createdAt.")
+
+    def wanted(summary: RepoSummary) -> bool:
+        if author and summary.repo.namespace != author:
+            return False
+        if search and search not in str(summary.repo).lower():
+            return False
+        if not registry.can_see(principal, summary):
+            return False
+        if wanted_tags or pipeline_tag:
+            card = registry.cards.card(summary.repo, registry.store.read_commit(summary.repo, summary.head))
+            if not wanted_tags <= set(card.tags) or (pipeline_tag and card.pipeline_tag != pipeline_tag):
+                return False
+        return True
+
+    return (summary for summary in summaries if wanted(summary))
 
 
-def model_info(request: Request) -> JSONResponse:
+async def model_info(request: Request) -> JSONResponse:
     """GET /api/models/{repo}[/revision/{rev}]."""
     registry = _registry(request)
     principal, repo = registry.principal(request), _repo(request)
-    meta = registry.readable_repo(principal, repo)
-    commit = registry.store.resolve(repo, request.path_params.get("revision", DEFAULT_BRANCH))
-    return JSONResponse(_model_json(registry, repo, meta, commit, siblings=True, card_data=True))
+
+    def describe() -> dict[str, Any]:
+        meta = registry.readable_repo(principal, repo)
+        commit = registry.store.resolve(repo, request.path_params.get("revision", DEFAULT_BRANCH))
+        return _model_json(registry, repo, meta, commit, siblings=True, card_data=True)
+
+    return JSONResponse(await run_in_threadpool(describe))
 
 
 def auth_check(request: Request) -> JSONResponse:
@@ -504,18 +556,40 @@ def auth_check(request: Request) -> JSONResponse:
     return JSONResponse({})
 
 
-def list_tree(request: Request) -> JSONResponse:
+def _revision_and_path(request: Request, marker: str) -> tuple[str, str]:
+    """Split `.../<marker>/<revision>/<path>` as the client sent it, before percent-decoding.
+
+    The client sends the revision with '/' encoded (`feature%2Fx`) and the path with plain '/';
+    the decoded URL would mix them up, so this reads the raw path.
+    """
+    raw = request.scope.get("raw_path") or quote(request.scope["path"]).encode()
+    raw_text = raw.decode("latin-1")
+    _, found, after = raw_text.partition(f"/{marker}/")
+    if not found:
+        raise BadRequest("Malformed URL.")
+    revision, _, path = after.partition("/")
+    try:
+        return unquote(revision, errors="strict"), unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("The URL is not valid UTF-8.") from None
+
+
+async def list_tree(request: Request) -> JSONResponse:
     """GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=true, paginated."""
     registry = _registry(request)
     principal, repo = registry.principal(request), _repo(request)
-    registry.readable_repo(principal, repo)
-    commit = registry.store.resolve(repo, request.path_params["revision"])
-    folder = request.path_params.get("path", "").strip("/")
+    revision, folder = _revision_and_path(request, "tree")
+    folder = folder.strip("/")
     if folder:
         validate_repo_path(folder)
     recursive = _truthy(request.query_params.get("recursive"))
+
+    def listing() -> list[dict[str, Any]]:
+        registry.readable_repo(principal, repo)
+        return tree_entries(registry.store.resolve(repo, revision).files, folder, recursive=recursive)
+
     page_size = min(registry.page_size, 50) if _truthy(request.query_params.get("expand")) else registry.page_size
-    return _paginated(request, tree_entries(commit.files, folder, recursive=recursive), page_size)
+    return _paginated(request, await run_in_threadpool(listing), page_size)
 
 
 async def paths_info(request: Request) -> JSONResponse:
@@ -540,15 +614,22 @@ async def paths_info(request: Request) -> JSONResponse:
 
 
 def list_refs(request: Request) -> JSONResponse:
-    """GET /api/models/{repo}/refs: branches only (no tags, converts or pull requests)."""
+    """GET /api/models/{repo}/refs: branches and tags (no converts or pull requests)."""
     registry = _registry(request)
     principal, repo = registry.principal(request), _repo(request)
     registry.readable_repo(principal, repo)
-    branches = [
-        {"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit_id}
-        for name, commit_id in registry.store.branches(repo).items()
-    ]
-    return JSONResponse({"branches": branches, "converts": [], "tags": [], "pullRequests": []})
+
+    def refs(kind: str, names: Mapping[str, str]) -> list[dict[str, str]]:
+        return [{"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": target} for name, target in names.items()]
+
+    return JSONResponse(
+        {
+            "branches": refs("heads", registry.store.branches(repo)),
+            "tags": refs("tags", registry.store.tags(repo)),
+            "converts": [],
+            "pullRequests": [],
+        }
+    )
 
 
 def list_commits(request: Request) -> JSONResponse:
@@ -570,19 +651,24 @@ def list_commits(request: Request) -> JSONResponse:
     return _paginated(request, history, registry.page_size)
 
 
+# Types a browser would run or render if it opened the file: served as plain bytes instead.
+_ACTIVE_CONTENT = ("text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml",
+                   "text/javascript", "application/javascript", "application/x-javascript")  # fmt: skip
+
+
 def resolve_file(request: Request) -> Response:
     """HEAD/GET /{repo}/resolve/{rev}/{path}: a file's bytes, with the headers `hf_hub_download` needs.
 
-    A branch name redirects (307) to the same file at the branch's current commit,
-    so the metadata from HEAD and the bytes from GET always describe the same
-    version even if a commit lands in between. At a commit id the reply carries
-    `X-Repo-Commit`, a quoted `ETag` (the git blob id, the client's cache key),
-    `Content-Length` and honours `Range`, which the client uses to resume.
+    A branch or tag redirects (307) to the same file at its current commit, so the metadata
+    from HEAD and the bytes from GET always describe the same version even if a commit lands
+    in between. At a commit id the reply carries `X-Repo-Commit`, a quoted `ETag` (the git blob
+    id, the client's cache key), `Content-Length` and honours `Range`, which the client uses to
+    resume. Every download is an attachment that browsers must not sniff or render.
     """
     registry = _registry(request)
     principal, repo = registry.principal(request), _repo(request)
     registry.readable_repo(principal, repo)
-    revision, path = request.path_params["revision"], request.path_params["path"]
+    revision, path = _revision_and_path(request, "resolve")
     commit = registry.store.resolve(repo, revision)
     if revision != commit.id:
         location = f"{request.scope.get('root_path', '')}/{repo}/resolve/{commit.id}/{quote(path)}"
@@ -590,10 +676,19 @@ def resolve_file(request: Request) -> Response:
     entry = commit.files.get(path)
     if entry is None:
         raise _entry_not_found(path, commit)
+    media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    if media_type in _ACTIVE_CONTENT:
+        media_type = "application/octet-stream"
+    filename = path.rsplit("/", 1)[-1]
     return FileResponse(
         registry.store.blob_path(repo, entry),
-        media_type=mimetypes.guess_type(path)[0] or "application/octet-stream",
-        headers={"ETag": f'"{entry.oid}"', "X-Repo-Commit": commit.id},
+        media_type=media_type,
+        headers={
+            "ETag": f'"{entry.oid}"',
+            "X-Repo-Commit": commit.id,
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(filename, safe='')}",
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+        },
     )
 
 
@@ -603,14 +698,15 @@ def resolve_file(request: Request) -> Response:
 async def create_branch(request: Request) -> JSONResponse:
     """POST /api/models/{repo}/branch/{branch} with optional {"startingPoint": rev}."""
     registry = _registry(request)
-    payload = await _json_body(request)
     principal, repo = registry.principal(request), _repo(request)
-    branch = validate_branch_name(request.path_params["branch"])
+    await run_in_threadpool(registry.writable_repo, principal, repo)
+    branch = validate_ref_name(request.path_params["branch"], "branch")
+    payload = await _json_body(request)
+    starting_point = _optional(payload, "startingPoint", str) or DEFAULT_BRANCH
 
     def create() -> None:
         registry.writable_repo(principal, repo)
-        start = registry.store.resolve(repo, payload.get("startingPoint") or DEFAULT_BRANCH)
-        registry.store.create_branch(repo, branch, start)
+        registry.store.create_branch(repo, branch, registry.store.resolve(repo, starting_point))
 
     await run_in_threadpool(create)
     return JSONResponse({})
@@ -628,23 +724,53 @@ async def delete_branch(request: Request) -> JSONResponse:
     return JSONResponse({})
 
 
+async def create_tag(request: Request) -> JSONResponse:
+    """POST /api/models/{repo}/tag/{revision} with {"tag": name, "message"?}: tag that revision."""
+    registry = _registry(request)
+    principal, repo = registry.principal(request), _repo(request)
+    await run_in_threadpool(registry.writable_repo, principal, repo)
+    payload = await _json_body(request)
+    tag = validate_ref_name(payload.get("tag"), "tag")
+    _optional(payload, "message", str)
+
+    def create() -> None:
+        registry.writable_repo(principal, repo)
+        registry.store.create_tag(repo, tag, registry.store.resolve(repo, request.path_params["revision"]))
+
+    await run_in_threadpool(create)
+    return JSONResponse({})
+
+
+async def delete_tag(request: Request) -> JSONResponse:
+    registry = _registry(request)
+    principal, repo = registry.principal(request), _repo(request)
+
+    def delete() -> None:
+        registry.writable_repo(principal, repo)
+        registry.store.delete_tag(repo, request.path_params["tag"])
+
+    await run_in_threadpool(delete)
+    return JSONResponse({})
+
+
 async def preupload(request: Request) -> JSONResponse:
-    """POST /api/models/{repo}/preupload/{rev}: every file goes inline ("regular"), none is ignored.
+    """POST /api/models/{repo}/preupload/{rev}: small files go inline ("regular"), big ones through LFS.
 
     `oid` is the git blob id of the file currently at that path, which lets the
     client drop unchanged files from the commit.
     """
     registry = _registry(request)
-    payload = await _json_body(request)
     principal, repo = registry.principal(request), _repo(request)
+    await run_in_threadpool(registry.writable_repo, principal, repo)
+    payload = await _json_body(request)
     if _truthy(request.query_params.get("create_pr")):
         raise BadRequest("Pull requests are not supported by this registry.")
     files = payload.get("files")
     if not isinstance(files, list) or not all(isinstance(item, dict) for item in files):
         raise BadRequest("Expected {'files': [{'path', 'size', 'sample'}, ...]}.")
-    paths = [item.get("path") for item in files]
-    for path in paths:
-        validate_repo_path(path)
+    paths = [validate_repo_path(item.get("path")) for item in files]
+    sizes = [_optional(item, "size", int) or 0 for item in files]
+    threshold = registry.lfs_threshold_bytes
 
     def plan() -> dict[str, Any]:
         registry.writable_repo(principal, repo)
@@ -652,11 +778,11 @@ async def preupload(request: Request) -> JSONResponse:
         modes = [
             {
                 "path": path,
-                "uploadMode": "regular",
+                "uploadMode": "lfs" if threshold is not None and size > threshold else "regular",
                 "shouldIgnore": False,
                 "oid": current.files[path].oid if path in current.files else None,
             }
-            for path in paths
+            for path, size in zip(paths, sizes)
         ]
         return {"files": modes, "commitOid": current.id}
 
@@ -666,28 +792,27 @@ async def preupload(request: Request) -> JSONResponse:
 async def commit(request: Request) -> JSONResponse:
     """POST /api/models/{repo}/commit/{branch}: an NDJSON body of header, file and deletion lines.
 
-    The body is streamed to a temporary file (never held in memory whole) and
-    refused with 413 once it passes `--max-upload-bytes`.
+    Who may write is checked before a byte of the body is read. The body is then streamed
+    to a temporary file (never held in memory whole) and refused with 413 once it passes
+    `--max-upload-bytes`; a file inline in it may be at most the LFS threshold.
     """
     registry = _registry(request)
+    principal, repo = registry.principal(request), _repo(request)
+    branch = request.path_params["revision"]
+    if _truthy(request.query_params.get("create_pr")):
+        raise BadRequest("Pull requests are not supported by this registry.")
+    if FULL_COMMIT_ID.fullmatch(branch):
+        raise BadRequest("Commits go to a branch, not to a commit id.")
+    await run_in_threadpool(registry.writable_repo, principal, repo)
     try:
-        principal, repo = registry.principal(request), _repo(request)
-        branch = request.path_params["revision"]
-        if _truthy(request.query_params.get("create_pr")):
-            raise BadRequest("Pull requests are not supported by this registry.")
-        if FULL_COMMIT_ID.fullmatch(branch.lower()):
-            raise BadRequest("Commits go to a branch, not to a commit id.")
-        await run_in_threadpool(registry.writable_repo, principal, repo)
         body_path = await _receive_body(request, registry.store.temp_path(".ndjson"), registry.max_upload_bytes)
-    except RegistryError:
-        await _discard_body(request, 4 * registry.max_upload_bytes)
-        raise
     except ClientDisconnect:  # the uploader went away mid-body; nothing was committed
         return Response(status_code=400)
     try:
         new_commit = await run_in_threadpool(
-            registry.store.commit, repo, branch, body_path, author=principal.user or "anonymous"
-        )
+            registry.store.commit, repo, branch, body_path, author=principal.user or "anonymous",
+            max_inline_bytes=registry.max_inline_bytes,
+        )  # fmt: skip
     finally:
         body_path.unlink(missing_ok=True)
     return JSONResponse(
@@ -701,6 +826,49 @@ async def commit(request: Request) -> JSONResponse:
     )
 
 
+# --------------------------------------------------------------------------- Git LFS
+
+
+async def lfs_batch(request: Request) -> JSONResponse:
+    """POST /{repo}.git/info/lfs/objects/batch: where to upload each object (see lfs.py)."""
+    registry = _registry(request)
+    principal, repo = registry.principal(request), _repo(request)
+    await run_in_threadpool(registry.writable_repo, principal, repo)
+    payload = await _json_body(request)
+    reply = await run_in_threadpool(
+        registry.uploads.batch, registry.store, repo, payload, _base_url(request) + request.scope.get("root_path", "")
+    )
+    return JSONResponse(reply, media_type="application/vnd.git-lfs+json")
+
+
+async def lfs_upload(request: Request) -> JSONResponse:
+    """PUT /{repo}.git/info/lfs/objects/{oid}?...: the bytes, authorized by the signed URL batch gave."""
+    registry = _registry(request)
+    repo = _repo(request)
+    await registry.uploads.receive(request, registry.store, repo, request.path_params["oid"])
+    return JSONResponse({})
+
+
+async def lfs_verify(request: Request) -> JSONResponse:
+    """POST /{repo}.git/info/lfs/objects/verify {"oid", "size"}: 200 once the object is stored whole."""
+    registry = _registry(request)
+    principal, repo = registry.principal(request), _repo(request)
+    await run_in_threadpool(registry.writable_repo, principal, repo)
+    payload = await _json_body(request)
+    oid, size = _optional(payload, "oid", str), _optional(payload, "size", int)
+    entry = await run_in_threadpool(registry.store.lfs_object, repo, (oid or "").lower())
+    if entry is None or (size is not None and entry.size != size):
+        raise lfs.ObjectNotFound(f"LFS object {oid} ({size} bytes) is not stored in {repo}: upload it again.")
+    return JSONResponse({})
+
+
+def xet_not_supported(request: Request) -> JSONResponse:
+    raise NotImplementedRoute(
+        "This registry stores large files with Git LFS, not Xet. Set HF_HUB_DISABLE_XET=1 where huggingface_hub"
+        " runs (or uninstall hf_xet) and retry: the client then uploads through LFS."
+    )
+
+
 # --------------------------------------------------------------------------- bodies
 
 
@@ -710,8 +878,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         return {}
     try:
         payload = json.loads(raw)
-    except ValueError:
-        raise BadRequest("The request body is not valid JSON.") from None
+    except (ValueError, RecursionError):
+        raise BadRequest("The request body is not valid JSON (or is nested too deeply).") from None
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.")
     return payload
@@ -746,19 +914,19 @@ async def _receive_body(request: Request, target: Path, limit: int) -> Path:
     return target
 
 
-async def _discard_body(request: Request, limit: int) -> None:
-    """Read and drop what is left of the body, so the client gets to read our error reply.
+async def _discard_small_body(request: Request) -> None:
+    """After an early refusal, read and drop a body of at most DISCARDABLE_BODY_BYTES.
 
-    Replying while the client is still sending makes most clients fail with a
-    broken connection instead of showing the error; beyond `limit` we give up.
+    Then the connection can carry the next request. A bigger body is never read: the reply
+    goes out at once and the guard marks it `Connection: close`.
     """
-    discarded = 0
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit() or int(declared) > DISCARDABLE_BODY_BYTES:
+        return
     try:
-        async for chunk in request.stream():
-            discarded += len(chunk)
-            if discarded > limit:
-                return
-    except (RuntimeError, ClientDisconnect):  # already fully read, or the client left
+        async for _ in request.stream():
+            pass
+    except (RuntimeError, ClientDisconnect):  # already read, or the client left
         return
 
 
@@ -766,11 +934,14 @@ async def _discard_body(request: Request, limit: int) -> None:
 
 
 def unknown_api_route(request: Request) -> JSONResponse:
-    """Dataset, Space and other repo types, and endpoints this registry does not implement."""
+    """Dataset, Space and other repo types (404), and endpoints this registry does not implement (501)."""
     kind = request.path_params.get("kind")
-    if kind in ("datasets", "spaces", "kernels"):
+    if kind in ("datasets", "spaces", "kernels", "buckets"):
         raise RepoNotFound(f"Only model repositories are supported by this registry, not {kind}.")
-    return _error_json(404, f"No such endpoint in this registry: {request.method} {request.url.path}")
+    raise NotImplementedRoute(
+        f"{request.method} {request.url.path} is a Hub API this registry does not implement"
+        " (see docs/registry.md for what it does)."
+    )
 
 
 def _error_json(
@@ -793,15 +964,21 @@ def _header_safe(text: str) -> str:
 
 async def _registry_error_response(request: Request, error: Exception) -> Response:
     assert isinstance(error, RegistryError)
+    await _discard_small_body(request)
     return _error_json(error.status, error.message, error.error_code, error.headers, error.body)
 
 
 async def _http_error_response(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
+    await _discard_small_body(request)
     return _error_json(error.status_code, str(error.detail), headers=error.headers)
 
 
-async def _internal_error_response(request: Request, error: Exception) -> Response:
-    logger.exception("Unhandled error on %s %s", request.method, request.url.path)
+async def _os_error_response(request: Request, error: Exception) -> Response:
+    """A full disk is 507 (whatever was being written is already removed); other OS errors are 500s."""
+    assert isinstance(error, OSError)
+    if error.errno in DISK_FULL_ERRNOS:
+        full = disk_full(error)
+        return _error_json(full.status, full.message, full.error_code)
+    logger.error("Unhandled OS error on %s %s", request.method, request.url.path, exc_info=error)
     return _error_json(500, "Internal server error.")
-

@@ -7,8 +7,10 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .app import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_PAGE_SIZE, create_app
+from .app import DEFAULT_LFS_THRESHOLD_BYTES, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_PAGE_SIZE, create_app
 from .auth import TokenFileError
+from .guard import LOOPBACK_HOSTS
+from .lfs import DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_MAX_OBJECT_BYTES
 
 
 @click.group()
@@ -27,8 +29,16 @@ def main() -> None:
     "--tokens",
     "tokens_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help='JSON tokens file: {"tokens": {"<token>": {"user": "alice", "namespaces": {"alice": "write"}}}}.'
-    " Without it, the registry is open to anyone.",
+    help='JSON tokens file: {"tokens": {"<token>": {"user": "alice", "namespaces": {"alice": "write"}}}}.',
+)
+@click.option(
+    "--open", "open_access", is_flag=True,
+    help="Run without tokens: anyone who can reach the registry may create, overwrite and delete repos.",
+)
+@click.option(
+    "--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+    help="A name clients reach the server by (the Host header); repeat for more, '*' for any."
+    " Default: the --host address, localhost, 127.0.0.1 and ::1.",
 )
 @click.option(
     "--max-upload-bytes",
@@ -37,22 +47,48 @@ def main() -> None:
     type=click.IntRange(min=1),
     help="Largest commit body accepted; bigger uploads get 413.",
 )
+@click.option(
+    "--lfs-threshold-bytes", default=DEFAULT_LFS_THRESHOLD_BYTES, show_default=True, type=click.IntRange(min=0),
+    help="Files bigger than this are uploaded through Git LFS (streamed, not inside the commit body).",
+)
+@click.option(
+    "--max-lfs-object-bytes", default=DEFAULT_MAX_OBJECT_BYTES, show_default=True, type=click.IntRange(min=1),
+    help="Largest single file accepted through LFS.",
+)
+@click.option(
+    "--max-concurrent-uploads", default=DEFAULT_MAX_CONCURRENT_UPLOADS, show_default=True, type=click.IntRange(min=1),
+    help="LFS uploads received at once; more are told to retry.",
+)
+@click.option(
+    "--namespace-quota-bytes", default=None, type=click.IntRange(min=1),
+    help="Most bytes the repos of one namespace may hold (default: no quota).",
+)
 @click.option("--page-size", default=DEFAULT_PAGE_SIZE, type=click.IntRange(min=1), hidden=True)
 @click.option("--log-level", default="info", show_default=True, help="uvicorn log level.")
 def serve(
-    root: Path, host: str, port: int, tokens_file: Path | None, max_upload_bytes: int, page_size: int, log_level: str
+    root: Path, host: str, port: int, tokens_file: Path | None, open_access: bool, allowed_hosts: tuple[str, ...],
+    max_upload_bytes: int, lfs_threshold_bytes: int, max_lfs_object_bytes: int, max_concurrent_uploads: int,
+    namespace_quota_bytes: int | None, page_size: int, log_level: str,
 ) -> None:
     """Serve the repos under ROOT over HTTP."""
     import uvicorn
 
+    if (tokens_file is None) == (not open_access):
+        raise click.UsageError(
+            "Give --tokens FILE, or --open to let anyone who can reach the registry write to it (not both)."
+        )
     try:
-        app = create_app(root, tokens_file=tokens_file, max_upload_bytes=max_upload_bytes, page_size=page_size)
+        app = create_app(
+            root, tokens_file=tokens_file, open_access=open_access, max_upload_bytes=max_upload_bytes,
+            page_size=page_size, allowed_hosts=allowed_hosts or (host, *LOOPBACK_HOSTS),
+            lfs_threshold_bytes=lfs_threshold_bytes, max_lfs_object_bytes=max_lfs_object_bytes,
+            namespace_quota_bytes=namespace_quota_bytes, max_concurrent_uploads=max_concurrent_uploads,
+        )  # fmt: skip
     except TokenFileError as error:
         raise click.ClickException(str(error)) from error
-    if tokens_file is None:
+    if open_access:
         click.secho(
-            "WARNING: no --tokens file given: the registry is OPEN, anyone who can reach it may create,"
-            " overwrite and delete repos.",
+            "WARNING: --open: the registry is OPEN, anyone who can reach it may create, overwrite and delete repos.",
             fg="yellow",
             err=True,
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -31,6 +32,7 @@ import re
 import shutil
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -101,14 +103,53 @@ class PayloadTooLarge(RegistryError):
     status = 413
 
 
+class InsufficientStorage(RegistryError):
+    """507: the disk is full or the namespace's quota is spent; nothing was written."""
+
+    status = 507
+    error_code = "InsufficientStorage"
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(error: OSError) -> InsufficientStorage:
+    return InsufficientStorage(
+        "The registry's disk is full: nothing was written. Ask the operator to free space, then retry."
+    )
+
+
 # --------------------------------------------------------------------------- names
 
 
 _REPO_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
-_BRANCH_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,254})")
-FULL_COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+_REF_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+FULL_COMMIT_ID = re.compile(r"[0-9a-fA-F]{40}")
+SHORT_COMMIT_ID = re.compile(r"[0-9a-fA-F]{7,39}")
+_HEX_ONLY = re.compile(r"[0-9a-fA-F]+")
+MAX_REF_NAME = 255
 # First path segments that routes use; a namespace with one of these names would be shadowed.
 RESERVED_NAMESPACES = frozenset({"api", "datasets", "spaces", "kernels", "models", "buckets"})
+# Names Windows refuses for files, with or without an extension: a repo cloned there would break.
+RESERVED_DEVICE_NAMES = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"{port}{digit}" for port in ("COM", "LPT") for digit in [*"0123456789", "\u00b9", "\u00b2", "\u00b3"]}
+)
+# Characters that reorder or hide text: a name holding one can display as another name.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def name_problems(name: str) -> list[str]:
+    """What makes `name` (a repo id part, ref or path segment) unsafe to show or store; empty if nothing."""
+    problems = []
+    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in name):
+        problems.append("control characters (newlines, tabs, NUL...) are not allowed")
+    if any(char in _BIDI_CONTROLS for char in name):
+        problems.append("right-to-left and other bidirectional override characters are not allowed")
+    for segment in name.split("/"):
+        if segment.split(".")[0].rstrip(" ").upper() in RESERVED_DEVICE_NAMES:
+            problems.append(f"{segment!r} is a reserved device name on Windows (CON, PRN, AUX, NUL, COM1, LPT1...)")
+    return problems
 
 
 @dataclass(frozen=True, order=True)
@@ -119,17 +160,19 @@ class RepoId:
     name: str
 
     @classmethod
-    def parse(cls, namespace: str | None, name: str | None) -> RepoId:
+    def parse(cls, namespace: Any, name: Any) -> RepoId:
         """Validate both parts, raising `BadRequest` (400) on anything unsafe."""
         for part in (namespace, name):
             if not isinstance(part, str) or not _REPO_NAME.fullmatch(part) or ".." in part or "--" in part:
                 raise BadRequest(
-                    f"Invalid repo id {namespace}/{name}: expected 'namespace/name' made of letters, digits,"
+                    f"Invalid repo id {namespace!r}/{name!r}: expected 'namespace/name' made of letters, digits,"
                     " '-', '_' and '.', starting and ending with a letter or digit, at most 96 characters each."
                 )
+            if name_problems(part):
+                raise BadRequest(f"Invalid repo id {namespace}/{name}: {'; '.join(name_problems(part))}.")
         if namespace in RESERVED_NAMESPACES:
             raise BadRequest(f"Invalid repo id {namespace}/{name}: namespace '{namespace}' is reserved.")
-        return cls(namespace, name)  # type: ignore[arg-type]
+        return cls(namespace, name)
 
     @classmethod
     def from_string(cls, repo_id: str) -> RepoId:
@@ -140,11 +183,40 @@ class RepoId:
         return f"{self.namespace}/{self.name}"
 
 
-def validate_branch_name(branch: str) -> str:
-    """Branch names become file names under refs/heads, so they stay flat and safe."""
-    if not _BRANCH_NAME.fullmatch(branch) or ".." in branch or FULL_COMMIT_ID.fullmatch(branch):
-        raise BadRequest(f"Invalid branch name {branch!r}: use letters, digits, '-', '_' and '.' (no '/').")
-    return branch
+def ref_name_problems(name: Any) -> list[str]:
+    """Why `name` cannot be a branch or tag name; empty if it can.
+
+    Names become files under refs/, so each '/'-separated part is a plain file name. Names made
+    only of hex digits are refused: they could be mistaken for a commit id, and a pinned
+    `revision=<commit id>` must never be redirected by a branch or a tag.
+    """
+    if not isinstance(name, str) or not name:
+        return ["expected a non-empty string"]
+    problems = name_problems(name)
+    if len(name) > MAX_REF_NAME:
+        problems.append(f"longer than {MAX_REF_NAME} characters")
+    segments = name.split("/")
+    if not all(_REF_SEGMENT.fullmatch(segment) for segment in segments) or ".." in name:
+        problems.append(
+            "use letters, digits, '-', '_' and '.' in '/'-separated parts, each starting with a letter or digit,"
+            " and no '..'"
+        )
+    if any(segment.endswith(".lock") for segment in segments):
+        problems.append("no part may end with '.lock'")
+    if _HEX_ONLY.fullmatch(name):
+        problems.append("a name made only of hex digits could be taken for a commit id; add a letter outside a-f")
+    return problems
+
+
+def validate_ref_name(name: Any, kind: str = "branch") -> str:
+    problems = ref_name_problems(name)
+    if problems:
+        raise BadRequest(f"Invalid {kind} name {name!r}: {'; '.join(problems)}.")
+    return name
+
+
+def validate_branch_name(branch: Any) -> str:
+    return validate_ref_name(branch, "branch")
 
 
 def validate_repo_path(path: Any, *, folder: bool = False) -> str:
@@ -170,6 +242,7 @@ def validate_repo_path(path: Any, *, folder: bool = False) -> str:
         problems.append("empty, '.' and '..' segments are not allowed")
     if ".git" in segments:
         problems.append("the .git folder is reserved")
+    problems += name_problems(candidate)
     if problems:
         raise BadRequest(f"Invalid path in repo {path!r}: {'; '.join(problems)}.")
     return candidate
@@ -267,7 +340,7 @@ class RepoMeta:
 class AddFile:
     path: str
     entry: FileEntry
-    staged_blob: Path
+    staged_blob: Path | None  # None: the blob is already in the repo (an LFS object)
 
 
 @dataclass(frozen=True)
@@ -293,30 +366,52 @@ class CommitRequest:
     operations: list[Operation] = field(default_factory=list)
 
 
-def parse_commit_body(body_path: Path, staging_dir: Path) -> CommitRequest:
+LfsLookup = Callable[[str, Any], FileEntry]
+
+
+def parse_commit_body(
+    body_path: Path, staging_dir: Path, *, max_inline_bytes: int, lfs_lookup: LfsLookup
+) -> CommitRequest:
     """Parse the NDJSON body `huggingface_hub` sends to `/commit` (see `_commit_api._prepare_commit_payload`).
 
     The first line is `{"key": "header", "value": {"summary", "description", "parentCommit"?}}`,
-    then one line per operation: `file` (base64 `content`), `deletedFile`, `deletedFolder`.
+    then one line per operation: `file` (base64 `content`), `lfsFile` (an object uploaded before
+    through the LFS batch API, named by its sha256), `deletedFile`, `deletedFolder`.
     File contents are decoded into `staging_dir` so nothing touches the repo until the
-    whole body is known to be valid.
+    whole body is known to be valid. A line is read with a length cap, so a file sent
+    inline past `max_inline_bytes` is refused without being held in memory whole.
     """
+    max_line = (max_inline_bytes + 2) // 3 * 4 + 64 * 1024  # base64 of the largest inline file, plus JSON
     with open(body_path, "rb") as body:
-        lines = ((number, raw) for number, raw in enumerate(body, start=1) if raw.strip())
-        first = next(lines, None)
-        if first is None:
-            raise BadRequest("Malformed commit: the body is empty, expected a 'header' line first.")
-        request = _parse_header(_parse_ndjson_line(*first))
-        for number, raw in lines:
-            request.operations.append(_parse_operation(_parse_ndjson_line(number, raw), number, staging_dir))
+        number, item = 0, None
+        request: CommitRequest | None = None
+        while True:
+            raw = body.readline(max_line + 1)
+            if not raw:
+                break
+            number += 1
+            if len(raw) > max_line:
+                raise PayloadTooLarge(
+                    f"Commit line {number} is larger than an inline file may be ({max_inline_bytes} bytes):"
+                    " upload big files through LFS (huggingface_hub does when preupload says 'lfs')."
+                )
+            if not raw.strip():
+                continue
+            item = _parse_ndjson_line(number, raw)
+            if request is None:
+                request = _parse_header(item)
+            else:
+                request.operations.append(_parse_operation(item, number, staging_dir, lfs_lookup))
+    if request is None:
+        raise BadRequest("Malformed commit: the body is empty, expected a 'header' line first.")
     return request
 
 
 def _parse_ndjson_line(number: int, raw: bytes) -> dict[str, Any]:
     try:
         item = json.loads(raw)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
-        raise BadRequest(f"Malformed commit: line {number} is not valid JSON.") from None
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise BadRequest(f"Malformed commit: line {number} is not valid JSON (or is nested too deeply).") from None
     if not isinstance(item, dict) or not isinstance(item.get("key"), str) or not isinstance(item.get("value"), dict):
         raise BadRequest(
             f"Malformed commit: line {number} must be an object with a string 'key' and an object 'value'."
@@ -338,18 +433,22 @@ def _parse_header(item: dict[str, Any]) -> CommitRequest:
     return CommitRequest(summary=summary, description=description, parent_commit=parent.lower() if parent else None)
 
 
-def _parse_operation(item: dict[str, Any], number: int, staging_dir: Path) -> Operation:
+def _parse_operation(item: dict[str, Any], number: int, staging_dir: Path, lfs_lookup: LfsLookup) -> Operation:
     key, value = item["key"], item["value"]
     if key == "file":
         return _stage_file(value, number, staging_dir)
+    if key == "lfsFile":
+        path = validate_repo_path(value.get("path"))
+        if value.get("algo", "sha256") != "sha256" or not isinstance(value.get("oid"), str):
+            raise BadRequest(f"Malformed commit: line {number} ({path}) needs 'algo': 'sha256' and a string 'oid'.")
+        size = value.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise BadRequest(f"Malformed commit: line {number} ({path}) has a 'size' that is not an integer.")
+        return AddFile(path=path, entry=lfs_lookup(value["oid"].lower(), size), staged_blob=None)
     if key == "deletedFile":
         return DeleteFile(validate_repo_path(value.get("path")))
     if key == "deletedFolder":
         return DeleteFolder(validate_repo_path(value.get("path"), folder=True))
-    if key == "lfsFile":
-        raise BadRequest(
-            "LFS files are not supported by this registry: every file is uploaded inline (uploadMode 'regular')."
-        )
     if key == "header":
         raise BadRequest(f"Malformed commit: line {number} is a second 'header'.")
     raise BadRequest(f"Malformed commit: line {number} has unknown key {key!r}.")
@@ -407,6 +506,16 @@ def _reject_file_folder_clashes(files: Mapping[str, FileEntry]) -> None:
 # --------------------------------------------------------------------------- the store
 
 
+@dataclass(frozen=True)
+class RepoSummary:
+    """What listing needs about a repo without touching the disk: kept in memory by the store."""
+
+    repo: RepoId
+    meta: RepoMeta
+    head: str  # the commit id `main` points to
+    last_modified: str  # the date of that commit
+
+
 class Store:
     """All repositories under one root directory.
 
@@ -414,9 +523,15 @@ class Store:
     which also works across worker processes and is released by the kernel if
     the server dies. Reads take no lock: they only follow refs, which are
     replaced atomically, to immutable commit records and blobs.
+
+    `namespace_quota_bytes` caps the bytes of blobs under each namespace (None: no cap).
+    `max_concurrent_commits` bounds how many commit bodies are decoded at once, since each
+    may hold an inline file in memory.
     """
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(
+        self, root: Path | str, *, namespace_quota_bytes: int | None = None, max_concurrent_commits: int = 4
+    ) -> None:
         self.root = Path(root).resolve()
         self._models = self.root / "models"
         self._locks = self.root / "locks"
@@ -424,7 +539,12 @@ class Store:
         self._trash = self.root / "trash"
         for folder in (self._models, self._locks, self._tmp, self._trash):
             folder.mkdir(parents=True, exist_ok=True)
-        self._commit_cache: BoundedCache[tuple[str, str], Commit] = BoundedCache()
+        self.namespace_quota_bytes = namespace_quota_bytes
+        self._commit_cache: BoundedCache[tuple[str, str], Commit] = BoundedCache(100_000)
+        self._decoding = threading.BoundedSemaphore(max(1, max_concurrent_commits))
+        self._index: dict[RepoId, RepoSummary] | None = None
+        self._index_order: list[RepoSummary] | None = None
+        self._index_lock = threading.Lock()
         self.recover()
 
     # -- start-up
@@ -453,9 +573,48 @@ class Store:
             return None
 
     def iter_repos(self) -> Iterator[RepoId]:
-        """Every repo on disk, sorted by id; half-created repos are never visible (see `create_repo`)."""
-        for meta_file in sorted(self._models.glob("*/*/repo.json")):
-            yield RepoId(meta_file.parent.parent.name, meta_file.parent.name)
+        """Every repo, sorted by id; half-created repos are never visible (see `create_repo`)."""
+        for summary in self.summaries():
+            yield summary.repo
+
+    def summaries(self) -> list[RepoSummary]:
+        """Every repo with its visibility and `main` head, sorted by id, from memory.
+
+        Read from disk once, then kept current by this store's own writes, so a listing page
+        costs a walk over memory, not a read per repo. One server process per root (see docs).
+        """
+        with self._index_lock:
+            if self._index is None:
+                self._index = {}
+                for meta_file in self._models.glob("*/*/repo.json"):
+                    repo = RepoId(meta_file.parent.parent.name, meta_file.parent.name)
+                    summary = self._read_summary(repo)
+                    if summary is not None:
+                        self._index[repo] = summary
+            if self._index_order is None:
+                self._index_order = sorted(self._index.values(), key=lambda summary: summary.repo)
+            return self._index_order
+
+    def _read_summary(self, repo: RepoId) -> RepoSummary | None:
+        meta, head = self.repo_meta(repo), self._read_ref_or_none(repo, "heads", DEFAULT_BRANCH)
+        if meta is None or head is None:
+            return None
+        try:
+            return RepoSummary(repo, meta, head, self.read_commit(repo, head).date)
+        except (OSError, ValueError, KeyError):  # deleted meanwhile, or a damaged record: not listed
+            return None
+
+    def _refresh_summary(self, repo: RepoId) -> None:
+        """Called after every write that may change what `summaries` shows for `repo`."""
+        summary = self._read_summary(repo)
+        with self._index_lock:
+            if self._index is None:
+                return
+            if summary is None:
+                self._index.pop(repo, None)
+            else:
+                self._index[repo] = summary
+            self._index_order = None
 
     def create_repo(self, repo: RepoId, *, private: bool, author: str) -> Commit:
         """Create a repo whose `main` holds an empty initial commit, like the Hub does.
@@ -467,19 +626,23 @@ class Store:
             if self.repo_meta(repo) is not None:
                 raise RepoExists(f"You already created this model repo: {repo}")
             building = self.temp_path(".repo")
-            for sub in ("blobs", "commits", "refs/heads"):
-                (building / sub).mkdir(parents=True)
-            initial = Commit.new(parent=None, summary="initial commit", description="", author=author, files={})
-            _write_file(building / "repo.json", _to_json_bytes(RepoMeta(private, utc_now_iso()).to_json()))
-            _write_file(building / "commits" / f"{initial.id}.json", _to_json_bytes(initial.to_json()))
-            _write_file(building / "refs" / "heads" / DEFAULT_BRANCH, initial.id.encode())
-            final = self._repo_dir(repo)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():  # debris of a repo whose creation or deletion was interrupted
-                os.replace(final, self._trash / uuid.uuid4().hex)
-            os.replace(building, final)
-            _fsync_dir(final.parent)
-            return initial
+            try:
+                for sub in ("blobs", "commits", "refs/heads", "refs/tags"):
+                    (building / sub).mkdir(parents=True)
+                initial = Commit.new(parent=None, summary="initial commit", description="", author=author, files={})
+                _write_file(building / "repo.json", _to_json_bytes(RepoMeta(private, utc_now_iso()).to_json()))
+                _write_file(building / "commits" / f"{initial.id}.json", _to_json_bytes(initial.to_json()))
+                _write_file(building / "refs" / "heads" / DEFAULT_BRANCH, initial.id.encode())
+                final = self._repo_dir(repo)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                if final.exists():  # debris of a repo whose creation or deletion was interrupted
+                    os.replace(final, self._trash / uuid.uuid4().hex)
+                os.replace(building, final)
+                _fsync_dir(final.parent)
+            finally:
+                shutil.rmtree(building, ignore_errors=True)  # gone already unless something failed
+        self._refresh_summary(repo)
+        return initial
 
     def delete_repo(self, repo: RepoId) -> None:
         """Move the repo to trash/ atomically, then remove it; a crash in between is cleaned on start."""
@@ -489,26 +652,54 @@ class Store:
             os.replace(self._repo_dir(repo), doomed)
             _fsync_dir(self._repo_dir(repo).parent)
             shutil.rmtree(doomed, ignore_errors=True)
+        self._refresh_summary(repo)
 
     def set_private(self, repo: RepoId, private: bool) -> None:
         with self._repo_lock(repo):
             meta = self._require_repo(repo)
             new_meta = RepoMeta(private=private, created_at=meta.created_at)
             self._replace_file(self._repo_dir(repo) / "repo.json", _to_json_bytes(new_meta.to_json()))
+        self._refresh_summary(repo)
 
     # -- revisions
 
     def resolve(self, repo: RepoId, revision: str) -> Commit:
-        """Turn a branch name or a full 40-hex commit id into a commit, or raise `RevisionNotFound`."""
-        commit_id = self._read_branch_or_none(repo, revision)
-        if commit_id is None and FULL_COMMIT_ID.fullmatch(revision.lower()):
-            commit_id = revision.lower()
+        """Turn a revision into a commit, or raise `RevisionNotFound`.
+
+        Order: a full 40-hex id is a commit and nothing else (so a pinned revision can never
+        be redirected); then a branch, then a tag (`refs/heads/x` and `refs/tags/x` name one
+        kind only); then a unique commit id prefix of 7 or more hex digits.
+        """
+        if not isinstance(revision, str) or not revision:
+            raise BadRequest("A revision must be a non-empty string (a branch, a tag or a commit id).")
+        if FULL_COMMIT_ID.fullmatch(revision):
+            return self._commit_or_not_found(repo, revision.lower(), revision)
+        if revision.startswith("refs/heads/") or revision.startswith("refs/tags/"):
+            kind, _, name = revision[len("refs/") :].partition("/")
+            commit_id = self._read_ref_or_none(repo, kind, name)
+        else:
+            commit_id = self._read_ref_or_none(repo, "heads", revision) or self._read_ref_or_none(repo, "tags", revision)
+        if commit_id is None and SHORT_COMMIT_ID.fullmatch(revision):
+            commit_id = self._commit_id_by_prefix(repo, revision.lower())
         if commit_id is None:
             raise RevisionNotFound(f"Invalid rev id: {revision}")
+        return self._commit_or_not_found(repo, commit_id, revision)
+
+    def _commit_or_not_found(self, repo: RepoId, commit_id: str, revision: str) -> Commit:
         try:
             return self.read_commit(repo, commit_id)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise RevisionNotFound(f"Invalid rev id: {revision}") from None
+
+    def _commit_id_by_prefix(self, repo: RepoId, prefix: str) -> str | None:
+        try:
+            names = [entry.name for entry in os.scandir(self._repo_dir(repo) / "commits")]
+        except FileNotFoundError:
+            return None
+        found = [name[:-5] for name in names if name.startswith(prefix) and name.endswith(".json")]
+        if len(found) > 1:
+            raise BadRequest(f"Short commit id {prefix} is ambiguous ({len(found)} commits): give more digits.")
+        return found[0] if found else None
 
     def read_commit(self, repo: RepoId, commit_id: str) -> Commit:
         """Commits are immutable, so they are cached in memory once read."""
@@ -525,47 +716,152 @@ class Store:
             current = self.read_commit(repo, current.parent) if current.parent else None
 
     def branches(self, repo: RepoId) -> dict[str, str]:
-        heads = self._repo_dir(repo) / "refs" / "heads"
-        return {ref.name: ref.read_text().strip() for ref in sorted(heads.iterdir()) if ref.is_file()}
+        return self._refs(repo, "heads")
+
+    def tags(self, repo: RepoId) -> dict[str, str]:
+        return self._refs(repo, "tags")
+
+    def _refs(self, repo: RepoId, kind: str) -> dict[str, str]:
+        folder = self._repo_dir(repo) / "refs" / kind
+        if not folder.is_dir():
+            return {}
+        return {
+            ref.relative_to(folder).as_posix(): ref.read_text().strip()
+            for ref in sorted(folder.rglob("*"))
+            if ref.is_file()
+        }
 
     def create_branch(self, repo: RepoId, branch: str, start: Commit) -> None:
-        validate_branch_name(branch)
-        with self._repo_lock(repo):
-            self._require_repo(repo)
-            if self._read_branch_or_none(repo, branch) is not None:
-                raise RefExists(f"Reference already exists: refs/heads/{branch}")
-            self._replace_file(self._repo_dir(repo) / "refs" / "heads" / branch, start.id.encode())
+        self._create_ref(repo, "heads", validate_ref_name(branch, "branch"), start)
 
     def delete_branch(self, repo: RepoId, branch: str) -> None:
         if branch == DEFAULT_BRANCH:
             raise BadRequest(f"The default branch '{DEFAULT_BRANCH}' cannot be deleted.")
+        self._delete_ref(repo, "heads", branch)
+
+    def create_tag(self, repo: RepoId, tag: str, target: Commit) -> None:
+        self._create_ref(repo, "tags", validate_ref_name(tag, "tag"), target)
+
+    def delete_tag(self, repo: RepoId, tag: str) -> None:
+        self._delete_ref(repo, "tags", tag)
+
+    def _create_ref(self, repo: RepoId, kind: str, name: str, target: Commit) -> None:
+        """refs/<kind>/<name> -> target. `a` and `a/b` cannot both exist (a file cannot be a folder)."""
         with self._repo_lock(repo):
             self._require_repo(repo)
-            if self._read_branch_or_none(repo, branch) is None:
-                raise RevisionNotFound(f"Invalid rev id: {branch}")
-            (self._repo_dir(repo) / "refs" / "heads" / branch).unlink()
-            _fsync_dir(self._repo_dir(repo) / "refs" / "heads")
+            ref = f"refs/{kind}/{name}"
+            if self._read_ref_or_none(repo, kind, name) is not None:
+                raise RefExists(f"Reference already exists: {ref}")
+            path = self._repo_dir(repo) / "refs" / kind / name
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_dir():
+                    raise IsADirectoryError(path)
+                self._replace_file(path, target.id.encode())
+            except (NotADirectoryError, FileExistsError, IsADirectoryError):
+                raise RefExists(
+                    f"Cannot create {ref}: it clashes with an existing name that is a prefix of it, or has it as"
+                    " a prefix ('a' and 'a/b' cannot both exist). Pick another name."
+                ) from None
+
+    def _delete_ref(self, repo: RepoId, kind: str, name: str) -> None:
+        with self._repo_lock(repo):
+            self._require_repo(repo)
+            if self._read_ref_or_none(repo, kind, name) is None:
+                raise RevisionNotFound(f"Invalid rev id: {name}")
+            top = self._repo_dir(repo) / "refs" / kind
+            path = top / name
+            path.unlink()
+            _fsync_dir(path.parent)
+            for parent in path.parents:  # folders left empty by `a/b` go too, so `a` can be made again
+                if parent == top or not parent.is_relative_to(top):
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
     def blob_path(self, repo: RepoId, entry: FileEntry) -> Path:
         return self._repo_dir(repo) / "blobs" / entry.sha256
 
+    # -- LFS objects and quota
+
+    def lfs_object(self, repo: RepoId, sha256: str) -> FileEntry | None:
+        """The stored object with this sha256 in `repo`, or None; its git oid is recorded at upload."""
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            return None
+        blob = self._repo_dir(repo) / "blobs" / sha256
+        try:
+            size = blob.stat().st_size
+        except FileNotFoundError:
+            return None
+        record = self._repo_dir(repo) / "lfs" / f"{sha256}.json"
+        try:
+            return FileEntry.from_json(json.loads(record.read_bytes()))
+        except FileNotFoundError:  # a blob that came inline: work its oid out once and remember it
+            with open(blob, "rb") as stream:
+                oid = git_blob_oid_of_stream(stream, size)
+            entry = FileEntry(sha256=sha256, oid=oid, size=size)
+            self._record_lfs_object(repo, entry)
+            return entry
+
+    def store_lfs_object(self, repo: RepoId, received: Path, entry: FileEntry) -> None:
+        """Publish a verified upload as the blob `entry.sha256` of `repo` (the file at `received` moves)."""
+        with self._repo_lock(repo):
+            self._require_repo(repo)
+            self.check_quota(repo.namespace, entry.size)
+            blobs = self._repo_dir(repo) / "blobs"
+            os.replace(received, blobs / entry.sha256)
+            _fsync_dir(blobs)
+            self._record_lfs_object(repo, entry)
+
+    def _record_lfs_object(self, repo: RepoId, entry: FileEntry) -> None:
+        folder = self._repo_dir(repo) / "lfs"
+        folder.mkdir(exist_ok=True)
+        self._replace_file(folder / f"{entry.sha256}.json", _to_json_bytes(entry.to_json()))
+
+    def namespace_usage(self, namespace: str) -> int:
+        """Bytes of every blob in every repo of `namespace` (shared blobs counted once per repo)."""
+        total = 0
+        for blobs in self._models.glob(f"{glob_escape(namespace)}/*/blobs"):
+            with os.scandir(blobs) as entries:
+                total += sum(entry.stat().st_size for entry in entries if entry.is_file())
+        return total
+
+    def check_quota(self, namespace: str, extra_bytes: int) -> None:
+        if self.namespace_quota_bytes is None or extra_bytes <= 0:
+            return
+        used = self.namespace_usage(namespace)
+        if used + extra_bytes > self.namespace_quota_bytes:
+            raise InsufficientStorage(
+                f"Namespace '{namespace}' would pass its storage quota of {self.namespace_quota_bytes} bytes"
+                f" ({used} used, {extra_bytes} more asked): delete repos or files there, or ask the operator"
+                " for a larger --namespace-quota-bytes."
+            )
+
     # -- commits
 
-    def commit(self, repo: RepoId, branch: str, body_path: Path, *, author: str) -> Commit:
+    def commit(
+        self, repo: RepoId, branch: str, body_path: Path, *, author: str, max_inline_bytes: int = 512 * 1024 * 1024
+    ) -> Commit:
         """Apply the NDJSON commit in `body_path` on top of `branch` and move the branch to it.
 
-        The body is parsed and staged before taking the repo lock (it may be large);
-        conflicts are checked under the lock. Publication order is blobs, commit
-        record, branch ref, each written atomically, so a crash at any moment
-        leaves the branch on a complete revision.
+        The body is decoded and staged before taking the repo lock (it may be large), at most
+        `max_concurrent_commits` at once; conflicts are checked under the lock. Publication
+        order is blobs, commit record, branch ref, each written atomically, so a crash at any
+        moment leaves the branch on a complete revision.
         """
         staging = self.temp_path(".staging")
         staging.mkdir()
         try:
-            request = parse_commit_body(body_path, staging)
+            with self._decoding:
+                request = parse_commit_body(
+                    body_path, staging, max_inline_bytes=max_inline_bytes,
+                    lfs_lookup=lambda sha256, size: self._uploaded_object(repo, sha256, size),
+                )  # fmt: skip
             with self._repo_lock(repo):
                 self._require_repo(repo)
-                head = self._read_branch_or_none(repo, branch)
+                head = self._read_ref_or_none(repo, "heads", branch)
                 if head is None:
                     raise RevisionNotFound(f"Invalid rev id: {branch}")
                 if request.parent_commit is not None and not head.startswith(request.parent_commit):
@@ -577,18 +873,41 @@ class Store:
                 commit = Commit.new(
                     parent=head, summary=request.summary, description=request.description, author=author, files=files
                 )
+                self.check_quota(repo.namespace, self._new_blob_bytes(repo, request.operations))
                 self._publish_blobs(repo, request.operations)
                 record = self._repo_dir(repo) / "commits" / f"{commit.id}.json"
                 self._replace_file(record, _to_json_bytes(commit.to_json()))
                 self._replace_file(self._repo_dir(repo) / "refs" / "heads" / branch, commit.id.encode())
-                return commit
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if branch == DEFAULT_BRANCH:
+            self._refresh_summary(repo)
+        return commit
+
+    def _uploaded_object(self, repo: RepoId, sha256: str, size: int | None) -> FileEntry:
+        entry = self.lfs_object(repo, sha256)
+        if entry is None:
+            raise BadRequest(
+                f"LFS object {sha256} was never uploaded to {repo}: upload it through"
+                f" /{repo}.git/info/lfs/objects/batch first (huggingface_hub does this itself)."
+            )
+        if size is not None and size != entry.size:
+            raise BadRequest(f"LFS object {sha256} has {entry.size} bytes, not {size}.")
+        return entry
+
+    def _new_blob_bytes(self, repo: RepoId, operations: list[Operation]) -> int:
+        blobs = self._repo_dir(repo) / "blobs"
+        fresh = {
+            op.entry.sha256: op.entry.size
+            for op in operations
+            if isinstance(op, AddFile) and op.staged_blob is not None and not (blobs / op.entry.sha256).exists()
+        }
+        return sum(fresh.values())
 
     def _publish_blobs(self, repo: RepoId, operations: list[Operation]) -> None:
         blobs = self._repo_dir(repo) / "blobs"
         for operation in operations:
-            if isinstance(operation, AddFile):
+            if isinstance(operation, AddFile) and operation.staged_blob is not None:
                 target = blobs / operation.entry.sha256
                 if not target.exists():  # same name means same bytes: keep the one already published
                     os.replace(operation.staged_blob, target)
@@ -605,19 +924,23 @@ class Store:
             raise RepoNotFound(f"Repository not found: {repo}")
         return meta
 
-    def _read_branch_or_none(self, repo: RepoId, branch: str) -> str | None:
-        if not _BRANCH_NAME.fullmatch(branch) or ".." in branch:
+    def _read_ref_or_none(self, repo: RepoId, kind: str, name: str) -> str | None:
+        """The commit id refs/<kind>/<name> holds; None for a missing ref or a name that could not be one."""
+        if kind not in ("heads", "tags") or ref_name_problems(name) and name != DEFAULT_BRANCH:
             return None
         try:
-            return (self._repo_dir(repo) / "refs" / "heads" / branch).read_text().strip() or None
-        except (FileNotFoundError, NotADirectoryError):
+            return (self._repo_dir(repo) / "refs" / kind / name).read_text().strip() or None
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
     def _replace_file(self, path: Path, data: bytes) -> None:
         """Write `data` under tmp/, fsync it, then atomically replace `path` and fsync its folder."""
         temp = self.temp_path(".part")
-        _write_file(temp, data)
-        os.replace(temp, path)
+        try:
+            _write_file(temp, data)
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)  # only there if something failed
         _fsync_dir(path.parent)
 
     @contextmanager
@@ -630,6 +953,18 @@ class Store:
                 yield
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def git_blob_oid_of_stream(stream: Any, size: int, chunk_size: int = 1024 * 1024) -> str:
+    """`git_blob_oid` of `size` bytes read from `stream` a chunk at a time (memory stays flat)."""
+    digest = hashlib.sha1(b"blob %d\x00" % size)
+    while chunk := stream.read(chunk_size):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 class BoundedCache(Generic[_K, _V]):

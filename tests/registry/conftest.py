@@ -150,7 +150,7 @@ def start_server(tmp_path: Path, tokens_file: Path) -> Iterator:
             tmp_path / f"server-{len(started)}.log",
             tokens_file=None if open_access else tokens_file,
             port=port,
-            extra_args=tuple(extra_args),
+            extra_args=("--open", *extra_args) if open_access else tuple(extra_args),
         )
         started.append(server)
         return server
@@ -180,6 +180,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory, tokens_file: Path) -> Ite
 def _online_hub_client(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever the environment says, the client must talk to our server, quietly."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    # Large files go through Git LFS here; with hf_xet enabled the client would speak Xet instead.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     huggingface_hub.utils.disable_progress_bars()
 

@@ -14,7 +14,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from .conftest import ALICE_TOKEN, SHARED_SERVER_MAX_UPLOAD, store_snapshot
 
-AUTH = {"authorization": f"Bearer {ALICE_TOKEN}"}
+AUTH = {"authorization": f"Bearer {ALICE_TOKEN}", "content-type": "application/x-ndjson"}
 
 
 def ndjson(*items: dict) -> bytes:

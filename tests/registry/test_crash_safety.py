@@ -49,7 +49,8 @@ def _tmp_files(root: Path) -> list[Path]:
 
 @pytest.mark.parametrize("kill_when", [_upload_receiving, _blob_being_staged], ids=["receiving", "staging"])
 def test_sigkill_mid_commit_keeps_the_previous_revision(start_server, tmp_path: Path, kill_when) -> None:
-    server = start_server()
+    # The file goes inline in the commit body (no LFS), which is the path this test kills.
+    server = start_server(extra_args=("--lfs-threshold-bytes", str(2 * BIG_FILE_BYTES)))
     api = server.api(ALICE_TOKEN)
     repo_id = "alice/crash"
     api.create_repo(repo_id)
