@@ -3,14 +3,20 @@
 PEFT saves, per targeted module path `p` (after the `base_model.model.` prefix, which
 adapterzoo.formats.peft strips and adds):
 
-    p.lora_A.weight   (r, in)     ours: `p.A`, transposed to (in, r)
-    p.lora_B.weight   (out, r)    ours: `p.B`, transposed to (r, out)
+    p.lora_A.weight     (r_p, in)  ours: `p.A`, transposed to (in, r) and zero-padded to the largest rank
+    p.lora_B.weight     (out, r_p) ours: `p.B`, transposed to (r, out), padded, times the site factor
+    p.lora_B.bias       (out,)     lora_bias=True; ours: `p.lora_bias`, times the site factor
+    p.base_layer.bias   (out,)     bias="lora_only"/"all": the trained bias of an adapted module
+    q.bias              (out,)     bias="all": the trained bias of any other module (linear or norm)
 
 also for GPT-2's Conv1D layers (PEFT keeps A and B in nn.Linear orientation and flips the
-input itself, `fan_in_fan_out=True`). The scale is lora_alpha / r, or lora_alpha / sqrt(r) with
-`use_rslora`, exactly as ours. `target_modules` (a list of names, a regex, or "all-linear") is
-matched the way PEFT matches it (adapterzoo.sites.find_linear), and the weights must cover
-exactly the modules it selects.
+input itself, `fan_in_fan_out=True`). r_p and the scale at `p` come from `r`, `lora_alpha`,
+`rank_pattern`, `alpha_pattern` and `use_rslora` exactly as PEFT reads them; the site factor is
+(scale at p) / (lora_alpha / r), see lora.py. Trained biases are stored as their difference to
+the base's bias (so a row without the adapter sees the base's), and written back as base + delta.
+Which modules are sites (`target_modules`, `layers_to_transform`, `layers_pattern`,
+`exclude_modules`) is decided by lora.is_lora_site, PEFT's own rule, and the weights must cover
+exactly those modules.
 """
 
 from __future__ import annotations
@@ -20,14 +26,19 @@ from typing import Any
 
 import torch
 
-from adapterzoo.errors import UnsupportedFormatError
+from adapterzoo.errors import ShapeMismatchError, UnsupportedFormatError
 from adapterzoo.formats._common import transposed
 from adapterzoo.formats.peft import check_fields
 
 PEFT_TYPES = ("LORA",)
 
+# PEFT LoraConfig fields read into our config (LoraConfig in lora.py has each under the same name)
+CONFIG_FIELDS = (
+    "r", "lora_alpha", "target_modules", "use_rslora", "lora_dropout", "init_lora_weights", "rank_pattern",
+    "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules", "bias", "lora_bias",
+)
 KNOWN = {
-    "r", "lora_alpha", "target_modules", "use_rslora", "lora_dropout", "init_lora_weights",
+    *CONFIG_FIELDS,
     # change nothing at inference
     "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config",
     # settings of initialisations (which init_lora_weights governs, below)
@@ -38,28 +49,22 @@ KNOWN = {
 PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 HINTS = {
     "use_dora": "DoRA rescales each output column by a learned magnitude vector, which adapterzoo's lora "
-    "type does not compute. Merge it into the base with PEFT (model.merge_and_unload()) and load the result "
-    "as a new base, or retrain with use_dora=False.",
-    "rank_pattern": "per-module ranks are not representable in one adapterzoo lora config; retrain with one r, "
-    "or split the adapter into one PEFT adapter per rank.",
-    "alpha_pattern": "per-module alphas are not representable in one adapterzoo lora config; retrain with one "
-    "lora_alpha, or fold each module's alpha/r into its B matrix and save with a single lora_alpha.",
-    "layers_to_transform": "restricting LoRA to some layers is not supported; give target_modules as a regex "
-    r"that names those layers instead (e.g. 'model\.layers\.(0|1)\.self_attn\.(q|v)_proj').",
-    "layers_pattern": "used only with layers_to_transform, which is not supported; give target_modules as a regex.",
-    "exclude_modules": "give target_modules as a regex that leaves those modules out instead.",
-    "bias": "PEFT trained the biases of the base (bias='all' or 'lora_only'), which would change the shared base; "
-    "retrain with bias='none', or use adapterzoo's bitfit type for bias tuning.",
-    "lora_bias": "a bias on LoRA's B matrix is not supported; retrain with lora_bias=False.",
+    "type does not compute. Install a plugin whose type reads PEFT LORA adapters with use_dora=True, merge it "
+    "into the base with PEFT (model.merge_and_unload()) and load the result as a new base, or retrain with "
+    "use_dora=False.",
     "use_qalora": "QA-LoRA pools the input before A; retrain with use_qalora=False.",
     "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE experts) is not supported; target linear modules.",
-    "trainable_token_indices": "it trains rows of the embedding matrix, which would change the shared base.",
+    "trainable_token_indices": "it trains rows of the embedding matrix, which adapterzoo's lora type does not "
+    "load yet. Merge the adapter into the base with PEFT (merge_and_unload) and load that as the base.",
     "layer_replication": "it duplicates layers of the base, which would change the shared base.",
     "alora_invocation_tokens": "activated LoRA (aLoRA) switches the adapter on per token; not supported.",
 }
+KEY = re.compile(r"(?P<site>.+?)\.(?:lora_(?P<lora>A|B)\.weight|(?P<lora_bias>lora_B\.bias)|(?:base_layer\.)?bias)")
 
 
 def from_peft(model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from .lora import LoraConfig
+
     what = "PEFT LoRA adapter"
     check_fields(peft_config, what, KNOWN, HINTS)
     init = peft_config.get("init_lora_weights", True)
@@ -69,25 +74,61 @@ def from_peft(model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]
             "for MiCA, the forward pass), so the saved A and B only work on PEFT's modified base. Convert it to a "
             "plain LoRA first (PEFT's path_initial_model_for_weight_conversion when saving), or merge it into the base."
         )
-    flat: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        match = re.fullmatch(r"(.+)\.lora_(A|B)\.weight", key)
-        if match is None:
-            kind = "LoRA on an embedding layer" if "lora_embedding_" in key else "not a LoRA A or B weight of a linear layer"
-            raise UnsupportedFormatError(f"{what}: weight {key!r} is {kind}, which adapterzoo's lora type does not support")
-        flat[f"{match.group(1)}.{match.group(2)}"] = transposed(tensor)  # ours is the x @ W layout
-    target = peft_config.get("target_modules")
-    if isinstance(target, (set, tuple)):
-        target = sorted(target)
     config = {
         "r": int(peft_config.get("r", 8)),
         "lora_alpha": peft_config.get("lora_alpha", 8),
-        "target_modules": target,
         "use_rslora": bool(peft_config.get("use_rslora", False)),
         "lora_dropout": float(peft_config.get("lora_dropout") or 0.0),
         "init_lora_weights": init if init in (True, False, "gaussian") else True,
+        "bias": peft_config.get("bias") or "none",
+        "lora_bias": bool(peft_config.get("lora_bias", False)),
     }
-    return config, flat
+    for key in ("target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
+                "exclude_modules"):
+        if peft_config.get(key) not in (None, {}, [], ""):
+            config[key] = peft_config[key]
+    ours = LoraConfig.from_dict(config)  # checked here, so a bad field is named before any tensor is
+    modules = dict(model.named_modules())
+    flat: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        match = KEY.fullmatch(key)
+        if match is None:
+            kind = "LoRA on an embedding layer" if "lora_embedding_" in key else "not a LoRA A or B weight of a linear layer"
+            raise UnsupportedFormatError(f"{what}: weight {key!r} is {kind}, which adapterzoo's lora type does not support")
+        site = match.group("site")
+        if match.group("lora"):
+            flat[f"{site}.{match.group('lora')}"] = _padded_site(transposed(tensor), match.group("lora"), site, ours, key)
+        elif match.group("lora_bias"):
+            flat[f"{site}.lora_bias"] = tensor * ours.site_factor(site)
+        else:
+            base = getattr(modules.get(site), "bias", None)
+            if base is None or tuple(base.shape) != tuple(tensor.shape):
+                raise ShapeMismatchError(
+                    f"{what}: weight {key!r} is a trained bias of shape {tuple(tensor.shape)}, but this base's {site!r} "
+                    f"has {'no bias' if base is None else f'a bias of shape {tuple(base.shape)}'}; "
+                    "the adapter was made for another base"
+                )
+            flat[f"{site}.bias"] = tensor.float() - base.detach().float().cpu()
+    for site in {k.rsplit(".", 1)[0] for k in flat if k.endswith(".B")}:  # B and B's bias carry the site factor
+        factor = ours.site_factor(site)
+        if factor != 1.0:
+            flat[f"{site}.B"] = flat[f"{site}.B"] * factor
+    return ours.to_dict(), flat
+
+
+def _padded_site(t: torch.Tensor, name: str, site: str, config, key: str) -> torch.Tensor:
+    """A (in, r_site) or B (r_site, out) zero-padded to the adapter's largest rank."""
+    r = config.site_rank(site)
+    have = t.shape[1] if name == "A" else t.shape[0]
+    if t.dim() != 2 or have != r:
+        raise ShapeMismatchError(
+            f"PEFT LoRA adapter: weight {key!r} has shape {tuple(t.shape)}, but its config gives {site!r} rank {r} "
+            "(r, or the rank_pattern entry that matches it); the config does not match the weights"
+        )
+    pad = config.max_rank - r
+    if pad == 0:
+        return t
+    return torch.nn.functional.pad(t, (0, pad) if name == "A" else (0, 0, 0, pad))
 
 
 def to_peft(model, config, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -96,7 +137,7 @@ def to_peft(model, config, state: dict[str, torch.Tensor]) -> tuple[dict[str, An
     from .lora import targets
 
     modules = dict(model.named_modules())
-    sites = {key.rsplit(".", 1)[0] for key in state}
+    sites = {key.rsplit(".", 1)[0] for key in state if key.endswith(".A")}
     conv1d = bool(Conv1D) and any(isinstance(modules[s], Conv1D) for s in sites)
     target = targets(model, config)
     peft_config = {
@@ -107,7 +148,13 @@ def to_peft(model, config, state: dict[str, torch.Tensor]) -> tuple[dict[str, An
         "use_rslora": config.use_rslora,
         "lora_dropout": config.lora_dropout,
         "init_lora_weights": config.init_lora_weights,
-        "bias": "none",
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
+        "exclude_modules": config.exclude_modules,
+        "bias": config.bias,
+        "lora_bias": config.lora_bias,
         "fan_in_fan_out": conv1d,
         "modules_to_save": None,
         "use_dora": False,
@@ -115,5 +162,16 @@ def to_peft(model, config, state: dict[str, torch.Tensor]) -> tuple[dict[str, An
     out = {}
     for key, tensor in state.items():
         site, name = key.rsplit(".", 1)
-        out[f"{site}.lora_{name}.weight"] = transposed(tensor)  # PEFT keeps nn.Linear's (out, in)
+        r, factor = config.site_rank(site), config.site_factor(site)
+        if name == "A":
+            out[f"{site}.lora_A.weight"] = transposed(tensor[:, :r])  # PEFT keeps nn.Linear's (out, in)
+        elif name == "B":
+            out[f"{site}.lora_B.weight"] = transposed(tensor[:r] / factor if factor != 1.0 else tensor[:r])
+        elif name == "lora_bias":
+            out[f"{site}.lora_B.bias"] = tensor / factor if factor != 1.0 else tensor
+        elif name == "bias":
+            prefix = f"{site}.base_layer" if f"{site}.A" in state else site
+            out[f"{prefix}.bias"] = modules[site].bias.detach().float().cpu() + tensor
+        else:  # pragma: no cover - every name lora.py's tensors() gives is mapped above
+            raise UnsupportedFormatError(f"LoRA tensor {key!r} has no PEFT name")
     return peft_config, out

@@ -176,12 +176,7 @@ def _edited(lora_folder: Path, tmp_path: Path, **fields) -> Path:
     [
         ({"use_dora": True}, "use_dora"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
-        ({"alpha_pattern": {"v_proj": 32}}, "alpha_pattern"),
-        ({"layers_to_transform": [0]}, "layers_to_transform"),
-        ({"bias": "all"}, "bias"),
-        ({"lora_bias": True}, "lora_bias"),
-        ({"exclude_modules": ["model.layers.0.self_attn.q_proj"]}, "exclude_modules"),
+        ({"trainable_token_indices": [3, 5]}, "trainable_token_indices"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights"),
         ({"use_qalora": True}, "use_qalora"),
         ({"layer_replication": [[0, 2]]}, "layer_replication"),

@@ -1,0 +1,290 @@
+"""PEFT LoRA config fields beyond r / lora_alpha / target_modules, each checked against PEFT itself.
+
+rank_pattern and alpha_pattern (per-site rank and alpha), layers_to_transform / layers_pattern /
+exclude_modules (which modules are sites), bias="lora_only" / "all" and lora_bias (trained
+biases): made and saved by PEFT, loaded here, compared with PeftModel.from_pretrained to 1e-4,
+alone and mixed in one padded batch; written back with save_adapter(format="peft") and run by
+PEFT again.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapterzoo.errors import InvalidConfigError, ShapeMismatchError
+from adapterzoo.testing.models import FAMILIES, output, perturb, tiny_model, tiny_zoo
+
+from .helpers import inputs, make_peft_adapter, peft_config, peft_output
+
+ATOL = 1e-4
+
+# family -> value, where a field names modules of one family
+CASES = {
+    "rank-and-alpha-pattern": {
+        "r": 4, "lora_alpha": 8,
+        "rank_pattern": {"llama": {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+                         "gpt2": {r"h\.0\.attn\.c_attn": 2}, "bert": {"value": 6, r"layer\.0\.attention\.self\.query": 1}},
+        "alpha_pattern": {"llama": {"q_proj": 3}, "gpt2": {r"h\.1\.attn\.c_attn": 20}, "bert": {"query": 5}},
+    },
+    "rank-pattern-rslora-all-linear": {
+        "r": 3, "lora_alpha": 5, "use_rslora": True, "target_modules": "all-linear",
+        "rank_pattern": {"llama": {"down_proj": 5}, "gpt2": {"c_fc": 5}, "bert": {"intermediate.dense": 5}},
+    },
+    "layers-to-transform": {
+        "r": 2, "layers_to_transform": [1],
+        "target_modules": {"llama": ["q_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "dense"]},
+    },
+    "layers-pattern": {
+        "r": 3, "layers_to_transform": 0,
+        "layers_pattern": {"llama": "layers", "gpt2": "h", "bert": "layer"},
+        "target_modules": {"llama": ["k_proj", "up_proj"], "gpt2": ["c_proj"], "bert": ["key", "output.dense"]},
+    },
+    "exclude-modules": {
+        "r": 2, "target_modules": "all-linear",
+        "exclude_modules": {"llama": ["model.layers.0.self_attn.q_proj", "down_proj"], "gpt2": ["c_fc"],
+                            "bert": r".*\.attention\.self\.(query|key)"},
+    },
+    "bias-lora-only-and-lora-bias": {"r": 2, "bias": "lora_only", "lora_bias": True},
+    "bias-all": {"r": 2, "lora_alpha": 4, "bias": "all"},
+    "lora-bias": {"r": 3, "lora_bias": True, "alpha_pattern": {"llama": {"q_proj": 9}, "gpt2": {"c_attn": 9},
+                                                                  "bert": {"query": 9}}},
+}
+
+
+def case(family: str, name: str) -> dict:
+    return {k: (v[family] if isinstance(v, dict) and family in v else v) for k, v in CASES[name].items()}
+
+
+def peft_lora_modules(family: str, **kw) -> dict[str, int]:
+    """The modules PEFT itself puts a LoRA on for this config, with their rank."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = __import__("peft").get_peft_model(tiny_model(family), peft_config(family, "lora", **kw))
+    return {name.removeprefix("base_model.model."): module.r["default"]
+            for name, module in model.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", CASES)
+def test_peft_lora_field_loads_exactly(tmp_path: Path, family: str, name: str) -> None:
+    kw = case(family, name)
+    folder = make_peft_adapter(tmp_path / name, family, "lora", **kw)
+    ids = inputs()
+    expected = peft_output(family, folder, ids)
+
+    zoo = tiny_zoo(family)
+    info = zoo.load_adapter("a", folder)
+    with torch.no_grad():
+        got = output(zoo(ids, adapters=["a", "a"]))
+        bare = output(zoo(ids))
+    assert (expected - bare).abs().max() > 1e-2, "the PEFT adapter should change the output"
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+    # the same sites and ranks as PEFT's own model
+    adapter = zoo.get_adapter("a")
+    ranks = {site: adapter.config.site_rank(site) for site, ts in adapter.tensors.items() if "A" in ts}
+    assert ranks == peft_lora_modules(family, **kw)
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "bias", "lora_bias"):
+        if key in kw:
+            assert info.config[key] == kw[key]
+
+
+def test_biases_are_stored_as_changes_to_the_base(tmp_path: Path) -> None:
+    """bias='all' reaches the norms' biases too, and a row without the adapter keeps the base's biases."""
+    folder = make_peft_adapter(tmp_path / "all", "gpt2", "lora", r=2, bias="all")
+    zoo = tiny_zoo("gpt2")
+    zoo.load_adapter("a", folder)
+    adapter = zoo.get_adapter("a")
+    assert "transformer.ln_f" in adapter.tensors and set(adapter.tensors["transformer.ln_f"]) == {"bias"}
+    assert set(adapter.tensors["transformer.h.0.attn.c_attn"]) == {"A", "B", "bias"}
+    base = dict(zoo.model.named_parameters())["transformer.ln_f.bias"]
+    saved = __import__("safetensors.torch").torch.load_file(folder / "adapter_model.safetensors")
+    torch.testing.assert_close(adapter.tensors["transformer.ln_f"]["bias"] + base,
+                               saved["base_model.model.transformer.ln_f.bias"], atol=1e-7, rtol=0)
+    ids = inputs()
+    with torch.no_grad():
+        mixed = output(zoo(ids, adapters=["a", None]))
+    torch.testing.assert_close(mixed[1], output(tiny_zoo("gpt2")(ids[1:]))[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_padded_batch_of_every_field_plain_lora_native_and_bare_base(tmp_path: Path, family: str) -> None:
+    """Every case in one left-padded batch with a plain PEFT LoRA, a native type and the bare base: each row
+    equals PEFT's output for that row alone. The bias adapters share one pool although their sites differ
+    (a site holds only a bias for one and A, B and a bias for another)."""
+    zoo = tiny_zoo(family)
+    folders = {}
+    for i, name in enumerate(["bias-all", *[n for n in CASES if n != "bias-all"]]):  # bias-only sites placed first
+        folders[name] = make_peft_adapter(tmp_path / name, family, "lora", seed=i, **case(family, name))
+        zoo.load_adapter(name, folders[name])
+    folders["plain"] = make_peft_adapter(tmp_path / "plain", family, "lora", seed=9, r=4, lora_alpha=8)
+    zoo.load_adapter("plain", folders["plain"])
+    zoo.add_adapter("houlsby", "houlsby", bottleneck=4, trainable=False)
+    perturb(zoo, "houlsby")
+
+    rows = [*CASES, "plain", None, "houlsby", "bias-all", "layers-to-transform"]
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(2, 8, (len(rows),), generator=gen).tolist()
+    width = max(lengths)
+    seqs = [torch.randint(4, 100, (n,), generator=gen) for n in lengths]
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):  # left padding
+        ids[i, width - len(seq):] = seq
+        mask[i, width - len(seq):] = 1
+    with torch.no_grad():
+        batch = output(zoo(ids, mask, adapters=rows))
+    for i, (name, seq) in enumerate(zip(rows, seqs)):
+        if name in folders:
+            alone = peft_output(family, folders[name], seq[None])
+        else:
+            with torch.no_grad():
+                alone = output(tiny_zoo(family)(seq[None])) if name is None else output(zoo(seq[None], adapters=[name]))
+        torch.testing.assert_close(batch[i, width - len(seq):], alone[0], atol=ATOL, rtol=0, msg=f"row {i} ({name})")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", CASES)
+def test_loaded_peft_lora_fields_are_written_back_and_peft_runs_them_the_same(tmp_path: Path, family: str,
+                                                                              name: str) -> None:
+    kw = case(family, name)
+    folder = make_peft_adapter(tmp_path / "theirs", family, "lora", **kw)
+    zoo = tiny_zoo(family)
+    zoo.load_adapter("a", folder)
+    ours = zoo.save_adapter("a", tmp_path / "ours", format="peft")
+
+    written = json.loads((ours / "adapter_config.json").read_text())
+    for key, value in kw.items():
+        if key not in ("init_lora_weights", "target_modules"):
+            same = sorted(written[key]) == sorted(value) if isinstance(value, list) else written[key] == value
+            assert same, key
+    ids = inputs()
+    torch.testing.assert_close(peft_output(family, ours, ids), peft_output(family, folder, ids), atol=ATOL, rtol=0)
+    zoo.load_adapter("back", ours)
+    with torch.no_grad():
+        torch.testing.assert_close(output(zoo(ids, adapters=["back", "a"])), output(zoo(ids, adapters=["a", "a"])),
+                                   atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_new_adapter_with_per_site_ranks_and_biases_saves_for_peft_and_natively(tmp_path: Path, family: str) -> None:
+    """Made here (not by PEFT): the smaller-rank sites stay zero-padded through training-style edits'
+    init, and PEFT runs the written folder the same; the native format keeps every field."""
+    pattern = {"llama": {"q_proj": 2}, "gpt2": {r"h\.1\.attn\.c_attn": 2}, "bert": {"query": 2}}[family]
+    zoo = tiny_zoo(family)
+    zoo.add_adapter("a", "lora", r=4, lora_alpha=6, rank_pattern=pattern, alpha_pattern={"v_proj": 2, "value": 2},
+                    bias="lora_only", lora_bias=True, init_lora_weights=False, trainable=False)
+    adapter = zoo.get_adapter("a")
+    for site, ts in adapter.tensors.items():
+        r = adapter.config.site_rank(site)
+        assert ts["A"][:, r:].abs().sum() == 0 and ts["B"][r:].abs().sum() == 0
+        if "lora_bias" in ts:
+            ts["lora_bias"].normal_(0, 0.3)
+        if "bias" in ts:
+            ts["bias"].normal_(0, 0.3)
+    adapter.mark_edited()
+    ids = inputs()
+    with torch.no_grad():
+        ours = output(zoo(ids, adapters=["a", "a"]))
+    assert (ours - output(zoo(ids))).abs().max() > 1e-2
+    folder = zoo.save_adapter("a", tmp_path / "peft", format="peft")
+    torch.testing.assert_close(peft_output(family, folder, ids), ours, atol=ATOL, rtol=0)
+
+    zoo.save_adapter("a", tmp_path / "native")
+    zoo.load_adapter("n", tmp_path / "native")
+    assert zoo.adapters["n"].config == zoo.adapters["a"].config
+    with torch.no_grad():
+        torch.testing.assert_close(output(zoo(ids, adapters=["n", None])), torch.stack([ours[0], output(zoo(ids[1:]))[0]]),
+                                   atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_model_with_per_site_ranks_and_biases_equals_the_zoo(tmp_path: Path, family: str) -> None:
+    folder = make_peft_adapter(tmp_path / "a", family, "lora", **case(family, "rank-and-alpha-pattern"),
+                               bias="all", lora_bias=True)
+    zoo = tiny_zoo(family)
+    zoo.load_adapter("a", folder)
+    ids = inputs()
+    with torch.no_grad():
+        plain = zoo.merged_model("a")(input_ids=ids)
+        merged = plain.logits if family != "bert" else plain.last_hidden_state
+        torch.testing.assert_close(merged, output(zoo(ids, adapters=["a", "a"])), atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------- PEFT's selection rule, exactly
+
+SELECTIONS = [
+    {"target_modules": ["q_proj", "model.layers.0.mlp.up_proj"], "layers_to_transform": [1]},  # an exact path skips it
+    {"target_modules": ["q_proj", "v_proj", "gate_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+    {"target_modules": ["q_proj"], "layers_to_transform": [0, 1], "layers_pattern": ["h", "layers"]},
+    {"target_modules": ["proj", "q_proj"], "layers_to_transform": [1]},  # only full name segments match
+    {"target_modules": ["self_attn.o_proj", "k_proj"], "exclude_modules": ["model.layers.1.self_attn.k_proj"]},
+    {"target_modules": r".*\.layers\.\d\.mlp\.\w+_proj", "exclude_modules": r".*\.layers\.1\..*"},
+    {"target_modules": "all-linear", "exclude_modules": ["mlp.up_proj", "o_proj"]},
+]
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=range(len(SELECTIONS)))
+def test_sites_are_the_modules_peft_adapts(selection: dict) -> None:
+    from adapterzoo_lora.lora import LoraConfig, lora_sites
+
+    model = tiny_model("llama")
+    expected = peft_lora_modules("llama", r=2, **selection)
+    assert sorted(lora_sites(model, LoraConfig(r=2, **selection))) == sorted(expected)
+
+
+# ------------------------------------------------------------------- bad input, named
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
+        ({"alpha_pattern": {"q_proj": "big"}}, "alpha_pattern"),
+        ({"rank_pattern": {"q_proj(": 2}}, "not a valid regular expression"),
+        ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, "layers_to_transform works only"),
+        ({"layers_pattern": "layers"}, "layers_pattern needs layers_to_transform"),
+        ({"layers_to_transform": [-1]}, "layers_to_transform"),
+        ({"bias": "some"}, "bias must be one of"),
+        ({"exclude_modules": ["q_proj", "v_proj"]}, "matches no linear layer"),
+        ({"layers_to_transform": [7]}, "matches no linear layer"),
+    ],
+)
+def test_bad_lora_selection_or_pattern_is_refused_by_name(fields: dict, named: str) -> None:
+    zoo = tiny_zoo("llama")
+    with pytest.raises(InvalidConfigError, match=named):
+        zoo.add_adapter("a", "lora", r=2, **fields)
+    assert zoo.adapters == {}
+
+
+def test_peft_weights_that_disagree_with_rank_pattern_are_refused(tmp_path: Path) -> None:
+    folder = make_peft_adapter(tmp_path / "a", "llama", "lora", r=4, rank_pattern={"v_proj": 2})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"v_proj": 3}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    zoo = tiny_zoo("llama")
+    with pytest.raises(ShapeMismatchError, match=r"lora_(A|B).weight.*rank 3"):
+        zoo.load_adapter("a", folder)
+    assert zoo.adapters == {}
+
+
+def test_peft_bias_for_another_base_is_refused(tmp_path: Path) -> None:
+    """A trained bias must fit the base's bias at that module (GPT-2's c_attn has one of 96; Llama's q_proj none)."""
+    folder = make_peft_adapter(tmp_path / "a", "llama", "lora", r=2, lora_bias=True)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "adapter_model.safetensors")
+    state["base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias"] = torch.zeros(32)
+    save_file(state, folder / "adapter_model.safetensors")
+    config["bias"] = "lora_only"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    zoo = tiny_zoo("llama")
+    with pytest.raises(ShapeMismatchError, match="has no bias"):
+        zoo.load_adapter("a", folder)
+    assert zoo.adapters == {}
