@@ -135,6 +135,13 @@ def pull(repo_id: str, out_dir: Path, revision: str | None, token: str | None, e
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]), help="Base dtype.")
 @click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds to finish running requests on shutdown.")
+@click.option("--open", "open_access", is_flag=True,
+              help="Without --keys, allow binding beyond loopback (anyone reaching it may use the admin routes).")
+@click.option("--max-body-bytes", default=4 * 2**20, show_default=True, type=int, help="Request body limit (then 413).")
+@click.option("--max-prompt-chars", default=None, type=int,
+              help="Prompt characters at most, checked before tokenizing (default: 32 x the context length).")
+@click.option("--stuck-after", default=60.0, show_default=True, type=float,
+              help="Seconds without progress before the watchdog calls a request stuck (/health turns 503).")
 @click.option("--ray", is_flag=True, help="Deploy on Ray Serve (pip install 'adapterzoo[ray]').")
 @click.option("--replicas", default=1, show_default=True, help="Ray Serve replicas (with --ray).")
 @click.option("--log-level", default="warning", show_default=True)
