@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+MAX_BODY_BYTES = 4 * 2**20
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -39,13 +41,18 @@ def server_from_options(options: dict):
                         registry_endpoint=options.get("registry_endpoint"), registry_token=options.get("registry_token"),
                         registry_namespace=options.get("registry_namespace"),
                         default_max_tokens=options.get("default_max_tokens", 16),
-                        drain_timeout=options.get("drain_timeout", 30.0))
+                        drain_timeout=options.get("drain_timeout", 30.0),
+                        max_body_bytes=options.get("max_body_bytes") or MAX_BODY_BYTES,
+                        max_prompt_chars=options.get("max_prompt_chars"),
+                        stuck_after=options.get("stuck_after") or 60.0)
 
 
 def run_serve(base: str, host: str, port: int, adapters_dir: Path | None, keys_file: Path | None, base_name: str | None,
               slots: int, max_batch: int, max_queue: int, max_host: int | None, registry: str | None,
               registry_token: str | None, registry_namespace: str | None, device: str | None, dtype: str | None,
-              drain_timeout: float, default_max_tokens: int, ray: bool, replicas: int, log_level: str) -> None:
+              drain_timeout: float, default_max_tokens: int, ray: bool, replicas: int, log_level: str,
+              open_access: bool = False, max_body_bytes: int | None = None, max_prompt_chars: int | None = None,
+              stuck_after: float | None = None) -> None:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = base_name or base_name_of(base)
@@ -53,11 +60,26 @@ def run_serve(base: str, host: str, port: int, adapters_dir: Path | None, keys_f
         from .tenants import Tenants
 
         Tenants.load(keys_file)
+    from ..errors import InvalidConfigError
+    from .http import check_open_mode
+
+    try:  # open mode (no keys file): a warning on loopback; refused beyond it unless --open
+        warning = check_open_mode(keys_file is None, host, open_access)
+    except InvalidConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if warning:
+        click.echo(warning, err=True)
     options = dict(base=base, base_name=name, adapters_dir=adapters_dir, keys_file=keys_file, slots=slots,
                    max_batch=max_batch, max_queue=max_queue, max_host=max_host, registry_endpoint=registry,
                    registry_token=registry_token, registry_namespace=registry_namespace, device=device, dtype=dtype,
-                   default_max_tokens=default_max_tokens, drain_timeout=drain_timeout)
+                   default_max_tokens=default_max_tokens, drain_timeout=drain_timeout, max_body_bytes=max_body_bytes,
+                   max_prompt_chars=max_prompt_chars, stuck_after=stuck_after)
     if ray:
+        try:
+            import ray as _ray  # noqa: F401
+            from ray import serve as _serve  # noqa: F401
+        except ImportError:
+            raise click.ClickException("--ray needs Ray Serve, which is not installed: pip install 'adapterzoo[ray]'") from None
         from .ray import run_ray
 
         run_ray(options, host=host, port=port, replicas=replicas)

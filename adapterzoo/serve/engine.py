@@ -364,6 +364,7 @@ class Engine:
         self.pad = pad_token_id(self.tokenizer)
         self.vocab_size = int(zoo.model.get_input_embeddings().num_embeddings)
         self._cond = threading.Condition()
+        self._stop_lock = threading.Lock()
         self._waiting: collections.deque[Request] = collections.deque()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -399,7 +400,12 @@ class Engine:
 
     def stop(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop taking requests; with `drain`, finish the running and waiting ones first (up to
-        `timeout` seconds, then cancel what is left)."""
+        `timeout` seconds, then fail what is left with `EngineClosedError`). Safe to call twice
+        (the signal handler starts a drain; the app's shutdown calls it again)."""
+        with self._stop_lock:
+            self._stop(drain, timeout)
+
+    def _stop(self, drain: bool, timeout: float | None) -> None:
         with self._cond:
             self._closing = True
             self._cond.notify_all()

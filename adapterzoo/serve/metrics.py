@@ -51,6 +51,8 @@ class ServeMetrics:
         self.evictions = Counter("adapterzoo_adapter_evictions", "Adapters moved out of host memory (to disk)",
                                  registry=r)
         self.resident = Gauge("adapterzoo_adapters_resident", "Adapters held per tier", ["tier"], registry=r)
+        self.stuck_requests = Gauge("adapterzoo_stuck_requests",
+                                    "Running requests with no progress for the watchdog's limit", registry=r)
 
     # -- engine hooks
     def queue_depth(self, n: int) -> None:
@@ -58,6 +60,9 @@ class ServeMetrics:
 
     def running(self, n: int) -> None:
         self.batch.set(n)
+
+    def stuck(self, n: int) -> None:
+        self.stuck_requests.set(n)
 
     def rejected(self, reason: str) -> None:
         self.rejected_requests.labels(reason).inc()

@@ -220,6 +220,20 @@ class RemoteEngine:
         response = self.handle.options(multiplexed_model_id=adapter or BASE_ID, stream=True).generate.remote(payload)
         return RemoteHandle(response)
 
+    def submit_call(self, prompts, adapter=None, *, chat=False, max_tokens=None, chat_max_tokens=512, sampling=None,
+                    n=1, tenant=None, loop=None, request_id=None) -> list[RemoteHandle]:
+        """`Engine.submit_call` over the replicas: one remote request per prompt and choice."""
+        handles = []
+        for prompt in prompts:
+            for j in range(n):
+                options = dict(sampling or {})
+                if j and options.get("seed") is not None:
+                    options["seed"] = (options["seed"] + j) % 2**63
+                handles.append(self.submit_request(**({"messages": prompt} if chat else {"prompt": prompt}),
+                                                   adapter=adapter, max_tokens=max_tokens,
+                                                   chat_max_tokens=chat_max_tokens, sampling=options, tenant=tenant))
+        return handles
+
 
 class Ingress:
     """The HTTP entry. Wrapped by `serve.deployment(serve.ingress()(...))` in `build_app`."""

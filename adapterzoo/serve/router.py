@@ -23,7 +23,10 @@ disk). An adapter in use by a queued or running request never leaves host memory
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import os
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,6 +73,20 @@ def _is_adapter_folder(path: Path) -> bool:
     return path.is_dir() and ((path / CONFIG_FILE).exists() or (path / "adapter_config.json").exists())
 
 
+def _is_name(name: object) -> bool:
+    """A plain adapter name (no '/', '\\' or '..'): checked before any lookup, so a name is never
+    resolved as a path."""
+    try:
+        check_name(name)
+    except InvalidNameError:
+        return False
+    return True
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+TOMBSTONES = ".deleted.json"  # in the adapters folder: names deleted by an admin, never served again
+
+
 class Router(Resolver):
     """Tiers device -> host -> disk -> registry, background loading, and per-tenant limits."""
 
@@ -106,6 +123,7 @@ class Router(Resolver):
         self._refs: collections.Counter[str] = collections.Counter()
         self._loading: dict[str, Future] = {}
         self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.tombstones: set[str] = self._read_tombstones()
         self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapterzoo-loader")
         for name in (zoo._adapters if zoo is not None else ()):  # zoo None: a catalog only (Ray ingress)
             self.catalog[name] = Entry(name)
@@ -127,24 +145,56 @@ class Router(Resolver):
 
     def rescan(self) -> list[str]:
         """Add the adapter folders under `adapters_dir` that the catalog does not know yet."""
-        found = []
-        if self.adapters_dir is None or not self.adapters_dir.is_dir():
-            return found
+        found: list[str] = []
+        # the adapters folder, then the spill folder (adapters that were only ever in memory,
+        # saved when they left it: still servable after a restart)
+        folders = [d for d in (self.adapters_dir, self.spill_dir) if d is not None and d.is_dir()]
         with self._lock:
-            for path in sorted(self.adapters_dir.iterdir()):
-                if path.name.startswith(".") or not _is_adapter_folder(path):
-                    continue
-                entry = self.catalog.get(path.name)
-                if entry is None:
-                    self.catalog[path.name] = Entry(path.name, path=path)
-                    found.append(path.name)
-                elif entry.path is None:
-                    entry.path = path
+            for folder in folders:
+                for path in sorted(folder.iterdir()):
+                    name = path.name
+                    if name.startswith(".") or name in self.tombstones or not _is_name(name) or not _is_adapter_folder(path):
+                        continue
+                    entry = self.catalog.get(name)
+                    if entry is None:
+                        self.catalog[name] = Entry(name, path=path)
+                        found.append(name)
+                    elif entry.path is None:
+                        entry.path = path
         return found
 
+    # -- tombstones: an admin delete sticks across rescans and restarts
+    def _read_tombstones(self) -> set[str]:
+        if self.adapters_dir is None or not (self.adapters_dir / TOMBSTONES).is_file():
+            return set()
+        try:
+            names = json.loads((self.adapters_dir / TOMBSTONES).read_text())
+            return {n for n in names if isinstance(n, str)}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the unreadable tombstone file in the adapters folder: %s", exc)
+            return set()
+
+    def _write_tombstones(self) -> None:
+        """Written to a temporary file, then renamed over the old one: never half-written."""
+        if self.adapters_dir is None:
+            return
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.adapters_dir / f"{TOMBSTONES}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(sorted(self.tombstones)))
+        os.replace(tmp, self.adapters_dir / TOMBSTONES)
+
     def _entry(self, name: str) -> Entry | None:
+        if not _is_name(name):  # before any lookup: "acme-x/../globex-y" is never a path
+            return None
         with self._lock:
+            if name in self.tombstones:
+                return None
             entry = self.catalog.get(name)
+            if (entry is not None and entry.path is not None and not entry.repo and not entry.pending
+                    and self.zoo is not None and name not in self.zoo._adapters and name not in self._refs
+                    and name not in self._loading and not entry.path.exists()):
+                del self.catalog[name]  # its folder was removed: no longer served (nor listed)
+                entry = None
             if entry is None and self.adapters_dir is not None and _is_adapter_folder(self.adapters_dir / name):
                 entry = self.catalog[name] = Entry(name, path=self.adapters_dir / name)
             if entry is None and self.registry_namespace:
@@ -157,7 +207,7 @@ class Router(Resolver):
 
     def owner(self, name: str) -> str | None:
         """The tenant that owns `name`: as added (`add(owner=...)`), else by the keys file's patterns."""
-        entry = self._entry(name)
+        entry = self.catalog.get(name)
         return (entry.owner if entry is not None else None) or self.tenants.owner_of(name)
 
     def visible(self, name: str, tenant: str | None) -> bool:
@@ -321,8 +371,8 @@ class Router(Resolver):
                        if n in self.zoo._adapters and n not in self._refs and n not in self._loading][:max(0, excess)]
         for name in victims:
             try:
-                self._drop(name, delete=False)
-                self.metrics.evicted()
+                if self._drop(name, delete=False) == "removed":  # another thread may have evicted it first
+                    self.metrics.evicted()
             except AdapterZooError as exc:  # pragma: no cover - logged, the adapter just stays
                 log.warning("could not move adapter %r to disk: %s", name, exc)
 
@@ -340,9 +390,10 @@ class Router(Resolver):
             with self._lock:
                 entry.path = target
 
-    def _drop(self, name: str, delete: bool) -> bool:
+    def _drop(self, name: str, delete: bool) -> bool | str:
         """Remove `name` from host memory (and device slots), if no request uses it; with
-        `delete`, also from the catalog. Returns False when it is in use (left pending).
+        `delete`, also from the catalog. Returns False when it is in use (left pending), else
+        "removed" if this call took it out of host memory, True if it was not there.
 
         Decided under `_lock`; the save to disk (unloading an adapter that has no folder) runs
         outside it; the removal re-checks under `_lock` that no request took the adapter and that
@@ -359,13 +410,14 @@ class Router(Resolver):
         if save:
             self._ensure_on_disk(name, entry)
 
-        def remove() -> None:
+        def remove() -> bool:
             with self._lock:
                 if name in self._refs:  # a request took it meanwhile: keep it
-                    return
+                    return False
                 if entry is not None and self.catalog.get(name) is not entry:
-                    return  # deleted (and maybe added again) meanwhile: not the adapter decided on
-                if name in self.zoo._adapters:
+                    return False  # deleted (and maybe added again) meanwhile: not the adapter decided on
+                removed = name in self.zoo._adapters
+                if removed:
                     self.zoo.remove_adapter(name)
                 self._host_lru.pop(name, None)
                 e = self.catalog.get(name)
@@ -373,17 +425,21 @@ class Router(Resolver):
                     e.pending = None
                     if delete:
                         del self.catalog[name]
+                return removed
 
-        self._between_steps(remove)
-        return True
+        return "removed" if self._between_steps(remove) else True
 
     # ------------------------------------------------------------------ admin
 
     def add(self, name: str, source: str | Path | None = None, *, owner: str | None = None, public: bool = False,
             revision: str | None = None, load: bool = True, timeout: float | None = 120) -> Entry:
-        """Make `name` servable: from a folder or a registry repo id (or already in the zoo)."""
+        """Make `name` servable: from a folder or a registry repo id (or already in the zoo). An
+        explicit add lifts an earlier delete's tombstone."""
         check_name(name)
         with self._lock:
+            if name in self.tombstones:
+                self.tombstones.discard(name)
+                self._write_tombstones()
             old = self.catalog.get(name)
             if old is not None and old.pending != "delete" and (source is None or str(source) == old.source):
                 old.owner, old.public = owner or old.owner, public or old.public
@@ -415,15 +471,38 @@ class Router(Resolver):
 
     def unload(self, name: str) -> bool:
         """Host and device -> disk (it stays servable). False: in use, done when released."""
-        if name not in self.catalog:
+        if self._entry(name) is None or name not in self.catalog:
             raise UnknownAdapterError(f"no adapter named {name!r} is served")
-        return self._drop(name, delete=False)
+        return bool(self._drop(name, delete=False))
 
     def delete(self, name: str) -> bool:
-        """Stop serving `name` (its files stay). False: in use, done when released."""
-        if name not in self.catalog:
+        """Stop serving `name` for good (its files stay): a tombstone in the adapters folder keeps
+        a rescan or a restart from finding its folder again; `add` lifts it. False: in use, done
+        when released (it is refused to new requests at once)."""
+        if self._entry(name) is None or name not in self.catalog:
             raise UnknownAdapterError(f"no adapter named {name!r} is served")
-        return self._drop(name, delete=True)
+        with self._lock:
+            self.tombstones.add(name)
+            self._write_tombstones()
+        return bool(self._drop(name, delete=True))
+
+    def admin_source(self, source: str) -> str | Path:
+        """Where an admin may load an adapter from: a folder inside the adapters folder (absolute,
+        or relative to it), or a repo id on the configured registry. Anything else (another server
+        path, the public Hub when no registry is configured) is refused."""
+        if self.adapters_dir is not None:
+            root = self.adapters_dir.resolve()
+            candidate = (root / source).resolve()  # an absolute source stays itself
+            if candidate.is_relative_to(root) and candidate != root and candidate.is_dir():
+                return candidate
+        if self.registry_endpoint and REPO_ID.fullmatch(source) and ".." not in source:
+            return source
+        where = ["a folder inside the adapters folder"] if self.adapters_dir is not None else []
+        if self.registry_endpoint:
+            where.append("a repo id (namespace/name) on the configured registry")
+        raise InvalidNameError(
+            f"source {source!r} is not allowed: use {' or '.join(where) or 'nothing (this server has no adapters folder and no registry)'}; "
+            "start the server with --adapters or --registry to allow more")
 
     def describe(self, name: str) -> dict[str, Any]:
         entry = self.catalog[name]

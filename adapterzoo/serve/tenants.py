@@ -47,7 +47,15 @@ class Tenant:
     admin: bool = False
 
     def owns(self, adapter: str) -> bool:
-        return any(fnmatch.fnmatchcase(adapter, p) for p in self.adapters)
+        return any(name_matches(adapter, p) for p in self.adapters)
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """A shell-style glob over adapter names that never crosses a path separator or a '..':
+    `acme-*` matches `acme-sql`, never `acme-x/../globex-y`."""
+    if "/" in name or "\\" in name or ".." in name:
+        return False
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 class RateLimiter:
@@ -57,7 +65,8 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last time)
 
-    def allow(self, tenant: Tenant, now: float | None = None) -> bool:
+    def allow(self, tenant: Tenant, now: float | None = None, cost: int = 1) -> bool:
+        """Take `cost` tokens (one per prompt and choice of a request) if the bucket has them."""
         if not tenant.rps:
             return True
         now = time.monotonic() if now is None else now
@@ -65,10 +74,10 @@ class RateLimiter:
         with self._lock:
             tokens, last = self._buckets.get(tenant.name, (burst, now))
             tokens = min(burst, tokens + (now - last) * tenant.rps)
-            if tokens < 1:
+            if tokens < cost:
                 self._buckets[tenant.name] = (tokens, now)
                 return False
-            self._buckets[tenant.name] = (tokens - 1, now)
+            self._buckets[tenant.name] = (tokens - cost, now)
             return True
 
 
@@ -154,7 +163,7 @@ class Tenants:
         return None
 
     def is_public(self, adapter: str) -> bool:
-        return any(fnmatch.fnmatchcase(adapter, p) for p in self.public)
+        return any(name_matches(adapter, p) for p in self.public)
 
     def can_use(self, tenant: Tenant | None, adapter: str, owner: str | None = None, public: bool = False) -> bool:
         if tenant is None:
@@ -168,8 +177,8 @@ class Tenants:
         t = self.get(tenant_name)
         return t.max_resident if t else None
 
-    def allow_request(self, tenant: Tenant) -> bool:
-        return self.limiter.allow(tenant)
+    def allow_request(self, tenant: Tenant, cost: int = 1) -> bool:
+        return self.limiter.allow(tenant, cost=cost)
 
 
 def _opt_int(value: Any, what: str, where: str) -> int | None:

@@ -33,7 +33,7 @@ def setup(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("http")
     zoo = Zoo.from_pretrained(tiny_base, device="cpu")
     make_adapters(zoo, root / "adapters", ADAPTERS)
-    make_adapters(zoo, root / "later", ["late"], seed0=40)
+    make_adapters(zoo, root / "adapters" / ".incoming", ["late"], seed0=40)  # hidden: not found by a rescan
     (root / "adapters" / "acme-broken" / WEIGHTS_FILE).write_bytes(b"\x00" * 64)
     keys = write_keys(root / "keys.json", KEYS)
     server = start_serve(tiny_base, root / "server.log", "--adapters", str(root / "adapters"), "--keys", str(keys),
@@ -148,7 +148,7 @@ def test_bad_input(setup):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[])
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=2)
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], logit_bias={"5": 3})
     assert e.value.body["code"] == "unsupported_parameter"
     assert httpx.get(f"{server.url}/nope").status_code == 404
 
@@ -176,7 +176,7 @@ def test_rate_limit(setup):
 
 
 def _metric(server, name: str, labels: str = "") -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+    for line in httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer k-ops"}).text.splitlines():
         if line.startswith(name + (("{" + labels + "}") if labels else " ")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
@@ -203,10 +203,10 @@ def test_disconnect_mid_stream_frees_the_request(setup):
 def test_admin_routes(setup):
     server, zoo, root = setup
     admin = {"Authorization": "Bearer k-ops"}
-    r = httpx.post(f"{server.url}/admin/adapters", json={"name": "late", "source": str(root / "later" / "late"), "owner": "acme"},
-                   headers={"Authorization": "Bearer k-acme"})
+    r = httpx.post(f"{server.url}/admin/adapters", json={"name": "late", "source": str(root / "adapters" / ".incoming" / "late"),
+                   "owner": "acme"}, headers={"Authorization": "Bearer k-acme"})
     assert r.status_code == 403
-    r = httpx.post(f"{server.url}/admin/adapters", json={"name": "late", "source": str(root / "later" / "late"), "owner": "acme"},
+    r = httpx.post(f"{server.url}/admin/adapters", json={"name": "late", "source": ".incoming/late", "owner": "acme"},
                    headers=admin)
     assert r.status_code == 201, r.text
     assert r.json()["tier"] == "host"
@@ -221,14 +221,17 @@ def test_admin_routes(setup):
     assert httpx.delete(f"{server.url}/admin/adapters/late", headers=admin).status_code == 200
     with pytest.raises(openai.NotFoundError):
         server.client("k-acme").completions.create(model="late", prompt="hello", max_tokens=5)
-    r = httpx.post(f"{server.url}/admin/adapters", json={"name": "bad", "source": str(root)}, headers=admin)
+    (root / "adapters" / ".incoming" / "empty").mkdir()
+    r = httpx.post(f"{server.url}/admin/adapters", json={"name": "bad", "source": ".incoming/empty"}, headers=admin)
     assert r.status_code == 400 and _error(r)["code"] == "adapter_load_failed"
 
 
 def test_metrics_and_health(setup):
     server, _, _ = setup
     server.client("k-acme").completions.create(model="acme-lora", prompt="hello", max_tokens=3, temperature=0)
-    text = httpx.get(f"{server.url}/metrics").text
+    assert httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer k-acme"}).status_code == 403
+    assert httpx.get(f"{server.url}/metrics").status_code == 401
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer k-ops"}).text
     for name in ("adapterzoo_http_requests_total", "adapterzoo_tokens_total", "adapterzoo_queue_depth",
                  "adapterzoo_adapter_hits_total", "adapterzoo_adapter_misses_total", "adapterzoo_adapter_swap_seconds_bucket",
                  "adapterzoo_time_to_first_token_seconds_bucket", "adapterzoo_adapters_resident"):
