@@ -22,13 +22,15 @@ from .errors import (
     UnknownAdapterTypeError,
 )
 from .hookspecs import hookimpl
-from .types import AdapterConfig, AdapterType, require
+from .plan import SlotWeights
+from .types import AdapterConfig, AdapterHubMapping, AdapterType, PeftMapping, require
 from .zoo import AdapterInfo, Zoo, ZooOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Zoo", "ZooOutput", "AdapterInfo", "hookimpl", "AdapterType", "AdapterConfig", "require",
+    "SlotWeights", "PeftMapping", "AdapterHubMapping",
     "AdapterZooError", "AdapterExistsError", "AdapterFileError", "BaseMismatchError", "BatchError",
     "InvalidConfigError", "InvalidNameError", "PluginError", "PoolFullError", "PoolLimitError",
     "ShapeMismatchError", "TrainingDivergedError", "TrainingError", "UnknownAdapterError", "UnknownAdapterTypeError",

@@ -7,6 +7,7 @@ are refreshed whenever these change (see `Adapter.version`).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InvalidConfigError, InvalidNameError, PoolLimitError, ShapeMismatchError
-from .types import AdapterConfig, AdapterType, Shape
+from .errors import InvalidConfigError, InvalidNameError, PluginError, PoolLimitError, ShapeMismatchError
+from .types import AdapterConfig, AdapterType, Shape, call_sizes
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -48,6 +49,7 @@ class Adapter:
     _edits: int = 0
     head: Any = None  # an optional classification head (adapterzoo.heads.Head), trained and saved with it
     _bucket_shapes: dict | None = field(default=None, repr=False)
+    _shape_digest: str | None = field(default=None, repr=False)
 
     @property
     def type_name(self) -> str:
@@ -70,7 +72,20 @@ class Adapter:
 
     @property
     def pool_key(self) -> tuple:
-        return (self.atype.name, self.variant, tuple(sorted(self.bucket.items())))
+        """(type, variant, bucketed sizes, digest of every tensor's pool shape at every site).
+
+        Adapters share a pool only when all of it agrees: a literal dimension that depends on the
+        config (not only the named sizes) changes the digest, so such adapters get pools of their own
+        instead of failing at their first forward. Known once the shapes are (at creation)."""
+        if self._shape_digest is None:
+            if self._bucket_shapes is None:
+                raise PluginError(
+                    f"adapter {self.name!r} was built without its base, so its pool shapes are unknown; "
+                    "create adapters with adapterzoo.adapter.new_adapter / adapter_from_state (or Zoo methods)"
+                )
+            signature = repr(sorted((site, sorted(shapes.items())) for site, shapes in self._bucket_shapes.items()))
+            self._shape_digest = hashlib.sha1(signature.encode()).hexdigest()[:12]
+        return (self.atype.name, self.variant, tuple(sorted(self.bucket.items())), self._shape_digest)
 
     @property
     def trainable(self) -> bool:
@@ -101,15 +116,38 @@ class Adapter:
 
     def length(self) -> int:
         """Virtual tokens this adapter adds (prompt and prefix kinds), else 0."""
-        return self.atype.length(self.config) if self.atype.kind != "delta" else 0
+        return self.atype.length(self.config) if self.atype.facts.virtual_tokens else 0
+
+    def prompt_length(self) -> int:
+        """Virtual tokens this adapter puts before the input embeddings (prompt kinds), else 0."""
+        return self.length() if self.atype.facts.attaches == "embeddings" else 0
+
+    def prefix_length(self) -> int:
+        """Prefix keys/values this adapter puts before each attention layer's (prefix kinds), else 0."""
+        return self.length() if self.atype.facts.attaches == "attention" else 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat `{site}.{tensor}` names, as saved to safetensors."""
         return {f"{site}.{key}": t.detach() for site, ts in self.tensors.items() for key, t in ts.items()}
 
 
-def resolve_shape(shape: Shape, sizes: dict[str, int]) -> tuple[int, ...]:
-    return tuple(sizes[d] if isinstance(d, str) else int(d) for d in shape)
+def resolve_shape(shape: Shape, sizes: dict[str, int], where: str = "") -> tuple[int, ...]:
+    """A `tensors()` shape with its named sizes filled in; a name missing from `sizes()`, or an
+    entry that is neither a name nor a positive int, is the type's mistake and is named as such."""
+    out = []
+    for d in shape:
+        if isinstance(d, str):
+            if d not in sizes:
+                raise PluginError(
+                    f"{where}: shape {shape!r} names the size {d!r}, which sizes() does not return (it returns "
+                    f"{sorted(sizes) or 'none'}); add {d!r} to the type's sizes(config)"
+                )
+            out.append(sizes[d])
+        elif isinstance(d, int) and not isinstance(d, bool) and d >= 1:
+            out.append(d)
+        else:
+            raise PluginError(f"{where}: shape {shape!r} has {d!r}; each entry must be a positive int or a size name")
+    return tuple(out)
 
 
 def expected_shapes(atype: AdapterType, model: nn.Module, config: AdapterConfig, sizes: dict[str, int]) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -117,13 +155,27 @@ def expected_shapes(atype: AdapterType, model: nn.Module, config: AdapterConfig,
     modules = dict(model.named_modules())
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for site in atype.sites(model, config):
+        if site not in modules:
+            near = [p for p in modules if p.endswith(site.rsplit(".", 1)[-1])][:3]
+            raise PluginError(
+                f"adapter type {atype.name!r}: sites() returned {site!r}, which is not a module of this "
+                f"{type(model).__name__}" + (f" (similar: {', '.join(near)})" if near else "") +
+                "; return paths from model.named_modules() (adapterzoo.sites helps)"
+            )
         spec = atype.tensors(model, site, modules[site], config)
-        shapes[site] = {k: resolve_shape(s, sizes) for k, s in spec.items()}
+        if not isinstance(spec, dict):
+            raise PluginError(f"adapter type {atype.name!r} at site {site!r}: tensors() must return a dict "
+                              f"{{name: shape}}, got {type(spec).__name__}")
+        where = f"adapter type {atype.name!r} at site {site!r}"
+        shapes[site] = {k: resolve_shape(s, sizes, f"{where}, tensor {k!r}") for k, s in spec.items()}
     return shapes
 
 
-def check_sizes(atype: AdapterType, config: AdapterConfig, limits: dict[str, int], default_limit: int) -> dict[str, int]:
-    sizes = atype.sizes(config)
+def check_sizes(atype: AdapterType, config: AdapterConfig, limits: dict[str, int], default_limit: int,
+                model: nn.Module | None = None) -> dict[str, int]:
+    sizes = call_sizes(atype, config, model)
+    if not isinstance(sizes, dict):
+        raise PluginError(f"adapter type {atype.name!r}: sizes() must return a dict {{name: int}}, got {sizes!r}")
     for key, value in sizes.items():
         if not isinstance(value, int) or value < 1:
             raise InvalidConfigError(f"{atype.name} size {key}={value!r} must be a positive integer")
@@ -149,7 +201,9 @@ def new_adapter(name: str, atype: AdapterType, config: AdapterConfig, model: nn.
                 atype.init(key, t, config, generator, modules[site])
                 tensors[site][key] = t
         atype.init_from_base(model, config, tensors, generator)  # optional second pass (AdapterType)
-    return Adapter(name, atype, config, tensors, sizes)
+    adapter = Adapter(name, atype, config, tensors, sizes)
+    adapter.bucket_shapes(model)  # known from now on: the pool key is made of them
+    return adapter
 
 
 def adapter_from_state(
@@ -185,4 +239,6 @@ def adapter_from_state(
             f"{what} does not fit a {atype.name} adapter with this config on this base: {', '.join(parts)}. "
             "Check that the config matches the weights and that it was made for this base."
         )
-    return Adapter(name, atype, config, tensors, sizes)
+    adapter = Adapter(name, atype, config, tensors, sizes)
+    adapter.bucket_shapes(model)
+    return adapter

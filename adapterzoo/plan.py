@@ -15,23 +15,40 @@ import torch
 
 
 class SlotWeights(dict):
-    """One pool's adapter tensors for the rows that use it, as a type's `delta` sees them.
+    """One pool's adapter tensors for the rows that use it: what a type's `delta`,
+    `virtual_tokens` and `prefix` receive as `w`. Part of the plugin contract (docs/plugins.md).
 
     `w[name]` is the tensor gathered by slot: leading dim n (one per row) or 1 (every row shares
-    one slot, so it broadcasts). Constants (e.g. LoRA's scale) come the same way, and
-    `w["variant"]` is the pool's variant string. `w.matmul(x, name)` computes `x @ W[slot]` for
-    every row of x (n, T, in) with W stored as (in, out) per slot, without copying weights where
-    it can: for one token per row (a decode step) it runs as a weighted `embedding_bag` over the
-    pool itself, which reads each adapter's weights once (Punica's BGMV kernel in stock
-    PyTorch); rows that come in runs of one slot (a trainer's or a prefill's batch) are folded
-    into one matrix per run.
+    one slot, so it broadcasts). Names are the type's `tensors()`, its `derive()` outputs and its
+    `constants()` (e.g. LoRA's scale, shape (n,) or (1,)); gathering is lazy, so a name never read
+    costs nothing. Attributes:
+
+    - `variant`: the pool's `variant(config)` string (also `w["variant"]`, for older types).
+    - `site`, `module`: the module path and the base module the rows are at (None for prompt
+      types): base-aware math reads the base's weights here (adapterzoo.sites.linear_weight).
+    - `slots`: each row's slot, a (n,) tensor, or a plain int when all rows share one slot.
+    - `lengths`: each row's true number of virtual tokens, (n,) (prompt and prefix kinds; pools
+      pad to the bucket, so a prompt encoder that must not see padding reads this).
+
+    `w.matmul(x, name)` computes `x @ W[slot]` for every row of x (n, T, in) with W stored as
+    (in, out) per slot, without copying weights where it can: for one token per row (a decode
+    step) it runs as a weighted `embedding_bag` over the pool itself, which reads each adapter's
+    weights once (Punica's BGMV kernel in stock PyTorch); rows that come in runs of one slot (a
+    trainer's or a prefill's batch) are folded into one matrix per run.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], use: "PoolUse"):
+    def __init__(self, tensors: dict[str, torch.Tensor], use: "PoolUse", site: str | None = None, module=None):
         super().__init__(variant=use.pool.variant)
         self._pool = {**tensors, **use.pool.constants}
         self._use = use
         self.slots = use.slots
+        self.variant: str = use.pool.variant
+        self.site = site
+        self.module = module
+
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        return self._use.lengths
 
     def __missing__(self, name: str) -> torch.Tensor:
         t = self._pool[name]
@@ -72,11 +89,12 @@ class PoolUse:
     rows: torch.Tensor | None
     slots: torch.Tensor | int
     run_slots: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None  # (n,) each row's true virtual length (prompt and prefix kinds)
     _bags: dict = field(default_factory=dict, repr=False)
 
-    def gather(self, tensors: dict[str, torch.Tensor]) -> SlotWeights:
+    def gather(self, tensors: dict[str, torch.Tensor], site: str | None = None, module=None) -> SlotWeights:
         """The pool's tensors at one site (and its constants) for these rows, gathered lazily."""
-        return SlotWeights(tensors, self)
+        return SlotWeights(tensors, self, site, module)
 
     def bag_index(self, fan_in: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """embedding_bag's indices and offsets for `SlotWeights.matmul`, made once per plan."""
@@ -162,19 +180,20 @@ def build_plan(assignments: list[tuple[object, int, int] | None], device: torch.
         every_row = len(rows) == batch
         one_slot = len(set(slots)) == 1
         runs = None if one_slot else _equal_runs(slots)
+        facts = pool.atype.facts
         use = PoolUse(
             pool=pool,
             rows=None if every_row else torch.tensor(rows, device=device),
             slots=slots[0] if one_slot else torch.tensor(slots, device=device),
             run_slots=None if runs is None else torch.tensor(runs, device=device),
+            lengths=torch.tensor(lengths, device=device) if facts.virtual_tokens else None,
         )
-        kind = pool.atype.kind
-        if kind == "delta":
+        if not facts.virtual_tokens:
             plan.deltas.append(use)
             continue
         per_row = torch.zeros(batch, dtype=torch.long)
         per_row[rows] = torch.tensor(lengths)
-        if kind == "prompt":
+        if facts.attaches == "embeddings":
             plan.prompts.append(use)
             plan.prompt_lengths = per_row if plan.prompt_lengths is None else plan.prompt_lengths + per_row
         else:

@@ -146,10 +146,6 @@ def get_adapter_type(name: str) -> type:
 
 
 def _check_type_class(cls: type, plugin: str) -> None:
-    from .types import AdapterType
+    from .contract import check_type_class
 
-    if not (isinstance(cls, type) and issubclass(cls, AdapterType)):
-        raise PluginError(f"plugin {plugin!r} registered {cls!r}, which is not an AdapterType subclass")
-    for attr in ("name", "Config"):
-        if not getattr(cls, attr, None):
-            raise PluginError(f"adapter type {cls.__name__} from plugin {plugin!r} has no {attr!r}")
+    check_type_class(cls, plugin)

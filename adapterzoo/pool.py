@@ -6,8 +6,13 @@ means "no adapter". Loading an adapter copies its tensors (zero-padded to the bu
 slot; evicting it frees the slot. Modules are never re-created and no shape ever changes, so a
 hot-swap is a `copy_` between forward passes: the S-LoRA unified memory pool, for every type.
 
+A type with a `derive` hook (LoHa's dense update, DoRA's per-column rescale) gets its derived
+tensors computed once per slot write and stored in the pool beside the adapter's own, so a
+forward reads them like any other tensor and never recomputes them.
+
 A `LivePool` has the same interface but stacks trainable adapters' own tensors at every forward,
-so gradients flow to each adapter's parameters (training many adapters in one mixed batch).
+so gradients flow to each adapter's parameters (training many adapters in one mixed batch); it
+derives at every forward too, differentiably.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections import OrderedDict
 import torch
 
 from .adapter import Adapter
-from .errors import PoolFullError
+from .errors import PluginError, PoolFullError
 
 
 def _pad_into(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -30,6 +35,34 @@ def _padded(src: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     for have, want in zip(reversed(src.shape), reversed(shape)):
         pads += [0, want - have]
     return torch.nn.functional.pad(src, pads) if any(pads) else src
+
+
+def derived_tensors(atype, site: str, module, tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """`atype.derive(...)` for one adapter at one site, its result checked; errors name the type and site."""
+    try:
+        derived = atype.derive(site, module, tensors, config)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"adapter type {atype.name!r} at site {site!r}: derive() raised "
+                          f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(derived, dict) or not all(isinstance(v, torch.Tensor) for v in derived.values()):
+        raise PluginError(f"adapter type {atype.name!r} at site {site!r}: derive() must return a dict of "
+                          f"tensors, got {type(derived).__name__}")
+    clash = set(derived) & set(tensors)
+    if clash:
+        raise PluginError(f"adapter type {atype.name!r} at site {site!r}: derive() returned {sorted(clash)}, "
+                          "which are names of its own tensors; give derived tensors names of their own")
+    return derived
+
+
+def _pool_shapes_agree(atype, site: str, name: str, have: tuple, want: tuple) -> None:
+    if tuple(have) != tuple(want):
+        raise PluginError(
+            f"adapter type {atype.name!r} at site {site!r}: derive() returned {name!r} of shape {tuple(want)}, "
+            f"but other adapters in its pool gave {tuple(have)}; a derived shape may depend only on the "
+            "pool's shapes (the bucketed sizes and the site), not on other config values"
+        )
 
 
 class SlotPool:
@@ -50,6 +83,8 @@ class SlotPool:
         # can tell whether its slots still hold what it placed there (BatchPlan.is_current)
         self.stamps = [0] * (capacity + 1)
         self._writes = 0
+        self._modules = dict(model.named_modules())
+        self._derived: set[str] = set()  # names of derived tensors (in self.tensors beside the own ones)
 
     def __repr__(self) -> str:
         return f"SlotPool({self.atype.name}, {self.bucket}, {len(self.lru)}/{self.capacity} used)"
@@ -129,10 +164,29 @@ class SlotPool:
                         _pad_into(t[slot], own[key].to(self.dtype))
                     else:
                         t[slot].zero_()
+            if self.atype.derives:
+                self._write_derived(slot, adapter, shapes)
             for key, value in adapter.atype.constants(adapter.config).items():
                 if key not in self.constants:
                     self.constants[key] = torch.zeros(self.capacity + 1, device=self.device, dtype=self.dtype)
                 self.constants[key][slot] = value
+
+
+    def _write_derived(self, slot: int, adapter: Adapter, shapes: dict[str, dict[str, tuple[int, ...]]]) -> None:
+        """The adapter's derived tensors at each of its sites, from its own tensors padded to the
+        pool's shapes in float32 (then stored in the pool's dtype)."""
+        for site, site_shapes in shapes.items():
+            own = {k: _padded(adapter.tensors[site][k].detach().to(self.device, torch.float32), s)
+                   for k, s in site_shapes.items()}
+            derived = derived_tensors(self.atype, site, self._modules[site], own, adapter.config)
+            for key, value in derived.items():
+                table = self.tensors[site].get(key)
+                if table is None:
+                    table = torch.zeros((self.capacity + 1, *value.shape), device=self.device, dtype=self.dtype)
+                    self.tensors[site][key] = table
+                    self._derived.add(key)
+                _pool_shapes_agree(self.atype, site, key, table.shape[1:], value.shape)
+                table[slot].copy_(value)
 
 
 class LivePool:
@@ -150,6 +204,7 @@ class LivePool:
         self.device, self.dtype = device, dtype
         self.index = {a.name: i + 1 for i, a in enumerate(adapters)}
         self._sites: dict[str, dict[str, torch.Tensor]] = {}
+        self._modules: dict | None = None  # the base's modules by path, for derive (made on first use)
         self._shapes = [a.bucket_shapes(model) for a in adapters]
         self.constants = {
             key: torch.tensor([0.0] + [atype.constants(a.config)[key] for a in adapters], device=device, dtype=dtype)
@@ -172,5 +227,32 @@ class LivePool:
                         _padded(own.to(device=self.device, dtype=self.dtype), shape) if own is not None else rows[0]
                     )
                 stacked[key] = torch.stack(rows)
+            if self.atype.derives:
+                stacked.update(self._derive(site))
             self._sites[site] = stacked
         return self._sites[site]
+
+    def _derive(self, site: str) -> dict[str, torch.Tensor]:
+        """Each adapter's derived tensors at `site`, from its own (trainable) tensors, stacked: the
+        gradient reaches the tensors they come from. Adapters without the site get zeros."""
+        if self._modules is None:
+            self._modules = dict(self.model.named_modules())
+        module = self._modules[site]
+        per_adapter: list[dict[str, torch.Tensor] | None] = []
+        for adapter, shapes in zip(self.adapters, self._shapes):
+            if site not in shapes:
+                per_adapter.append(None)
+                continue
+            own = {k: _padded(adapter.tensors[site][k].to(self.device, torch.float32), s) for k, s in shapes[site].items()}
+            per_adapter.append(derived_tensors(self.atype, site, module, own, adapter.config))
+        first = next(d for d in per_adapter if d is not None)
+        stacked = {}
+        for key, value in first.items():
+            zero = torch.zeros(value.shape, device=self.device, dtype=self.dtype)
+            rows = [zero]
+            for d in per_adapter:
+                if d is not None:
+                    _pool_shapes_agree(self.atype, site, key, value.shape, d[key].shape)
+                rows.append(d[key].to(self.dtype) if d is not None else zero)
+            stacked[key] = torch.stack(rows)
+        return stacked

@@ -85,7 +85,7 @@ def _delta_hook(path: str):
         for use in plan.deltas:
             tensors = use.pool.site(path)
             if tensors is not None:
-                y = apply_delta(use, tensors, x, y, plan.training)
+                y = apply_delta(use, tensors, x, y, plan.training, path, module)
         if y.shape != shape:
             y = y.reshape(shape)
         return (y, *output[1:]) if isinstance(output, tuple) else y
@@ -93,9 +93,11 @@ def _delta_hook(path: str):
     return hook
 
 
-def apply_delta(use: PoolUse, tensors: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, training: bool) -> torch.Tensor:
-    """y + delta for the rows of `use`; the other rows are left exactly as they are."""
-    w = use.gather(tensors)
+def apply_delta(use: PoolUse, tensors: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, training: bool,
+                site: str | None = None, module: nn.Module | None = None) -> torch.Tensor:
+    """y + delta for the rows of `use`; the other rows are left exactly as they are. `site` and
+    `module` reach the type as `w.site` / `w.module` (base-aware deltas such as DoRA's)."""
+    w = use.gather(tensors, site, module)
     atype = use.pool.atype
     if use.rows is None:
         return y + atype.delta(x, y, w, training).to(y.dtype)
@@ -149,7 +151,7 @@ def prefix_keys_values(plan: BatchPlan, path: str, batch: int, like: torch.Tenso
         tensors = use.pool.site(path)
         if tensors is None:
             continue
-        k, v = use.pool.atype.prefix(use.gather(tensors))  # (n, kv_heads, P_bucket, head_dim)
+        k, v = use.pool.atype.prefix(use.gather(tensors, path))  # (n, kv_heads, P_bucket, head_dim)
         k, v = fit_tokens(k, width, 2).to(like.dtype), fit_tokens(v, width, 2).to(like.dtype)
         if pk is None:
             pk = k.new_zeros(batch, *k.shape[1:])

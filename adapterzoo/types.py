@@ -19,24 +19,102 @@ base, slot pools, batch plans, saving, training, serving):
    Prompt and prefix types also say `length(config)`, the number of virtual tokens.
 
 Optional: `merge(module, tensors, config)` folds an adapter into a module's weights (in place) for
-single-adapter deployment; `peft_types` with `from_peft` / `to_peft`, and `adapterhub_architectures`
-with `from_adapterhub` / `to_adapterhub`, map to and from PEFT's and AdapterHub's file formats
-(adapterzoo.formats and docs/formats.md; a type without them gets a clear error for those formats).
+single-adapter deployment; the foreign-format mappings (`PeftMapping`, `AdapterHubMapping`, below)
+map to and from PEFT's and AdapterHub's file formats (adapterzoo.formats and docs/formats.md; a
+type without them gets a clear error for those formats); `derive(site, module, tensors, config)`
+turns an adapter's stored tensors into what its math reads, once per slot placement (every step
+while training); `sizes(config, model)` may read the base; `conformance_configs()` lists the
+configs the conformance suite runs. What `delta` and friends receive is a `SlotWeights`
+(adapterzoo.plan): the gathered tensors by name, plus `.variant`, `.site`, `.module` (the base
+module, for base-aware math such as DoRA's), `.slots` and `.lengths` (each row's true virtual length).
+
+What differs between the three kinds (which hook computes, where it attaches, whether a fresh
+adapter is the identity) is spelt out once, in `KINDS`, and read through `AdapterType.facts`, so
+the core never compares kind strings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .errors import InvalidConfigError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import SlotWeights
+
 Shape = tuple[int | str, ...]
 Kind = Literal["delta", "prompt", "prefix"]
+
+
+@dataclass(frozen=True)
+class KindFacts:
+    """What one kind of adapter type means to the core, in one place.
+
+    `method`: the hook that computes the adapter's effect (a type of this kind must define it).
+    `attaches`: where its sites are: "module" (a forward hook adds a delta to the module's output),
+    "embeddings" (virtual tokens before the input), "attention" (keys/values before each layer's).
+    `virtual_tokens`: whether it adds virtual tokens (then the type gives `length(config)`).
+    `identity_when_new`: whether a fresh adapter must leave the base's outputs unchanged.
+    """
+
+    kind: str
+    method: str
+    attaches: str
+    virtual_tokens: bool
+    identity_when_new: bool
+
+
+KINDS: dict[str, KindFacts] = {
+    "delta": KindFacts("delta", "delta", "module", virtual_tokens=False, identity_when_new=True),
+    "prompt": KindFacts("prompt", "virtual_tokens", "embeddings", virtual_tokens=True, identity_when_new=False),
+    "prefix": KindFacts("prefix", "prefix", "attention", virtual_tokens=True, identity_when_new=False),
+}
+
+
+@runtime_checkable
+class PeftMapping(Protocol):
+    """A type that reads and writes PEFT folders (adapterzoo.formats.peft) declares:
+
+    `peft_types`: the PEFT `peft_type`s it reads ("LORA", "LOHA", ...).
+    `peft_when` (optional): config fields that must hold for the claim, e.g. DoRA's
+    `{"use_dora": True}`. Among the types claiming a `peft_type`, one whose `peft_when` matches the
+    folder's config wins; a type with a `peft_when` that does not match does not claim it.
+    `from_peft(model, peft_config, state)` -> (our config dict, our flat `{site}.{tensor}` state).
+    `to_peft(model, config, state)` -> (PEFT config dict, PEFT state without `base_model.model.`).
+    """
+
+    peft_types: tuple[str, ...]
+
+    def from_peft(self, model: nn.Module, peft_config: dict[str, Any],
+                  state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+
+    def to_peft(self, model: nn.Module, config: "AdapterConfig",
+                state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+
+
+@runtime_checkable
+class AdapterHubMapping(Protocol):
+    """A type that reads and writes AdapterHub (`adapters` library) folders declares:
+
+    `adapterhub_architectures`: the AdapterHub `architecture`s it reads ("bottleneck", ...).
+    `from_adapterhub(model, config, state)` -> (our config dict, our flat state).
+    `to_adapterhub(model, config, state, name)` -> (AdapterHub config dict, its state); `name` is the
+    adapter's name, which AdapterHub writes into every key.
+    """
+
+    adapterhub_architectures: tuple[str, ...]
+
+    def from_adapterhub(self, model: nn.Module, config: dict[str, Any],
+                        state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+
+    def to_adapterhub(self, model: nn.Module, config: "AdapterConfig", state: dict[str, torch.Tensor],
+                      name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
 
 
 @dataclass
@@ -85,6 +163,17 @@ class AdapterType:
     kind: ClassVar[Kind] = "delta"
     default_lr: ClassVar[float] = 1e-3  # AdamW learning rate `zoo.train` uses unless told otherwise
 
+    @property
+    def facts(self) -> KindFacts:
+        """This type's kind, spelt out (`KINDS`); the core reads these instead of comparing strings."""
+        return KINDS[self.kind]
+
+    @classmethod
+    def conformance_configs(cls) -> list[dict[str, Any]]:
+        """The configs the conformance suite runs this type with (adapterzoo.testing.conformance).
+        Default: the default config only. List one per code path (variants, options) worth checking."""
+        return [{}]
+
     # 1. where
     def sites(self, model: nn.Module, config: AdapterConfig) -> list[str]:
         raise NotImplementedError
@@ -93,14 +182,16 @@ class AdapterType:
     def tensors(self, model: nn.Module, site: str, module: nn.Module, config: AdapterConfig) -> dict[str, Shape]:
         raise NotImplementedError
 
-    def sizes(self, config: AdapterConfig) -> dict[str, int]:
-        """Named sizes used in `tensors` shapes (e.g. {"r": 8}); pools bucket them."""
+    def sizes(self, config: AdapterConfig, model: nn.Module | None = None) -> dict[str, int]:
+        """Named sizes used in `tensors` shapes (e.g. {"r": 8}); pools bucket them. A type may
+        declare it as `sizes(self, config)` or `sizes(self, config, model)` (to default a size to
+        the base's width, say); the core passes the base when the method takes it."""
         return {}
 
     def variant(self, config: AdapterConfig) -> str:
         """Config choices that change the math itself (e.g. an activation function) rather than
         per-adapter numbers. Adapters of different variants get different pools, and `delta` etc.
-        find the pool's variant in `w["variant"]`."""
+        find the pool's variant in `w.variant` (`w["variant"]` also works, for older types)."""
         return ""
 
     def constants(self, config: AdapterConfig) -> dict[str, float]:
@@ -117,15 +208,29 @@ class AdapterType:
         (`tensors`: site -> name -> tensor, true shapes, float32, CPU). Default: nothing. Prefix
         tuning uses it to start from the keys and values of real tokens."""
 
-    # 3. how
-    def delta(self, x: torch.Tensor, y: torch.Tensor, w: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+    # 3. how (`w` is an adapterzoo.plan.SlotWeights: tensors by name, leading dim n rows or 1)
+    def delta(self, x: torch.Tensor, y: torch.Tensor, w: "SlotWeights", training: bool) -> torch.Tensor:
         raise NotImplementedError
 
-    def virtual_tokens(self, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    def virtual_tokens(self, w: "SlotWeights") -> torch.Tensor:
         raise NotImplementedError
 
-    def prefix(self, w: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefix(self, w: "SlotWeights") -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    # optional: derived weights
+    def derive(self, site: str, module: nn.Module, tensors: dict[str, torch.Tensor],
+               config: AdapterConfig) -> dict[str, torch.Tensor]:
+        """What the math reads, computed from one adapter's tensors at one site (pool shapes, no
+        slot dim, on the device, float32), e.g. LoHa's dense (in, out) update or DoRA's per-column
+        rescale, which reads the base `module`. Called once when the adapter is placed in a slot
+        (or edited), and stored in the pool beside its tensors under the returned names; while
+        training it runs at every step, differentiably. Default: nothing derived."""
+        return {}
+
+    @property
+    def derives(self) -> bool:
+        return type(self).derive is not AdapterType.derive
 
     def length(self, config: AdapterConfig) -> int:
         """Number of virtual tokens (prompt and prefix kinds)."""
@@ -139,3 +244,11 @@ class AdapterType:
     @property
     def mergeable(self) -> bool:
         return type(self).merge is not AdapterType.merge
+
+
+def call_sizes(atype: AdapterType, config: AdapterConfig, model: nn.Module | None) -> dict[str, int]:
+    """`atype.sizes(config)` or `atype.sizes(config, model)`, whichever the type declares."""
+    params = inspect.signature(atype.sizes).parameters
+    if len(params) >= 2 and model is not None:
+        return atype.sizes(config, model)
+    return atype.sizes(config)

@@ -22,6 +22,7 @@ from torch import nn
 from . import plugins
 from .adapter import Adapter, adapter_from_state, check_name, check_sizes, new_adapter
 from .base import Fingerprint, check_fingerprint, fingerprint, freeze, load_base
+from .contract import check_adapter
 from .errors import AdapterExistsError, AdapterZooError, BatchError, InvalidConfigError, PoolFullError, UnknownAdapterError
 from .heads import HeadConfig, class_logits, new_head, pop_head
 from .plan import BatchPlan, build_plan, fit_tokens, place_rows, virtual_columns
@@ -90,6 +91,7 @@ class Zoo:
         self._types: dict[str, AdapterType] = {}
         self._lock = threading.RLock()  # residency changes and forwards of concurrent callers
         self._cache_kw = _cache_keyword(self.model)
+        self._checked_pools: set[tuple] = set()  # pool keys whose type ran once on a tiny input
 
     @classmethod
     def from_pretrained(
@@ -136,7 +138,7 @@ class Zoo:
         atype = self.adapter_type(adapter_type)
         cfg = atype.Config.from_dict(config)
         head_config = HeadConfig.parse(head) if head is not None else None
-        sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size)
+        sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size, self.model)
         adapter = new_adapter(name, atype, cfg, self.model, sizes, seed)
         if head_config is not None:
             adapter.head = new_head(head_config, hidden_size(self.model),
@@ -205,7 +207,7 @@ class Zoo:
         atype = self.adapter_type(record["adapter_type"])
         cfg = atype.Config.from_dict(record["config"])
         check_fingerprint(self.fingerprint, record.get("base"), f"adapter at {folder}", force=ignore_base_mismatch)
-        sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size)
+        sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size, self.model)
         head = pop_head(record, state, hidden_size(self.model), f"adapter at {folder}")
         adapter = adapter_from_state(name, atype, cfg, self.model, sizes, state, f"adapter at {folder}")
         adapter.metadata = dict(record.get("metadata", {}))
@@ -303,10 +305,14 @@ class Zoo:
                 raise AdapterExistsError(
                     f"an adapter named {adapter.name!r} is already in the zoo; remove_adapter it first or pick another name"
                 )
+            if adapter.pool_key not in self._checked_pools:  # the type run once per pool (adapterzoo.contract)
+                check_adapter(self.model, adapter, self.device, self.dtype)
+                self._checked_pools.add(adapter.pool_key)
+            attaches = adapter.atype.facts.attaches
             for site in adapter.tensors:
-                if adapter.atype.kind == "delta":
+                if attaches == "module":
                     self.runtime.hook_delta_site(site)
-                elif adapter.atype.kind == "prefix":
+                elif attaches == "attention":
                     self.runtime.hook_prefix_site(site)
             self._adapters[adapter.name] = adapter
 
@@ -478,7 +484,8 @@ class Zoo:
         width = plan.prompt_width
         virtual = embeds.new_zeros(batch, width, dim)
         for use in plan.prompts:
-            tokens = use.pool.atype.virtual_tokens(use.gather(use.pool.site(self.runtime.embedding_path)))  # (n, P, d)
+            site = self.runtime.embedding_path
+            tokens = use.pool.atype.virtual_tokens(use.gather(use.pool.site(site), site))  # (n, P, d)
             virtual = place_rows(virtual, use, fit_tokens(tokens, width, 1).to(embeds.dtype))
         virtual_mask = virtual_columns(plan.prompt_lengths, width)
         return torch.cat([virtual, embeds], 1), torch.cat([virtual_mask.to(mask.dtype), mask], 1), width

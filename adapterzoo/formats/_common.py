@@ -77,7 +77,7 @@ def converted_adapter(zoo, name: str, atype, convert: Callable[[], tuple[dict, d
     except UnsupportedFormatError as exc:
         raise UnsupportedFormatError(f"{exc} (in {folder})") from exc
     config = atype.Config.from_dict(config_values)
-    sizes = check_sizes(atype, config, zoo.pool_limits, zoo.max_size)
+    sizes = check_sizes(atype, config, zoo.pool_limits, zoo.max_size, zoo.model)
     adapter = adapter_from_state(name, atype, config, zoo.model, sizes, flat, what)
     adapter.metadata = {**stored_metadata(metadata), "source_format": source_format}
     return adapter
