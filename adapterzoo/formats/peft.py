@@ -72,7 +72,7 @@ def write(zoo: "Zoo", adapter: "Adapter", folder: Path, *, metadata: dict | None
         )
     peft_config, state = atype.to_peft(zoo.model, adapter.config, adapter.state_dict())
     peft_config = {
-        "base_model_name_or_path": getattr(zoo.model.config, "_name_or_path", None) or None,
+        "base_model_name_or_path": base_model_name(zoo),
         "task_type": "CAUSAL_LM" if zoo.is_causal_lm else "FEATURE_EXTRACTION",
         "inference_mode": True,
         "revision": None,
@@ -82,6 +82,29 @@ def write(zoo: "Zoo", adapter: "Adapter", folder: Path, *, metadata: dict | None
         state = {KEY_PREFIX + k: v for k, v in state.items()}
     _common.write_pair(folder, CONFIG_FILE, peft_config, WEIGHTS_FILE, state, _common.adapterzoo_metadata(zoo, adapter, metadata))
     return folder
+
+
+def base_model_name(zoo: "Zoo") -> str:
+    """What `base_model_name_or_path` honestly is: the base's Hub id when it came from the Hub, else a
+    sentence saying there is none and how to load the adapter.
+
+    PEFT's `AutoPeftModelForCausalLM` loads the base from this field. `null` (a base built in memory)
+    made it report a misleading connection error, and a local folder's path works on this machine
+    only (and would leak the path into a pushed repo). The sentence is not a valid repo id, so
+    transformers refuses it at once, quoting it, and never goes to the network.
+    """
+    name = str(getattr(zoo.model.config, "_name_or_path", None) or "")
+    if name and not Path(name).expanduser().exists():
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(name)
+            return name
+        except HFValidationError:
+            pass
+    return (f"(no Hub id: adapterzoo saved this adapter from a {type(zoo.model).__name__} base built in memory or "
+            f"read from a local folder, fingerprint {zoo.fingerprint.id}; load that base yourself and use "
+            "PeftModel.from_pretrained(base, this_folder))")
 
 
 def check_fields(peft_config: dict[str, Any], what: str, known: set[str], hints: dict[str, str]) -> None:

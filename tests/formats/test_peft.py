@@ -244,3 +244,37 @@ def test_type_without_peft_mapping_cannot_be_written(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()
     with pytest.raises(UnsupportedFormatError, match="unknown format"):
         zoo.save_adapter("b", tmp_path / "b", format="onnx")
+
+
+# ----------------------------------------------------------------------------- base_model_name_or_path
+
+
+def test_peft_folder_from_an_in_memory_base_says_it_has_no_hub_id(tmp_path: Path) -> None:
+    """null made AutoPeftModelForCausalLM report a connection error; the field now says what is true, and
+    PEFT's auto class refuses it quoting that, without going to the network."""
+    from peft import AutoPeftModelForCausalLM
+
+    zoo = tiny_zoo("llama")
+    zoo.add_adapter("a", "lora", r=2)
+    folder = zoo.save_adapter("a", tmp_path / "peft", format="peft")
+    name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert "no Hub id" in name and "PeftModel.from_pretrained(base, this_folder)" in name
+    assert zoo.fingerprint.id in name
+    with pytest.raises(Exception, match="no Hub id") as caught:
+        AutoPeftModelForCausalLM.from_pretrained(folder)
+    assert "connect" not in str(caught.value)
+
+
+def test_peft_folder_names_the_hub_id_of_a_hub_base_and_never_a_local_path(tmp_path: Path) -> None:
+    zoo = tiny_zoo("gpt2")
+    zoo.add_adapter("a", "lora", r=2)
+    zoo.model.config._name_or_path = "openai-community/gpt2"
+    folder = zoo.save_adapter("a", tmp_path / "hub", format="peft")
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "openai-community/gpt2"
+
+    local = tmp_path / "bases" / "my-gpt2"
+    local.mkdir(parents=True)
+    zoo.model.config._name_or_path = str(local)
+    folder = zoo.save_adapter("a", tmp_path / "local", format="peft")
+    text = (folder / "adapter_config.json").read_text()
+    assert str(tmp_path) not in text and "no Hub id" in json.loads(text)["base_model_name_or_path"]
