@@ -147,6 +147,7 @@ def _routes() -> list[Route]:
         Route(git + "/verify", lfs_verify, methods=["POST"]),
         Route(git + "/{oid}", lfs_upload, methods=["PUT"]),
         Route("/api/{kind}/{rest:path}", unknown_api_route, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
+        Route("/api/{rest:path}", unknown_api_route, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
         Route("/{namespace}/{name}", page.repo_page, methods=["GET", "POST"]),
         Route("/{namespace}/{name}/resolve/{rest:path}", resolve_file, methods=["GET", "HEAD"]),
         Route("/{kind}/{namespace}/{name}/resolve/{rest:path}", unknown_api_route, methods=["GET", "HEAD"]),
