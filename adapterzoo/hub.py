@@ -251,6 +251,41 @@ def parse_model_card(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- upload
 
 
+# The files that make up a saved adapter, per format; a push sends these and the README it renders.
+FORMAT_FILES = {
+    "native": (CONFIG_FILE, WEIGHTS_FILE),
+    "peft": (peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE),
+    "adapterhub": (ah_format.CONFIG_FILE, ah_format.WEIGHTS_FILE, ah_format.HEAD_CONFIG_FILE, ah_format.HEAD_WEIGHTS_FILE),
+}
+
+
+def adapter_files(folder: Path) -> list[Path]:
+    """The adapter's own files in `folder` (by its format), never anything else that lies there.
+
+    A push must not publish what happens to sit beside the adapter (notes, a `.env`, a
+    checkpoint), so it sends only these. A file that is a symlink leading out of the folder is
+    refused with `AdapterFileError`: following it would upload whatever it points at.
+    """
+    if not folder.is_dir():
+        raise AdapterFileError(f"{folder} is not a folder holding a saved adapter")
+    root = folder.resolve()
+    present = [folder / name for name in sorted(ADAPTER_FILES) if (folder / name).exists() or (folder / name).is_symlink()]
+    for path in present:  # all of them before any is read, even to tell the format
+        target = path.resolve()
+        if not target.is_relative_to(root):
+            raise AdapterFileError(
+                f"{path} is a symlink to {target}, outside the adapter folder; push refuses to follow it. "
+                "Copy the file into the folder if it belongs to the adapter."
+            )
+        if not target.is_file():
+            raise AdapterFileError(f"{path} is not a regular file")
+    names = FORMAT_FILES.get(detect_format(folder), ())
+    files = [path for path in present if path.name in names]
+    if not files:
+        raise AdapterFileError(f"{folder} holds no adapter files ({', '.join(sorted(ADAPTER_FILES))})")
+    return files
+
+
 def push_adapter_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -270,9 +305,8 @@ def push_adapter_folder(
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     folder = Path(folder)
+    files = adapter_files(folder)  # before reading anything: a link out of the folder is refused first
     record = card_record(folder)  # also checks that the folder holds a readable adapter
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    files = [p for p in files if p.name != README]
     endpoint = resolve_endpoint(endpoint)
     api = HfApi(endpoint=endpoint, token=token, **_library())
     branch = revision or "main"

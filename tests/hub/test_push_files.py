@@ -1,0 +1,61 @@
+"""`adapterzoo push` publishes the adapter's own files and its README, nothing else from the folder,
+and refuses a symlink that leads out of it (a secret was once published that way)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import HfApi
+
+from adapterzoo.cli import cli
+from adapterzoo.errors import AdapterFileError
+from adapterzoo.hub import push_adapter_folder
+from adapterzoo.testing.models import tiny_zoo
+
+from .conftest import ALICE_TOKEN
+
+
+@pytest.fixture(params=["native", "peft"])
+def saved_adapter(request, tmp_path: Path) -> Path:
+    zoo = tiny_zoo("llama")
+    zoo.add_adapter("a", "lora", r=2)
+    return zoo.save_adapter("a", tmp_path / "adapter", format=request.param)
+
+
+def test_push_sends_only_the_adapter_files_and_the_readme(registry, alice: HfApi, unique: str, saved_adapter: Path) -> None:
+    own = {path.name for path in saved_adapter.iterdir()}
+    (saved_adapter / "notes.txt").write_text("private notes")
+    (saved_adapter / ".env").write_text("HF_TOKEN=hf_secret")
+    (saved_adapter / "checkpoints").mkdir()
+    (saved_adapter / "checkpoints" / "step-10.safetensors").write_bytes(b"old")
+    repo_id = f"alice/own-files-{unique}"
+    push_adapter_folder(saved_adapter, repo_id, token=ALICE_TOKEN, endpoint=registry.url)
+    assert set(alice.list_repo_files(repo_id)) == own | {"README.md"}
+
+
+def test_push_refuses_a_symlink_that_leaves_the_folder(registry, alice: HfApi, unique: str, saved_adapter: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"credentials")
+    weights = next(path for path in saved_adapter.iterdir() if path.suffix == ".safetensors")
+    weights.unlink()
+    os.symlink(secret, weights)
+    repo_id = f"alice/symlink-{unique}"
+    with pytest.raises(AdapterFileError, match="outside the adapter folder"):
+        push_adapter_folder(saved_adapter, repo_id, token=ALICE_TOKEN, endpoint=registry.url)
+    assert not alice.repo_exists(repo_id)
+    result = CliRunner().invoke(cli, ["push", str(saved_adapter), repo_id, "--token", ALICE_TOKEN, "--endpoint", registry.url])
+    assert result.exit_code != 0 and "outside the adapter folder" in result.output
+
+
+def test_a_symlink_inside_the_folder_is_fine(registry, alice: HfApi, unique: str, saved_adapter: Path) -> None:
+    weights = next(path for path in saved_adapter.iterdir() if path.suffix == ".safetensors")
+    (saved_adapter / "store").mkdir()
+    moved = saved_adapter / "store" / weights.name
+    weights.rename(moved)
+    os.symlink(moved, weights)
+    repo_id = f"alice/inner-link-{unique}"
+    push_adapter_folder(saved_adapter, repo_id, token=ALICE_TOKEN, endpoint=registry.url)
+    assert weights.name in alice.list_repo_files(repo_id)
