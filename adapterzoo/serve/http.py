@@ -125,7 +125,7 @@ def api_error(exc: BaseException, param: str | None = None) -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
 
 
-_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.])(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\"`:,()<>]+){2,}[/\\]?")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.>])(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\"`:,()<>]+){2,}[/\\]?")
 
 
 def redact_paths(message: str, roots: dict[str, str]) -> str:

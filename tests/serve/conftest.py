@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,3 +135,38 @@ def serve_factory(tmp_path) -> Iterator:
 def write_keys(path: Path, data: dict) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+@contextmanager
+def running_app(server) -> Iterator[str]:
+    """An in-process `Server` (so a test can reach into its zoo and engine) behind uvicorn on
+    127.0.0.1, in a thread; yields its URL and stops it (draining the engine) on exit."""
+    import threading
+
+    import uvicorn
+
+    from adapterzoo.serve.http import create_app
+
+    port = free_port()
+    config = uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    userver = uvicorn.Server(config)
+    thread = threading.Thread(target=userver.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not userver.started and time.monotonic() < deadline:
+        if not thread.is_alive():
+            raise RuntimeError("the in-process server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        userver.should_exit = True
+        thread.join(60)
+
+
+def openai_client(url: str, key: str = "none", **kwargs):
+    from openai import OpenAI
+
+    kwargs.setdefault("max_retries", 0)
+    kwargs.setdefault("timeout", 60)
+    return OpenAI(base_url=f"{url}/v1", api_key=key, **kwargs)
