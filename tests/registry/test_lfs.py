@@ -1,0 +1,169 @@
+"""Big files go through Git LFS with the official client: streamed, hashed on arrival, verified,
+bounded, under a quota, with flat server memory; small sizes here (see benchmarks/ for 1 GB)."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from huggingface_hub import hf_hub_download
+
+from .conftest import ALICE_TOKEN
+
+AUTH = {"authorization": f"Bearer {ALICE_TOKEN}"}
+THRESHOLD = 64 * 1024
+
+
+@pytest.fixture
+def lfs_server(start_server):
+    return start_server(
+        extra_args=("--lfs-threshold-bytes", str(THRESHOLD), "--namespace-quota-bytes", str(200 * 1024 * 1024),
+                    "--max-concurrent-uploads", "2")
+    )  # fmt: skip
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def batch(server, repo_id: str, data: bytes) -> dict:
+    reply = httpx.post(
+        f"{server.url}/{repo_id}.git/info/lfs/objects/batch",
+        headers={**AUTH, "content-type": "application/vnd.git-lfs+json"},
+        json={"operation": "upload", "transfers": ["basic"], "objects": [{"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}]},
+    )  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    return reply.json()["objects"][0]
+
+
+def test_a_big_file_goes_through_lfs_and_downloads_intact(lfs_server, tmp_path: Path) -> None:
+    api = lfs_server.api(ALICE_TOKEN)
+    api.create_repo("alice/big")
+    data = os.urandom(3 * THRESHOLD)
+    info = api.upload_file(path_or_fileobj=data, path_in_repo="adapter_model.safetensors", repo_id="alice/big")
+    stored = lfs_server.root / "models" / "alice" / "big" / "blobs" / hashlib.sha256(data).hexdigest()
+    assert stored.read_bytes() == data
+    path = hf_hub_download("alice/big", "adapter_model.safetensors", endpoint=lfs_server.url, token=ALICE_TOKEN,
+                           cache_dir=tmp_path / "cache")  # fmt: skip
+    assert Path(path).read_bytes() == data
+    sibling = api.model_info("alice/big", files_metadata=True).siblings[0]
+    assert sibling.size == len(data) and api.model_info("alice/big").sha == info.oid
+    again = api.upload_file(path_or_fileobj=data, path_in_repo="copy.safetensors", repo_id="alice/big")
+    assert set(api.list_repo_files("alice/big", revision=again.oid)) >= {"copy.safetensors"}  # stored once, named twice
+
+
+def test_a_folder_of_big_files_lands_as_one_commit(lfs_server, tmp_path: Path) -> None:
+    api = lfs_server.api(ALICE_TOKEN)
+    api.create_repo("alice/folder")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for index in range(6):
+        (folder / f"shard-{index}.bin").write_bytes(os.urandom(2 * THRESHOLD))
+    (folder / "config.json").write_text("{}")
+    before = len(api.list_repo_commits("alice/folder"))
+    api.upload_folder(folder_path=folder, repo_id="alice/folder")
+    assert len(api.list_repo_commits("alice/folder")) == before + 1
+    assert len(api.list_repo_files("alice/folder")) == 7
+
+
+def test_server_memory_stays_flat_for_a_large_upload(lfs_server, tmp_path: Path) -> None:
+    api = lfs_server.api(ALICE_TOKEN)
+    api.create_repo("alice/flat")
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as out:
+        for _ in range(48):
+            out.write(os.urandom(1024 * 1024))
+    before = peak_rss_bytes(lfs_server.process.pid)
+    api.upload_file(path_or_fileobj=str(big), path_in_repo="weights.bin", repo_id="alice/flat")
+    growth = peak_rss_bytes(lfs_server.process.pid) - before
+    assert growth < 24 * 1024 * 1024, f"server peak memory grew {growth / 2**20:.0f} MiB for a 48 MiB upload"
+
+
+def test_an_upload_whose_bytes_do_not_match_the_oid_is_refused(lfs_server) -> None:
+    api = lfs_server.api(ALICE_TOKEN)
+    api.create_repo("alice/tamper")
+    data = os.urandom(2 * THRESHOLD)
+    href = batch(lfs_server, "alice/tamper", data)["actions"]["upload"]["href"]
+    wrong = httpx.put(href, content=os.urandom(len(data)))
+    assert wrong.status_code == 400 and "sha256" in wrong.json()["error"]
+    forged = httpx.put(href.replace("signature=", "signature=0"), content=data)
+    assert forged.status_code == 400 and "not handed out" in forged.json()["error"]
+    assert httpx.put(href, content=data).status_code == 200
+    assert list((lfs_server.root / "tmp").iterdir()) == []
+
+
+def test_a_commit_cannot_name_an_object_never_uploaded(lfs_server) -> None:
+    api = lfs_server.api(ALICE_TOKEN)
+    api.create_repo("alice/phantom")
+    lines = [
+        {"key": "header", "value": {"summary": "s"}},
+        {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": "ab" * 32, "size": 10}},
+    ]
+    reply = httpx.post(
+        f"{lfs_server.url}/api/models/alice/phantom/commit/main",
+        headers={**AUTH, "content-type": "application/x-ndjson"},
+        content=b"".join(json.dumps(line).encode() + b"\n" for line in lines),
+    )
+    assert reply.status_code == 400 and "never uploaded" in reply.json()["error"]
+
+
+def test_a_file_over_the_threshold_sent_inline_is_refused(lfs_server) -> None:
+    api = lfs_server.api(ALICE_TOKEN)
+    api.create_repo("alice/inline")
+    lines = [
+        {"key": "header", "value": {"summary": "s"}},
+        {"key": "file", "value": {"path": "w.bin", "content": base64.b64encode(os.urandom(2 * THRESHOLD)).decode()}},
+    ]
+    reply = httpx.post(
+        f"{lfs_server.url}/api/models/alice/inline/commit/main",
+        headers={**AUTH, "content-type": "application/x-ndjson"},
+        content=b"".join(json.dumps(line).encode() + b"\n" for line in lines),
+    )
+    assert reply.status_code == 413 and "LFS" in reply.json()["error"]
+
+
+def test_the_namespace_quota_is_enforced(start_server) -> None:
+    server = start_server(extra_args=("--lfs-threshold-bytes", str(THRESHOLD), "--namespace-quota-bytes", str(5 * THRESHOLD)))
+    api = server.api(ALICE_TOKEN)
+    api.create_repo("alice/quota")
+    api.upload_file(path_or_fileobj=os.urandom(3 * THRESHOLD), path_in_repo="a.bin", repo_id="alice/quota")
+    with pytest.raises(Exception) as raised:
+        api.upload_file(path_or_fileobj=os.urandom(3 * THRESHOLD), path_in_repo="b.bin", repo_id="alice/quota")
+    assert "quota" in str(raised.value) or "quota" in str(raised.value.__cause__)
+    assert api.list_repo_files("alice/quota") == ["a.bin"]
+
+
+def test_concurrent_uploads_past_the_bound_are_told_to_retry(lfs_server) -> None:
+    api = lfs_server.api(ALICE_TOKEN)
+    api.create_repo("alice/busy")
+    blobs = [os.urandom(2 * THRESHOLD) for _ in range(4)]
+    hrefs = [batch(lfs_server, "alice/busy", data)["actions"]["upload"]["href"] for data in blobs]
+
+    def slow_body(data: bytes):
+        for start in range(0, len(data), 16 * 1024):
+            yield data[start : start + 16 * 1024]
+            time.sleep(0.05)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda pair: httpx.put(pair[0], content=slow_body(pair[1]),
+                                                        headers={"content-length": str(len(pair[1]))}), zip(hrefs, blobs)))
+    statuses = sorted(reply.status_code for reply in replies)
+    assert statuses.count(200) >= 2 and 503 in statuses and set(statuses) <= {200, 503}
+    assert any(reply.headers.get("retry-after") for reply in replies if reply.status_code == 503)
+
+
+def test_xet_clients_are_told_how_to_switch_to_lfs(lfs_server) -> None:
+    api = lfs_server.api(ALICE_TOKEN)
+    api.create_repo("alice/xet")
+    reply = httpx.get(f"{lfs_server.url}/api/models/alice/xet/xet-write-token/main", headers=AUTH)
+    assert reply.status_code == 501 and "HF_HUB_DISABLE_XET=1" in reply.json()["error"]
