@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from .errors import InvalidConfigError
@@ -39,6 +40,16 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     if Conv1D and isinstance(module, Conv1D):
         in_features, out_features = module.weight.shape
         return in_features, out_features
+    raise TypeError(f"{type(module).__name__} is not a linear layer")
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of an nn.Linear or a GPT-2 Conv1D in the `x @ W` layout, (in, out), as a view:
+    what a base-aware adapter type (DoRA's column norms) reads from `w.module`."""
+    if isinstance(module, nn.Linear):
+        return module.weight.T
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight
     raise TypeError(f"{type(module).__name__} is not a linear layer")
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import plugins
 from ..errors import UnsupportedFormatError
 from ..storage import read_json
 from . import _common
@@ -40,8 +41,16 @@ COMMON_HINTS = {
 }
 
 
-def type_for(zoo: "Zoo", peft_type: Any, what: str):
+def type_for(zoo: "Zoo", peft_type: Any, what: str, peft_config: dict[str, Any] | None = None):
+    """The type that reads this PEFT folder. Several may claim one `peft_type` (DoRA is a LORA with
+    `use_dora=True`): a type's optional `peft_when` ({field: value}, adapterzoo.types.PeftMapping)
+    narrows its claim to folders whose config has those values, and wins over types without one."""
     names = _common.types_claiming("peft_types", peft_type) if isinstance(peft_type, str) else []
+    if peft_config is not None and len(names) > 1:
+        types = plugins.adapter_types()
+        when = {n: getattr(types[n].cls, "peft_when", None) or {} for n in names}
+        matching = [n for n in names if all(peft_config.get(k) == v for k, v in when[n].items())]
+        names = [n for n in matching if when[n]] or matching
     if not names:
         readable = ", ".join(_common.claimed("peft_types")) or "none"
         raise UnsupportedFormatError(
@@ -55,7 +64,7 @@ def type_for(zoo: "Zoo", peft_type: Any, what: str):
 def read(zoo: "Zoo", name: str, folder: Path, *, ignore_base_mismatch: bool = False) -> "Adapter":
     what = f"PEFT adapter at {folder}"
     peft_config = read_json(folder / CONFIG_FILE)
-    atype = type_for(zoo, peft_config.get("peft_type"), what)
+    atype = type_for(zoo, peft_config.get("peft_type"), what, peft_config)
     state, metadata = _common.read_weights(folder / WEIGHTS_FILE, folder)
     _common.check_base(zoo, metadata, what, force=ignore_base_mismatch)
     state = {k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k: v for k, v in state.items()}
