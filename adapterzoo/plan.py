@@ -75,6 +75,15 @@ class SlotWeights(dict):
             return out.reshape(n, T, -1)
         return torch.bmm(x, self[name])
 
+    def lookup(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Per row i: W[slot_i][index[i]], with W (slots, rows, d) in the pool and `index` (n, T) row
+        numbers (token ids): an embedding lookup in each row's own table, without copying tables
+        (a LoRA adapter's replaced `embed_tokens`). Returns (n, T, d)."""
+        W = self._pool[name]
+        if isinstance(self.slots, int):
+            return W[self.slots][index]
+        return W[self.slots[:, None], index]
+
 
 @dataclass
 class PoolUse:
