@@ -10,9 +10,9 @@ A registry on localhost is reachable from every web page its user opens, so:
 - **JSON or NDJSON only.** A write must be `application/json`, `application/x-ndjson` or
   `application/vnd.git-lfs+json` (415 otherwise). Browsers send `text/plain` and form bodies
   cross-origin without asking first (no CORS preflight); these types need one, which we never grant.
-  Two routes are exempt because they are not writes a page could abuse: `paths-info` (a read the
-  client sends as a form) and the LFS object upload (a PUT, which browsers always preflight,
-  authorized by a signed URL).
+  Three routes are exempt because they are not writes a page could abuse: `paths-info` (a read the
+  client sends as a form), the web page's token box (a read, still same-origin only) and the LFS
+  object upload (a PUT, which browsers always preflight, authorized by a signed URL).
 - Every response carries `X-Content-Type-Options: nosniff`.
 - **Errors never reset the connection.** An exception a route did not turn into a reply becomes a
   JSON 500 here and is logged, not re-raised to uvicorn (which would close the socket under a
@@ -36,7 +36,8 @@ logger = logging.getLogger("adapterzoo_registry")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 WRITE_CONTENT_TYPES = frozenset({"application/json", "application/x-ndjson", "application/vnd.git-lfs+json"})
-_FORM_READS = re.compile(r"^/api/models/[^/]+/[^/]+/paths-info/")
+# Form POSTs that only read: the client's paths-info, and the web page's token box (same origin only).
+_FORM_READS = re.compile(r"^/api/models/[^/]+/[^/]+/paths-info/|^/(?:[^/]+/[^/]+)?$")
 _LFS_UPLOADS = re.compile(r"^/[^/]+/[^/]+\.git/info/lfs/objects/[0-9a-f]{64}$")
 
 
