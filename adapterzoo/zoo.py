@@ -439,7 +439,8 @@ class Zoo:
     def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: BatchPlan, cache: Any,
              labels: torch.Tensor | None, past: int) -> ZooOutput:
         batch, length = input_ids.shape
-        embeds = self.model.get_input_embeddings()(input_ids)
+        with active(plan, None):  # a delta site at the input embedding (a LoRA's replaced rows) sees the plan
+            embeds = self.model.get_input_embeddings()(input_ids)
         width = 0
         if plan.prompts and past == 0:
             embeds, attention_mask, width = self._prepend_prompts(plan, embeds, attention_mask)
