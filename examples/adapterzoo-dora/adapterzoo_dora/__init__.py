@@ -61,8 +61,7 @@ class Dora(Lora):
 
     @classmethod
     def conformance_configs(cls):
-        return [{}, {"r": 3, "lora_alpha": 6, "use_rslora": True, "init_lora_weights": False,
-                     "target_modules": "all-linear"}]
+        return [{}, {"r": 3, "lora_alpha": 6, "use_rslora": True, "target_modules": "all-linear"}]
 
     def tensors(self, model, site, module, config):
         shapes = super().tensors(model, site, module, config)
@@ -85,22 +84,27 @@ class Dora(Lora):
                 ts["magnitude"].copy_(column_norms(modules[site], ts["A"], ts["B"], config.scale))
 
     def derive(self, site, module, tensors, config):
+        """Per output column, once per slot placement: g - 1, g * s, and -(g - 1) * b, so that a
+        forward is two fused multiply-adds on top of LoRA's two matmuls (see `delta`)."""
         norms = column_norms(module, tensors["A"], tensors["B"], config.scale).detach()
-        return {"gain": tensors["magnitude"] / norms}  # g = m / ||W + s B A||_c, (out,)
+        gain = tensors["magnitude"] / norms  # g = m / ||W + s B A||_c, (out,)
+        bias = getattr(module, "bias", None)
+        shift = -(gain - 1) * bias.detach().float() if bias is not None else torch.zeros_like(gain)
+        return {"gain_minus_one": gain - 1, "gain_scaled": gain * config.scale, "shift": shift}
 
     def delta(self, x, y, w, training):
-        gain = w["gain"][:, None, :]  # (n or 1, 1, out)
-        scale = w["scale"][:, None, None]
+        lora_in = x
         dropout = training and bool((w["dropout"] > 0).any())
-        if dropout:  # PEFT: the dropped-out input goes through the base weight again, without the bias
+        if dropout:
             keep = 1 - w["dropout"][:, None, None]
-            x = x * (torch.rand_like(x) < keep) / keep
-            base = x @ linear_weight(w.module).to(x.dtype)
-        else:
-            bias = getattr(w.module, "bias", None)
-            base = y - bias if bias is not None else y
-        lora = w.matmul(w.matmul(x, "A"), "B")  # (n, T, out): (x A[slot]) B[slot] per row
-        return (gain - 1) * base + gain * scale * lora
+            lora_in = x * (torch.rand_like(x) < keep) / keep
+        lora = w.matmul(w.matmul(lora_in, "A"), "B")  # (n, T, out): (x A[slot]) B[slot] per row
+        g1, gs = w["gain_minus_one"][:, None, :], w["gain_scaled"][:, None, :]  # (n or 1, 1, out)
+        if dropout:  # PEFT: the dropped-out input goes through the base weight again, without the bias
+            base = lora_in @ linear_weight(w.module).to(x.dtype)
+            return torch.addcmul(g1 * base, gs, lora)
+        # (g - 1) (y - b) + g s lora, with -(g - 1) b derived: two fused multiply-adds
+        return torch.addcmul(torch.addcmul(w["shift"][:, None, :], g1, y), gs, lora)
 
     def from_peft(self, model, peft_config, state):
         if peft_config.get("use_dora") is not True:
