@@ -98,3 +98,39 @@ def test_one_hostile_card_never_breaks_listing_for_anyone(registry, alice, bob, 
     assert [sibling.rfilename for sibling in info.siblings] == ["README.md"]
     assert [model.id for model in bob.list_models(filter="good", search=unique)] == [fine]
     assert httpx.get(f"{registry.url}/api/models", headers={"authorization": f"Bearer {BOB_TOKEN}"}).status_code == 200
+
+
+def test_card_parsing_runs_off_the_event_loop(tmp_path, monkeypatch) -> None:
+    """A slow parse (stood in for by a sleep) must not hold up any other request."""
+    import threading
+
+    import uvicorn
+
+    from adapterzoo_registry import app as app_module
+    from adapterzoo_registry import create_app
+
+    from .conftest import TOKENS, free_port
+
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
+    monkeypatch.setattr(app_module, "parse_front_matter", lambda text: time.sleep(3) or {})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(tmp_path / "root", tokens_file=tokens), port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        slow = threading.Thread(
+            target=httpx.post, args=(f"{url}/api/validate-yaml",), kwargs={"headers": AUTH, "json": {"content": "x"}, "timeout": 30}
+        )
+        slow.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert httpx.get(f"{url}/api/whoami-v2", headers=AUTH, timeout=30).status_code == 200
+        assert time.monotonic() - started < 1.5
+        slow.join()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -68,3 +68,39 @@ def test_the_index_follows_creation_deletion_visibility_and_commits(client_and_s
     assert listed(filter="fresh") == ["alice/b"]
     store.delete_repo(RepoId("alice", "b"))
     assert listed() == []
+
+
+def test_at_most_the_configured_number_of_commit_bodies_are_decoded_at_once(tmp_path, monkeypatch) -> None:
+    """Decoding happens before the repo lock and may hold an inline file in memory, so it is bounded."""
+    import threading
+    import time
+
+    from adapterzoo_registry import storage
+
+    store = Store(tmp_path / "root", max_concurrent_commits=2)
+    repos = [RepoId("alice", f"r{index}") for index in range(6)]
+    for repo in repos:
+        store.create_repo(repo, private=False, author="alice")
+    active, most = [0], [0]
+    lock = threading.Lock()
+    real_parse = storage.parse_commit_body
+
+    def slow_parse(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "parse_commit_body", slow_parse)
+    threads = [threading.Thread(target=commit_readme, args=(store, repo, "# hi", tmp_path / repo.name)) for repo in repos]
+    for repo in repos:
+        (tmp_path / repo.name).mkdir()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 2
+    assert all(store.resolve(repo, "main").files for repo in repos)
