@@ -21,7 +21,7 @@ class SlotWeights(dict):
     `w[name]` is the tensor gathered by slot: leading dim n (one per row) or 1 (every row shares
     one slot, so it broadcasts). Names are the type's `tensors()`, its `derive()` outputs and its
     `constants()` (e.g. LoRA's scale, shape (n,) or (1,)); gathering is lazy, so a name never read
-    costs nothing. Attributes:
+    costs nothing, and `name in w` says whether the pool has it at all. Attributes:
 
     - `variant`: the pool's `variant(config)` string (also `w["variant"]`, for older types).
     - `site`, `module`: the module path and the base module the rows are at (None for prompt
@@ -49,6 +49,11 @@ class SlotWeights(dict):
     @property
     def lengths(self) -> torch.Tensor | None:
         return self._use.lengths
+
+    def __contains__(self, name: object) -> bool:
+        """Whether the pool has a tensor (or constant) `name` here, gathered yet or not: a type
+        whose derived tensors depend on the pool's shapes can ask which form it got."""
+        return dict.__contains__(self, name) or name in self._pool
 
     def __missing__(self, name: str) -> torch.Tensor:
         t = self._pool[name]
