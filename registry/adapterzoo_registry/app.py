@@ -85,6 +85,7 @@ def create_app(
     max_lfs_object_bytes: int = lfs.DEFAULT_MAX_OBJECT_BYTES,
     namespace_quota_bytes: int | None = None,
     max_concurrent_uploads: int = lfs.DEFAULT_MAX_CONCURRENT_UPLOADS,
+    upload_queue_seconds: float = lfs.DEFAULT_QUEUE_WAIT_S,
 ) -> Starlette:
     """Build the registry app serving the repos under `root`.
 
@@ -111,7 +112,7 @@ def create_app(
     app.state.registry = Registry(
         store=store, tokens=tokens, max_upload_bytes=max_upload_bytes, page_size=max(1, page_size),
         cards=CardReader(store), lfs_threshold_bytes=lfs_threshold_bytes,
-        uploads=lfs.UploadGate(max_lfs_object_bytes, max_concurrent_uploads),
+        uploads=lfs.UploadGate(max_lfs_object_bytes, max_concurrent_uploads, upload_queue_seconds),
     )  # fmt: skip
     return app
 

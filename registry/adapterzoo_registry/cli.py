@@ -10,7 +10,7 @@ from . import __version__
 from .app import DEFAULT_LFS_THRESHOLD_BYTES, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_PAGE_SIZE, create_app
 from .auth import TokenFileError
 from .guard import LOOPBACK_HOSTS
-from .lfs import DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_MAX_OBJECT_BYTES
+from .lfs import DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_MAX_OBJECT_BYTES, DEFAULT_QUEUE_WAIT_S
 
 
 @click.group()
@@ -57,7 +57,11 @@ def main() -> None:
 )
 @click.option(
     "--max-concurrent-uploads", default=DEFAULT_MAX_CONCURRENT_UPLOADS, show_default=True, type=click.IntRange(min=1),
-    help="LFS uploads received at once; more are told to retry.",
+    help="LFS uploads received at once; more wait their turn (see --upload-queue-seconds).",
+)
+@click.option(
+    "--upload-queue-seconds", default=DEFAULT_QUEUE_WAIT_S, show_default=True, type=click.FloatRange(min=0),
+    help="How long an LFS upload waits for its turn before it is told to retry (503).",
 )
 @click.option(
     "--namespace-quota-bytes", default=None, type=click.IntRange(min=1),
@@ -68,7 +72,7 @@ def main() -> None:
 def serve(
     root: Path, host: str, port: int, tokens_file: Path | None, open_access: bool, allowed_hosts: tuple[str, ...],
     max_upload_bytes: int, lfs_threshold_bytes: int, max_lfs_object_bytes: int, max_concurrent_uploads: int,
-    namespace_quota_bytes: int | None, page_size: int, log_level: str,
+    upload_queue_seconds: float, namespace_quota_bytes: int | None, page_size: int, log_level: str,
 ) -> None:
     """Serve the repos under ROOT over HTTP."""
     import uvicorn
@@ -83,6 +87,7 @@ def serve(
             page_size=page_size, allowed_hosts=allowed_hosts or (host, *LOOPBACK_HOSTS),
             lfs_threshold_bytes=lfs_threshold_bytes, max_lfs_object_bytes=max_lfs_object_bytes,
             namespace_quota_bytes=namespace_quota_bytes, max_concurrent_uploads=max_concurrent_uploads,
+            upload_queue_seconds=upload_queue_seconds,
         )  # fmt: skip
     except TokenFileError as error:
         raise click.ClickException(str(error)) from error

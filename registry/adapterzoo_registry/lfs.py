@@ -8,7 +8,8 @@
    authorization: an HMAC over repo, oid, size and expiry, signed with a key made at start-up.
 3. The client PUTs the raw bytes. They are streamed to tmp/, hashed as they arrive, then checked
    (size and sha256 must match the oid) and moved into the repo's blobs; server memory stays flat
-   whatever the size. At most `max_concurrent_uploads` are received at once; more get 503 with
+   whatever the size. At most `max_concurrent_uploads` are received at once; more wait their turn
+   (their bytes stay in the socket, not in memory) for up to `queue_wait_s`, then get 503 with
    `Retry-After`, which the client retries. The namespace's quota is checked at batch time and
    again before the object is kept.
 4. The client POSTs `verify`, then the commit names the object in an `lfsFile` line.
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -33,6 +35,7 @@ from .storage import BadRequest, FileEntry, PayloadTooLarge, RegistryError, Repo
 
 DEFAULT_MAX_OBJECT_BYTES = 64 * 1024**3
 DEFAULT_MAX_CONCURRENT_UPLOADS = 4
+DEFAULT_QUEUE_WAIT_S = 120.0
 UPLOAD_URL_LIFETIME_S = 3600
 MAX_BATCH_OBJECTS = 1000
 _WRITE_CHUNK_BYTES = 1024 * 1024
@@ -51,10 +54,13 @@ class UploadsBusy(RegistryError):
 class UploadGate:
     """Hands out signed upload URLs and receives the uploads, a bounded number at a time."""
 
-    def __init__(self, max_object_bytes: int, max_concurrent_uploads: int) -> None:
+    def __init__(
+        self, max_object_bytes: int, max_concurrent_uploads: int, queue_wait_s: float = DEFAULT_QUEUE_WAIT_S
+    ) -> None:
         self.max_object_bytes = max_object_bytes
         self.max_concurrent_uploads = max(1, max_concurrent_uploads)
-        self._receiving = 0  # uploads being received now; only touched on the event loop
+        self.queue_wait_s = queue_wait_s
+        self._slots: asyncio.Semaphore | None = None  # made on first use, inside the server's event loop
         self._key = secrets.token_bytes(32)
 
     # -- batch
@@ -114,18 +120,21 @@ class UploadGate:
         declared = request.headers.get("content-length")
         if declared is not None and declared.strip() != str(size):
             raise BadRequest(f"This upload URL is for exactly {size} bytes; the request says {declared}.")
-        if self._receiving >= self.max_concurrent_uploads:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrent_uploads)
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=self.queue_wait_s)
+        except (TimeoutError, asyncio.TimeoutError):
             raise UploadsBusy(
                 f"{self.max_concurrent_uploads} uploads are being received already; retry shortly.",
-                headers={"Retry-After": "1"},
-            )
-        self._receiving += 1
+                headers={"Retry-After": "2"},
+            ) from None
         target = store.temp_path(".lfs")
         try:
             entry = await self._stream_to(request, target, oid, size)
             await run_in_threadpool(store.store_lfs_object, repo, target, entry)
         finally:
-            self._receiving -= 1
+            self._slots.release()
             target.unlink(missing_ok=True)  # still there only if something failed
 
     def _authorized_size(self, request: Request, repo: RepoId, oid: str) -> int:

@@ -143,7 +143,21 @@ def test_the_namespace_quota_is_enforced(start_server) -> None:
     assert api.list_repo_files("alice/quota") == ["a.bin"]
 
 
-def test_concurrent_uploads_past_the_bound_are_told_to_retry(lfs_server) -> None:
+def test_uploads_past_the_bound_wait_their_turn_with_the_official_client(lfs_server, tmp_path: Path) -> None:
+    api = lfs_server.api(ALICE_TOKEN)  # at most 2 received at once; the client sends 5 at a time
+    api.create_repo("alice/queue")
+    folder = tmp_path / "queue"
+    folder.mkdir()
+    for index in range(5):
+        (folder / f"part-{index}.bin").write_bytes(os.urandom(4 * THRESHOLD))
+    api.upload_folder(folder_path=folder, repo_id="alice/queue")
+    assert len(api.list_repo_files("alice/queue")) == 5
+
+
+def test_uploads_that_waited_too_long_are_told_to_retry(start_server) -> None:
+    lfs_server = start_server(
+        extra_args=("--lfs-threshold-bytes", str(THRESHOLD), "--max-concurrent-uploads", "2", "--upload-queue-seconds", "0.1")
+    )  # fmt: skip
     api = lfs_server.api(ALICE_TOKEN)
     api.create_repo("alice/busy")
     blobs = [os.urandom(2 * THRESHOLD) for _ in range(4)]
