@@ -118,6 +118,15 @@ class Zoo:
     def adapters(self) -> dict[str, AdapterInfo]:
         return {name: self._info(a) for name, a in self._adapters.items()}
 
+    def find_adapter(self, name: str) -> Adapter | None:
+        """The adapter `name` if this zoo holds it, else None (a cheap residency check: servers
+        ask it per request; `adapters` builds every adapter's info)."""
+        return self._adapters.get(name)
+
+    def adapter_names(self) -> list[str]:
+        """The names of the adapters this zoo holds, in the order they were added."""
+        return list(self._adapters)
+
     def get_adapter(self, name: str) -> Adapter:
         try:
             return self._adapters[name]
