@@ -50,6 +50,9 @@ class Adapter:
     head: Any = None  # an optional classification head (adapterzoo.heads.Head), trained and saved with it
     _bucket_shapes: dict | None = field(default=None, repr=False)
     _shape_digest: str | None = field(default=None, repr=False)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the type's shared tensors (frozen)
+    shared_seed: int = 0
+    shared_pool_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # at bucketed sizes
 
     @property
     def type_name(self) -> str:
@@ -84,6 +87,8 @@ class Adapter:
                     "create adapters with adapterzoo.adapter.new_adapter / adapter_from_state (or Zoo methods)"
                 )
             signature = repr(sorted((site, sorted(shapes.items())) for site, shapes in self._bucket_shapes.items()))
+            if self.shared:  # adapters share a pool only if they share these too
+                signature += repr((self.shared_seed, sorted((k, tuple(t.shape)) for k, t in self.shared.items())))
             self._shape_digest = hashlib.sha1(signature.encode()).hexdigest()[:12]
         return (self.atype.name, self.variant, tuple(sorted(self.bucket.items())), self._shape_digest)
 
@@ -171,6 +176,38 @@ def expected_shapes(atype: AdapterType, model: nn.Module, config: AdapterConfig,
     return shapes
 
 
+# (type name, seed, true shapes) -> the shared tensors: made once per process, whatever the number of adapters
+_SHARED: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def attach_shared(adapter: "Adapter", model: nn.Module) -> None:
+    """Give `adapter` its type's shared tensors (made once per type, seed and shapes)."""
+    atype, config = adapter.atype, adapter.config
+    adapter.shared, adapter.shared_seed = shared_tensors(atype, model, config, adapter.sizes)
+    spec = atype.shared_tensors(model, config) if adapter.shared else {}
+    adapter.shared_pool_shapes = {k: resolve_shape(s, adapter.bucket) for k, s in spec.items()}
+
+
+def shared_tensors(atype: AdapterType, model: nn.Module, config: AdapterConfig, sizes: dict[str, int]) -> tuple[dict[str, torch.Tensor], int]:
+    """The type's shared tensors for this config (true sizes, float32, CPU, frozen) and their seed."""
+    spec = atype.shared_tensors(model, config)
+    if not spec:
+        return {}, 0
+    seed = int(atype.shared_seed(config))
+    shapes = {k: resolve_shape(s, sizes, f"adapter type {atype.name!r}, shared tensor {k!r}") for k, s in spec.items()}
+    key = (atype.name, seed, tuple(shapes.items()))
+    if key not in _SHARED:
+        generator = torch.Generator().manual_seed(seed)
+        made = {}
+        with torch.inference_mode(False), torch.no_grad():
+            for name, shape in shapes.items():
+                t = torch.empty(shape, dtype=torch.float32)
+                atype.init_shared(name, t, config, generator)
+                made[name] = t
+        _SHARED[key] = made
+    return _SHARED[key], seed
+
+
 def check_sizes(atype: AdapterType, config: AdapterConfig, limits: dict[str, int], default_limit: int,
                 model: nn.Module | None = None) -> dict[str, int]:
     sizes = call_sizes(atype, config, model)
@@ -202,6 +239,7 @@ def new_adapter(name: str, atype: AdapterType, config: AdapterConfig, model: nn.
                 tensors[site][key] = t
         atype.init_from_base(model, config, tensors, generator)  # optional second pass (AdapterType)
     adapter = Adapter(name, atype, config, tensors, sizes)
+    attach_shared(adapter, model)
     adapter.bucket_shapes(model)  # known from now on: the pool key is made of them
     return adapter
 
@@ -240,5 +278,6 @@ def adapter_from_state(
             "Check that the config matches the weights and that it was made for this base."
         )
     adapter = Adapter(name, atype, config, tensors, sizes)
+    attach_shared(adapter, model)
     adapter.bucket_shapes(model)
     return adapter

@@ -26,6 +26,7 @@ class SlotWeights(dict):
     - `variant`: the pool's `variant(config)` string (also `w["variant"]`, for older types).
     - `site`, `module`: the module path and the base module the rows are at (None for prompt
       types): base-aware math reads the base's weights here (adapterzoo.sites.linear_weight).
+    - `shared`: the type's shared tensors (`shared_tensors()`), one for every row, by name.
     - `slots`: each row's slot, a (n,) tensor, or a plain int when all rows share one slot.
     - `lengths`: each row's true number of virtual tokens, (n,) (prompt and prefix kinds; pools
       pad to the bucket, so a prompt encoder that must not see padding reads this).
@@ -45,6 +46,7 @@ class SlotWeights(dict):
         self.variant: str = use.pool.variant
         self.site = site
         self.module = module
+        self.shared: dict[str, torch.Tensor] = use.pool.shared  # the type's shared tensors (one for all rows)
 
     @property
     def lengths(self) -> torch.Tensor | None:

@@ -37,6 +37,12 @@ def _padded(src: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.nn.functional.pad(src, pads) if any(pads) else src
 
 
+def pooled_shared(adapter: Adapter, bucket: dict[str, int], device, dtype) -> dict[str, torch.Tensor]:
+    """The adapter type's shared tensors zero-padded to the pool's sizes, on the pool's device."""
+    return {name: _padded(t, adapter.shared_pool_shapes[name]).to(device=device, dtype=dtype)
+            for name, t in adapter.shared.items()}
+
+
 def derived_tensors(atype, site: str, module, tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """`atype.derive(...)` for one adapter at one site, its result checked; errors name the type and site."""
     try:
@@ -85,6 +91,7 @@ class SlotPool:
         self._writes = 0
         self._modules = dict(model.named_modules())
         self._derived: set[str] = set()  # names of derived tensors (in self.tensors beside the own ones)
+        self.shared: dict[str, torch.Tensor] = {}  # the type's shared tensors, padded to the bucket, on the device
 
     def __repr__(self) -> str:
         return f"SlotPool({self.atype.name}, {self.bucket}, {len(self.lru)}/{self.capacity} used)"
@@ -148,6 +155,8 @@ class SlotPool:
     def _write(self, slot: int, adapter: Adapter) -> None:
         self._stamp(slot)
         shapes = adapter.bucket_shapes(self.model)
+        if adapter.shared and not self.shared:  # the same for every adapter of the pool (its key says so)
+            self.shared = pooled_shared(adapter, self.bucket, self.device, self.dtype)
         # normal tensors even when called under inference_mode, so that later writes always work
         with torch.inference_mode(False), torch.no_grad():
             for site, site_shapes in shapes.items():
@@ -210,6 +219,7 @@ class LivePool:
             key: torch.tensor([0.0] + [atype.constants(a.config)[key] for a in adapters], device=device, dtype=dtype)
             for key in atype.constants(adapters[0].config)
         }
+        self.shared = pooled_shared(adapters[0], self.bucket, device, dtype) if adapters[0].shared else {}
 
     def site(self, site: str) -> dict[str, torch.Tensor] | None:
         if site not in self._sites:

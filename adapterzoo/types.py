@@ -232,6 +232,24 @@ class AdapterType:
     def derives(self) -> bool:
         return type(self).derive is not AdapterType.derive
 
+    # optional: type-wide tensors
+    def shared_tensors(self, model: nn.Module, config: AdapterConfig) -> dict[str, Shape]:
+        """Frozen tensors shared by every adapter of this type with the same `shared_seed(config)`
+        and shapes (e.g. VeRA's random projections): {name: shape}, shapes as in `tensors()`.
+        They are made once per (type, seed, shapes) by `init_shared`, never trained, never saved
+        with an adapter (its config's seed remakes them), and reach the math as `w.shared[name]`
+        (one tensor for all rows, padded to the pool's sizes). Default: none."""
+        return {}
+
+    def shared_seed(self, config: AdapterConfig) -> int:
+        """The seed `init_shared`'s generator starts from (e.g. VeRA's projection_prng_key)."""
+        return 0
+
+    def init_shared(self, name: str, tensor: torch.Tensor, config: AdapterConfig, generator: torch.Generator) -> None:
+        """Fill a shared tensor (true sizes, float32, CPU) in place; called in `shared_tensors()`
+        order with one generator seeded by `shared_seed(config)`. Default: zeros."""
+        tensor.zero_()
+
     def length(self, config: AdapterConfig) -> int:
         """Number of virtual tokens (prompt and prefix kinds)."""
         raise NotImplementedError
