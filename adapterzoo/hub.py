@@ -255,7 +255,9 @@ def parse_model_card(text: str) -> dict[str, Any]:
 FORMAT_FILES = {
     "native": (CONFIG_FILE, WEIGHTS_FILE),
     "peft": (peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE),
-    "adapterhub": (ah_format.CONFIG_FILE, ah_format.WEIGHTS_FILE, ah_format.HEAD_CONFIG_FILE, ah_format.HEAD_WEIGHTS_FILE),
+    "adapterhub": (
+        ah_format.CONFIG_FILE, ah_format.WEIGHTS_FILE, ah_format.HEAD_CONFIG_FILE, ah_format.HEAD_WEIGHTS_FILE,
+    ),
 }
 
 
@@ -269,7 +271,7 @@ def adapter_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise AdapterFileError(f"{folder} is not a folder holding a saved adapter")
     root = folder.resolve()
-    present = [folder / name for name in sorted(ADAPTER_FILES) if (folder / name).exists() or (folder / name).is_symlink()]
+    present = [folder / name for name in sorted(ADAPTER_FILES) if os.path.lexists(folder / name)]
     for path in present:  # all of them before any is read, even to tell the format
         target = path.resolve()
         if not target.is_relative_to(root):
@@ -317,8 +319,10 @@ def push_adapter_folder(
         present = set(api.list_repo_files(repo_id, revision=branch))
         sending = {p.relative_to(folder).as_posix() for p in files}
         operations: list = [CommitOperationDelete(path_in_repo=p) for p in sorted(present & ADAPTER_FILES - sending)]
-        operations += [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
-        operations.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=render_model_card(repo_id, record).encode()))
+        operations += [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+                       for p in files]
+        card = render_model_card(repo_id, record).encode()
+        operations.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=card))
         return api.create_commit(
             repo_id, operations, revision=branch,
             commit_message=commit_message or f"Push {record['type']} adapter with adapterzoo",

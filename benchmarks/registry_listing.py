@@ -120,11 +120,16 @@ def main() -> None:
         tokens.write_text(json.dumps({"tokens": {TOKEN: {"user": "reader", "namespaces": {"team1": "read"}}}}))
         systems = {"now": REPO_ROOT / "registry", "before": export_baseline(args.baseline, tmp_path / "baseline")}
         ports = {name: free_port() for name in systems}
-        processes = {name: start(source, root, tokens, ports[name], tmp_path / f"{name}.log") for name, source in systems.items()}
+        processes = {
+            name: start(source, root, tokens, ports[name], tmp_path / f"{name}.log") for name, source in systems.items()
+        }
         times: dict[str, dict[str, list[float]]] = {name: {query: [] for query in QUERIES} for name in systems}
         try:
-            clients = {name: httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {TOKEN}"},
-                                          timeout=120) for name, port in ports.items()}  # fmt: skip
+            auth = {"authorization": f"Bearer {TOKEN}"}
+            clients = {
+                name: httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth, timeout=120)
+                for name, port in ports.items()
+            }
             for client in clients.values():  # warm: cards parsed once, index built once
                 for params in QUERIES.values():
                     assert client.get("/api/models", params=params).status_code == 200

@@ -237,17 +237,31 @@ def _model_json(
         "usedStorage": sum(entry.size for entry in commit.files.values()),
     }
     if siblings:
-        data["siblings"] = [
-            {"rfilename": path, "size": entry.size, "blobId": entry.oid} for path, entry in sorted(commit.files.items())
-        ]
+        threshold = registry.lfs_threshold_bytes
+        data["siblings"] = [_sibling_json(path, entry, threshold) for path, entry in sorted(commit.files.items())]
     if card_data:
         data["cardData"] = dict(card.metadata)
     return data
 
 
-def _file_json(path: str, entry: FileEntry) -> dict[str, Any]:
-    """A tree entry as `huggingface_hub.hf_api.RepoFile(**data)` reads it; `oid` is the git blob id."""
-    return {"type": "file", "oid": entry.oid, "size": entry.size, "path": path}
+def _file_json(path: str, entry: FileEntry, lfs_threshold: int | None = None) -> dict[str, Any]:
+    """A tree entry as `huggingface_hub.hf_api.RepoFile(**data)` reads it; `oid` is the git blob id.
+
+    A file over the LFS threshold also says `lfs` (its sha256), as on the Hub: `CommitOperationCopy`
+    then copies it by reference (an `lfsFile` line) instead of downloading and re-sending it inline.
+    """
+    data: dict[str, Any] = {"type": "file", "oid": entry.oid, "size": entry.size, "path": path}
+    if lfs_threshold is not None and entry.size > lfs_threshold:
+        data["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": 134}
+    return data
+
+
+def _sibling_json(path: str, entry: FileEntry, lfs_threshold: int | None) -> dict[str, Any]:
+    """A file as `ModelInfo.siblings` reads it (its `lfs` block says `sha256`, where the tree says `oid`)."""
+    data: dict[str, Any] = {"rfilename": path, "size": entry.size, "blobId": entry.oid}
+    if lfs_threshold is not None and entry.size > lfs_threshold:
+        data["lfs"] = {"sha256": entry.sha256, "size": entry.size, "pointerSize": 134}
+    return data
 
 
 def _folder_json(folder: str, files: Mapping[str, FileEntry]) -> dict[str, Any]:
@@ -256,7 +270,9 @@ def _folder_json(folder: str, files: Mapping[str, FileEntry]) -> dict[str, Any]:
     return {"type": "directory", "oid": hashlib.sha1(listing.encode()).hexdigest(), "size": 0, "path": folder}
 
 
-def tree_entries(files: Mapping[str, FileEntry], folder: str, *, recursive: bool) -> list[dict[str, Any]]:
+def tree_entries(
+    files: Mapping[str, FileEntry], folder: str, *, recursive: bool, lfs_threshold: int | None = None
+) -> list[dict[str, Any]]:
     """Files and folders under `folder` (all levels if `recursive`), sorted by path."""
     prefix = folder + "/" if folder else ""
     below = {path: entry for path, entry in files.items() if path.startswith(prefix)}
@@ -271,7 +287,7 @@ def tree_entries(files: Mapping[str, FileEntry], folder: str, *, recursive: bool
         depth_limit = len(parts) if recursive else min(len(parts), 2)
         listed_folders.update(prefix + "/".join(parts[:depth]) for depth in range(1, depth_limit))
     listing = [_folder_json(name, files) for name in listed_folders]
-    listing += [_file_json(path, entry) for path, entry in listed_files.items()]
+    listing += [_file_json(path, entry, lfs_threshold) for path, entry in listed_files.items()]
     return sorted(listing, key=lambda item: item["path"])
 
 
@@ -435,7 +451,8 @@ def _optional(payload: Mapping[str, Any], key: str, kind: type) -> Any:
     if value is None:
         return None
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise BadRequest(f"'{key}' must be a {_TYPE_NAMES.get(kind, kind.__name__)}, not {type(value).__name__}: {value!r:.80}.")
+        expected = _TYPE_NAMES.get(kind, kind.__name__)
+        raise BadRequest(f"'{key}' must be a {expected}, not {type(value).__name__}: {value!r:.80}.")
     return value
 
 
@@ -588,7 +605,8 @@ async def list_tree(request: Request) -> JSONResponse:
 
     def listing() -> list[dict[str, Any]]:
         registry.readable_repo(principal, repo)
-        return tree_entries(registry.store.resolve(repo, revision).files, folder, recursive=recursive)
+        files = registry.store.resolve(repo, revision).files
+        return tree_entries(files, folder, recursive=recursive, lfs_threshold=registry.lfs_threshold_bytes)
 
     page_size = min(registry.page_size, 50) if _truthy(request.query_params.get("expand")) else registry.page_size
     return _paginated(request, await run_in_threadpool(listing), page_size)
@@ -607,7 +625,7 @@ async def paths_info(request: Request) -> JSONResponse:
         found = []
         for path in paths:
             if path in files:
-                found.append(_file_json(path, files[path]))
+                found.append(_file_json(path, files[path], registry.lfs_threshold_bytes))
             elif any(name.startswith(path + "/") for name in files):
                 found.append(_folder_json(path, files))
         return found

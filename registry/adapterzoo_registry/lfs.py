@@ -87,8 +87,9 @@ class UploadGate:
                 answer["error"] = {"code": 413, "message": f"Objects are limited to {self.max_object_bytes} bytes."}
             elif oid in missing:
                 repo_url = f"{base_url}/{repo}.git/info/lfs/objects"
+                upload_url = self._signed_url(repo_url, repo, oid, size)
                 answer["actions"] = {
-                    "upload": {"href": self._signed_url(repo_url, repo, oid, size), "expires_in": UPLOAD_URL_LIFETIME_S},
+                    "upload": {"href": upload_url, "expires_in": UPLOAD_URL_LIFETIME_S},
                     "verify": {"href": f"{repo_url}/verify"},
                 }
             answers.append(answer)

@@ -71,11 +71,14 @@ async def repo_page(request: Request) -> HTMLResponse:
         repo = RepoId.parse(request.path_params["namespace"], request.path_params["name"])
         detail = await run_in_threadpool(_repo_detail, registry, principal, repo)
     except RepoNotFound:
-        body = [_nav(token), "<h1>Not found</h1>",
-                "<p>No such repo, or it is private: give a token that can read it.</p>", _token_box(request.url.path, token, problem)]  # fmt: skip
+        body = [
+            _nav(token), "<h1>Not found</h1>", "<p>No such repo, or it is private: give a token that can read it.</p>",
+            _token_box(request.url.path, token, problem),
+        ]  # fmt: skip
         return _html("Not found", body, status=404)
     except RegistryError as error:
-        return _html("Bad request", [_nav(token), f"<h1>Bad request</h1><p>{escape(error.message)}</p>"], status=error.status)
+        body = [_nav(token), f"<h1>Bad request</h1><p>{escape(error.message)}</p>"]
+        return _html("Bad request", body, status=error.status)
     body = [_nav(token), *detail(token), _token_box(request.url.path, token, problem)]
     return _html(f"{repo} - adapterzoo registry", body)
 
@@ -95,11 +98,12 @@ def _repo_detail(registry: Any, principal: Principal, repo: RepoId):
 
     def render(token: str | None) -> list[str]:
         block = card.adapterzoo
+        fingerprint = _text(block.get("base_fingerprint")) or "-"
         parts = [
             f"<h1>{escape(str(repo))} {_badge('private') if meta.private else _badge('public')}</h1>",
             "<dl class=facts>",
             f"<dt>adapter type</dt><dd class=adapter-type>{escape(_text(block.get('type')) or '-')}</dd>",
-            f"<dt>base fingerprint</dt><dd class=fingerprint><code>{escape(_text(block.get('base_fingerprint')) or '-')}</code></dd>",
+            f"<dt>base fingerprint</dt><dd class=fingerprint><code>{escape(fingerprint)}</code></dd>",
             f"<dt>format</dt><dd>{escape(_text(block.get('format')) or '-')}</dd>",
             f"<dt>tags</dt><dd>{' '.join(_badge(tag) for tag in card.tags) or '-'}</dd>",
             f"<dt>head of main</dt><dd><code>{escape(head.id)}</code></dd>",
@@ -109,13 +113,14 @@ def _repo_detail(registry: Any, principal: Principal, repo: RepoId):
             parts.append(f"<p class=warning>The model card metadata could not be read: {escape(card.error)}</p>")
         parts.append("<h2>Files</h2><table class=files><thead><tr><th>path</th><th>size</th></tr></thead><tbody>")
         parts += [
-            f"<tr><td>{escape(path)}</td><td class=size>{_size(entry.size)}</td></tr>" for path, entry in sorted(head.files.items())
+            f"<tr><td>{escape(path)}</td><td class=size>{_size(entry.size)}</td></tr>"
+            for path, entry in sorted(head.files.items())
         ]
         parts.append("</tbody></table>")
         parts.append("<h2>Branches</h2><ul class=branches>")
-        parts += [f"<li><code>{escape(name)}</code> → <code>{escape(target[:12])}</code></li>" for name, target in branches.items()]
+        parts += [_ref_item(name, target) for name, target in branches.items()]
         parts.append("</ul><h2>Tags</h2><ul class=tags>")
-        parts += [f"<li><code>{escape(name)}</code> → <code>{escape(target[:12])}</code></li>" for name, target in tags.items()]
+        parts += [_ref_item(name, target) for name, target in tags.items()]
         parts.append("</ul>" if tags else "<li class=muted>none</li></ul>")
         parts.append("<h2>Commits</h2><ol class=commits>")
         parts += [
@@ -202,6 +207,10 @@ def _render_markdown(readme: str) -> str:
         if end != -1:
             text = text[text.find("\n", end + 1) + 1 :] if text.find("\n", end + 1) != -1 else ""
     return _MARKDOWN.render(text) if text.strip() else "<p class=muted>No README.</p>"
+
+
+def _ref_item(name: str, target: str) -> str:
+    return f"<li><code>{escape(name)}</code> → <code>{escape(target[:12])}</code></li>"
 
 
 def _badge(text: str) -> str:

@@ -678,7 +678,8 @@ class Store:
             kind, _, name = revision[len("refs/") :].partition("/")
             commit_id = self._read_ref_or_none(repo, kind, name)
         else:
-            commit_id = self._read_ref_or_none(repo, "heads", revision) or self._read_ref_or_none(repo, "tags", revision)
+            commit_id = self._read_ref_or_none(repo, "heads", revision)
+            commit_id = commit_id or self._read_ref_or_none(repo, "tags", revision)
         if commit_id is None and SHORT_COMMIT_ID.fullmatch(revision):
             commit_id = self._commit_id_by_prefix(repo, revision.lower())
         if commit_id is None:

@@ -25,7 +25,9 @@ def saved_adapter(request, tmp_path: Path) -> Path:
     return zoo.save_adapter("a", tmp_path / "adapter", format=request.param)
 
 
-def test_push_sends_only_the_adapter_files_and_the_readme(registry, alice: HfApi, unique: str, saved_adapter: Path) -> None:
+def test_push_sends_only_the_adapter_files_and_the_readme(
+    registry, alice: HfApi, unique: str, saved_adapter: Path
+) -> None:
     own = {path.name for path in saved_adapter.iterdir()}
     (saved_adapter / "notes.txt").write_text("private notes")
     (saved_adapter / ".env").write_text("HF_TOKEN=hf_secret")
@@ -36,7 +38,9 @@ def test_push_sends_only_the_adapter_files_and_the_readme(registry, alice: HfApi
     assert set(alice.list_repo_files(repo_id)) == own | {"README.md"}
 
 
-def test_push_refuses_a_symlink_that_leaves_the_folder(registry, alice: HfApi, unique: str, saved_adapter: Path, tmp_path: Path) -> None:
+def test_push_refuses_a_symlink_that_leaves_the_folder(
+    registry, alice: HfApi, unique: str, saved_adapter: Path, tmp_path: Path
+) -> None:
     secret = tmp_path / "secret.safetensors"
     secret.write_bytes(b"credentials")
     weights = next(path for path in saved_adapter.iterdir() if path.suffix == ".safetensors")
@@ -46,7 +50,9 @@ def test_push_refuses_a_symlink_that_leaves_the_folder(registry, alice: HfApi, u
     with pytest.raises(AdapterFileError, match="outside the adapter folder"):
         push_adapter_folder(saved_adapter, repo_id, token=ALICE_TOKEN, endpoint=registry.url)
     assert not alice.repo_exists(repo_id)
-    result = CliRunner().invoke(cli, ["push", str(saved_adapter), repo_id, "--token", ALICE_TOKEN, "--endpoint", registry.url])
+    result = CliRunner().invoke(
+        cli, ["push", str(saved_adapter), repo_id, "--token", ALICE_TOKEN, "--endpoint", registry.url]
+    )
     assert result.exit_code != 0 and "outside the adapter folder" in result.output
 
 

@@ -80,7 +80,9 @@ def test_list_models_honours_pipeline_tag_and_gated_and_refuses_unknown_filters(
     tagged, plain = f"alice/pipe-{unique}", f"alice/plain-{unique}"
     for repo_id in (tagged, plain):
         alice.create_repo(repo_id)
-    alice.upload_file(path_or_fileobj=b"---\npipeline_tag: text-generation\n---\n", path_in_repo="README.md", repo_id=tagged)
+    alice.upload_file(
+        path_or_fileobj=b"---\npipeline_tag: text-generation\n---\n", path_in_repo="README.md", repo_id=tagged
+    )
     assert [m.id for m in alice.list_models(search=unique, pipeline_tag="text-generation")] == [tagged]
     assert {m.id for m in alice.list_models(search=unique, gated=False)} == {tagged, plain}
     assert list(alice.list_models(search=unique, gated=True)) == []
@@ -127,7 +129,10 @@ def tokens_path(tmp_path):
 def test_a_full_disk_is_507_and_leaves_nothing_in_tmp(tmp_path, tokens_path, monkeypatch) -> None:
     app = create_app(tmp_path / "root", tokens_file=tokens_path, allowed_hosts=["testserver"])
     client = TestClient(app, base_url="http://testserver")
-    assert client.post("/api/repos/create", headers=AUTH, json={"name": "full", "organization": "alice"}).status_code == 200
+    assert (
+        client.post("/api/repos/create", headers=AUTH, json={"name": "full", "organization": "alice"}).status_code
+        == 200
+    )
     real_write = storage._write_file
 
     def disk_full(path, data):

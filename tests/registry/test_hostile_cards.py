@@ -59,7 +59,10 @@ def test_the_card_parser_refuses_aliases_depth_size_and_node_count() -> None:
         parse_front_matter("---\nnotes: " + "x" * 70_000 + "\n---\n")
     with pytest.raises(CardError, match="values"):
         parse_front_matter("---\nitems: [" + ",".join("1" * 20_000) + "]\n---\n")
-    assert parse_front_matter("---\ntags: [a, b]\nlibrary_name: peft\n---\n# ok") == {"tags": ["a", "b"], "library_name": "peft"}
+    assert parse_front_matter("---\ntags: [a, b]\nlibrary_name: peft\n---\n# ok") == {
+        "tags": ["a", "b"],
+        "library_name": "peft",
+    }
 
 
 def test_an_alias_bomb_sent_to_validate_yaml_is_refused_at_once(registry) -> None:
@@ -115,7 +118,9 @@ def test_card_parsing_runs_off_the_event_loop(tmp_path, monkeypatch) -> None:
     tokens.write_text(json.dumps(TOKENS))
     monkeypatch.setattr(app_module, "parse_front_matter", lambda text: time.sleep(3) or {})
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(tmp_path / "root", tokens_file=tokens), port=port, log_level="critical"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(tmp_path / "root", tokens_file=tokens), port=port, log_level="critical")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -123,7 +128,9 @@ def test_card_parsing_runs_off_the_event_loop(tmp_path, monkeypatch) -> None:
             time.sleep(0.02)
         url = f"http://127.0.0.1:{port}"
         slow = threading.Thread(
-            target=httpx.post, args=(f"{url}/api/validate-yaml",), kwargs={"headers": AUTH, "json": {"content": "x"}, "timeout": 30}
+            target=httpx.post,
+            args=(f"{url}/api/validate-yaml",),
+            kwargs={"headers": AUTH, "json": {"content": "x"}, "timeout": 30},
         )
         slow.start()
         time.sleep(0.3)

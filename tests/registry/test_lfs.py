@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from huggingface_hub import hf_hub_download
+from huggingface_hub import CommitOperationCopy, hf_hub_download
 
 from .conftest import ALICE_TOKEN
 
@@ -40,8 +40,12 @@ def batch(server, repo_id: str, data: bytes) -> dict:
     reply = httpx.post(
         f"{server.url}/{repo_id}.git/info/lfs/objects/batch",
         headers={**AUTH, "content-type": "application/vnd.git-lfs+json"},
-        json={"operation": "upload", "transfers": ["basic"], "objects": [{"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}]},
-    )  # fmt: skip
+        json={
+            "operation": "upload",
+            "transfers": ["basic"],
+            "objects": [{"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}],
+        },
+    )
     assert reply.status_code == 200, reply.text
     return reply.json()["objects"][0]
 
@@ -58,8 +62,19 @@ def test_a_big_file_goes_through_lfs_and_downloads_intact(lfs_server, tmp_path: 
     assert Path(path).read_bytes() == data
     sibling = api.model_info("alice/big", files_metadata=True).siblings[0]
     assert sibling.size == len(data) and api.model_info("alice/big").sha == info.oid
+    assert sibling.lfs.sha256 == hashlib.sha256(data).hexdigest()
     again = api.upload_file(path_or_fileobj=data, path_in_repo="copy.safetensors", repo_id="alice/big")
     assert set(api.list_repo_files("alice/big", revision=again.oid)) >= {"copy.safetensors"}  # stored once, named twice
+
+
+def test_a_big_file_is_copied_by_reference(lfs_server) -> None:
+    api = lfs_server.api(ALICE_TOKEN)
+    api.create_repo("alice/copy")
+    data = os.urandom(2 * THRESHOLD)
+    api.upload_file(path_or_fileobj=data, path_in_repo="a.bin", repo_id="alice/copy")
+    api.create_commit("alice/copy", [CommitOperationCopy("a.bin", "b.bin")], commit_message="copy")
+    entries = {entry.path: entry for entry in api.list_repo_tree("alice/copy")}
+    assert entries["b.bin"].lfs.sha256 == hashlib.sha256(data).hexdigest() and entries["b.bin"].size == len(data)
 
 
 def test_a_folder_of_big_files_lands_as_one_commit(lfs_server, tmp_path: Path) -> None:
@@ -133,7 +148,9 @@ def test_a_file_over_the_threshold_sent_inline_is_refused(lfs_server) -> None:
 
 
 def test_the_namespace_quota_is_enforced(start_server) -> None:
-    server = start_server(extra_args=("--lfs-threshold-bytes", str(THRESHOLD), "--namespace-quota-bytes", str(5 * THRESHOLD)))
+    server = start_server(
+        extra_args=("--lfs-threshold-bytes", str(THRESHOLD), "--namespace-quota-bytes", str(5 * THRESHOLD))
+    )
     api = server.api(ALICE_TOKEN)
     api.create_repo("alice/quota")
     api.upload_file(path_or_fileobj=os.urandom(3 * THRESHOLD), path_in_repo="a.bin", repo_id="alice/quota")
@@ -156,7 +173,9 @@ def test_uploads_past_the_bound_wait_their_turn_with_the_official_client(lfs_ser
 
 def test_uploads_that_waited_too_long_are_told_to_retry(start_server) -> None:
     lfs_server = start_server(
-        extra_args=("--lfs-threshold-bytes", str(THRESHOLD), "--max-concurrent-uploads", "2", "--upload-queue-seconds", "0.1")
+        extra_args=(
+            "--lfs-threshold-bytes", str(THRESHOLD), "--max-concurrent-uploads", "2", "--upload-queue-seconds", "0.1",
+        )
     )  # fmt: skip
     api = lfs_server.api(ALICE_TOKEN)
     api.create_repo("alice/busy")
@@ -169,8 +188,14 @@ def test_uploads_that_waited_too_long_are_told_to_retry(start_server) -> None:
             time.sleep(0.05)
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        replies = list(pool.map(lambda pair: httpx.put(pair[0], content=slow_body(pair[1]),
-                                                        headers={"content-length": str(len(pair[1]))}), zip(hrefs, blobs)))
+        replies = list(
+            pool.map(
+                lambda pair: httpx.put(
+                    pair[0], content=slow_body(pair[1]), headers={"content-length": str(len(pair[1]))}
+                ),
+                zip(hrefs, blobs),
+            )
+        )
     statuses = sorted(reply.status_code for reply in replies)
     assert statuses.count(200) >= 2 and 503 in statuses and set(statuses) <= {200, 503}
     assert any(reply.headers.get("retry-after") for reply in replies if reply.status_code == 503)

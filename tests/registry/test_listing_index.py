@@ -37,7 +37,9 @@ def client_and_store(tmp_path: Path):
     return TestClient(app), app.state.registry.store
 
 
-def test_a_listing_page_reads_no_repo_from_disk_once_the_index_is_built(client_and_store, tmp_path, monkeypatch) -> None:
+def test_a_listing_page_reads_no_repo_from_disk_once_the_index_is_built(
+    client_and_store, tmp_path, monkeypatch
+) -> None:
     client, store = client_and_store
     for index in range(60):
         repo = RepoId("alice", f"repo-{index:03d}")
@@ -47,7 +49,9 @@ def test_a_listing_page_reads_no_repo_from_disk_once_the_index_is_built(client_a
     reads = []
     for method in ("repo_meta", "_read_summary"):
         original = getattr(store, method)
-        monkeypatch.setattr(store, method, lambda *args, _original=original, _name=method: reads.append(_name) or _original(*args))
+        monkeypatch.setattr(
+            store, method, lambda *args, _original=original, _name=method: reads.append(_name) or _original(*args)
+        )
     page = client.get("/api/models", params={"limit": 10, "cursor": 20}, headers=AUTH)
     assert [model["id"] for model in page.json()] == [f"alice/repo-{index:03d}" for index in range(20, 30)]
     assert 'rel="next"' in page.headers["link"]
@@ -95,7 +99,9 @@ def test_at_most_the_configured_number_of_commit_bodies_are_decoded_at_once(tmp_
         return real_parse(*args, **kwargs)
 
     monkeypatch.setattr(storage, "parse_commit_body", slow_parse)
-    threads = [threading.Thread(target=commit_readme, args=(store, repo, "# hi", tmp_path / repo.name)) for repo in repos]
+    threads = [
+        threading.Thread(target=commit_readme, args=(store, repo, "# hi", tmp_path / repo.name)) for repo in repos
+    ]
     for repo in repos:
         (tmp_path / repo.name).mkdir()
     for thread in threads:

@@ -38,7 +38,8 @@ def test_tags_are_created_listed_resolved_and_deleted(registry, alice, two_versi
     alice.create_tag(repo_id, tag="release/2", revision="main")
     refs = alice.list_repo_refs(repo_id)
     assert {(tag.name, tag.ref, tag.target_commit) for tag in refs.tags} == {
-        ("v1.0", "refs/tags/v1.0", first), ("release/2", "refs/tags/release/2", second),
+        ("v1.0", "refs/tags/v1.0", first),
+        ("release/2", "refs/tags/release/2", second),
     }
     assert download(registry, repo_id, "v1.0", tmp_path) == b"version 1"
     assert download(registry, repo_id, "release/2", tmp_path) == b"version 2"
@@ -61,7 +62,9 @@ def test_short_commit_ids_resolve(registry, alice, two_versions, tmp_path: Path)
 def test_branch_names_may_hold_a_slash(registry, alice, two_versions, tmp_path: Path) -> None:
     repo_id, first, _ = two_versions
     alice.create_branch(repo_id, branch="feature/new-head", revision=first)
-    alice.upload_file(path_or_fileobj=b"on the branch", path_in_repo="x/y.bin", repo_id=repo_id, revision="feature/new-head")
+    alice.upload_file(
+        path_or_fileobj=b"on the branch", path_in_repo="x/y.bin", repo_id=repo_id, revision="feature/new-head"
+    )
     assert "feature/new-head" in {branch.name for branch in alice.list_repo_refs(repo_id).branches}
     assert set(alice.list_repo_files(repo_id, revision="feature/new-head")) == {"w.bin", "x/y.bin"}
     assert download(registry, repo_id, "feature/new-head", tmp_path) == b"version 1"
