@@ -311,7 +311,7 @@ class Resolver:
 
     def on_device(self, name: str) -> bool:
         zoo = self.zoo
-        adapter = zoo._adapters.get(name)
+        adapter = zoo.find_adapter(name)
         pool = zoo.pools.get(adapter.pool_key) if adapter is not None else None
         return pool is not None and pool.is_current(adapter)
 
@@ -808,7 +808,7 @@ class Engine:
         rows: collections.Counter[str | None] = collections.Counter(r.tenant for r in self._rows)
         for r in self._rows:
             if r.adapter is not None:
-                pools.setdefault(zoo._adapters[r.adapter].pool_key, set()).add(r.adapter)
+                pools.setdefault(zoo.get_adapter(r.adapter).pool_key, set()).add(r.adapter)
                 tenants.setdefault(r.tenant, set()).add(r.adapter)
         joiners: list[Request] = []
         budget = self.max_prefill_tokens
@@ -831,7 +831,7 @@ class Engine:
             if req.ready is not None and not req.ready.done():
                 continue
             if req.adapter is not None:
-                adapter = zoo._adapters.get(req.adapter)
+                adapter = zoo.find_adapter(req.adapter)
                 if adapter is None:  # unloaded between its load and now: fetch it again
                     req.ready = self.resolver.prepare(req.adapter, req.tenant)
                     req.ready.add_done_callback(lambda _f: self._wake())

@@ -125,7 +125,7 @@ class Router(Resolver):
         self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.tombstones: set[str] = self._read_tombstones()
         self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="adapterzoo-loader")
-        for name in (zoo._adapters if zoo is not None else ()):  # zoo None: a catalog only (Ray ingress)
+        for name in (zoo.adapter_names() if zoo is not None else ()):  # zoo None: a catalog only (Ray ingress)
             self.catalog[name] = Entry(name)
             self._host_lru[name] = None
         for name, repo in (registry_repos or {}).items():
@@ -191,7 +191,7 @@ class Router(Resolver):
                 return None
             entry = self.catalog.get(name)
             if (entry is not None and entry.path is not None and not entry.repo and not entry.pending
-                    and self.zoo is not None and name not in self.zoo._adapters and name not in self._refs
+                    and self.zoo is not None and self.zoo.find_adapter(name) is None and name not in self._refs
                     and name not in self._loading and not entry.path.exists()):
                 del self.catalog[name]  # its folder was removed: no longer served (nor listed)
                 entry = None
@@ -232,7 +232,7 @@ class Router(Resolver):
             return None
         if self.on_device(name):
             return "device"
-        if name in self.zoo._adapters:
+        if self.zoo.find_adapter(name) is not None:
             return "host"
         entry = self.catalog.get(name)
         return entry.tier if entry is not None else None
@@ -242,8 +242,8 @@ class Router(Resolver):
             return {}
         with self._lock:
             device = sum(len(p.lru) for p in self.zoo.pools.values())
-            host = len(self.zoo._adapters)
-            disk = sum(1 for n, e in self.catalog.items() if e.path is not None and n not in self.zoo._adapters)
+            host = len(self.zoo.adapter_names())
+            disk = sum(1 for n, e in self.catalog.items() if e.path is not None and self.zoo.find_adapter(n) is None)
         return {"device": device, "host": host, "disk": disk}
 
     # ------------------------------------------------------------------ the Resolver protocol
@@ -267,7 +267,7 @@ class Router(Resolver):
             pending = entry.pending if entry is not None and name not in self._refs else None
         if pending:
             self._pool.submit(self._drop, name, pending == "delete")
-        elif self.max_host is not None and len(self.zoo._adapters) > self.max_host:
+        elif self.max_host is not None and len(self.zoo.adapter_names()) > self.max_host:
             self._pool.submit(self._evict_overflow)  # adapters held over the limit by requests
 
     def in_use(self, name: str) -> int:
@@ -283,7 +283,7 @@ class Router(Resolver):
 
     def prepare(self, name: str, tenant: str | None = None) -> Future:
         with self._lock:
-            if name in self.zoo._adapters:
+            if self.zoo.find_adapter(name) is not None:
                 self._host_lru[name] = None
                 self._host_lru.move_to_end(name)
                 self.metrics.lookup(name, "device" if self.on_device(name) else "host")
@@ -317,7 +317,7 @@ class Router(Resolver):
                 entry.path = self._pull(entry)
             adapter = self.zoo.read_adapter(name, entry.path)
             self._evict_overflow(room=1)  # make room first: host memory stays within max_host
-            self._between_steps(lambda: None if name in self.zoo._adapters else self.zoo.add_loaded_adapter(adapter))
+            self._between_steps(lambda: self.zoo.find_adapter(name) or self.zoo.add_loaded_adapter(adapter))
             with self._lock:
                 self.catalog.setdefault(name, entry)
                 self._host_lru[name] = None
@@ -366,9 +366,9 @@ class Router(Resolver):
         if self.max_host is None or self.zoo is None:
             return
         with self._lock:
-            excess = len(self.zoo._adapters) + room - self.max_host
+            excess = len(self.zoo.adapter_names()) + room - self.max_host
             victims = [n for n in self._host_lru
-                       if n in self.zoo._adapters and n not in self._refs and n not in self._loading][:max(0, excess)]
+                       if self.zoo.find_adapter(n) is not None and n not in self._refs and n not in self._loading][:max(0, excess)]
         for name in victims:
             try:
                 if self._drop(name, delete=False) == "removed":  # another thread may have evicted it first
@@ -404,7 +404,7 @@ class Router(Resolver):
                 if entry is not None:
                     entry.pending = "delete" if delete or entry.pending == "delete" else "unload"
                 return False
-            save = not delete and name in self.zoo._adapters
+            save = not delete and self.zoo.find_adapter(name) is not None
             if save:
                 entry = self.catalog.setdefault(name, Entry(name))
         if save:
@@ -416,7 +416,7 @@ class Router(Resolver):
                     return False
                 if entry is not None and self.catalog.get(name) is not entry:
                     return False  # deleted (and maybe added again) meanwhile: not the adapter decided on
-                removed = name in self.zoo._adapters
+                removed = self.zoo.find_adapter(name) is not None
                 if removed:
                     self.zoo.remove_adapter(name)
                 self._host_lru.pop(name, None)
@@ -445,7 +445,7 @@ class Router(Resolver):
                 old.owner, old.public = owner or old.owner, public or old.public
                 entry = old
             else:
-                if name in self.zoo._adapters or name in self._refs:
+                if self.zoo.find_adapter(name) is not None or name in self._refs:
                     from ..errors import AdapterExistsError
 
                     raise AdapterExistsError(f"an adapter named {name!r} is already served; unload or delete it first")
@@ -464,7 +464,7 @@ class Router(Resolver):
                 self.prepare(name).result(timeout)
             except BaseException:
                 with self._lock:
-                    if self.catalog.get(name) is entry and name not in self.zoo._adapters:
+                    if self.catalog.get(name) is entry and self.zoo.find_adapter(name) is None:
                         del self.catalog[name]
                 raise
         return entry
@@ -508,4 +508,4 @@ class Router(Resolver):
         entry = self.catalog[name]
         return {"id": name, "tier": self.tier(name), "source": entry.source, "owner": self.owner(name),
                 "public": entry.public or self.tenants.is_public(name), "in_use": self.in_use(name),
-                "pending": entry.pending, "type": self.zoo._adapters[name].type_name if name in self.zoo._adapters else None}
+                "pending": entry.pending, "type": getattr(self.zoo.find_adapter(name), "type_name", None)}
