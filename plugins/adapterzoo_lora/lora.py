@@ -21,6 +21,21 @@ The rest of PEFT's LoraConfig that changes the math, with PEFT's meaning:
 - `bias="lora_only"` / `"all"`: the adapter carries its own trained biases of the base's adapted
   (or all) modules, stored as the difference to the base's bias at that site (`bias`), added per
   row like BitFit's; `lora_bias=True`: a bias on B (`lora_bias`), scaled with B.
+- `modules_to_save`: whole trained copies of some modules (an `lm_head`, `embed_tokens`, a norm),
+  stored as their difference to the base's module: `weight_delta` (in, out) of a linear layer
+  (one more batched matmul per row), `embedding_delta` (vocab, d) of an embedding (each row looks
+  its tokens up in its own table), `norm_weight` of a norm (times the normalised input), and
+  `bias`. A replaced lm_head or embed_tokens costs vocab x hidden floats per adapter, on the host
+  and in every pool slot; `AdapterInfo.num_parameters` counts them.
+- `trainable_token_indices`: new values for some rows of an embedding, held the same way as a
+  replaced embedding (`token_delta`, (vocab, d), zero but at those rows; written back to PEFT as
+  the rows only), with `token_mask` (vocab,), 1 at the listed tokens, which the forward applies
+  detached, so training changes those rows only. On a base whose output head shares the input
+  embedding's weight (GPT-2), PEFT's head uses the new rows too: ours holds them again at the head
+  (`tied_weight_delta`, masked the same way; trained here, the two copies are trained apart).
+
+A row without the adapter (or with another one) reads zeros from the pool at every one of these
+tensors, so it sees the base's module unchanged, in the same batch.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adapterzoo import AdapterConfig, AdapterType, require
@@ -70,6 +86,8 @@ class LoraConfig(AdapterConfig):
     exclude_modules: list[str] | str | None = None  # names or a regex never adapted
     bias: str = "none"  # "lora_only": the adapted modules' biases are trained too; "all": every bias
     lora_bias: bool = False  # a bias on B
+    modules_to_save: list[str] | None = None  # modules replaced by trained copies (names the path ends with)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # embedding rows replaced
 
     def validate(self) -> None:
         require(isinstance(self.r, int) and self.r >= 1, f"LoRA r must be a positive integer, got {self.r!r}")
@@ -118,6 +136,29 @@ class LoraConfig(AdapterConfig):
             _check_regex(ex, "exclude_modules")
         require(self.bias in BIAS_MODES, f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
         require(isinstance(self.lora_bias, bool), f"lora_bias must be true or false, got {self.lora_bias!r}")
+        self.modules_to_save = _names(self.modules_to_save) or None
+        saved = self.modules_to_save
+        require(saved is None or (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)),
+                f"modules_to_save must be a list of module names, got {saved!r}")
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, (list, tuple)):
+            self.trainable_token_indices = tokens = list(tokens) or None
+        elif isinstance(tokens, dict):
+            self.trainable_token_indices = tokens = {k: list(v) if isinstance(v, (list, tuple)) else v
+                                                     for k, v in tokens.items()} or None
+        lists = [] if tokens is None else [tokens] if isinstance(tokens, list) else list(tokens.values())
+        require(tokens is None or (isinstance(tokens, (list, dict)) and all(isinstance(k, str) for k in (
+                    tokens if isinstance(tokens, dict) else [])) and all(
+                    isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+                    for v in lists)),
+                "trainable_token_indices must be a list of token ids, or a dict of embedding layer name -> list of "
+                f"token ids, got {tokens!r}")
+        require(all(len(set(v)) == len(v) for v in lists),
+                f"trainable_token_indices lists a token twice: {tokens!r}")
+        if isinstance(tokens, dict) and saved:
+            both = [name for name in tokens if name in saved]
+            require(not both, f"{both[0]!r} is in both modules_to_save and trainable_token_indices (PEFT refuses this "
+                              "too): replace the whole layer, or only some of its rows, not both")
 
     @property
     def scale(self) -> float:
@@ -142,8 +183,17 @@ class LoraConfig(AdapterConfig):
         return 1.0 if not (self.rank_pattern or self.alpha_pattern) else self.site_scale(site) / self.scale
 
     @property
-    def has_bias(self) -> bool:
-        return self.bias != "none" or self.lora_bias
+    def extended(self) -> bool:
+        """Whether any site holds more than A and B (biases, replaced modules, replaced rows)."""
+        return self.bias != "none" or self.lora_bias or bool(self.modules_to_save) or bool(self.trainable_token_indices)
+
+    def is_saved(self, path: str) -> bool:
+        """PEFT's modules_to_save rule: the module path ends with a listed name (plain `endswith`)."""
+        return bool(path) and any(path.endswith(name) for name in self.modules_to_save or ())
+
+    def in_saved(self, path: str) -> bool:
+        """PEFT never puts a LoRA on a module to save or inside one."""
+        return any(re.match(rf"(^|.*\.){name}($|\..*)", path) for name in self.modules_to_save or ())
 
 
 def _check_regex(pattern: str, what: str) -> None:
@@ -197,6 +247,8 @@ def is_lora_site(model: nn.Module, config: LoraConfig, path: str, module: nn.Mod
             return False
     elif excluded and (path in excluded or any(path.endswith(f".{e}") for e in excluded)):
         return False
+    if config.in_saved(path):
+        return False
     target = targets(model, config)
     if target == "all-linear":  # PEFT expands it to the full paths of every linear layer but the output head
         return module is not model.get_output_embeddings()
@@ -234,6 +286,8 @@ def bias_sites(model: nn.Module, config: LoraConfig, lora: list[str]) -> list[st
         if "bias" not in name:
             continue
         path, _, attr = name.rpartition(".")
+        if config.is_saved(path):  # a replaced module's bias is part of its replacement
+            continue
         module = modules[path]
         if attr != "bias" or not (is_linear(module) or is_norm(module)):
             raise InvalidConfigError(
@@ -244,6 +298,89 @@ def bias_sites(model: nn.Module, config: LoraConfig, lora: list[str]) -> list[st
     return found
 
 
+def saved_sites(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The modules `modules_to_save` replaces (PEFT ignores names that match nothing, and so do we)."""
+    found = [p for p, _ in model.named_modules() if config.is_saved(p)]
+    for p in found:
+        inner = [q for q in found if q.startswith(p + ".")]
+        if inner:
+            raise InvalidConfigError(
+                f"modules_to_save={config.modules_to_save!r} selects both {p!r} and {inner[0]!r}, which is inside it; "
+                "name only the outer module (its copy includes the inner one)"
+            )
+    return found
+
+
+def token_sites(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
+    """Embedding path -> token ids whose rows `trainable_token_indices` replaces, as PEFT resolves it
+    (a list: the input embedding; a dict: the modules whose path ends with each key). On a base whose
+    output head shares the input embedding's weight, the head gets the same rows (PEFT ties them)."""
+    tokens = config.trainable_token_indices
+    if not tokens:
+        return {}
+    embedding = model.get_input_embeddings()
+    modules = dict(model.named_modules())
+    by_name = {next(p for p, m in modules.items() if m is embedding): tokens} if isinstance(tokens, list) else tokens
+    found: dict[str, list[int]] = {}
+    for name, ids in by_name.items():
+        paths = [p for p in modules if p and p.endswith(name)]
+        if not paths:
+            raise InvalidConfigError(f"trainable_token_indices names {name!r}, which is no module of this "
+                                     f"{type(model).__name__}; name its input embedding layer")
+        for p in paths:
+            if not isinstance(modules[p], nn.Embedding):
+                raise InvalidConfigError(
+                    f"trainable_token_indices names {p!r}, a {type(modules[p]).__name__}; adapterzoo replaces rows of "
+                    "embedding layers only (an output head tied to the input embedding follows it by itself)")
+            vocab = modules[p].num_embeddings
+            if max(ids) >= vocab:
+                raise InvalidConfigError(f"trainable_token_indices for {p!r} has token {max(ids)}, but its vocabulary "
+                                         f"has {vocab} tokens")
+            found[p] = sorted(ids)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding_path = next(p for p, m in modules.items() if m is embedding)
+    if head is not None and embedding_path in found and head.weight is embedding.weight:
+        found[next(p for p, m in modules.items() if m is head)] = found[embedding_path]
+    return found
+
+
+def normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A norm's output with weight 1 and bias 0, computed as the module computes it: a replaced
+    norm's output is the base's plus this times the weight's change (plus the bias's)."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if type(module).__name__.endswith("RMSNorm") and isinstance(eps, float):  # Llama's: in float32, then cast
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    raise InvalidConfigError(f"modules_to_save: adapterzoo cannot replace a {type(module).__name__} (it replaces "
+                             "linear layers, embeddings, LayerNorm and RMSNorm); leave it out of modules_to_save")
+
+
+def saved_shapes(module: nn.Module, site: str) -> dict[str, tuple]:
+    """What a replaced module holds: its weight's and bias's changes from the base's."""
+    if isinstance(module, nn.Embedding):
+        shapes = {"embedding_delta": tuple(module.weight.shape)}
+    elif is_linear(module):
+        shapes = {"weight_delta": linear_dims(module)}
+    elif isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+        normalized(module, torch.zeros(1, 1, module.weight.shape[-1]))  # refuses a norm it cannot compute
+        shapes = {"norm_weight": tuple(module.weight.shape)}
+    else:
+        raise InvalidConfigError(
+            f"modules_to_save selects {site!r}, a {type(module).__name__}: adapterzoo replaces linear layers, "
+            "embeddings and norms (LayerNorm, RMSNorm) per row; leave it out of modules_to_save")
+    if getattr(module, "bias", None) is not None:
+        shapes["bias"] = tuple(module.bias.shape)
+    return shapes
+
+
+def _replace_weight(module: nn.Module, change: torch.Tensor) -> None:
+    """module.weight + change, on a weight of its own (a tied head and embedding are untied first,
+    as PEFT's copy of the module is)."""
+    module.weight = nn.Parameter(module.weight.detach() + change.to(module.weight), requires_grad=False)
+
+
 class Lora(AdapterType):
     name = "lora"
     Config = LoraConfig
@@ -251,11 +388,21 @@ class Lora(AdapterType):
     default_lr = 2e-3  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
     def sites(self, model, config):
+        saved = saved_sites(model, config)
         lora = lora_sites(model, config)
-        biased = set(bias_sites(model, config, lora)) | set(lora)
-        return [p for p, _ in model.named_modules() if p in biased]  # model order
+        every = set(bias_sites(model, config, lora)) | set(lora) | set(saved) | set(token_sites(model, config))
+        return [p for p, _ in model.named_modules() if p in every]  # model order
 
     def tensors(self, model, site, module, config):
+        if config.is_saved(site):
+            return saved_shapes(module, site)
+        if config.trainable_token_indices:
+            tokens = token_sites(model, config)
+            if site in tokens:
+                vocab = module.weight.shape[0] if isinstance(module, nn.Embedding) else linear_dims(module)[1]
+                if isinstance(module, nn.Embedding):
+                    return {"token_delta": tuple(module.weight.shape), "token_mask": (vocab,)}
+                return {"tied_weight_delta": linear_dims(module), "token_mask": (vocab,)}
         shapes = {}
         if is_lora_site(model, config, site, module):
             fan_in, fan_out = linear_dims(module)
@@ -271,8 +418,8 @@ class Lora(AdapterType):
         return {"r": config.max_rank}
 
     def variant(self, config):
-        # adapters with biases share pools of their own, so plain LoRA pools keep their two matmuls
-        return "bias" if config.has_bias else ""
+        # adapters with more than A and B get pools of their own, so plain LoRA pools keep their two matmuls
+        return "extended" if config.extended else ""
 
     def constants(self, config):
         return {"scale": config.scale, "dropout": config.lora_dropout}
@@ -291,7 +438,10 @@ class Lora(AdapterType):
             tensor.zero_()
 
     def init_from_base(self, model, config, tensors, generator):
-        """A site of smaller rank (rank_pattern) keeps only its first r columns of A and rows of B."""
+        """A site of smaller rank (rank_pattern) keeps only its first r columns of A and rows of B; the
+        listed tokens of trainable_token_indices are marked in their site's mask."""
+        for site, ids in token_sites(model, config).items():
+            tensors[site]["token_mask"][ids] = 1
         if not config.rank_pattern:
             return
         for site, ts in tensors.items():
@@ -302,16 +452,33 @@ class Lora(AdapterType):
 
     def delta(self, x, y, w, training):
         scale = w["scale"][:, None, None]  # (n or 1, 1, 1)
-        if training:
-            keep = 1 - w["dropout"][:, None, None]
-            x = x * (torch.rand_like(x) < keep) / keep
         if w["variant"] == "":
-            h = w.matmul(x, "A")  # (n, T, r): x @ A[slot] per row
+            h = w.matmul(self._dropped(x, w, training), "A")  # (n, T, r): x @ A[slot] per row
             return w.matmul(h, "B") * scale  # (n, T, out)
-        # adapters with biases: a site may hold A and B, a bias, or both (the pool has what its adapters use)
+        # extended adapters: a site holds what its pool's adapters have there (A and B, a bias, a replacement)
+        module = w.module
+        if isinstance(module, nn.Embedding):  # x holds token ids: each row looks them up in its own table
+            ids = x.reshape(y.shape[0], y.shape[1])
+            try:
+                return w.lookup("embedding_delta", ids)
+            except KeyError:  # replaced rows: the mask (never trained) keeps training to the listed tokens
+                return w.lookup("token_delta", ids) * w.lookup("token_mask", ids).detach()[..., None]
         out = 0
+        if module is not None and (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")):
+            try:
+                out = normalized(module, x) * w["norm_weight"][:, None, :]
+            except KeyError:  # only a trained bias here
+                pass
         try:
-            h = w.matmul(w.matmul(x, "A"), "B")  # raises KeyError at once where no adapter has A
+            out = out + w.matmul(x, "weight_delta")  # (n, T, out): x @ (W' - W); PEFT's copy has no dropout
+        except KeyError:
+            pass
+        try:  # a head tied to an embedding with replaced rows: only the listed tokens' logits change
+            out = out + w.matmul(x, "tied_weight_delta") * w["token_mask"].detach()[:, None, :]
+        except KeyError:
+            pass
+        try:
+            h = w.matmul(w.matmul(self._dropped(x, w, training), "A"), "B")  # KeyError at once where no A
         except KeyError:
             h = None
         if h is not None:
@@ -319,14 +486,22 @@ class Lora(AdapterType):
                 h = h + w["lora_bias"][:, None, :]
             except KeyError:
                 pass
-            out = h * scale
+            out = out + h * scale
         try:
             out = out + w["bias"][:, None, :]  # (n, 1, out): the same shift for every token of a row
         except KeyError:
             pass
-        if isinstance(out, int):  # neither (cannot happen for a site some adapter uses): no change
+        if isinstance(out, int):  # nothing here (cannot happen for a site some adapter uses): no change
             return torch.zeros_like(y[:1])
         return out
+
+    @staticmethod
+    def _dropped(x: torch.Tensor, w, training: bool) -> torch.Tensor:
+        """LoRA's dropout, on the input of A only (as PEFT's lora_dropout)."""
+        if not training:
+            return x
+        keep = 1 - w["dropout"][:, None, None]
+        return x * (torch.rand_like(x) < keep) / keep
 
     # PEFT's file format (adapterzoo.formats); the key and config mapping is in peft.py beside this file
     peft_types = _peft.PEFT_TYPES
@@ -339,6 +514,17 @@ class Lora(AdapterType):
 
     def merge(self, module, tensors, config, sign=1.0):
         with torch.no_grad():
+            if "tied_weight_delta" in tensors:
+                return  # the head shares the embedding's weight, where its rows are merged (embedding_delta)
+            if "token_delta" in tensors:  # in place: a head tied to this embedding follows it, as in PEFT
+                module.weight += sign * tensors["token_delta"].to(module.weight)
+            if "embedding_delta" in tensors:
+                _replace_weight(module, sign * tensors["embedding_delta"])
+            if "weight_delta" in tensors:
+                delta_w = sign * tensors["weight_delta"]
+                _replace_weight(module, delta_w if isinstance(module, Conv1D) else delta_w.T)
+            if "norm_weight" in tensors:
+                _replace_weight(module, sign * tensors["norm_weight"])
             if "A" in tensors:
                 delta_w = sign * config.scale * tensors["A"] @ tensors["B"]  # (in, out)
                 if isinstance(module, Conv1D):  # Conv1D keeps its weight as (in, out)

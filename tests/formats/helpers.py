@@ -39,10 +39,10 @@ def make_peft_adapter(folder: Path, family: str, kind: str, seed: int = 0, **ove
             with torch.no_grad():
                 for p in model.prompt_encoder.parameters():
                     p.normal_(0, 0.5)
-        else:  # trained biases (bias="lora_only"/"all", lora_bias) start as the base's or zero; make them matter
+        else:  # trained biases, modules to save and token rows start as the base's (or zero); make them matter
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    if p.requires_grad and "bias" in name:
+                    if p.requires_grad and ("bias" in name or "lora_" not in name):
                         p.add_(torch.randn(p.shape) * 0.3)
         model.save_pretrained(folder)
     return folder

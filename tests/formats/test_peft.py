@@ -175,8 +175,7 @@ def _edited(lora_folder: Path, tmp_path: Path, **fields) -> Path:
     ("fields", "named"),
     [
         ({"use_dora": True}, "use_dora"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-        ({"trainable_token_indices": [3, 5]}, "trainable_token_indices"),
+        ({"target_parameters": ["model.layers.0.mlp.down_proj.weight"]}, "target_parameters"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights"),
         ({"use_qalora": True}, "use_qalora"),
         ({"layer_replication": [[0, 2]]}, "layer_replication"),
