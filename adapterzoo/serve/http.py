@@ -504,8 +504,17 @@ class Server:
     def model_card(self, name: str, owner: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": owner}
 
+    @property
+    def tokenizer(self):
+        """The base's tokenizer (501 where this process has none: a Ray Serve ingress)."""
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        if tokenizer is None:
+            raise APIError(501, "This route needs the base's tokenizer, which the Ray Serve ingress does not load.",
+                           type="server_error", code="not_implemented")
+        return tokenizer
+
     def token_text(self, token: int) -> str:
-        return self.engine.tokenizer.decode([token])
+        return self.tokenizer.decode([token])
 
 
 def create_app(server: Server, *, admin: bool = True) -> Starlette:
@@ -714,7 +723,7 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
         chat = body.messages is not None
         prompt = [m.for_template() for m in body.messages] if chat else body.prompt
         s.check_prompt_sizes([prompt], chat)
-        tokenizer = s.engine.tokenizer
+        tokenizer = s.tokenizer
 
         def encode() -> list[int]:
             text = prompt
@@ -733,6 +742,7 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
         tenant = s.tenant(request)
         body = await s.read_json(request, DetokenizeBody)
         s.adapter_for(body.model, tenant)
+        tokenizer = s.tokenizer
         if len(body.tokens) > s.engine.context_length * 4:
             raise APIError(400, f"At most {s.engine.context_length * 4} tokens per call.", param="tokens",
                            code="invalid_value")
@@ -741,7 +751,7 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
                 s.engine.check_token(t, "tokens")
             except BatchError as exc:
                 raise APIError(400, str(exc), param="tokens", code="invalid_value") from None
-        text = await asyncio.to_thread(s.engine.tokenizer.decode, body.tokens)
+        text = await asyncio.to_thread(tokenizer.decode, body.tokens)
         return JSONResponse({"prompt": text})
 
     # -- admin

@@ -42,6 +42,8 @@ from .engine import (
     EngineError,
     MaxTokensError,
     QueueFullError,
+    RequestFailedError,
+    TokenLogprob,
 )
 
 log = logging.getLogger("adapterzoo.serve")
@@ -49,7 +51,8 @@ log = logging.getLogger("adapterzoo.serve")
 BASE_ID = "__base__"  # the multiplexed model id of requests for the bare base
 MODELS_PER_REPLICA = int(os.environ.get("ADAPTERZOO_RAY_MODELS_PER_REPLICA", "64"))
 ERRORS = {cls.__name__: cls for cls in (UnknownAdapterError, ContextLengthError, MaxTokensError, QueueFullError,
-                                        EngineClosedError, AdapterLoadError, BatchError, EngineError)}
+                                        EngineClosedError, AdapterLoadError, RequestFailedError, BatchError,
+                                        EngineError)}
 
 
 def _error(exc: BaseException) -> dict[str, str]:
@@ -63,6 +66,8 @@ FIELDS = ("id", "adapter", "text", "token_ids", "finish_reason", "prompt_tokens"
 def _done(value: Completion, replica: str) -> dict[str, Any]:
     d = {k: getattr(value, k) for k in FIELDS}
     d.update(kind="done", replica=replica, error=_error(value.error) if value.error is not None else None)
+    if value.logprobs is not None:  # plain tuples cross the process boundary
+        d["logprobs"] = [(lp.token, lp.logprob, [list(t) for t in lp.top]) for lp in value.logprobs]
     return d
 
 
@@ -76,7 +81,10 @@ def _completion(item: dict[str, Any]) -> Completion:
     err = item.get("error")
     error = ERRORS.get(err["type"], EngineError)(err["message"]) if err else None
     fields = {k: item[k] for k in FIELDS}
-    return Completion(**fields, error=error, replica=item.get("replica"))
+    logprobs = None
+    if item.get("logprobs") is not None:
+        logprobs = [TokenLogprob(t, lp, tuple((a, b) for a, b in top)) for t, lp, top in item["logprobs"]]
+    return Completion(**fields, error=error, replica=item.get("replica"), logprobs=logprobs)
 
 
 class _Lease:

@@ -186,3 +186,18 @@ def test_vllm_lora_admin_routes(served):
     r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"},
                    headers={"Authorization": "Bearer k-ops"})
     assert r.status_code == 400
+
+
+def test_logprobs_and_request_failures_cross_the_ray_boundary():
+    """The Ray replica sends a finished request to the ingress as plain data (no Ray needed here)."""
+    from adapterzoo.serve.engine import Completion, RequestFailedError, TokenLogprob
+    from adapterzoo.serve.ray import _completion, _done
+
+    done = Completion(id="r1", adapter="lora", text="ab", token_ids=[5, 6], finish_reason="length", prompt_tokens=2,
+                      completion_tokens=2, ttft=0.1, latency=0.2,
+                      logprobs=[TokenLogprob(5, -0.5, ((5, -0.5), (7, -1.5))), TokenLogprob(6, -0.25, ())])
+    back = _completion(_done(done, "replica-1"))
+    assert back.logprobs == done.logprobs and back.replica == "replica-1"
+    failed = Completion(id="r2", adapter="bad", text="", token_ids=[], finish_reason="error", prompt_tokens=1,
+                        completion_tokens=0, ttft=None, latency=0.1, error=RequestFailedError("NaN scores"))
+    assert isinstance(_completion(_done(failed, "r")).error, RequestFailedError)
