@@ -23,7 +23,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -251,6 +254,28 @@ def parse_model_card(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- upload
 
 
+@contextmanager
+def _lfs_unless_hugging_face(endpoint: str | None) -> Iterator[None]:
+    """Upload big files with Git LFS, not Xet, unless the endpoint is huggingface.co itself.
+
+    With `hf_xet` installed, huggingface_hub sends every file the server marks "lfs" through Xet,
+    which only the Hugging Face Hub speaks; adapterzoo-registry (and other Hub-compatible servers)
+    speak Git LFS. The switch is huggingface_hub's own `HF_HUB_DISABLE_XET`, read at call time;
+    it is restored afterwards.
+    """
+    from huggingface_hub import constants
+
+    host = (urlsplit(_where(endpoint)).hostname or "").lower()
+    if host == "huggingface.co" or host.endswith(".huggingface.co") or constants.HF_HUB_DISABLE_XET:
+        yield
+        return
+    constants.HF_HUB_DISABLE_XET = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DISABLE_XET = False
+
+
 # The files that make up a saved adapter, per format; a push sends these and the README it renders.
 FORMAT_FILES = {
     "native": (CONFIG_FILE, WEIGHTS_FILE),
@@ -323,10 +348,11 @@ def push_adapter_folder(
                        for p in files]
         card = render_model_card(repo_id, record).encode()
         operations.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=card))
-        return api.create_commit(
-            repo_id, operations, revision=branch,
-            commit_message=commit_message or f"Push {record['type']} adapter with adapterzoo",
-        )  # fmt: skip
+        with _lfs_unless_hugging_face(endpoint):
+            return api.create_commit(
+                repo_id, operations, revision=branch,
+                commit_message=commit_message or f"Push {record['type']} adapter with adapterzoo",
+            )  # fmt: skip
     except Exception as exc:  # noqa: BLE001
         raise hub_error(exc, "push to", repo_id, endpoint, branch) from exc
 

@@ -883,6 +883,11 @@ async def lfs_verify(request: Request) -> JSONResponse:
 
 
 def xet_not_supported(request: Request) -> JSONResponse:
+    # The client shows only "501 ... xet-write-token", so the operator's log says what to do too.
+    logger.warning(
+        "A client tried to upload through Xet (%s); this registry speaks Git LFS: the client needs"
+        " HF_HUB_DISABLE_XET=1 (adapterzoo push sets it itself).", request.url.path,
+    )  # fmt: skip
     raise NotImplementedRoute(
         "This registry stores large files with Git LFS, not Xet. Set HF_HUB_DISABLE_XET=1 where huggingface_hub"
         " runs (or uninstall hf_xet) and retry: the client then uploads through LFS."

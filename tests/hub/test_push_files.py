@@ -65,3 +65,22 @@ def test_a_symlink_inside_the_folder_is_fine(registry, alice: HfApi, unique: str
     repo_id = f"alice/inner-link-{unique}"
     push_adapter_folder(saved_adapter, repo_id, token=ALICE_TOKEN, endpoint=registry.url)
     assert weights.name in alice.list_repo_files(repo_id)
+
+
+def test_push_of_a_big_adapter_goes_through_lfs_even_with_xet_installed(
+    start_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With hf_xet on, the plain client would send big files through Xet, which the registry does not speak."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    server = start_server(extra_args=("--lfs-threshold-bytes", "4096"))
+    zoo = tiny_zoo("llama")
+    zoo.add_adapter("a", "lora", r=8)
+    folder = zoo.save_adapter("a", tmp_path / "big", format="native")
+    weights = max(folder.iterdir(), key=lambda path: path.stat().st_size)
+    assert weights.stat().st_size > 4096
+    push_adapter_folder(folder, "alice/big-lora", token=ALICE_TOKEN, endpoint=server.url)
+    assert constants.HF_HUB_DISABLE_XET is False  # restored
+    sizes = {sibling.rfilename: sibling for sibling in server.api(ALICE_TOKEN).model_info("alice/big-lora").siblings}
+    assert sizes[weights.name].lfs is not None and sizes[weights.name].size == weights.stat().st_size
