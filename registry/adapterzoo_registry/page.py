@@ -14,8 +14,9 @@ forms, never put in a URL (where it would land in logs and history) or in a cook
 from __future__ import annotations
 
 from html import escape
+from itertools import islice
 from typing import Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlencode
 
 from markdown_it import MarkdownIt
 from starlette.concurrency import run_in_threadpool
@@ -27,38 +28,49 @@ from .cards import CardReader, ModelCard
 from .storage import DEFAULT_BRANCH, RegistryError, RepoId, RepoNotFound
 
 MAX_FORM_BYTES = 8 * 1024
-PAGE_REPOS = 200
+PAGE_REPOS = 100
 PAGE_COMMITS = 20
 _MARKDOWN = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; base-uri 'none'"
 
 
 async def index(request: Request) -> HTMLResponse:
-    """The repos this caller may see, with their type, base fingerprint and tags."""
+    """The repos this caller may see (searchable, 100 a page), with type, base fingerprint and tags."""
     registry = request.app.state.registry
-    token, principal, problem = await _caller(request)
+    fields = await _form_fields(request)
+    token, principal, problem = _caller(request, fields)
+    search = fields.get("q", request.query_params.get("q", "")).strip()
+    page_text = fields.get("page", request.query_params.get("page", "1"))
+    page = int(page_text) if page_text.isdigit() and int(page_text) > 0 else 1
 
-    def rows() -> list[str]:
+    def rows() -> tuple[list[str], bool]:
+        visible = (
+            summary
+            for summary in registry.store.summaries()
+            if registry.can_see(principal, summary) and search.lower() in str(summary.repo).lower()
+        )
+        window = list(islice(visible, (page - 1) * PAGE_REPOS, page * PAGE_REPOS + 1))
         shown = []
-        for summary in registry.store.summaries():
-            if not registry.can_see(principal, summary):
-                continue
+        for summary in window[:PAGE_REPOS]:
             card = registry.cards.card(summary.repo, registry.store.read_commit(summary.repo, summary.head))
             shown.append(_repo_row(str(summary.repo), summary.meta.private, card, summary.last_modified, token))
-            if len(shown) == PAGE_REPOS:
-                break
-        return shown
+        return shown, len(window) > PAGE_REPOS
 
-    shown = await run_in_threadpool(rows)
+    shown, more = await run_in_threadpool(rows)
+    pages = [
+        _page_link("← previous", token, search, page - 1) if page > 1 else "",
+        _page_link("next →", token, search, page + 1) if more else "",
+    ]
     body = [
         "<h1>adapterzoo registry</h1>",
-        _token_box("/", token, problem),
-        f"<p class=muted>{len(shown)} repo{'s' if len(shown) != 1 else ''} visible"
-        f"{' with this token' if token else ' without a token'}.</p>",
+        _token_box("/", token, problem, search),
+        f"<p class=muted>Page {page}: {len(shown)} repo{'s' if len(shown) != 1 else ''}"
+        f"{' matching ' + repr(search) if search else ''}, visible {'with this token' if token else 'without a token'}.</p>",
         "<table class=repos><thead><tr><th>repo</th><th>adapter type</th><th>base fingerprint</th><th>tags</th>"
         "<th>updated</th></tr></thead><tbody>",
         *shown,
         "</tbody></table>" if shown else "</tbody></table><p>No repos to show.</p>",
+        f"<p class=pages>{' '.join(pages)}</p>",
     ]
     return _html("adapterzoo registry", body)
 
@@ -66,7 +78,7 @@ async def index(request: Request) -> HTMLResponse:
 async def repo_page(request: Request) -> HTMLResponse:
     """One repo: its rendered card, adapter type, base fingerprint, files, branches, tags and commits."""
     registry = request.app.state.registry
-    token, principal, problem = await _caller(request)
+    token, principal, problem = _caller(request, await _form_fields(request))
     try:
         repo = RepoId.parse(request.path_params["namespace"], request.path_params["name"])
         detail = await run_in_threadpool(_repo_detail, registry, principal, repo)
@@ -138,23 +150,39 @@ def _repo_detail(registry: Any, principal: Principal, repo: RepoId):
 # --------------------------------------------------------------------------- pieces
 
 
-async def _caller(request: Request) -> tuple[str | None, Principal, str | None]:
-    """The token typed in the box (POST) or sent as a header, the caller it names, and any problem."""
+async def _form_fields(request: Request) -> dict[str, str]:
+    """The fields of a POSTed form (the token box and the links that carry the token); {} for a GET."""
+    if request.method != "POST":
+        return {}
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_FORM_BYTES:
+            break
+    form = parse_qs(raw[:MAX_FORM_BYTES].decode(errors="replace"))
+    return {name: values[0] for name, values in form.items() if values}
+
+
+def _caller(request: Request, fields: dict[str, str]) -> tuple[str | None, Principal, str | None]:
+    """The token typed in the box (or carried by a form), the caller it names, and any problem."""
     registry = request.app.state.registry
-    token = None
-    if request.method == "POST":
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_FORM_BYTES:
-                break
-        token = (parse_qs(raw[:MAX_FORM_BYTES].decode(errors="replace")).get("token") or [""])[0].strip() or None
+    token = fields.get("token", "").strip() or None
     try:
         if token is not None:
             return token, registry.tokens.authenticate(f"Bearer {token}"), None
         return None, registry.principal(request), None
     except Unauthorized:
         return None, registry.tokens.authenticate(None), "That token is not valid here."
+
+
+def _page_link(label: str, token: str | None, search: str, page: int) -> str:
+    if token is None:
+        return f"<a href='/?{escape(urlencode({'q': search, 'page': page}))}'>{escape(label)}</a>"
+    return (
+        "<form method=post action='/' class=inline>"
+        f"<input type=hidden name=token value='{escape(token)}'><input type=hidden name=q value='{escape(search)}'>"
+        f"<input type=hidden name=page value='{page}'><button type=submit class=link>{escape(label)}</button></form>"
+    )
 
 
 def _repo_row(repo_id: str, private: bool, card: ModelCard, updated: str, token: str | None) -> str:
@@ -188,13 +216,19 @@ def _nav(token: str | None) -> str:
     )
 
 
-def _token_box(action: str, token: str | None, problem: str | None) -> str:
+def _token_box(action: str, token: str | None, problem: str | None, search: str | None = None) -> str:
     note = f"<p class=warning>{escape(problem)}</p>" if problem else ""
     state = "Showing what this token may read." if token else "Private repos need a token."
+    search_box = (
+        f"<label>Search <input type=search name=q value='{escape(search)}' placeholder='name'></label> "
+        if search is not None
+        else ""
+    )
     return (
-        f"<form method=post action='{escape(action)}' class=token>{note}"
-        f"<label>Token <input type=password name=token autocomplete=off placeholder='hf_...'></label> "
-        f"<button type=submit>Show my repos</button> <span class=muted>{state}</span></form>"
+        f"<form method=post action='{escape(action)}' class=token>{note}{search_box}"
+        f"<label>Token <input type=password name=token autocomplete=off placeholder='hf_...'"
+        f" value='{escape(token or '')}'></label> "
+        f"<button type=submit>Show</button> <span class=muted>{state}</span></form>"
     )
 
 

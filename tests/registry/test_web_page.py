@@ -131,3 +131,23 @@ def test_a_wrong_token_is_said_plainly(browser, published) -> None:
     page.click("form.token button[type=submit]")
     assert "not valid" in page.locator("form.token").inner_text()
     assert "secret-adapter" not in page.content()
+
+
+def test_the_page_searches_and_pages_through_many_repos(browser, start_server) -> None:
+    server = start_server()
+    alice = server.api(ALICE_TOKEN)
+    for index in range(105):
+        alice.create_repo(f"alice/many-{index:03d}", private=index == 104)
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    assert page.locator("table.repos tbody tr").count() == 100
+    page.click("p.pages a:has-text('next')")
+    assert page.locator("table.repos tbody tr").count() == 4  # the private one is not shown
+    page.fill("input[name=q]", "many-10")
+    page.fill("input[name=token]", ALICE_TOKEN)
+    page.click("form.token button[type=submit]")
+    names = page.locator("table.repos").inner_text()
+    assert page.locator("table.repos tbody tr").count() == 5 and "alice/many-104" in names
+    page.fill("input[name=q]", "many-104")
+    page.click("form.token button[type=submit]")  # the token stays in its box
+    assert page.locator("table.repos tbody tr").count() == 1
