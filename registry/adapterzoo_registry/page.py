@@ -61,11 +61,12 @@ async def index(request: Request) -> HTMLResponse:
         _page_link("← previous", token, search, page - 1) if page > 1 else "",
         _page_link("next →", token, search, page + 1) if more else "",
     ]
+    matching = f" matching &ldquo;{escape(search)}&rdquo;" if search else ""
     body = [
         "<h1>adapterzoo registry</h1>",
         _token_box("/", token, problem, search),
-        f"<p class=muted>Page {page}: {len(shown)} repo{'s' if len(shown) != 1 else ''}"
-        f"{' matching ' + repr(search) if search else ''}, visible {'with this token' if token else 'without a token'}.</p>",
+        f"<p class=muted>Page {page}: {len(shown)} repo{'s' if len(shown) != 1 else ''}{matching},"
+        f" visible {'with this token' if token else 'without a token'}.</p>",
         "<table class=repos><thead><tr><th>repo</th><th>adapter type</th><th>base fingerprint</th><th>tags</th>"
         "<th>updated</th></tr></thead><tbody>",
         *shown,

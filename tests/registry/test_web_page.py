@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from playwright.sync_api import sync_playwright
@@ -151,3 +152,5 @@ def test_the_page_searches_and_pages_through_many_repos(browser, start_server) -
     page.fill("input[name=q]", "many-104")
     page.click("form.token button[type=submit]")  # the token stays in its box
     assert page.locator("table.repos tbody tr").count() == 1
+    page.goto(server.url + "/?q=" + quote("<b id=injected>x</b>"))
+    assert page.locator("#injected").count() == 0 and "<b id=injected>" in page.locator("p.muted").inner_text()
