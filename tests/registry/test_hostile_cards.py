@@ -116,7 +116,7 @@ def test_card_parsing_runs_off_the_event_loop(tmp_path, monkeypatch) -> None:
 
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps(TOKENS))
-    monkeypatch.setattr(app_module, "parse_front_matter", lambda text: time.sleep(3) or {})
+    monkeypatch.setattr(app_module, "parse_front_matter", lambda text: time.sleep(5) or {})
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(tmp_path / "root", tokens_file=tokens), port=port, log_level="critical")
@@ -136,7 +136,7 @@ def test_card_parsing_runs_off_the_event_loop(tmp_path, monkeypatch) -> None:
         time.sleep(0.3)
         started = time.monotonic()
         assert httpx.get(f"{url}/api/whoami-v2", headers=AUTH, timeout=30).status_code == 200
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 3  # the parse holds its thread for 5 s
         slow.join()
     finally:
         server.should_exit = True
