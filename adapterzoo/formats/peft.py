@@ -89,7 +89,8 @@ def write(zoo: "Zoo", adapter: "Adapter", folder: Path, *, metadata: dict | None
     }
     if peft_config["peft_type"] not in PROMPT_LEARNING:
         state = {KEY_PREFIX + k: v for k, v in state.items()}
-    _common.write_pair(folder, CONFIG_FILE, peft_config, WEIGHTS_FILE, state, _common.adapterzoo_metadata(zoo, adapter, metadata))
+    _common.write_pair(folder, CONFIG_FILE, peft_config, WEIGHTS_FILE, state,
+                       _common.adapterzoo_metadata(zoo, adapter, metadata))
     return folder
 
 

@@ -122,7 +122,8 @@ class LoraConfig(AdapterConfig):
                 "regex, name the layers in the regex itself, e.g. r'.*\\.layers\\.(0|1)\\.self_attn\\.q_proj'")
         self.layers_pattern = _names(self.layers_pattern)
         pattern = self.layers_pattern
-        require(pattern is None or isinstance(pattern, str) or (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)),
+        require(pattern is None or isinstance(pattern, str)
+                or (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)),
                 f"layers_pattern must be a name or a list of names (e.g. 'layers'), got {pattern!r}")
         require(not pattern or layers not in (None, []),
                 "layers_pattern needs layers_to_transform (as in PEFT): say which layers of that module list to adapt")
@@ -147,10 +148,9 @@ class LoraConfig(AdapterConfig):
             self.trainable_token_indices = tokens = {k: list(v) if isinstance(v, (list, tuple)) else v
                                                      for k, v in tokens.items()} or None
         lists = [] if tokens is None else [tokens] if isinstance(tokens, list) else list(tokens.values())
-        require(tokens is None or (isinstance(tokens, (list, dict)) and all(isinstance(k, str) for k in (
-                    tokens if isinstance(tokens, dict) else [])) and all(
-                    isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
-                    for v in lists)),
+        keys = tokens if isinstance(tokens, dict) else []
+        require(tokens is None or (isinstance(tokens, (list, dict)) and all(isinstance(k, str) for k in keys)
+                                   and all(isinstance(v, list) and v and all(_is_index(i) for i in v) for v in lists)),
                 "trainable_token_indices must be a list of token ids, or a dict of embedding layer name -> list of "
                 f"token ids, got {tokens!r}")
         require(all(len(set(v)) == len(v) for v in lists),
@@ -194,6 +194,10 @@ class LoraConfig(AdapterConfig):
     def in_saved(self, path: str) -> bool:
         """PEFT never puts a LoRA on a module to save or inside one."""
         return any(re.match(rf"(^|.*\.){name}($|\..*)", path) for name in self.modules_to_save or ())
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_regex(pattern: str, what: str) -> None:

@@ -67,7 +67,8 @@ SAVED_KEY = re.compile(r"(?P<site>.+)\.weight")
 KEY = re.compile(r"(?P<site>.+?)\.(?:lora_(?P<lora>A|B)\.weight|(?P<lora_bias>lora_B\.bias)|(?:base_layer\.)?bias)")
 
 
-def from_peft(model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def from_peft(model, peft_config: dict[str, Any],
+              state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from .lora import LoraConfig, token_sites
 
     what = "PEFT LoRA adapter"
@@ -111,18 +112,22 @@ def from_peft(model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]
             continue
         match = KEY.fullmatch(key)
         if match is None:
-            kind = "LoRA on an embedding layer" if "lora_embedding_" in key else "not a LoRA A or B weight of a linear layer"
-            raise UnsupportedFormatError(f"{what}: weight {key!r} is {kind}, which adapterzoo's lora type does not support")
+            kind = ("LoRA on an embedding layer" if "lora_embedding_" in key
+                    else "not a LoRA A or B weight of a linear layer")
+            raise UnsupportedFormatError(
+                f"{what}: weight {key!r} is {kind}, which adapterzoo's lora type does not support")
         site = match.group("site")
         if match.group("lora"):
-            flat[f"{site}.{match.group('lora')}"] = _padded_site(transposed(tensor), match.group("lora"), site, ours, key)
+            name = match.group("lora")
+            flat[f"{site}.{name}"] = _padded_site(transposed(tensor), name, site, ours, key)
         elif match.group("lora_bias"):
             flat[f"{site}.lora_bias"] = tensor * ours.site_factor(site)
         else:
             base = getattr(modules.get(site), "bias", None)
             if base is None or tuple(base.shape) != tuple(tensor.shape):
                 raise ShapeMismatchError(
-                    f"{what}: weight {key!r} is a trained bias of shape {tuple(tensor.shape)}, but this base's {site!r} "
+                    f"{what}: weight {key!r} is a trained bias of shape {tuple(tensor.shape)}, but this base's "
+                    f"{site!r} "
                     f"has {'no bias' if base is None else f'a bias of shape {tuple(base.shape)}'}; "
                     "the adapter was made for another base"
                 )

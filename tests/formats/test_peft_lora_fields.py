@@ -3,7 +3,8 @@
 rank_pattern and alpha_pattern (per-site rank and alpha), layers_to_transform / layers_pattern /
 exclude_modules (which modules are sites), bias="lora_only" / "all" and lora_bias (trained
 biases), modules_to_save (replaced heads, norms, embeddings) and trainable_token_indices
-(replaced embedding rows): made and saved by PEFT (with every trained tensor randomised), loaded here, compared with PeftModel.from_pretrained to 1e-4,
+(replaced embedding rows): made and saved by PEFT (with every trained tensor randomised), loaded
+here, compared with PeftModel.from_pretrained to 1e-4,
 alone and mixed in one padded batch; written back with save_adapter(format="peft") and run by
 PEFT again.
 """
@@ -29,7 +30,8 @@ CASES = {
     "rank-and-alpha-pattern": {
         "r": 4, "lora_alpha": 8,
         "rank_pattern": {"llama": {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
-                         "gpt2": {r"h\.0\.attn\.c_attn": 2}, "bert": {"value": 6, r"layer\.0\.attention\.self\.query": 1}},
+                         "gpt2": {r"h\.0\.attn\.c_attn": 2},
+                         "bert": {"value": 6, r"layer\.0\.attention\.self\.query": 1}},
         "alpha_pattern": {"llama": {"q_proj": 3}, "gpt2": {r"h\.1\.attn\.c_attn": 20}, "bert": {"query": 5}},
     },
     "rank-pattern-rslora-all-linear": {
@@ -211,8 +213,8 @@ def test_new_adapter_with_per_site_ranks_and_biases_saves_for_peft_and_natively(
     zoo.load_adapter("n", tmp_path / "native")
     assert zoo.adapters["n"].config == zoo.adapters["a"].config
     with torch.no_grad():
-        torch.testing.assert_close(output(zoo(ids, adapters=["n", None])), torch.stack([ours[0], output(zoo(ids[1:]))[0]]),
-                                   atol=0, rtol=0)
+        expected = torch.stack([ours[0], output(zoo(ids[1:]))[0]])
+        torch.testing.assert_close(output(zoo(ids, adapters=["n", None])), expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -261,17 +263,17 @@ def test_new_adapter_with_replaced_modules_and_token_rows_runs_the_same_in_peft(
                     init_lora_weights=False, trainable=False)
     adapter = zoo.get_adapter("a")
     g = torch.Generator().manual_seed(1)
+    embedding = next(site for site, ts in adapter.tensors.items() if "token_delta" in ts)
     with torch.no_grad():
         for ts in adapter.tensors.values():
             for key, t in ts.items():
                 if key in ("weight_delta", "norm_weight", "bias"):
                     t.add_(torch.randn(t.shape, generator=g) * 0.3)
-                elif key in ("token_delta", "tied_weight_delta"):  # only the listed rows
-                    rows = torch.randn(3, t.shape[1] if key == "token_delta" else t.shape[0], generator=g)
-                    if key == "token_delta":
-                        t[[4, 8, 15]] = rows
-    if "lm_head" in adapter.tensors and "tied_weight_delta" in adapter.tensors["lm_head"]:
-        adapter.tensors["lm_head"]["tied_weight_delta"].copy_(adapter.tensors["transformer.wte"]["token_delta"].T)
+        rows = adapter.tensors[embedding]["token_delta"]
+        rows[[4, 8, 15]] = torch.randn(3, rows.shape[1], generator=g)  # only the listed rows
+        for ts in adapter.tensors.values():
+            if "tied_weight_delta" in ts:  # GPT-2's head is tied to wte: the same rows
+                ts["tied_weight_delta"].copy_(rows.T)
     adapter.mark_edited()
     ids = torch.tensor([[4, 5, 8, 9, 15, 16, 3]])
     with torch.no_grad():
@@ -383,3 +385,20 @@ def test_peft_bias_for_another_base_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ShapeMismatchError, match="has no bias"):
         zoo.load_adapter("a", folder)
     assert zoo.adapters == {}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mixed_generation_with_replaced_heads_embeddings_and_rows_equals_each_row_alone(tmp_path: Path,
+                                                                                       family: str) -> None:
+    """Decoding (one token per row, KV cache) reads the replaced lm_head, embedding and token rows per row too."""
+    zoo = tiny_zoo(family)
+    for i, name in enumerate(["modules-to-save-head-and-norms", "modules-to-save-embedding", "trainable-tokens",
+                              "bias-all"]):
+        zoo.load_adapter(name, make_peft_adapter(tmp_path / name, family, "lora", seed=i, **case(family, name)))
+    rows = ["modules-to-save-head-and-norms", None, "modules-to-save-embedding", "trainable-tokens", "bias-all"]
+    prompts = ["abc", "hello", "xyz q", "tokens", "b"]
+    with torch.no_grad():
+        mixed = zoo.generate(prompts, adapters=rows, max_new_tokens=6)
+        alone = [zoo.generate([p], adapters=[name], max_new_tokens=6)[0] for p, name in zip(prompts, rows)]
+    assert mixed == alone
+    assert len(set(mixed)) > 1
