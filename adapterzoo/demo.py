@@ -39,7 +39,7 @@ def run_demo(base: str = "smollm2", max_new_tokens: int = 16) -> int:
     checksum = base_state_checksum(zoo.model)
     names: list[str | None] = []
     for i, type_name in enumerate(sorted(plugins.adapter_types())):
-        extra = {"num_virtual_tokens": 8} if zoo.adapter_type(type_name).kind != "delta" else {}
+        extra = {"num_virtual_tokens": 8} if zoo.adapter_type(type_name).facts.virtual_tokens else {}
         zoo.add_adapter(f"demo-{type_name}", type_name, seed=i, trainable=False, **extra)
         _nudge(zoo, f"demo-{type_name}", seed=i, scale=0.5)
         names.append(f"demo-{type_name}")

@@ -585,7 +585,7 @@ def _bucket(adapter: "Adapter") -> int:
     """Rows that share a forward: a soft prompt widens every row of its batch by its length (the
     batch's prompt width), so prompt adapters of each length get their own forward and the others
     are not padded for them. Prefixes only add attention columns, which cost little."""
-    return adapter.length() if adapter.atype.kind == "prompt" else 0
+    return adapter.prompt_length()
 
 
 def _train_step(zoo: "Zoo", active: list[_Job], batch_size: int, grad_accum: int,

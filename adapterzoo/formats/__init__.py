@@ -13,7 +13,7 @@ in a foreign format is the type's own business, in optional methods on its class
 
         adapterhub_architectures = ("bottleneck",)            # AdapterHub `architecture`s it reads
         def from_adapterhub(self, model, config, state): ...
-        def to_adapterhub(self, model, config, state): ...
+        def to_adapterhub(self, model, config, state, name): ...  # name: the adapter's, in every key
 
 See docs/formats.md for the exact contract and plugins/adapterzoo_lora/peft.py for an example.
 """
