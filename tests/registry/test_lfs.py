@@ -8,6 +8,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -206,3 +207,39 @@ def test_xet_clients_are_told_how_to_switch_to_lfs(lfs_server) -> None:
     api.create_repo("alice/xet")
     reply = httpx.get(f"{lfs_server.url}/api/models/alice/xet/xet-write-token/main", headers=AUTH)
     assert reply.status_code == 501 and "HF_HUB_DISABLE_XET=1" in reply.json()["error"]
+
+
+def test_a_server_killed_mid_upload_keeps_nothing_of_it(start_server) -> None:
+    server = start_server(extra_args=("--lfs-threshold-bytes", str(THRESHOLD)))
+    api = server.api(ALICE_TOKEN)
+    api.create_repo("alice/killed")
+    data = os.urandom(64 * THRESHOLD)
+    href = batch(server, "alice/killed", data)["actions"]["upload"]["href"]
+
+    def slow_body():
+        yield data[: len(data) // 2]
+        time.sleep(30)  # the server dies while waiting for the rest
+        yield data[len(data) // 2 :]
+
+    uploader = threading.Thread(
+        target=lambda: _ignore_errors(httpx.put, href, content=slow_body(), headers={"content-length": str(len(data))}),
+        daemon=True,
+    )
+    uploader.start()
+    deadline = time.monotonic() + 20
+    while not any((server.root / "tmp").glob("*.lfs")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any((server.root / "tmp").glob("*.lfs")), "the upload never started"
+    server.kill()
+    restarted = start_server(server.root)
+    assert list((restarted.root / "tmp").iterdir()) == []
+    assert not (restarted.root / "models" / "alice" / "killed" / "blobs" / hashlib.sha256(data).hexdigest()).exists()
+    fresh = batch(restarted, "alice/killed", data)
+    assert "upload" in fresh["actions"]  # asked for again, whole
+
+
+def _ignore_errors(call, *args, **kwargs) -> None:
+    try:
+        call(*args, **kwargs)
+    except httpx.HTTPError:
+        pass
