@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import errno
 import json
+import socket
 import threading
 import time
 
@@ -164,18 +165,36 @@ def test_after_a_500_the_next_request_on_the_same_connection_is_answered(tmp_pat
 
     app.router.routes.insert(0, Route("/api/broken", broken))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", timeout_graceful_shutdown=1)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 10
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.02)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-            for _ in range(3):
-                failed = client.get("/api/broken")
-                assert failed.status_code == 500 and failed.json() == {"error": "Internal server error."}
-                assert client.get("/api/models").status_code == 200  # same pooled connection
+        # One raw socket, so the test sees whether the server closed it (a client pool would
+        # quietly reconnect, or, when it had already sent the next request, see a reset).
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            reader = connection.makefile("rb")
+            for path, status in [
+                ("/api/broken", 500),
+                ("/api/models", 200),
+                ("/api/broken", 500),
+                ("/api/models", 200),
+            ]:
+                connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                status_line = reader.readline()
+                assert status_line.startswith(f"HTTP/1.1 {status}".encode()), status_line
+                headers = {}
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                assert headers.get("connection") != "close"
+                body = reader.read(int(headers["content-length"]))
+                if status == 500:
+                    assert json.loads(body) == {"error": "Internal server error."}
     finally:
         server.should_exit = True
         thread.join(timeout=10)
