@@ -20,6 +20,13 @@ Reports medians over rounds; writes benchmarks/results/serve.{json,png}.
 
     python benchmarks/serve.py [--requests 48] [--adapters 100] [--max-tokens 16] [--batch 16] [--rounds 3] [--threads 1]
 
+Two more scenarios, each against the HTTP server (in-process uvicorn), rounds interleaved:
+
+    python benchmarks/serve.py --scenario mixed-types --adapters 320 --clients 16 --max-tokens 16 [--per-type]
+        all six adapter types (Zipf over --adapters) vs base-only; writes results/serve_mixed_types.json
+    python benchmarks/serve.py --scenario fairness --batch 32 --max-tokens 16
+        a 4-token request idle vs during another tenant's 256-prompt flood; writes results/serve_fairness.json
+
 Medians over interleaved rounds; the numbers in README.md were taken on a quiet machine.
 """
 
@@ -172,9 +179,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for every system (1 is steadier on a CPU shared with other jobs)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--scenario", choices=["throughput", "mixed-types", "fairness"], default="throughput",
+                    help="throughput: engine vs HF/PEFT (above); mixed-types: all six types vs base-only over HTTP; "
+                         "fairness: a 4-token request during another tenant's 256-prompt flood")
+    ap.add_argument("--clients", type=int, default=16, help="mixed-types: closed-loop HTTP clients")
+    ap.add_argument("--per-client", type=int, default=2, help="mixed-types: requests per client per round")
+    ap.add_argument("--per-type", action="store_true", help="mixed-types: also each type alone")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.scenario != "throughput":
+        command = "python benchmarks/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with torch.inference_mode():
+            result = mixed_types(args) if args.scenario == "mixed-types" else fairness(args)
+        payload = {"config": vars(args), "machine": machine(), "result": result, "command": command}
+        print(f"wrote {save_json(f'serve_{args.scenario.replace(chr(45), chr(95))}', payload)}")
+        return payload
 
     t_build = time.perf_counter()
     zoo, peft, hf_base = build(args.adapters)
@@ -258,6 +278,156 @@ def plot(summary: dict, path: Path, args) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- scenario: mixed types
+
+
+def _running_app():
+    """The tests' in-process uvicorn helper (a server in a thread, stopped on exit)."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.append(root)
+    from tests.serve.conftest import running_app
+
+    return running_app
+
+
+def build_mixed(adapters: int) -> tuple[Zoo, dict[str, list[str]]]:
+    """SmolLM2 with `adapters` adapters, the six types in turn (the mixed-batch benchmark's
+    configs: LoRA r=8 on q,v; Houlsby bottleneck 32; prefix and soft prompt of 16 tokens)."""
+    from mixed_batch import TYPES
+
+    zoo = Zoo.from_pretrained("smollm2", device="cpu", dtype=torch.float32, slots=16)
+    by_type: dict[str, list[str]] = {t: [] for t in TYPES}
+    types = list(TYPES)
+    for i in range(adapters):
+        t = types[i % len(types)]
+        name = f"{t}-{i}"
+        zoo.add_adapter(name, t, seed=i, trainable=False, **TYPES[t])
+        by_type[t].append(name)
+    return zoo, by_type
+
+
+def closed_loop(url: str, names: list[str | None], clients: int, per_client: int, max_tokens: int, seed: int) -> dict:
+    """`clients` HTTP clients, each sending `per_client` requests one after another (a closed
+    loop, as users do), adapters drawn Zipf-popular from `names`. Tokens/s over the wall time."""
+    import threading
+
+    import httpx
+
+    rng = random.Random(seed)
+    weights = [1 / (k + 1) ** 1.1 for k in range(len(names))]
+    plans = [[(rng.choice(PROMPTS), rng.choices(names, weights)[0]) for _ in range(per_client)] for _ in range(clients)]
+    tokens: list[int] = []
+    errors: list[str] = []
+
+    def client(plan):
+        with httpx.Client(base_url=url, timeout=600) as http:
+            for prompt, name in plan:
+                r = http.post("/v1/completions", json={"model": name or "smollm2", "prompt": prompt, "temperature": 0,
+                                                       "max_tokens": max_tokens, "ignore_eos": True})
+                if r.status_code != 200:
+                    errors.append(r.text)
+                    continue
+                tokens.append(r.json()["usage"]["completion_tokens"])
+
+    threads = [threading.Thread(target=client, args=(plan,)) for plan in plans]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return {"wall": wall, "tokens": sum(tokens), "tokens_per_s": sum(tokens) / wall}
+
+
+def mixed_types(args) -> dict:
+    """Mixed-type serving vs base-only over HTTP (the issue's workload, scaled to --adapters):
+    Zipf over adapters of all six types, `--clients` closed-loop clients, `--max-tokens` each.
+    With --per-type, each type alone too. Systems interleaved round by round."""
+    from adapterzoo.serve.http import build_server
+    from adapterzoo.serve.tenants import Tenants
+
+    running_app = _running_app()
+
+    zoo, by_type = build_mixed(args.adapters)
+    everything = [n for names in by_type.values() for n in names]
+    server = build_server(zoo, base_name="smollm2", tenants=Tenants.open(), max_batch=args.batch, max_queue=256)
+    systems: dict[str, list[str | None]] = {"mixed types": everything, "base only": [None]}
+    if args.per_type:
+        systems.update({t: names for t, names in by_type.items()})
+    runs: dict[str, list[dict]] = {name: [] for name in systems}
+    with running_app(server) as url:
+        closed_loop(url, everything, args.clients, 1, 2, seed=99)  # warm-up: pools, hooks
+        for r in range(args.rounds):
+            for name, names in systems.items():
+                runs[name].append(closed_loop(url, names, args.clients, args.per_client, args.max_tokens, seed=r))
+                print(f"  round {r + 1} {name:12} {runs[name][-1]['tokens_per_s']:7.1f} tok/s", flush=True)
+    summary = {name: statistics.median(x["tokens_per_s"] for x in rs) for name, rs in runs.items()}
+    base = summary["base only"]
+    print(f"\n{'system':14} {'tok/s':>8} {'x base':>7}   (median of {args.rounds} interleaved rounds)")
+    for name, tps in summary.items():
+        print(f"{name:14} {tps:8.1f} {tps / base:7.2f}")
+    return {"tokens_per_s": summary, "mixed_over_base": summary["mixed types"] / base}
+
+
+# ----------------------------------------------------------------------------- scenario: fairness
+
+
+def fairness(args) -> dict:
+    """One tenant floods (256-prompt requests back to back); another sends 4-token requests.
+    Their latency against the same request on an idle server, rounds interleaved (idle, flooded)."""
+    import threading
+
+    import httpx
+
+    from adapterzoo.serve.http import build_server
+    from adapterzoo.serve.tenants import Tenants
+
+    running_app = _running_app()
+
+    zoo = Zoo.from_pretrained("smollm2", device="cpu", dtype=torch.float32, slots=16)
+    tenants = Tenants.from_dict({"tenants": {"flood": {"keys": ["k-flood"]}, "small": {"keys": ["k-small"]}}})
+    server = build_server(zoo, base_name="smollm2", tenants=tenants, max_batch=args.batch, max_queue=1024)
+    body = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True}
+    flood_body = {"model": "smollm2", "prompt": PROMPTS * (256 // len(PROMPTS)) + PROMPTS[:256 % len(PROMPTS)],
+                  "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+
+    def small(http) -> float:
+        t0 = time.perf_counter()
+        r = http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-small"})
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - t0
+
+    idle, flooded = [], []
+    with running_app(server) as url, httpx.Client(base_url=url, timeout=600) as http:
+        small(http)  # warm-up
+        for r in range(args.rounds):
+            idle.append(small(http))
+            stop = threading.Event()
+
+            def flood():
+                with httpx.Client(base_url=url, timeout=600) as f:
+                    while not stop.is_set():
+                        f.post("/v1/completions", json=flood_body, headers={"Authorization": "Bearer k-flood"})
+
+            flooder = threading.Thread(target=flood)
+            flooder.start()
+            while server.engine.stats()["running"] < args.batch // 2:
+                time.sleep(0.01)
+            flooded.append(small(http))
+            stop.set()
+            flooder.join()
+            print(f"  round {r + 1}: 4-token request idle {idle[-1]:.2f}s, during the flood {flooded[-1]:.2f}s", flush=True)
+    result = {"idle_s": statistics.median(idle), "flooded_s": statistics.median(flooded)}
+    result["ratio"] = result["flooded_s"] / result["idle_s"]
+    print(f"\n4-token request: idle {result['idle_s']:.2f}s, during a 256-prompt flood {result['flooded_s']:.2f}s "
+          f"({result['ratio']:.2f}x; aim < 2x)")
+    return result
 
 
 if __name__ == "__main__":

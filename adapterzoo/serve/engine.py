@@ -1013,8 +1013,11 @@ class Engine:
     def _choose(self, rows: list[Request], logits: torch.Tensor) -> list[int | None]:
         """One token per row; None for a row that failed (NaN or inf logits, sampling raised),
         which is finished with its error here: it never takes the other rows down."""
-        finite = torch.isfinite(logits).all(-1).tolist()
-        greedy = logits.argmax(-1).tolist()
+        # one pass gives both: a row's max is NaN if any score is NaN (max propagates it), +inf if
+        # any is +inf, -inf if all are; -inf scores alone (masked tokens) are fine
+        best, greedy_ids = logits.max(-1)
+        finite = torch.isfinite(best).tolist()
+        greedy = greedy_ids.tolist()
         out: list[int | None] = []
         for i, r in enumerate(rows):
             try:
