@@ -79,7 +79,8 @@ def run_serve(base: str, host: str, port: int, adapters_dir: Path | None, keys_f
             import ray as _ray  # noqa: F401
             from ray import serve as _serve  # noqa: F401
         except ImportError:
-            raise click.ClickException("--ray needs Ray Serve, which is not installed: pip install 'adapterzoo[ray]'") from None
+            raise click.ClickException(
+                "--ray needs Ray Serve, which is not installed: pip install 'adapterzoo[ray]'") from None
         from .ray import run_ray
 
         run_ray(options, host=host, port=port, replicas=replicas)

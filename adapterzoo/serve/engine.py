@@ -115,7 +115,8 @@ class SamplingParams:
         if self.top_k < 0:
             raise BatchError(f"top_k must be >= 0, got {self.top_k!r}")
         if not (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= max(self.max_tokens, 0)):
-            raise BatchError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+            raise BatchError(
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and -2 <= value <= 2):
@@ -600,7 +601,8 @@ class Engine:
                                 max_tokens=max_tokens, chat_max_tokens=chat_max_tokens, sampling=sampling,
                                 tenant=tenant, loop=loop)[0]
 
-    def prompt_ids(self, prompt: str | Sequence[int] | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+    def prompt_ids(self, prompt: str | Sequence[int] | None = None,
+                   messages: list[dict[str, str]] | None = None) -> list[int]:
         """A prompt's token ids: text is tokenized, chat `messages` rendered with the template first."""
         if messages is not None:
             prompt = render_chat(self.tokenizer, messages)
@@ -1144,7 +1146,8 @@ def _request_error(req: Request, exc: BaseException, stage: str) -> RequestFaile
     return RequestFailedError(f"{what} failed during {stage} of this request: {detail}")
 
 
-def apply_penalties(scores: torch.Tensor, prompt: Sequence[int], output: Sequence[int], p: SamplingParams) -> torch.Tensor:
+def apply_penalties(scores: torch.Tensor, prompt: Sequence[int], output: Sequence[int],
+                    p: SamplingParams) -> torch.Tensor:
     """vLLM's penalties on one row's scores: repetition over prompt and output tokens (a positive
     score divided by it, a negative one multiplied), then frequency and presence over the output."""
     scores = scores.clone()

@@ -153,7 +153,8 @@ class Router(Resolver):
             for folder in folders:
                 for path in sorted(folder.iterdir()):
                     name = path.name
-                    if name.startswith(".") or name in self.tombstones or not _is_name(name) or not _is_adapter_folder(path):
+                    hidden_or_gone = name.startswith(".") or name in self.tombstones
+                    if hidden_or_gone or not _is_name(name) or not _is_adapter_folder(path):
                         continue
                     entry = self.catalog.get(name)
                     if entry is None:
@@ -367,8 +368,9 @@ class Router(Resolver):
             return
         with self._lock:
             excess = len(self.zoo.adapter_names()) + room - self.max_host
-            victims = [n for n in self._host_lru
-                       if self.zoo.find_adapter(n) is not None and n not in self._refs and n not in self._loading][:max(0, excess)]
+            idle = [n for n in self._host_lru
+                    if self.zoo.find_adapter(n) is not None and n not in self._refs and n not in self._loading]
+            victims = idle[:max(0, excess)]
         for name in victims:
             try:
                 if self._drop(name, delete=False) == "removed":  # another thread may have evicted it first
@@ -500,9 +502,9 @@ class Router(Resolver):
         where = ["a folder inside the adapters folder"] if self.adapters_dir is not None else []
         if self.registry_endpoint:
             where.append("a repo id (namespace/name) on the configured registry")
-        raise InvalidNameError(
-            f"source {source!r} is not allowed: use {' or '.join(where) or 'nothing (this server has no adapters folder and no registry)'}; "
-            "start the server with --adapters or --registry to allow more")
+        allowed = " or ".join(where) or "nothing (this server has no adapters folder and no registry)"
+        raise InvalidNameError(f"source {source!r} is not allowed: use {allowed}; start the server with --adapters "
+                               "or --registry to allow more")
 
     def describe(self, name: str) -> dict[str, Any]:
         entry = self.catalog[name]
