@@ -40,12 +40,12 @@ def decode_costs(cases: dict[str, tuple[str, dict]], *, rows: int = 64, distinct
     step = torch.randint(4, VOCAB, (rows, 1), generator=g)
     runs: dict[str, Callable[[], object]] = {}
     setups: dict[str, Callable[[], object]] = {}
-    for label, (type_name, config) in {"base": (None, {}), **cases}.items():
+    for case, (label, (type_name, config)) in enumerate({"base": (None, {}), **cases}.items()):
         names: list = [None] * rows
-        if type_name is not None:
+        if type_name is not None:  # adapter names are plain (labels may hold spaces)
             for i in range(distinct):
-                zoo.add_adapter(f"{label}-{i}", type_name, seed=i, trainable=False, **config)
-            names = [f"{label}-{i % distinct}" for i in range(rows)]
+                zoo.add_adapter(f"speed-{case}-{i}", type_name, seed=i, trainable=False, **config)
+            names = [f"speed-{case}-{i % distinct}" for i in range(rows)]
         with torch.inference_mode():
             plan = zoo.plan(names, training=False)
             cache = DynamicCache(config=zoo.model.config)
