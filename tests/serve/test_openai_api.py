@@ -201,3 +201,16 @@ def test_logprobs_and_request_failures_cross_the_ray_boundary():
     failed = Completion(id="r2", adapter="bad", text="", token_ids=[], finish_reason="error", prompt_tokens=1,
                         completion_tokens=0, ttft=None, latency=0.1, error=RequestFailedError("NaN scores"))
     assert isinstance(_completion(_done(failed, "r")).error, RequestFailedError)
+
+
+def test_n_choices_stream_by_index(served):
+    url, reference = served
+    client = openai_client(url, "k-acme")
+    chunks = list(client.completions.create(model="houlsby", prompt="abc", max_tokens=5, temperature=0, n=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts = ["", ""]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert texts == [reference_run(reference, "abc", "houlsby", 5)[0]] * 2
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == 3
