@@ -244,3 +244,48 @@ def test_derived_weights_are_recomputed_each_training_step_and_carry_the_gradien
         assert Gated.derive_calls == 4  # 2 sites x 2 steps
         gains = [ts["gain"].grad for ts in zoo.get_adapter("g").tensors.values()]
         assert all(g is not None and g.abs().sum() > 0 for g in gains)
+
+
+def test_a_narrowed_peft_claim_wins_only_where_its_fields_match():
+    """Two types read one peft_type; `peft_when` decides (as DoRA's use_dora=True does for LORA)."""
+    from adapterzoo.formats.peft import type_for
+
+    plain = _subtype("plain_claim_test", peft_types=("FAKE_TEST",))
+    narrowed = _subtype("narrow_claim_test", peft_types=("FAKE_TEST",), peft_when={"flavour": "b"})
+    with registered(plain, narrowed):
+        zoo = tiny_zoo("llama")
+        assert type_for(zoo, "FAKE_TEST", "x", {"flavour": "b"}).name == "narrow_claim_test"
+        assert type_for(zoo, "FAKE_TEST", "x", {"flavour": "a"}).name == "plain_claim_test"
+        assert type_for(zoo, "FAKE_TEST", "x", {}).name == "plain_claim_test"
+
+
+@dataclass
+class PrefixConfig(AdapterConfig):
+    num_virtual_tokens: int = 2
+
+
+class WrongPrefix(AdapterType):
+    name = "wrong_prefix_test"
+    Config = PrefixConfig
+    kind = "prefix"
+
+    def sites(self, model, config):
+        return [p for p, _ in model.named_modules() if p.endswith("self_attn")]
+
+    def tensors(self, model, site, module, config):
+        return {"keys": ("P", 16)}
+
+    def sizes(self, config):
+        return {"P": config.num_virtual_tokens}
+
+    def length(self, config):
+        return config.num_virtual_tokens
+
+    def prefix(self, w):
+        return w["keys"], w["keys"]  # (n, P, 16): no heads dimension
+
+
+def test_a_prefix_of_the_wrong_shape_names_the_type_and_the_site():
+    with pytest.raises(PluginError, match=r"'wrong_prefix_test' at site 'model\.layers\.0\.self_attn': prefix\(\) "
+                                          r"returned .*expected \(keys, values\), each \(n, 2, P, 8\)"):
+        _add(WrongPrefix)
