@@ -23,11 +23,10 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urlsplit
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import yaml
 
@@ -254,26 +253,29 @@ def parse_model_card(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- upload
 
 
-@contextmanager
-def _lfs_unless_hugging_face(endpoint: str | None) -> Iterator[None]:
-    """Upload big files with Git LFS, not Xet, unless the endpoint is huggingface.co itself.
+# Sent by `push` to say "I upload big files with basic Git LFS": adapterzoo-registry then answers
+# "lfs" in preupload for files over its threshold (and "regular", inline, to clients that don't say so).
+LFS_TRANSFER_HEADERS = {"X-Adapterzoo-Transfer": "lfs"}
 
-    With `hf_xet` installed, huggingface_hub sends every file the server marks "lfs" through Xet,
-    which only the Hugging Face Hub speaks; adapterzoo-registry (and other Hub-compatible servers)
-    speak Git LFS. The switch is huggingface_hub's own `HF_HUB_DISABLE_XET`, read at call time;
-    it is restored afterwards.
-    """
-    from huggingface_hub import constants
 
+def _is_hugging_face(endpoint: str | None) -> bool:
     host = (urlsplit(_where(endpoint)).hostname or "").lower()
-    if host == "huggingface.co" or host.endswith(".huggingface.co") or constants.HF_HUB_DISABLE_XET:
-        yield
-        return
-    constants.HF_HUB_DISABLE_XET = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_DISABLE_XET = False
+    return host == "huggingface.co" or host.endswith(".huggingface.co")
+
+
+def _upload_source(path: Path, files: ExitStack, *, speaks_xet: bool) -> str | BinaryIO:
+    """What a CommitOperationAdd uploads from: the path for the Hub, an open binary file elsewhere.
+
+    With `hf_xet` installed, huggingface_hub sends every "lfs" file of a commit through Xet, which
+    only huggingface.co speaks, unless one of them is a binary file object: then it falls back to
+    HTTP (basic LFS) for that call alone ("Uploading files as a binary IO buffer is not supported by
+    Xet Storage. Falling back to HTTP upload."). No global switch is touched, so pushes in other
+    threads are unaffected. The client reads such a file in chunks (sha256 by 1 MiB, the PUT
+    streamed by httpx), never whole; `files` closes it after the commit.
+    """
+    if speaks_xet:
+        return str(path)
+    return files.enter_context(open(path, "rb"))
 
 
 # The files that make up a saved adapter, per format; a push sends these and the README it renders.
@@ -335,7 +337,8 @@ def push_adapter_folder(
     files = adapter_files(folder)  # before reading anything: a link out of the folder is refused first
     record = card_record(folder)  # also checks that the folder holds a readable adapter
     endpoint = resolve_endpoint(endpoint)
-    api = HfApi(endpoint=endpoint, token=token, **_library())
+    speaks_xet = _is_hugging_face(endpoint)
+    api = HfApi(endpoint=endpoint, token=token, headers=None if speaks_xet else LFS_TRANSFER_HEADERS, **_library())
     branch = revision or "main"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -344,11 +347,14 @@ def push_adapter_folder(
         present = set(api.list_repo_files(repo_id, revision=branch))
         sending = {p.relative_to(folder).as_posix() for p in files}
         operations: list = [CommitOperationDelete(path_in_repo=p) for p in sorted(present & ADAPTER_FILES - sending)]
-        operations += [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-                       for p in files]
         card = render_model_card(repo_id, record).encode()
-        operations.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=card))
-        with _lfs_unless_hugging_face(endpoint):
+        with ExitStack() as opened:
+            operations += [
+                CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(),
+                                   path_or_fileobj=_upload_source(p, opened, speaks_xet=speaks_xet))
+                for p in files
+            ]  # fmt: skip
+            operations.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=card))
             return api.create_commit(
                 repo_id, operations, revision=branch,
                 commit_message=commit_message or f"Push {record['type']} adapter with adapterzoo",

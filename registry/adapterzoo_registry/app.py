@@ -5,9 +5,12 @@ Paths, methods, headers and reply fields follow what the client reads in
 (version 2.4), so `HfApi(endpoint=...)`, `hf_hub_download` and `snapshot_download`
 work against this server unchanged. Only model repos exist.
 
-Small files travel inline in the commit body (`/preupload` answers `uploadMode: "regular"`);
-files over `lfs_threshold_bytes` go through the Git LFS basic transfer (`uploadMode: "lfs"`),
-streamed to disk and hashed as they arrive (see `lfs.py`). Every request first passes
+Files travel inline in the commit body (`/preupload` answers `uploadMode: "regular"`), except
+that a client which declares it speaks basic Git LFS (header `X-Adapterzoo-Transfer: lfs`) sends
+files over `lfs_threshold_bytes` through the Git LFS basic transfer (`uploadMode: "lfs"`),
+streamed to disk and hashed as they arrive (see `lfs.py`). Undeclared clients never get "lfs":
+with `hf_xet` installed, huggingface_hub sends every "lfs" file through Xet, which this server
+does not speak, and nothing in its requests says whether Xet is on. Every request first passes
 `guard.RequestGuard` (Host allow-list, no cross-origin writes, JSON-only writes).
 """
 
@@ -61,6 +64,14 @@ DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 DEFAULT_PAGE_SIZE = 1000
 DEFAULT_LFS_THRESHOLD_BYTES = 10 * 1024 * 1024  # what the Hub uses: bigger files go through LFS
 MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
+# A client sends this header (value "lfs") to say it uploads "lfs" files with basic Git LFS, not Xet:
+# `adapterzoo push`, or `HfApi(headers={TRANSFER_HEADER: "lfs"})` with HF_HUB_DISABLE_XET=1.
+TRANSFER_HEADER = "X-Adapterzoo-Transfer"
+# What a 413 for a file too big to travel inline tells the user to do instead.
+USE_LFS_HINT = (
+    "Files this big go through Git LFS: push with `adapterzoo push`, or run huggingface_hub with"
+    f" HF_HUB_DISABLE_XET=1 and HfApi(headers={{'{TRANSFER_HEADER}': 'lfs'}})."
+)
 # A body this small is read and dropped after an early refusal, so the connection stays usable;
 # a bigger one is never read (the reply says `Connection: close`).
 DISCARDABLE_BODY_BYTES = 64 * 1024
@@ -172,8 +183,18 @@ class Registry:
 
     @property
     def max_inline_bytes(self) -> int:
-        """The largest file a commit body may carry inline; bigger ones must come through LFS."""
-        return self.lfs_threshold_bytes if self.lfs_threshold_bytes is not None else self.max_upload_bytes
+        """The largest file a commit body may carry inline: what fits the body limit in base64.
+
+        Clients that did not declare LFS send every file inline, so this is the body limit, not the
+        LFS threshold; memory stays bounded because the store decodes big bodies one at a time.
+        """
+        return max(1, (self.max_upload_bytes - 64 * 1024) // 4 * 3)
+
+    def upload_mode(self, request: Request, size: int) -> str:
+        """What preupload answers: "lfs" only for a file over the threshold from a client declaring LFS."""
+        declared = request.headers.get(TRANSFER_HEADER, "").strip().lower() == "lfs"
+        over = self.lfs_threshold_bytes is not None and size > self.lfs_threshold_bytes
+        return "lfs" if declared and over else "regular"
 
     def principal(self, request: Request) -> Principal:
         return self.tokens.authenticate(request.headers.get("authorization"))
@@ -774,7 +795,10 @@ async def delete_tag(request: Request) -> JSONResponse:
 
 
 async def preupload(request: Request) -> JSONResponse:
-    """POST /api/models/{repo}/preupload/{rev}: small files go inline ("regular"), big ones through LFS.
+    """POST /api/models/{repo}/preupload/{rev}: inline ("regular"), or LFS for big files of declared clients.
+
+    Only a client sending `X-Adapterzoo-Transfer: lfs` gets "lfs" (see the module docstring): a
+    plain huggingface_hub with hf_xet installed would send an "lfs" file through Xet and fail.
 
     `oid` is the git blob id of the file currently at that path, which lets the
     client drop unchanged files from the commit.
@@ -790,7 +814,6 @@ async def preupload(request: Request) -> JSONResponse:
         raise BadRequest("Expected {'files': [{'path', 'size', 'sample'}, ...]}.")
     paths = [validate_repo_path(item.get("path")) for item in files]
     sizes = [_optional(item, "size", int) or 0 for item in files]
-    threshold = registry.lfs_threshold_bytes
 
     def plan() -> dict[str, Any]:
         registry.writable_repo(principal, repo)
@@ -798,7 +821,7 @@ async def preupload(request: Request) -> JSONResponse:
         modes = [
             {
                 "path": path,
-                "uploadMode": "lfs" if threshold is not None and size > threshold else "regular",
+                "uploadMode": registry.upload_mode(request, size),
                 "shouldIgnore": False,
                 "oid": current.files[path].oid if path in current.files else None,
             }
@@ -814,7 +837,8 @@ async def commit(request: Request) -> JSONResponse:
 
     Who may write is checked before a byte of the body is read. The body is then streamed
     to a temporary file (never held in memory whole) and refused with 413 once it passes
-    `--max-upload-bytes`; a file inline in it may be at most the LFS threshold.
+    `--max-upload-bytes`, with a reply naming the way out (LFS). Bodies carrying more than the
+    LFS threshold are decoded one at a time (the store's bound), smaller ones a few at once.
     """
     registry = _registry(request)
     principal, repo = registry.principal(request), _repo(request)
@@ -825,13 +849,15 @@ async def commit(request: Request) -> JSONResponse:
         raise BadRequest("Commits go to a branch, not to a commit id.")
     await run_in_threadpool(registry.writable_repo, principal, repo)
     try:
-        body_path = await _receive_body(request, registry.store.temp_path(".ndjson"), registry.max_upload_bytes)
+        body_path = await _receive_body(
+            request, registry.store.temp_path(".ndjson"), registry.max_upload_bytes, hint=USE_LFS_HINT
+        )
     except ClientDisconnect:  # the uploader went away mid-body; nothing was committed
         return Response(status_code=400)
     try:
         new_commit = await run_in_threadpool(
             registry.store.commit, repo, branch, body_path, author=principal.user or "anonymous",
-            max_inline_bytes=registry.max_inline_bytes,
+            max_inline_bytes=registry.max_inline_bytes, big_body_bytes=registry.lfs_threshold_bytes,
         )  # fmt: skip
     finally:
         body_path.unlink(missing_ok=True)
@@ -884,13 +910,16 @@ async def lfs_verify(request: Request) -> JSONResponse:
 
 def xet_not_supported(request: Request) -> JSONResponse:
     # The client shows only "501 ... xet-write-token", so the operator's log says what to do too.
+    # Only a client that declared LFS (X-Adapterzoo-Transfer: lfs) gets "lfs" from preupload, so
+    # one reaching here declared it but runs with Xet on.
     logger.warning(
-        "A client tried to upload through Xet (%s); this registry speaks Git LFS: the client needs"
-        " HF_HUB_DISABLE_XET=1 (adapterzoo push sets it itself).", request.url.path,
+        "A client tried to upload through Xet (%s) after declaring %s: lfs; this registry speaks Git LFS:"
+        " the client needs HF_HUB_DISABLE_XET=1, or must drop the header.", request.url.path, TRANSFER_HEADER,
     )  # fmt: skip
     raise NotImplementedRoute(
-        "This registry stores large files with Git LFS, not Xet. Set HF_HUB_DISABLE_XET=1 where huggingface_hub"
-        " runs (or uninstall hf_xet) and retry: the client then uploads through LFS."
+        f"This registry stores large files with Git LFS, not Xet. The client sent '{TRANSFER_HEADER}: lfs' but"
+        " uploads through Xet: set HF_HUB_DISABLE_XET=1 where huggingface_hub runs (or uninstall hf_xet) and"
+        " retry, or drop the header to upload inline."
     )
 
 
@@ -920,18 +949,18 @@ async def _bounded_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _receive_body(request: Request, target: Path, limit: int) -> Path:
-    """Stream the request body into `target`, refusing it (413) past `limit` bytes."""
+async def _receive_body(request: Request, target: Path, limit: int, *, hint: str = "") -> Path:
+    """Stream the request body into `target`, refusing it (413, then `hint`) past `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Upload of {declared} bytes exceeds the limit of {limit} bytes.")
+        raise PayloadTooLarge(f"Upload of {declared} bytes exceeds the limit of {limit} bytes. {hint}".rstrip())
     received = 0
     try:
         with open(target, "wb") as out:
             async for chunk in request.stream():
                 received += len(chunk)
                 if received > limit:
-                    raise PayloadTooLarge(f"Upload exceeds the limit of {limit} bytes.")
+                    raise PayloadTooLarge(f"Upload exceeds the limit of {limit} bytes. {hint}".rstrip())
                 out.write(chunk)
     except BaseException:
         target.unlink(missing_ok=True)

@@ -49,7 +49,8 @@ def main() -> None:
 )
 @click.option(
     "--lfs-threshold-bytes", default=DEFAULT_LFS_THRESHOLD_BYTES, show_default=True, type=click.IntRange(min=0),
-    help="Files bigger than this are uploaded through Git LFS (streamed, not inside the commit body).",
+    help="Files bigger than this are uploaded through Git LFS (streamed, not inside the commit body) by clients"
+    " sending 'X-Adapterzoo-Transfer: lfs' (adapterzoo push does); other clients send every file inline.",
 )
 @click.option(
     "--max-lfs-object-bytes", default=DEFAULT_MAX_OBJECT_BYTES, show_default=True, type=click.IntRange(min=1),

@@ -35,7 +35,7 @@ import time
 import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -392,8 +392,9 @@ def parse_commit_body(
             number += 1
             if len(raw) > max_line:
                 raise PayloadTooLarge(
-                    f"Commit line {number} is larger than an inline file may be ({max_inline_bytes} bytes):"
-                    " upload big files through LFS (huggingface_hub does when preupload says 'lfs')."
+                    f"Commit line {number} is larger than an inline file may be ({max_inline_bytes} bytes)."
+                    " Files this big go through Git LFS: push with `adapterzoo push`, or run huggingface_hub with"
+                    " HF_HUB_DISABLE_XET=1 and HfApi(headers={'X-Adapterzoo-Transfer': 'lfs'})."
                 )
             if not raw.strip():
                 continue
@@ -542,6 +543,9 @@ class Store:
         self.namespace_quota_bytes = namespace_quota_bytes
         self._commit_cache: BoundedCache[tuple[str, str], Commit] = BoundedCache(100_000)
         self._decoding = threading.BoundedSemaphore(max(1, max_concurrent_commits))
+        # Bodies carrying big inline files (clients that did not declare LFS) take this one too, so
+        # at most one of them is decoded at a time: memory ~ a few small bodies + one body at the limit.
+        self._decoding_big = threading.BoundedSemaphore(1)
         self._index: dict[RepoId, RepoSummary] | None = None
         self._index_order: list[RepoSummary] | None = None
         self._index_lock = threading.Lock()
@@ -843,19 +847,22 @@ class Store:
     # -- commits
 
     def commit(
-        self, repo: RepoId, branch: str, body_path: Path, *, author: str, max_inline_bytes: int = 512 * 1024 * 1024
+        self, repo: RepoId, branch: str, body_path: Path, *, author: str, max_inline_bytes: int = 512 * 1024 * 1024,
+        big_body_bytes: int | None = None,
     ) -> Commit:
         """Apply the NDJSON commit in `body_path` on top of `branch` and move the branch to it.
 
         The body is decoded and staged before taking the repo lock (it may be large), at most
-        `max_concurrent_commits` at once; conflicts are checked under the lock. Publication
+        `max_concurrent_commits` at once, and bodies over `big_body_bytes` one at a time;
+        conflicts are checked under the lock. Publication
         order is blobs, commit record, branch ref, each written atomically, so a crash at any
         moment leaves the branch on a complete revision.
         """
         staging = self.temp_path(".staging")
         staging.mkdir()
         try:
-            with self._decoding:
+            big = big_body_bytes is not None and body_path.stat().st_size > big_body_bytes
+            with self._decoding_big if big else nullcontext(), self._decoding:
                 request = parse_commit_body(
                     body_path, staging, max_inline_bytes=max_inline_bytes,
                     lfs_lookup=lambda sha256, size: self._uploaded_object(repo, sha256, size),

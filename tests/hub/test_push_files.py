@@ -3,6 +3,7 @@ and refuses a symlink that leads out of it (a secret was once published that way
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -67,20 +68,60 @@ def test_a_symlink_inside_the_folder_is_fine(registry, alice: HfApi, unique: str
     assert weights.name in alice.list_repo_files(repo_id)
 
 
-def test_push_of_a_big_adapter_goes_through_lfs_even_with_xet_installed(
+def test_push_of_a_big_adapter_goes_through_lfs_with_xet_on_and_no_global_switch(
     start_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With hf_xet on, the plain client would send big files through Xet, which the registry does not speak."""
-    from huggingface_hub import constants
+    """hf_xet is on (tests/hub conftest); push must reach LFS per call, never by flipping HF_HUB_DISABLE_XET,
+    which is process-global: another thread's upload to huggingface.co would lose Xet meanwhile."""
+    import huggingface_hub
+    from huggingface_hub import _commit_api, constants
 
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    seen_while_uploading = []
+    real_is_xet_available = _commit_api.is_xet_available
+
+    def spy() -> bool:  # huggingface_hub asks this right before choosing Xet or LFS for the "lfs" files
+        seen_while_uploading.append(constants.HF_HUB_DISABLE_XET)
+        return real_is_xet_available()
+
+    monkeypatch.setattr(_commit_api, "is_xet_available", spy)
     server = start_server(extra_args=("--lfs-threshold-bytes", "4096"))
     zoo = tiny_zoo("llama")
     zoo.add_adapter("a", "lora", r=8)
     folder = zoo.save_adapter("a", tmp_path / "big", format="native")
     weights = max(folder.iterdir(), key=lambda path: path.stat().st_size)
     assert weights.stat().st_size > 4096
-    push_adapter_folder(folder, "alice/big-lora", token=ALICE_TOKEN, endpoint=server.url)
-    assert constants.HF_HUB_DISABLE_XET is False  # restored
-    sizes = {sibling.rfilename: sibling for sibling in server.api(ALICE_TOKEN).model_info("alice/big-lora").siblings}
-    assert sizes[weights.name].lfs is not None and sizes[weights.name].size == weights.stat().st_size
+    assert huggingface_hub.utils.is_package_available("hf_xet") and constants.HF_HUB_DISABLE_XET is False
+
+    pushed = CliRunner().invoke(cli, ["push", str(folder), "alice/big-lora", "--token", ALICE_TOKEN,
+                                      "--endpoint", server.url])  # fmt: skip
+    assert pushed.exit_code == 0, pushed.output
+    assert seen_while_uploading == [False]  # Xet stayed on, globally, while push uploaded
+    assert constants.HF_HUB_DISABLE_XET is False
+    sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+    stored = server.root / "models" / "alice" / "big-lora"
+    assert (stored / "lfs" / f"{sha256}.json").is_file()  # the server received it through LFS
+    assert (stored / "blobs" / sha256).read_bytes() == weights.read_bytes()
+    listed = {sibling.rfilename: sibling for sibling in server.api(ALICE_TOKEN).model_info("alice/big-lora").siblings}
+    assert listed[weights.name].lfs is not None and listed[weights.name].size == weights.stat().st_size
+
+
+def test_push_closes_the_files_it_opened(start_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    opened = []
+    real_open = builtins.open
+
+    def recording_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if mode == "rb" and str(file).startswith(str(tmp_path / "adapter")):
+            opened.append(handle)
+        return handle
+
+    server = start_server(extra_args=("--lfs-threshold-bytes", "4096"))
+    zoo = tiny_zoo("llama")
+    zoo.add_adapter("a", "lora", r=8)
+    folder = zoo.save_adapter("a", tmp_path / "adapter", format="native")
+    with monkeypatch.context() as patched:
+        patched.setattr(builtins, "open", recording_open)
+        push_adapter_folder(folder, "alice/closed", token=ALICE_TOKEN, endpoint=server.url)
+    assert opened and all(handle.closed for handle in opened)

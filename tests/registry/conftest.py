@@ -47,6 +47,8 @@ TOKENS = {
 }
 # Small enough that the 413 test stays quick, big enough for every other upload in the shared server.
 SHARED_SERVER_MAX_UPLOAD = 4 * 1024 * 1024
+# The header by which a client says it uploads big files with basic Git LFS (docs/registry.md).
+TRANSFER_HEADER = "X-Adapterzoo-Transfer"
 # Tiny pages so that every paginated listing really follows `Link: rel="next"`.
 SHARED_SERVER_PAGE_SIZE = 3
 
@@ -65,8 +67,9 @@ class RegistryServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def api(self, token: str | bool) -> HfApi:
-        return HfApi(endpoint=self.url, token=token)
+    def api(self, token: str | bool, *, declare_lfs: bool = True) -> HfApi:
+        """A client; by default one declaring basic LFS (it runs with Xet off, see _online_hub_client)."""
+        return HfApi(endpoint=self.url, token=token, headers={TRANSFER_HEADER: "lfs"} if declare_lfs else None)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: no cleanup runs in the server."""
@@ -180,10 +183,18 @@ def registry(tmp_path_factory: pytest.TempPathFactory, tokens_file: Path) -> Ite
 def _online_hub_client(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever the environment says, the client must talk to our server, quietly."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    # Large files go through Git LFS here; with hf_xet enabled the client would speak Xet instead.
+    # The clients of `RegistryServer.api` declare basic LFS, which holds only with Xet off. Tests of
+    # plain clients with Xet on (the default a user has) use the `xet_on` fixture.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     huggingface_hub.utils.disable_progress_bars()
+
+
+@pytest.fixture
+def xet_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf_xet installed and enabled, as after `pip install huggingface_hub`: the client uses Xet where it can."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", False)
+    assert huggingface_hub.utils.is_package_available("hf_xet"), "hf_xet comes with huggingface_hub 2.x; install it"
 
 
 @pytest.fixture
