@@ -415,6 +415,10 @@ class Server:
         if not self.admin_routes:
             raise APIError(501, "The admin routes are not available on a Ray Serve deployment; restart the deployment "
                                 "with a changed adapters folder instead.", type="server_error", code="not_implemented")
+        return self.admin_key(request)
+
+    def admin_key(self, request: Request) -> Tenant:
+        """The caller, if its key is an admin's (or the server is open); else 401/403."""
         tenant = self.tenant(request)
         if not (tenant.admin or self.tenants.open_access):
             raise APIError(403, "This key may not use the admin routes.", type="permission_error", code="forbidden")
@@ -557,7 +561,7 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
 
     @timed("/metrics")
     async def metrics(request: Request) -> Response:
-        s.admin(request)  # the labels name every tenant's adapters
+        s.admin_key(request)  # the labels name every tenant's adapters (also on a Ray ingress)
         data, content_type = s.metrics.render()
         return Response(data, media_type=content_type)
 
