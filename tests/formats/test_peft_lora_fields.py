@@ -217,17 +217,33 @@ def test_new_adapter_with_per_site_ranks_and_biases_saves_for_peft_and_natively(
         torch.testing.assert_close(output(zoo(ids, adapters=["n", None])), expected, atol=0, rtol=0)
 
 
+MERGED = {
+    "patterns-and-biases": {**CASES["rank-and-alpha-pattern"], "bias": "all", "lora_bias": True},
+    "head-and-norms": CASES["modules-to-save-head-and-norms"],
+    "embedding": CASES["modules-to-save-embedding"],
+    "tokens": CASES["trainable-tokens"],
+}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_merged_model_with_per_site_ranks_and_biases_equals_the_zoo(tmp_path: Path, family: str) -> None:
-    folder = make_peft_adapter(tmp_path / "a", family, "lora", **case(family, "rank-and-alpha-pattern"),
-                               bias="all", lora_bias=True)
+@pytest.mark.parametrize("name", MERGED)
+def test_merged_model_and_native_round_trip_equal_the_zoo(tmp_path: Path, family: str, name: str) -> None:
+    """merged_model folds every field into a copy of the base (a tied GPT-2 head and embedding are untied
+    where PEFT's copy would be, and stay tied for replaced token rows); the native format keeps them all."""
+    kw = {k: (v[family] if isinstance(v, dict) and family in v else v) for k, v in MERGED[name].items()}
+    folder = make_peft_adapter(tmp_path / "a", family, "lora", **kw)
     zoo = tiny_zoo(family)
     zoo.load_adapter("a", folder)
     ids = inputs()
     with torch.no_grad():
+        ours = output(zoo(ids, adapters=["a", "a"]))
         plain = zoo.merged_model("a")(input_ids=ids)
         merged = plain.logits if family != "bert" else plain.last_hidden_state
-        torch.testing.assert_close(merged, output(zoo(ids, adapters=["a", "a"])), atol=ATOL, rtol=0)
+        torch.testing.assert_close(merged, ours, atol=ATOL, rtol=0)
+        torch.testing.assert_close(output(zoo(ids)), output(tiny_zoo(family)(ids)), atol=0, rtol=0)  # base untouched
+        zoo.save_adapter("a", tmp_path / "native")
+        zoo.load_adapter("n", tmp_path / "native")
+        torch.testing.assert_close(output(zoo(ids, adapters=["n", "n"])), ours, atol=0, rtol=0)
 
 
 def test_a_replaced_lm_head_is_counted_in_the_adapters_size(tmp_path: Path) -> None:
