@@ -134,14 +134,13 @@ def test_a_full_disk_is_507_and_leaves_nothing_in_tmp(tmp_path, tokens_path, mon
         client.post("/api/repos/create", headers=AUTH, json={"name": "full", "organization": "alice"}).status_code
         == 200
     )
-    real_write = storage._write_file
+    real_decode = storage._decode_base64_to_file
 
-    def disk_full(path, data):
-        if path.suffix == ".blob":  # the staged upload: the disk fills while the commit is decoded
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(path, data)
+    def disk_full(content, target):  # the staged upload: the disk fills while the commit is decoded
+        target.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage, "_write_file", disk_full)
+    monkeypatch.setattr(storage, "_decode_base64_to_file", disk_full)
     body = (
         json.dumps({"key": "header", "value": {"summary": "s"}}) + "\n"
         + json.dumps({"key": "file", "value": {"path": "w.bin", "content": base64.b64encode(b"w" * 1000).decode()}})
@@ -153,7 +152,7 @@ def test_a_full_disk_is_507_and_leaves_nothing_in_tmp(tmp_path, tokens_path, mon
     assert reply.status_code == 507 and reply.headers["x-error-code"] == "InsufficientStorage"
     assert "disk is full" in reply.json()["error"] and str(tmp_path) not in reply.text
     assert list((tmp_path / "root" / "tmp").iterdir()) == []
-    monkeypatch.setattr(storage, "_write_file", real_write)
+    monkeypatch.setattr(storage, "_decode_base64_to_file", real_decode)
     assert client.get("/api/models/alice/full").json()["siblings"] == []
 
 
