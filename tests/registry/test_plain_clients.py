@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -183,3 +185,18 @@ def test_a_big_inline_file_costs_the_server_under_four_times_its_size(server, xe
     assert lfs_objects(server, "alice/inline-memory") == set()
     assert growth < 4 * size, f"server peak memory grew {growth / size:.1f}x the file for an inline upload"
 
+
+
+def test_hf_upload_of_a_big_safetensors_just_works(server, tmp_path: Path) -> None:
+    """The `hf` command line as a user runs it: HF_ENDPOINT and a token, hf_xet on, nothing else."""
+    plain_client(server).create_repo("alice/cli-upload")
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(os.urandom(4 * THRESHOLD))
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_DISABLE_XET", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+    hf = Path(sys.executable).with_name("hf")
+    done = subprocess.run([str(hf), "upload", "alice/cli-upload", str(weights), weights.name, "--token", ALICE_TOKEN],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    blobs = server.root / "models" / "alice" / "cli-upload" / "blobs"
+    assert (blobs / hashlib.sha256(weights.read_bytes()).hexdigest()).read_bytes() == weights.read_bytes()
