@@ -391,6 +391,20 @@ class Lora(AdapterType):
     kind = "delta"
     default_lr = 2e-3  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
+    @classmethod
+    def conformance_configs(cls):
+        """Each code path once, on every tiny base (names that match nothing on a family are ignored,
+        as PEFT ignores them): plain pools; per-site rank and scale; trained biases; replaced
+        modules (a linear head, norms, an embedding); replaced token rows (tied to GPT-2's head)."""
+        return [
+            {},
+            {"r": 4, "rank_pattern": {"v_proj|c_attn|value": 2}, "alpha_pattern": {"q_proj|query": 16},
+             "layers_to_transform": [1], "target_modules": ["q_proj", "v_proj", "c_attn", "query", "value"]},
+            {"bias": "all", "lora_bias": True},
+            {"modules_to_save": ["lm_head", "norm", "ln_f", "LayerNorm", "word_embeddings"]},
+            {"trainable_token_indices": [4, 5, 6, 7, 50]},
+        ]
+
     def sites(self, model, config):
         saved = saved_sites(model, config)
         lora = lora_sites(model, config)
