@@ -26,7 +26,7 @@ The rest of PEFT's LoraConfig that changes the math, with PEFT's meaning:
   (one more batched matmul per row), `embedding_delta` (vocab, d) of an embedding (each row looks
   its tokens up in its own table), `norm_weight` of a norm (times the normalised input), and
   `bias`. A replaced lm_head or embed_tokens costs vocab x hidden floats per adapter, on the host
-  and in every pool slot; `AdapterInfo.num_parameters` counts them.
+  and in every pool slot; `AdapterInfo.parameters` counts them.
 - `trainable_token_indices`: new values for some rows of an embedding, held the same way as a
   replaced embedding (`token_delta`, (vocab, d), zero but at those rows; written back to PEFT as
   the rows only), with `token_mask` (vocab,), 1 at the listed tokens, which the forward applies
