@@ -141,6 +141,8 @@ class LoraConfig(AdapterConfig):
         saved = self.modules_to_save
         require(saved is None or (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)),
                 f"modules_to_save must be a list of module names, got {saved!r}")
+        for name in saved or ():  # PEFT puts each name into a regex (LoRA never targets a saved module)
+            _check_regex(rf"(^|.*\.){name}($|\..*)", f"modules_to_save name {name!r}, in PEFT's pattern")
         tokens = self.trainable_token_indices
         if isinstance(tokens, (list, tuple)):
             self.trainable_token_indices = tokens = list(tokens) or None

@@ -349,6 +349,7 @@ def test_bad_lora_selection_or_pattern_is_refused_by_name(fields: dict, named: s
     ("fields", "named"),
     [
         ({"modules_to_save": ["self_attn", "o_proj"]}, "inside it"),
+        ({"modules_to_save": ["lm_head("]}, "not a valid regular expression"),
         ({"modules_to_save": ["rotary_emb"]}, "LlamaRotaryEmbedding"),
         ({"trainable_token_indices": [3, 100]}, "vocabulary has 100 tokens"),
         ({"trainable_token_indices": [3, 3]}, "twice"),
@@ -418,3 +419,16 @@ def test_mixed_generation_with_replaced_heads_embeddings_and_rows_equals_each_ro
         alone = [zoo.generate([p], adapters=[name], max_new_tokens=6)[0] for p, name in zip(prompts, rows)]
     assert mixed == alone
     assert len(set(mixed)) > 1
+
+
+def test_peft_folder_whose_saved_module_weights_are_missing_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = make_peft_adapter(tmp_path / "a", "llama", "lora", r=2, modules_to_save=["lm_head"])
+    state = load_file(folder / "adapter_model.safetensors")
+    del state["base_model.model.lm_head.weight"]
+    save_file(state, folder / "adapter_model.safetensors")
+    zoo = tiny_zoo("llama")
+    with pytest.raises(ShapeMismatchError, match="missing"):
+        zoo.load_adapter("a", folder)
+    assert zoo.adapters == {}
