@@ -159,8 +159,10 @@ class LoraConfig(AdapterConfig):
                 f"trainable_token_indices lists a token twice: {tokens!r}")
         if isinstance(tokens, dict) and saved:
             both = [name for name in tokens if name in saved]
-            require(not both, f"{both[0]!r} is in both modules_to_save and trainable_token_indices (PEFT refuses this "
-                              "too): replace the whole layer, or only some of its rows, not both")
+            if both:
+                raise InvalidConfigError(
+                    f"{both[0]!r} is in both modules_to_save and trainable_token_indices (PEFT refuses this too): "
+                    "replace the whole layer, or only some of its rows, not both")
 
     @property
     def scale(self) -> float:

@@ -64,6 +64,7 @@ HINTS = {
 }
 TOKENS_KEY = re.compile(r"(?P<site>.+)\.token_adapter\.trainable_tokens_delta")
 SAVED_KEY = re.compile(r"(?P<site>.+)\.weight")
+WRAPPED_BIAS_KEY = re.compile(r"(?P<site>.+)\.(?:modules_to_save|original_module)\.bias")
 KEY = re.compile(r"(?P<site>.+?)\.(?:lora_(?P<lora>A|B)\.weight|(?P<lora_bias>lora_B\.bias)|(?:base_layer\.)?bias)")
 
 
@@ -109,6 +110,11 @@ def from_peft(model, peft_config: dict[str, Any],
             site = match.group("site")
             name, change = _saved_change(modules[site], tensor, key, what)
             flat[f"{site}.{name}"] = change
+            continue
+        match = WRAPPED_BIAS_KEY.fullmatch(key)
+        if match and ours.bias == "all" and ours.is_saved(match.group("site")):
+            # bias="all" also saves the biases inside PEFT's wrapper of a saved module: the copy's (the same
+            # tensor as `site.bias`) and the replaced original's, which no forward with the adapter reads
             continue
         match = KEY.fullmatch(key)
         if match is None:

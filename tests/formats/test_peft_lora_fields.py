@@ -65,6 +65,13 @@ CASES = {
         "r": 2, "modules_to_save": {"llama": ["embed_tokens"], "gpt2": ["wte"], "bert": ["word_embeddings"]},
     },
     "trainable-tokens": {"r": 2, "trainable_token_indices": list(range(4, 100, 3))},
+    "combined": {
+        "r": 2, "bias": "all", "rank_pattern": {"q_proj|c_attn|query": 5},
+        "modules_to_save": {"llama": ["lm_head"], "gpt2": ["ln_f"], "bert": ["layer.0.output.dense"]},
+        "trainable_token_indices": {"llama": {"embed_tokens": list(range(4, 100, 2))},
+                                    "gpt2": {"wte": list(range(4, 100, 2))},
+                                    "bert": {"word_embeddings": list(range(4, 100, 2))}},
+    },
 }
 
 
