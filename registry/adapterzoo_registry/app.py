@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import mimetypes
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import islice
@@ -320,16 +321,27 @@ def _entry_not_found(path: str, commit: Commit | None = None) -> EntryNotFound:
 
 def _paginated(request: Request, items: list[Any], page_size: int) -> JSONResponse:
     """One page of `items`, with a GitHub-style `Link: <...>; rel="next"` header as `utils/_pagination.py` follows."""
-    try:
-        start = int(request.query_params.get("cursor", "0"))
-    except ValueError:
-        raise BadRequest("Invalid 'cursor' query parameter.") from None
-    start = max(start, 0)
+    start = _count_param(request, "cursor", 0)
     headers = {}
     if start + page_size < len(items):
         next_url = request.url.include_query_params(cursor=start + page_size)
         headers["Link"] = f'<{next_url}>; rel="next"'
     return JSONResponse(items[start : start + page_size], headers=headers)
+
+
+# Cursors and limits are plain decimal numbers of at most this many digits: enough for any list,
+# small enough that no int conversion or `islice` bound can fail on them (those were 500s).
+_COUNT = re.compile(r"[0-9]{1,15}")
+
+
+def _count_param(request: Request, name: str, default: int, *, minimum: int = 0) -> int:
+    """The query parameter `name` as a whole number >= `minimum`, `default` if absent, else 400 naming it."""
+    text = request.query_params.get(name)
+    if text is None or text == "":
+        return default
+    if not _COUNT.fullmatch(text) or int(text) < minimum:
+        raise BadRequest(f"Invalid '{name}' query parameter {text[:40]!r}: expected a whole number >= {minimum}.")
+    return int(text)
 
 
 def _truthy(value: str | None) -> bool:
@@ -504,12 +516,8 @@ async def list_models(request: Request) -> JSONResponse:
             " filter (tags), pipeline_tag, gated, sort (lastModified, createdAt), limit, full, cardData, expand."
         )
     principal = registry.principal(request)
-    try:
-        start = max(int(params.get("cursor", "0")), 0)
-    except ValueError:
-        raise BadRequest("Invalid 'cursor' query parameter.") from None
-    limit = params.get("limit", "")
-    page_size = min(registry.page_size, int(limit)) if limit.isdigit() and int(limit) > 0 else registry.page_size
+    start = _count_param(request, "cursor", 0)
+    page_size = min(registry.page_size, _count_param(request, "limit", registry.page_size, minimum=1))
 
     def listing() -> tuple[list[dict[str, Any]], bool]:
         window = list(islice(_matching_repos(registry, principal, params), start, start + page_size + 1))
@@ -597,15 +605,22 @@ def auth_check(request: Request) -> JSONResponse:
 
 
 def _revision_and_path(request: Request, marker: str) -> tuple[str, str]:
-    """Split `.../<marker>/<revision>/<path>` as the client sent it, before percent-decoding.
+    """Split `.../{repo}/<marker>/<revision>/<path>` as the client sent it, before percent-decoding.
 
     The client sends the revision with '/' encoded (`feature%2Fx`) and the path with plain '/';
-    the decoded URL would mix them up, so this reads the raw path.
+    the decoded URL would mix them up, so this reads the raw path. The revision starts right after
+    the repo's own `/{repo}/<marker>`, not after the first `/<marker>/`: a repo may be named
+    `resolve` or `tree` (`/alice/resolve/resolve/main/f.txt`).
     """
     raw = request.scope.get("raw_path") or quote(request.scope["path"]).encode()
-    raw_text = raw.decode("latin-1")
-    _, found, after = raw_text.partition(f"/{marker}/")
-    if not found:
+    segments = raw.decode("latin-1").split("/")
+    prefix = f"/{_repo(request)}/{marker}"
+    after = None
+    for count in range(1, len(segments)):
+        if unquote("/".join(segments[:count])).endswith(prefix):
+            after = "/".join(segments[count:])
+            break
+    if after is None:
         raise BadRequest("Malformed URL.")
     revision, _, path = after.partition("/")
     try:
@@ -1013,7 +1028,13 @@ def _error_json(
 
 
 def _header_safe(text: str) -> str:
-    return " ".join(text.encode("ascii", "replace").decode().split())[:1000]
+    """`text` as a header value: ASCII, one line, no control characters.
+
+    Messages echo what the caller sent (a revision, a path); a NUL there made the HTTP layer drop
+    the connection instead of answering.
+    """
+    printable = "".join(char if " " <= char < "\x7f" else " " for char in text.encode("ascii", "replace").decode())
+    return " ".join(printable.split())[:1000]
 
 
 async def _registry_error_response(request: Request, error: Exception) -> Response:

@@ -37,7 +37,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 WRITE_CONTENT_TYPES = frozenset({"application/json", "application/x-ndjson", "application/vnd.git-lfs+json"})
 # Form POSTs that only read: the client's paths-info, and the web page's token box (same origin only).
-_FORM_READS = re.compile(r"^/api/models/[^/]+/[^/]+/paths-info/|^/(?:[^/]+/[^/]+)?$")
+# (`/api/...` is never a page: `/api/validate-yaml` has the shape of `/{namespace}/{name}` but takes JSON.)
+_FORM_READS = re.compile(r"^/api/models/[^/]+/[^/]+/paths-info/|^/(?:(?!api/)[^/]+/[^/]+)?$")
 _LFS_UPLOADS = re.compile(r"^/[^/]+/[^/]+\.git/info/lfs/objects/[0-9a-f]{64}$")
 
 
@@ -141,7 +142,7 @@ async def _send_json(send: Send, status: int, message: str, code: str | None, *,
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"x-content-type-options", b"nosniff"),
-        (b"x-error-message", message.encode("ascii", "replace")),
+        (b"x-error-message", "".join(c if " " <= c < "\x7f" else " " for c in message).encode("ascii", "replace")),
     ]
     if code:
         headers.append((b"x-error-code", code.encode()))

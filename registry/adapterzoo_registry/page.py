@@ -13,6 +13,7 @@ forms, never put in a URL (where it would land in logs and history) or in a cook
 
 from __future__ import annotations
 
+import re
 from html import escape
 from itertools import islice
 from typing import Any
@@ -41,7 +42,9 @@ async def index(request: Request) -> HTMLResponse:
     token, principal, problem = _caller(request, fields)
     search = fields.get("q", request.query_params.get("q", "")).strip()
     page_text = fields.get("page", request.query_params.get("page", "1"))
-    page = int(page_text) if page_text.isdigit() and int(page_text) > 0 else 1
+    # ASCII digits only, and few of them: "²" passes str.isdigit() but not int(), and a page past any
+    # list must not become an `islice` bound too big for it (both were 500s).
+    page = int(page_text) if re.fullmatch(r"[0-9]{1,7}", page_text) and int(page_text) > 0 else 1
 
     def rows() -> tuple[list[str], bool]:
         visible = (
