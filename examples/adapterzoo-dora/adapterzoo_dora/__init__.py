@@ -42,6 +42,10 @@ class DoraConfig(LoraConfig):
         require(self.bias == "none" and not self.lora_bias,
                 f"DoRA adapters train no biases (bias={self.bias!r}, lora_bias={self.lora_bias!r}); "
                 "use bias='none' and lora_bias=False, or the lora type for bias training")
+        # LoRA's extras that replace parts of the base: every DoRA site is a plain A, B and magnitude
+        for name in ("modules_to_save", "trainable_token_indices"):
+            require(not getattr(self, name, None),
+                    f"DoRA adapters do not support {name}={getattr(self, name)!r}; leave it empty, or use the lora type")
 
 
 def column_norms(module, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:

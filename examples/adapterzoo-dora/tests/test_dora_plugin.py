@@ -127,3 +127,11 @@ def test_dora_learns_reverse_through_zoo_train():
 def test_dora_is_served_through_the_http_server(tmp_path):
     served, expected = served_completions(tmp_path, "dora", {"r": 4, "init_lora_weights": False})
     assert served == expected
+
+
+@pytest.mark.parametrize("field", [{"bias": "all"}, {"lora_bias": True}, {"modules_to_save": ["lm_head"]}])
+def test_lora_extras_that_dora_does_not_compute_are_refused_by_name(field):
+    from adapterzoo.errors import InvalidConfigError
+
+    with pytest.raises(InvalidConfigError, match=f"DoRA adapters .*{next(iter(field))}"):
+        tiny_zoo("llama").add_adapter("d", "dora", **field)
