@@ -113,10 +113,18 @@ def adapter_types() -> dict[str, TypeInfo]:
     found: dict[str, TypeInfo] = {}
     for impl in pm.hook.register_adapter_types.get_hookimpls():
         registered: list[type] = []
-        impl.function(register=registered.append)
+        way_out = f"fix or reinstall it, or skip it with ADAPTERZOO_DISABLE_PLUGINS={impl.plugin_name}"
+        try:
+            impl.function(register=registered.append)
+        except Exception as exc:  # a bug in the plugin's hook: name the plugin, not just the exception
+            raise PluginError(f"plugin {impl.plugin_name!r}: register_adapter_types raised "
+                              f"{type(exc).__name__}: {exc}; {way_out}") from exc
         dist = _distributions.get(id(impl.plugin))
         for cls in registered:
-            _check_type_class(cls, impl.plugin_name)
+            try:
+                _check_type_class(cls, impl.plugin_name)
+            except PluginError as exc:
+                raise PluginError(f"{exc}; {way_out}") from exc
             if cls.name in found and found[cls.name].cls is not cls:
                 raise PluginError(
                     f"adapter type {cls.name!r} is registered twice: by {found[cls.name].plugin!r} "

@@ -233,3 +233,13 @@ def test_disabling_a_broken_plugin_silences_its_warning(broken_site):
     result = subprocess.run([sys.executable, "-m", "adapterzoo.cli", "plugins", "--json"], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "broken" not in result.stderr and "broken" not in result.stdout
+
+
+def test_a_plugin_hook_that_raises_is_a_plugin_error_naming_it_and_the_way_out():
+    def register_adapter_types(register):
+        raise RuntimeError("boom")
+
+    with registered("raising-plugin", register_adapter_types=register_adapter_types):
+        with pytest.raises(PluginError, match=r"plugin 'raising-plugin'.*RuntimeError: boom.*"
+                                              r"ADAPTERZOO_DISABLE_PLUGINS=raising-plugin"):
+            plugins.adapter_types()
