@@ -648,21 +648,36 @@ async def list_tree(request: Request) -> JSONResponse:
     return _paginated(request, await run_in_threadpool(listing), page_size)
 
 
+# More paths than the client ever sends at once (it asks 500 at a time when copying files).
+MAX_PATHS_INFO_PATHS = 10_000
+
+
 async def paths_info(request: Request) -> JSONResponse:
-    """POST /api/models/{repo}/paths-info/{rev} with a form body `paths=a&paths=b`; missing paths are omitted."""
+    """POST /api/models/{repo}/paths-info/{rev} with a form body `paths=a&paths=b`; missing paths are omitted.
+
+    Anyone may ask this of a public repo, so its cost is bounded: who may read is checked before
+    the body is read, the form is parsed off the event loop, at most MAX_PATHS_INFO_PATHS paths are
+    looked up, and each one is a set lookup (not a scan over the repo's files).
+    """
     registry = _registry(request)
     principal, repo = registry.principal(request), _repo(request)
-    form = parse_qs((await _bounded_body(request, MAX_JSON_BODY_BYTES)).decode(errors="replace"))
-    paths = [path.strip("/") for path in form.get("paths", [])]
+    await run_in_threadpool(registry.readable_repo, principal, repo)
+    raw = await _bounded_body(request, MAX_JSON_BODY_BYTES)
 
     def describe() -> list[dict[str, Any]]:
+        paths = [path.strip("/") for path in parse_qs(raw.decode(errors="replace")).get("paths", [])]
+        if len(paths) > MAX_PATHS_INFO_PATHS:
+            raise BadRequest(
+                f"paths-info takes at most {MAX_PATHS_INFO_PATHS} paths at once, not {len(paths)}: ask in batches."
+            )
         registry.readable_repo(principal, repo)
         files = registry.store.resolve(repo, request.path_params["revision"]).files
+        folders = {path.rsplit("/", depth)[0] for path in files for depth in range(1, path.count("/") + 1)}
         found = []
         for path in paths:
             if path in files:
                 found.append(_file_json(path, files[path], registry.lfs_threshold_bytes))
-            elif any(name.startswith(path + "/") for name in files):
+            elif path in folders:
                 found.append(_folder_json(path, files))
         return found
 

@@ -26,11 +26,14 @@ from starlette.responses import HTMLResponse
 
 from .auth import Principal, Unauthorized
 from .cards import CardReader, ModelCard
-from .storage import DEFAULT_BRANCH, RegistryError, RepoId, RepoNotFound
+from .storage import DEFAULT_BRANCH, BoundedCache, RegistryError, RepoId, RepoNotFound
 
 MAX_FORM_BYTES = 8 * 1024
 PAGE_REPOS = 100
 PAGE_COMMITS = 20
+MAX_RENDERED_CARD_CHARS = 64 * 1024
+# Rendered cards, by (registry root, repo, commit id): commits never change, so neither does their card.
+_RENDERED_CARDS: BoundedCache[tuple[str, str, str], str] = BoundedCache(1_000)
 _MARKDOWN = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; base-uri 'none'"
 
@@ -104,7 +107,9 @@ def _repo_detail(registry: Any, principal: Principal, repo: RepoId):
     head = registry.store.resolve(repo, DEFAULT_BRANCH)
     cards: CardReader = registry.cards
     card = cards.card(repo, head)
-    readme = cards.readme_text(repo, head)
+    card_html = _RENDERED_CARDS.get_or_compute(
+        (str(registry.store.root), str(repo), head.id), lambda: _render_markdown(cards.readme_text(repo, head))
+    )
     branches, tags = registry.store.branches(repo), registry.store.tags(repo)
     commits = []
     for number, commit in enumerate(registry.store.history(repo, head)):
@@ -145,7 +150,7 @@ def _repo_detail(registry: Any, principal: Principal, repo: RepoId):
             for commit in commits
         ]
         parts.append("</ol><h2>Model card</h2>")
-        parts.append(f"<article class=card>{_render_markdown(readme)}</article>")
+        parts.append(f"<article class=card>{card_html}</article>")
         return parts
 
     return render
@@ -237,14 +242,26 @@ def _token_box(action: str, token: str | None, problem: str | None, search: str 
 
 
 def _render_markdown(readme: str) -> str:
-    """The README without its front matter, as HTML; raw HTML in it is shown as text."""
+    """The README without its front matter, as HTML; raw HTML in it is shown as text.
+
+    Only the first MAX_RENDERED_CARD_CHARS are rendered: markdown-it spends ~10 µs a character on
+    hostile text ("[" repeated), so a 1 MiB card cost 9 s of CPU per view. Callers cache the result.
+    """
     text = readme
     if text.lstrip().startswith("---"):
         start = text.find("---")
         end = text.find("\n---", start + 3)
         if end != -1:
             text = text[text.find("\n", end + 1) + 1 :] if text.find("\n", end + 1) != -1 else ""
-    return _MARKDOWN.render(text) if text.strip() else "<p class=muted>No README.</p>"
+    if not text.strip():
+        return "<p class=muted>No README.</p>"
+    if len(text) <= MAX_RENDERED_CARD_CHARS:
+        return _MARKDOWN.render(text)
+    note = (
+        f"<p class=warning>This model card is longer than {MAX_RENDERED_CARD_CHARS // 1024} KB: it is truncated"
+        " here. Download README.md for the whole text.</p>"
+    )
+    return _MARKDOWN.render(text[:MAX_RENDERED_CARD_CHARS]) + note
 
 
 def _ref_item(name: str, target: str) -> str:

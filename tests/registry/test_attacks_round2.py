@@ -99,3 +99,51 @@ def test_a_repo_named_like_a_route_word_can_be_downloaded_and_listed(registry, a
     assert "f.txt" in alice.list_repo_files(repo_id)
     local = hf_hub_download(repo_id, "f.txt", endpoint=registry.url, token=ALICE_TOKEN, cache_dir=tmp_path)
     assert open(local, "rb").read() == f"hello {unique}".encode()
+
+
+# --------------------------------------------------------------------------- work an anonymous caller can cause
+
+
+def test_paths_info_with_more_paths_than_the_limit_is_refused_by_name(registry, alice, unique) -> None:
+    # Each asked path used to be compared with every file of the repo, on a public repo, without a
+    # token: 100,000 made-up paths against 300 files held a worker for seconds, a full body for minutes.
+    repo_id = f"alice/paths-{unique}"
+    alice.create_repo(repo_id)
+    alice.create_commit(
+        repo_id, [CommitOperationAdd(f"d{i}/f.txt", b"x") for i in range(5)], commit_message="files in folders"
+    )
+    body = "&".join(f"paths=z{i}" for i in range(10_001))
+    reply = httpx.post(
+        f"{registry.url}/api/models/{repo_id}/paths-info/main", content=body,
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )  # fmt: skip
+    assert reply.status_code == 400 and "10000 paths" in reply.json()["error"]
+    # Within the limit, files and folders are still found (and made-up paths skipped).
+    infos = alice.get_paths_info(repo_id, ["d1", "d2/f.txt", "nope", "d"] + [f"z{i}" for i in range(2000)])
+    assert sorted((type(info).__name__, info.path) for info in infos) == [("RepoFile", "d2/f.txt"), ("RepoFolder", "d1")]
+
+
+def test_paths_info_on_a_private_repo_is_refused_before_its_body_is_read(registry, alice, unique) -> None:
+    repo_id = f"alice/paths-private-{unique}"
+    alice.create_repo(repo_id, private=True)
+    with socket.create_connection(("127.0.0.1", registry.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /api/models/{repo_id}/paths-info/main HTTP/1.1\r\nHost: 127.0.0.1:{registry.port}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 10000000\r\n\r\n".encode()
+        )
+        reply = sock.recv(65536)  # answered with the body still unsent
+    assert reply.startswith(b"HTTP/1.1 404")
+
+
+def test_a_huge_model_card_is_rendered_truncated_with_a_note(registry, alice, unique) -> None:
+    # Rendering a 1 MiB README of "[" took 9 s of CPU on every anonymous page view.
+    repo_id = f"alice/bigcard-{unique}"
+    alice.create_repo(repo_id)
+    readme = "---\nlicense: mit\n---\n# Big\n\n" + "[" * 300_000 + "\n\nTHE-END-MARKER\n"
+    alice.upload_file(path_or_fileobj=readme.encode(), path_in_repo="README.md", repo_id=repo_id)
+    page = httpx.get(f"{registry.url}/{repo_id}", timeout=60)
+    assert page.status_code == 200
+    card = page.text.split("<article class=card>", 1)[1].split("</article>", 1)[0]
+    assert "# Big" not in card and "<h1>Big</h1>" in card  # rendered, from the top
+    assert "THE-END-MARKER" not in card and len(card) < 100_000
+    assert "truncated" in page.text
