@@ -366,6 +366,9 @@ class CommitRequest:
 
 
 LfsLookup = Callable[[str, Any], FileEntry]
+# Every listing of commits, and the web page, holds messages in memory: keep them message-sized.
+MAX_COMMIT_SUMMARY_CHARS = 4_000
+MAX_COMMIT_DESCRIPTION_CHARS = 64 * 1024
 
 
 def parse_commit_body(
@@ -436,6 +439,14 @@ def _parse_header(item: dict[str, Any]) -> CommitRequest:
         raise BadRequest("Malformed commit: the header needs a non-empty 'summary'.")
     if not isinstance(description, str):
         raise BadRequest("Malformed commit: the header 'description' must be a string.")
+    for field_name, text, limit in (
+        ("summary", summary, MAX_COMMIT_SUMMARY_CHARS), ("description", description, MAX_COMMIT_DESCRIPTION_CHARS)
+    ):
+        if len(text) > limit:
+            raise BadRequest(
+                f"Commit {field_name} has {len(text)} characters; at most {limit} are allowed: shorten it"
+                " (a long text belongs in a file of the repo)."
+            )
     if parent is not None and (not isinstance(parent, str) or not re.fullmatch(r"[0-9a-fA-F]{5,40}", parent)):
         raise BadRequest("Malformed commit: 'parentCommit' must be a hexadecimal commit id.")
     return CommitRequest(summary=summary, description=description, parent_commit=parent.lower() if parent else None)
@@ -860,10 +871,16 @@ class Store:
         self._replace_file(folder / f"{entry.sha256}.json", _to_json_bytes(entry.to_json()))
 
     def namespace_usage(self, namespace: str) -> int:
-        """Bytes of every blob in every repo of `namespace` (shared blobs counted once per repo)."""
+        """Bytes of every blob and commit record in every repo of `namespace` (shared blobs counted once per repo).
+
+        Commit records count too: they hold the messages, and uncounted they let a tenant fill the disk
+        past any quota with commits of long descriptions.
+        """
         total = 0
-        for blobs in self._models.glob(f"{glob_escape(namespace)}/*/blobs"):
-            with os.scandir(blobs) as entries:
+        for folder in self._models.glob(f"{glob_escape(namespace)}/*/*"):
+            if folder.name not in ("blobs", "commits"):
+                continue
+            with os.scandir(folder) as entries:
                 total += sum(entry.stat().st_size for entry in entries if entry.is_file())
         return total
 
@@ -915,10 +932,11 @@ class Store:
                 commit = Commit.new(
                     parent=head, summary=request.summary, description=request.description, author=author, files=files
                 )
-                self.check_quota(repo.namespace, self._new_blob_bytes(repo, request.operations))
+                record_bytes = _to_json_bytes(commit.to_json())
+                self.check_quota(repo.namespace, self._new_blob_bytes(repo, request.operations) + len(record_bytes))
                 self._publish_blobs(repo, request.operations)
                 record = self._repo_dir(repo) / "commits" / f"{commit.id}.json"
-                self._replace_file(record, _to_json_bytes(commit.to_json()))
+                self._replace_file(record, record_bytes)
                 self._replace_file(self._repo_dir(repo) / "refs" / "heads" / branch, commit.id.encode())
         finally:
             shutil.rmtree(staging, ignore_errors=True)

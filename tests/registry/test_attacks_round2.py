@@ -147,3 +147,48 @@ def test_a_huge_model_card_is_rendered_truncated_with_a_note(registry, alice, un
     assert "# Big" not in card and "<h1>Big</h1>" in card  # rendered, from the top
     assert "THE-END-MARKER" not in card and len(card) < 100_000
     assert "truncated" in page.text
+
+
+# --------------------------------------------------------------------------- quota
+
+
+def _usage(root, namespace: str) -> int:
+    return sum(path.stat().st_size for path in (root / "models" / namespace).rglob("*") if path.is_file())
+
+
+def test_commit_messages_count_against_the_namespace_quota(start_server) -> None:
+    # Only blobs were counted: commit records, which hold the message, filled the disk past any quota.
+    quota = 300_000
+    server = start_server(extra_args=("--namespace-quota-bytes", str(quota)))
+    api = server.api(ALICE_TOKEN)
+    api.create_repo("alice/chatty")
+    refused = None
+    for number in range(12):
+        try:
+            api.upload_file(
+                path_or_fileobj=f"{number}".encode(), path_in_repo=f"f{number}.txt", repo_id="alice/chatty",
+                commit_message="long", commit_description="y" * 60_000,
+            )  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - the client wraps the 507 in its own error types
+            refused = error
+            break
+    assert refused is not None and "quota" in str(refused)
+    assert _usage(server.root, "alice") <= quota + 64 * 1024  # within one small record of the quota
+
+
+def test_a_commit_message_longer_than_the_limit_is_refused_by_name(registry, alice, unique) -> None:
+    repo_id = f"alice/longmsg-{unique}"
+    alice.create_repo(repo_id)
+    for summary, description in (("s" * 5_000, ""), ("ok", "d" * 70_000)):
+        lines = [
+            {"key": "header", "value": {"summary": summary, "description": description}},
+            {"key": "file", "value": {"path": "a.txt", "content": base64.b64encode(b"a").decode()}},
+        ]
+        reply = httpx.post(
+            f"{registry.url}/api/models/{repo_id}/commit/main",
+            headers={**ALICE, "content-type": "application/x-ndjson"},
+            content=b"".join(json.dumps(line).encode() + b"\n" for line in lines),
+        )
+        assert reply.status_code == 400 and "characters" in reply.json()["error"], reply.text[:200]
+    assert alice.list_repo_files(repo_id) == [".gitattributes"] or "a.txt" not in alice.list_repo_files(repo_id)
+
