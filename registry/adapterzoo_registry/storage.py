@@ -145,6 +145,10 @@ def name_problems(name: str) -> list[str]:
         problems.append("control characters (newlines, tabs, NUL...) are not allowed")
     if any(char in _BIDI_CONTROLS for char in name):
         problems.append("right-to-left and other bidirectional override characters are not allowed")
+    elif any(unicodedata.category(char) == "Cf" for char in name):
+        # Zero-width spaces and joiners, soft hyphens, BOMs: "README\u200b.md" displays as README.md.
+        problems.append("invisible formatting characters (zero-width space or joiner, soft hyphen, BOM...)"
+                        " are not allowed")
     for segment in name.split("/"):
         if segment.split(".")[0].rstrip(" ").upper() in RESERVED_DEVICE_NAMES:
             problems.append(f"{segment!r} is a reserved device name on Windows (CON, PRN, AUX, NUL, COM1, LPT1...)")
@@ -204,6 +208,10 @@ def ref_name_problems(name: Any) -> list[str]:
         problems.append("no part may end with '.lock'")
     if _HEX_ONLY.fullmatch(name):
         problems.append("a name made only of hex digits could be taken for a commit id; add a letter outside a-f")
+    if segments[0] in ("refs", "HEAD"):
+        # `refs/tags/v2` as a branch would be listed as refs/heads/refs/tags/v2 and read like a tag.
+        problems.append("a name may not start with 'refs/' nor be 'HEAD': give the short name ('v2', not"
+                        " 'refs/tags/v2')")
     return problems
 
 
@@ -547,6 +555,15 @@ def _reject_file_folder_clashes(files: Mapping[str, FileEntry]) -> None:
     clashes = sorted(folders & set(files))
     if clashes:
         raise BadRequest(f"Invalid commit: {clashes[0]!r} would be both a file and a folder.")
+    # "café" composed and decomposed look the same everywhere and are one file on macOS.
+    by_normal_form: dict[str, str] = {}
+    for path in sorted(files):
+        other = by_normal_form.setdefault(unicodedata.normalize("NFC", path), path)
+        if other != path:
+            raise BadRequest(
+                f"Invalid commit: {path!r} and {other!r} differ only in Unicode normalization (NFC/NFD), so they"
+                " look identical and are one file on some systems. Keep one of them."
+            )
 
 
 # --------------------------------------------------------------------------- the store
@@ -802,6 +819,15 @@ class Store:
             ref = f"refs/{kind}/{name}"
             if self._read_ref_or_none(repo, kind, name) is not None:
                 raise RefExists(f"Reference already exists: {ref}")
+            # Branches resolve before tags: a branch named like a tag would redirect every download
+            # pinned to that tag, and a tag named like a branch could never be reached.
+            other_kind = "tags" if kind == "heads" else "heads"
+            if self._read_ref_or_none(repo, other_kind, name) is not None:
+                other = "tag" if other_kind == "tags" else "branch"
+                raise RefExists(
+                    f"Cannot create {ref}: a {other} named {name!r} exists, and a branch and a tag of one name would"
+                    " make that revision ambiguous. Pick another name."
+                )
             path = self._repo_dir(repo) / "refs" / kind / name
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -120,7 +120,8 @@ def test_paths_info_with_more_paths_than_the_limit_is_refused_by_name(registry, 
     assert reply.status_code == 400 and "10000 paths" in reply.json()["error"]
     # Within the limit, files and folders are still found (and made-up paths skipped).
     infos = alice.get_paths_info(repo_id, ["d1", "d2/f.txt", "nope", "d"] + [f"z{i}" for i in range(2000)])
-    assert sorted((type(info).__name__, info.path) for info in infos) == [("RepoFile", "d2/f.txt"), ("RepoFolder", "d1")]
+    found = sorted((type(info).__name__, info.path) for info in infos)
+    assert found == [("RepoFile", "d2/f.txt"), ("RepoFolder", "d1")]
 
 
 def test_paths_info_on_a_private_repo_is_refused_before_its_body_is_read(registry, alice, unique) -> None:
@@ -192,3 +193,58 @@ def test_a_commit_message_longer_than_the_limit_is_refused_by_name(registry, ali
         assert reply.status_code == 400 and "characters" in reply.json()["error"], reply.text[:200]
     assert alice.list_repo_files(repo_id) == [".gitattributes"] or "a.txt" not in alice.list_repo_files(repo_id)
 
+
+
+# --------------------------------------------------------------------------- refs and names
+
+
+def test_a_branch_cannot_shadow_a_tag_nor_a_tag_a_branch(registry, alice, unique, tmp_path) -> None:
+    # Branches resolve before tags, so a branch named "v1.0" silently redirected every
+    # `revision="v1.0"` pinned to the tag to whatever the branch holds.
+    repo_id = f"alice/shadow-{unique}"
+    alice.create_repo(repo_id)
+    first = alice.upload_file(path_or_fileobj=b"v1", path_in_repo="f.txt", repo_id=repo_id).oid
+    alice.create_tag(repo_id, tag="v1.0", revision=first)
+    second = alice.upload_file(path_or_fileobj=b"v2", path_in_repo="f.txt", repo_id=repo_id).oid
+    with pytest.raises(Exception, match="tag"):
+        alice.create_branch(repo_id, branch="v1.0", revision=second)
+    with pytest.raises(Exception, match="branch"):
+        alice.create_tag(repo_id, tag="main", revision=first)
+    local = hf_hub_download(
+        repo_id, "f.txt", revision="v1.0", endpoint=registry.url, token=ALICE_TOKEN, cache_dir=tmp_path
+    )
+    assert open(local, "rb").read() == b"v1"
+    assert [ref.name for ref in alice.list_repo_refs(repo_id).branches] == ["main"]
+
+
+@pytest.mark.parametrize("kind", ["branch", "tag"])
+def test_ref_names_that_look_like_full_ref_paths_are_refused(alice, unique, kind) -> None:
+    # A branch "refs/tags/v2" is listed as refs/heads/refs/tags/v2 and reads like a tag.
+    repo_id = f"alice/refpath-{kind}-{unique}"
+    alice.create_repo(repo_id)
+    for name in ("refs/tags/v2", "refs/heads/dev", "HEAD"):
+        with pytest.raises(Exception, match="refs/|HEAD"):
+            (alice.create_branch(repo_id, branch=name) if kind == "branch" else alice.create_tag(repo_id, tag=name))
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["README\u200b.md", "adapter\u00admodel.safetensors", "\ufeffadapter_config.json", "a\u2060b.bin", "x\u200d.txt"],
+)
+def test_file_names_with_invisible_characters_are_refused(alice, unique, path) -> None:
+    # "README<zero-width space>.md" shows as README.md on the page and in every listing.
+    repo_id = f"alice/invisible-{unique}"
+    alice.create_repo(repo_id)
+    with pytest.raises(Exception, match="invisible"):
+        alice.upload_file(path_or_fileobj=b"x", path_in_repo=path, repo_id=repo_id)
+    assert path not in alice.list_repo_files(repo_id)
+
+
+def test_two_paths_that_differ_only_in_unicode_normalization_cannot_coexist(alice, unique) -> None:
+    # "café.txt" composed and decomposed are two files here but one on macOS, and look the same everywhere.
+    repo_id = f"alice/nfc-{unique}"
+    alice.create_repo(repo_id)
+    alice.upload_file(path_or_fileobj=b"composed", path_in_repo="caf\u00e9.txt", repo_id=repo_id)
+    with pytest.raises(Exception, match="normali"):
+        alice.upload_file(path_or_fileobj=b"decomposed", path_in_repo="cafe\u0301.txt", repo_id=repo_id)
+    assert [name for name in alice.list_repo_files(repo_id) if name.startswith("caf")] == ["caf\u00e9.txt"]
