@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clients", type=int, default=16, help="mixed-types: closed-loop HTTP clients")
     ap.add_argument("--per-client", type=int, default=2, help="mixed-types: requests per client per round")
     ap.add_argument("--per-type", action="store_true", help="mixed-types: also each type alone")
+    ap.add_argument("--samples", type=int, default=3, help="fairness: 4-token requests per phase (median)")
+    ap.add_argument("--no-shares", action="store_true",
+                    help="fairness: no queue or row shares (as before them), to compare")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -380,6 +383,8 @@ def mixed_types(args) -> dict:
 def fairness(args) -> dict:
     """One tenant floods (256-prompt requests back to back); another sends 4-token requests.
     Their latency against the same request on an idle server, rounds interleaved (idle, flooded)."""
+    import json
+    import socket
     import threading
 
     import httpx
@@ -391,7 +396,8 @@ def fairness(args) -> dict:
 
     zoo = Zoo.from_pretrained("smollm2", device="cpu", dtype=torch.float32, slots=16)
     tenants = Tenants.from_dict({"tenants": {"flood": {"keys": ["k-flood"]}, "small": {"keys": ["k-small"]}}})
-    server = build_server(zoo, base_name="smollm2", tenants=tenants, max_batch=args.batch, max_queue=1024)
+    shares = {} if not args.no_shares else {"max_rows_per_tenant": args.batch, "max_queue_per_tenant": 1024}
+    server = build_server(zoo, base_name="smollm2", tenants=tenants, max_batch=args.batch, max_queue=1024, **shares)
     body = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
             "ignore_eos": True}
     flood_body = {"model": "smollm2", "prompt": PROMPTS * (256 // len(PROMPTS)) + PROMPTS[:256 % len(PROMPTS)],
@@ -403,25 +409,45 @@ def fairness(args) -> dict:
         assert r.status_code == 200, r.text
         return time.perf_counter() - t0
 
+    payload = json.dumps(flood_body).encode()
     idle, flooded = [], []
     with running_app(server) as url, httpx.Client(base_url=url, timeout=600) as http:
+        port = int(url.rsplit(":", 1)[1])
+        flood_request = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k-flood\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload
         small(http)  # warm-up
         for r in range(args.rounds):
-            idle.append(small(http))
+            idle.append(statistics.median(small(http) for _ in range(args.samples)))
             stop = threading.Event()
+            sockets: list[socket.socket] = []
 
-            def flood():
-                with httpx.Client(base_url=url, timeout=600) as f:
-                    while not stop.is_set():
-                        f.post("/v1/completions", json=flood_body, headers={"Authorization": "Bearer k-flood"})
+            def flood():  # raw sockets: shutting one down is a disconnect, which cancels the flood at once
+                while not stop.is_set():
+                    sock = socket.create_connection(("127.0.0.1", port))
+                    sockets.append(sock)
+                    try:
+                        sock.sendall(flood_request)
+                        while sock.recv(65536):
+                            pass
+                    except OSError:
+                        pass
+                    finally:
+                        sock.close()
 
             flooder = threading.Thread(target=flood)
             flooder.start()
             while server.engine.stats()["running"] < args.batch // 2:
                 time.sleep(0.01)
-            flooded.append(small(http))
+            flooded.append(statistics.median(small(http) for _ in range(args.samples)))
             stop.set()
+            for sock in sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             flooder.join()
+            while server.engine.stats()["running"] or server.engine.stats()["waiting"]:
+                time.sleep(0.05)  # the flood's rows leave before the next idle measurement
             print(f"  round {r + 1}: 4-token request idle {idle[-1]:.2f}s, during the flood {flooded[-1]:.2f}s", flush=True)
     result = {"idle_s": statistics.median(idle), "flooded_s": statistics.median(flooded)}
     result["ratio"] = result["flooded_s"] / result["idle_s"]

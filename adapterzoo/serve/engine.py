@@ -890,20 +890,36 @@ class Engine:
         self._plan = None
 
     def _join(self, joiners: list[Request]) -> None:
-        """Prefill the joiners together and merge them into the batch. If that raises (an adapter
-        that throws, a slot it cannot get), each joiner is tried alone: only the ones that fail
-        alone fail."""
+        """Place the joiners' adapters, prefill them and merge them into the batch. If that raises
+        (an adapter that throws, a slot it cannot get), each joiner is tried alone: only the ones
+        that fail alone fail.
+
+        Soft-prompt joiners are prefilled apart from the others: a prefill pads every row to the
+        widest, and their virtual tokens would otherwise be paid as padding by every other row
+        (a 16-token soft prompt made a mixed prefill 2-3x a base one)."""
         try:
             self._place(joiners)
-            out = self._prefill(joiners)
         except Exception as exc:  # noqa: BLE001 - isolated below
-            if len(joiners) > 1:
-                for r in joiners:
-                    self._join([r])
-                return
-            req = joiners[0]
-            log.warning("request %s (adapter %r) failed at prefill: %s", req.id, req.adapter, exc)
-            self._finish(req, "error", _request_error(req, exc, "prefill"))
+            self._isolate_join_failure(joiners, exc, self._join)
+            return
+        for group in ([r for r in joiners if not r.virtual], [r for r in joiners if r.virtual]):
+            if group:
+                self._prefill_and_merge(group)
+
+    def _isolate_join_failure(self, joiners: list[Request], exc: Exception, retry: Callable) -> None:
+        if len(joiners) > 1:
+            for r in joiners:
+                retry([r])
+            return
+        req = joiners[0]
+        log.warning("request %s (adapter %r) failed at prefill: %s", req.id, req.adapter, exc)
+        self._finish(req, "error", _request_error(req, exc, "prefill"))
+
+    def _prefill_and_merge(self, joiners: list[Request]) -> None:
+        try:
+            out = self._prefill(joiners)
+        except Exception as exc:  # noqa: BLE001 - isolated: only the joiners that fail alone fail
+            self._isolate_join_failure(joiners, exc, self._prefill_and_merge)
             return
         zoo = self.zoo
         self.metrics.prefill(sum(len(r.prompt_ids) for r in joiners))

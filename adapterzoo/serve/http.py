@@ -883,6 +883,9 @@ async def _wait_or_disconnect(request: Request, handles) -> list[Completion] | N
         watch.cancel()
     if not results.done():
         results.cancel()
+        # the gather ends with its children's CancelledError: retrieve it, or asyncio logs a
+        # traceback for every client that disconnects
+        results.add_done_callback(lambda f: f.cancelled() or f.exception())
         return None
     return results.result()
 

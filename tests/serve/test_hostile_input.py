@@ -256,3 +256,22 @@ def test_health_is_unhealthy_while_a_request_is_stuck(served, monkeypatch):
         gate.set()
         assert pending.result().status_code == 200
     assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+
+
+def test_a_client_that_disconnects_leaves_no_traceback(served, caplog):
+    url, server, _, _ = served
+    import gc
+
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 200,
+                                                          "ignore_eos": True}, headers={"Authorization": "Bearer k-acme"},
+                           timeout=httpx.Timeout(5, read=0.05))
+        deadline = time.monotonic() + 10
+        while server.engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gc.collect()
+        time.sleep(0.2)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert server.engine.stats()["running"] == 0
