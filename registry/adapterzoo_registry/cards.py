@@ -79,7 +79,9 @@ def parse_front_matter(readme: str) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise CardError("README.md metadata must be a YAML mapping (key: value).")
-    return json.loads(json.dumps(metadata, default=str))  # dates and such become JSON-safe strings
+    # Dates and such become strings, and so do YAML's .nan and .inf ("NaN", "Infinity"): a float JSON
+    # cannot carry made model_info, and every listing page with cardData, answer 500.
+    return json.loads(json.dumps(metadata, default=str), parse_constant=str)
 
 
 @dataclass(frozen=True)

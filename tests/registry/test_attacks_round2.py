@@ -248,3 +248,19 @@ def test_two_paths_that_differ_only_in_unicode_normalization_cannot_coexist(alic
     with pytest.raises(Exception, match="normali"):
         alice.upload_file(path_or_fileobj=b"decomposed", path_in_repo="cafe\u0301.txt", repo_id=repo_id)
     assert [name for name in alice.list_repo_files(repo_id) if name.startswith("caf")] == ["caf\u00e9.txt"]
+
+
+# --------------------------------------------------------------------------- card bombs
+
+
+def test_a_nan_or_infinity_in_one_tenants_card_breaks_neither_listing_nor_model_info(registry, bob, anonymous, unique):
+    # YAML `.nan` and `.inf` are floats that JSON cannot carry: model_info and every
+    # list_models(cardData=True) page holding this repo answered 500, to every caller.
+    repo_id = f"bob/nan-{unique}"
+    bob.create_repo(repo_id)
+    readme = "---\nscore: .nan\nbig: .inf\nmodel-index:\n- results:\n  - metrics:\n    - value: -.inf\n---\nhi\n"
+    bob.upload_file(path_or_fileobj=readme.encode(), path_in_repo="README.md", repo_id=repo_id)
+    info = anonymous.model_info(repo_id)
+    assert info.card_data["score"] == "NaN" and info.card_data["big"] == "Infinity"
+    listed = list(anonymous.list_models(search=f"nan-{unique}", cardData=True))
+    assert [model.id for model in listed] == [repo_id]
