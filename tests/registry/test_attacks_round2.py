@@ -7,6 +7,7 @@ send the attack and raw HTTP where it cannot. Sizes are small; every test here f
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import socket
@@ -264,3 +265,80 @@ def test_a_nan_or_infinity_in_one_tenants_card_breaks_neither_listing_nor_model_
     assert info.card_data["score"] == "NaN" and info.card_data["big"] == "Infinity"
     listed = list(anonymous.list_models(search=f"nan-{unique}", cardData=True))
     assert [model.id for model in listed] == [repo_id]
+
+
+# --------------------------------------------------------------------------- LFS abuse (these held; kept as guards)
+
+
+def _batch(server, repo_id: str, token_headers: dict, data: bytes) -> dict:
+    reply = httpx.post(
+        f"{server.url}/{repo_id}.git/info/lfs/objects/batch",
+        headers={**token_headers, "content-type": "application/vnd.git-lfs+json"},
+        json={"operation": "upload", "objects": [{"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}]},
+    )
+    assert reply.status_code == 200, reply.text
+    return reply.json()["objects"][0]
+
+
+def _lfs_commit(server, repo_id: str, token_headers: dict, data: bytes) -> httpx.Response:
+    lines = [
+        {"key": "header", "value": {"summary": "point at an object"}},
+        {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": hashlib.sha256(data).hexdigest(),
+                                     "size": len(data)}},
+    ]  # fmt: skip
+    return httpx.post(
+        f"{server.url}/api/models/{repo_id}/commit/main",
+        headers={**token_headers, "content-type": "application/x-ndjson"},
+        content=b"".join(json.dumps(line).encode() + b"\n" for line in lines),
+    )
+
+
+def test_another_tenants_lfs_object_can_be_neither_committed_nor_verified_by_its_hash(registry, alice, bob, unique):
+    secret = b"alice's private weights " + unique.encode()
+    alice.create_repo(f"alice/lfs-secret-{unique}", private=True)
+    alice.upload_file(path_or_fileobj=secret, path_in_repo="w.bin", repo_id=f"alice/lfs-secret-{unique}")
+    bob.create_repo(f"bob/lfs-thief-{unique}")
+    reply = _lfs_commit(registry, f"bob/lfs-thief-{unique}", BOB, secret)
+    assert reply.status_code == 400 and "never uploaded" in reply.json()["error"]
+    verify = httpx.post(
+        f"{registry.url}/bob/lfs-thief-{unique}.git/info/lfs/objects/verify",
+        headers={**BOB, "content-type": "application/json"},
+        json={"oid": hashlib.sha256(secret).hexdigest(), "size": len(secret)},
+    )
+    assert verify.status_code == 404
+    # And batch still asks bob for the bytes: it never says the object is already there.
+    assert "upload" in _batch(registry, f"bob/lfs-thief-{unique}", BOB, secret)["actions"]
+
+
+def test_a_signed_upload_url_works_only_for_its_repo_and_object(registry, alice, bob, unique) -> None:
+    alice.create_repo(f"alice/lfs-target-{unique}", private=True)
+    bob.create_repo(f"bob/lfs-own-{unique}")
+    data = b"bob's bytes " + unique.encode()
+    href = _batch(registry, f"bob/lfs-own-{unique}", BOB, data)["actions"]["upload"]["href"]
+    moved = href.replace(f"/bob/lfs-own-{unique}.git", f"/alice/lfs-target-{unique}.git")
+    assert httpx.put(moved, content=data).status_code == 400
+    other = bytes(reversed(data))
+    swapped = href.replace(hashlib.sha256(data).hexdigest(), hashlib.sha256(other).hexdigest())
+    assert httpx.put(swapped, content=other).status_code == 400
+    assert httpx.put(href + "&size=1", content=data[:1]).status_code == 400
+    assert httpx.put(href, content=data).status_code == 200
+    assert httpx.put(href, content=data).status_code == 200  # reuse: the same bytes again, harmless
+    stolen = registry.root / "models" / "alice" / f"lfs-target-{unique}" / "blobs" / hashlib.sha256(data).hexdigest()
+    assert not stolen.exists()
+
+
+def test_an_upload_cut_mid_put_keeps_nothing_and_the_server_answers_the_next_one(registry, alice, unique) -> None:
+    repo_id = f"alice/lfs-cut-{unique}"
+    alice.create_repo(repo_id)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    href = _batch(registry, repo_id, ALICE, data)["actions"]["upload"]["href"]
+    target = href.split(str(registry.port), 1)[1]
+    with socket.create_connection(("127.0.0.1", registry.port), timeout=10) as sock:
+        sock.sendall(
+            f"PUT {target} HTTP/1.1\r\nHost: 127.0.0.1:{registry.port}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            + data[: len(data) // 2]
+        )
+    # The object never became visible, and a proper upload afterwards lands.
+    assert _lfs_commit(registry, repo_id, ALICE, data).status_code == 400
+    assert httpx.put(href, content=data).status_code == 200
+    assert _lfs_commit(registry, repo_id, ALICE, data).status_code == 200
