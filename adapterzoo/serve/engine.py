@@ -461,8 +461,8 @@ class Engine:
         unhealthy while there are any."""
         now = time.monotonic()
         with self._cond:
-            taken = list(self._taken)
-        return sorted(r.id for r in taken if not r.handle.done and now - r.progressed > self.stuck_after)
+            taken = [*self._taken, *list(self._rows)]  # joining, and running (a snapshot of the rows)
+        return sorted({r.id for r in taken if not r.handle.done and now - r.progressed > self.stuck_after})
 
     def healthy(self) -> bool:
         """Running, its thread alive, and no stuck request."""

@@ -187,13 +187,16 @@ def test_every_request_taken_ends_and_releases_its_adapter_when_a_step_breaks(zo
     assert resolver.in_use() == {}
 
 
-def test_the_watchdog_reports_a_stuck_request_until_it_moves(zoo, monkeypatch):
+@pytest.mark.parametrize("at", ["prefill", "decode"])
+def test_the_watchdog_reports_a_stuck_request_until_it_moves(zoo, monkeypatch, at):
     gate = threading.Event()
     forward = zoo.forward
 
-    def hanging(*args, **kw):
-        gate.wait(30)
-        return forward(*args, **kw)
+    def hanging(*args, cache=None, **kw):
+        decoding = cache is not None and cache.get_seq_length() > 0
+        if decoding == (at == "decode"):
+            gate.wait(30)
+        return forward(*args, cache=cache, **kw)
 
     monkeypatch.setattr(zoo, "forward", hanging)
     with Engine(zoo, stuck_after=0.2) as engine:
