@@ -342,3 +342,20 @@ def test_an_upload_cut_mid_put_keeps_nothing_and_the_server_answers_the_next_one
     assert _lfs_commit(registry, repo_id, ALICE, data).status_code == 400
     assert httpx.put(href, content=data).status_code == 200
     assert _lfs_commit(registry, repo_id, ALICE, data).status_code == 200
+
+
+def test_a_commit_with_more_operations_than_the_limit_is_refused_by_name(registry, alice, unique) -> None:
+    # 40,000 empty files in a 2.4 MB body held a decoding slot for 17 s; the 512 MiB body limit
+    # allowed millions of them, each a staged file and a commit-record entry in memory.
+    repo_id = f"alice/manyops-{unique}"
+    alice.create_repo(repo_id)
+    lines = [{"key": "header", "value": {"summary": "too many"}}]
+    lines += [{"key": "deletedFolder", "value": {"path": f"d{number}"}} for number in range(25_001)]
+    reply = httpx.post(
+        f"{registry.url}/api/models/{repo_id}/commit/main",
+        headers={**ALICE, "content-type": "application/x-ndjson"},
+        content=b"".join(json.dumps(line).encode() + b"\n" for line in lines),
+        timeout=60,
+    )
+    assert reply.status_code == 400 and "25000 operations" in reply.json()["error"]
+    assert len(alice.list_repo_commits(repo_id)) == 1
