@@ -152,9 +152,10 @@ def serve(**options) -> None:
     run_serve(**options)
 
 
-from .train_cli import eval_command, tasks_command, train_command  # noqa: E402  (train, eval, tasks)
+from .train_cli import eval_command, library_command, tasks_command, train_command  # noqa: E402
 
 cli.add_command(train_command)
+cli.add_command(library_command)
 cli.add_command(eval_command)
 cli.add_command(tasks_command)
 

@@ -55,6 +55,8 @@ __all__ = [
     "get_task",
     "all_classification_tasks",
     "get_classification_task",
+    "phrasings",
+    "instructed_examples",
 ]
 
 #: What every answer ends with; the model learns to emit it, so generation can
@@ -553,3 +555,87 @@ def get_classification_task(name: str) -> ClassificationTask:
     task = _lookup(name, _classification_registry(), "classification task")
     assert isinstance(task, ClassificationTask)
     return task
+
+
+# --------------------------------------------------------------------------- #
+# Instructions: what a user types before the input, for routing by prompt
+# --------------------------------------------------------------------------- #
+#
+# The bare prompts above never name the task: only the adapter decides the answer. A router must
+# instead pick the adapter from the prompt, so a request needs an instruction ("Reverse the word:
+# h e l l o ->"). Each task has TRAIN_PHRASINGS (used to train the specialist and to build its
+# routing prototypes) and HELD_OUT_PHRASINGS (worded differently, never seen in training: the
+# routing benchmark measures on these, so a router that memorised the training wording fails).
+
+_REORDER_PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "reverse": (("Reverse the word", "Write the word backwards", "Spell it in reverse"),
+                ("Flip the order of the letters", "Read these letters from right to left")),
+    "sort": (("Sort the letters alphabetically", "Put the letters in a to z order", "Alphabetize the letters"),
+             ("Arrange these letters from a to z", "Order the characters alphabetically")),
+    "sort-desc": (("Sort the letters in reverse alphabetical order", "Put the letters in z to a order",
+                   "Sort the letters descending"),
+                  ("Arrange these letters from z down to a", "Order the characters from last letter to first")),
+    "rotate-left": (("Move the first letter to the end", "Rotate the word left by one", "Shift the letters left once"),
+                    ("Take the leading letter and put it last", "Cycle the word one place to the left")),
+    "rotate-right": (("Move the last letter to the front", "Rotate the word right by one",
+                      "Shift the letters right once"),
+                     ("Take the final letter and put it first", "Cycle the word one place to the right")),
+    "pair-swap": (("Swap each pair of letters", "Exchange neighbouring letters in pairs", "Pairwise swap the letters"),
+                  ("Trade places within every couple of letters", "Switch letters one and two, three and four")),
+    "double": (("Write every letter twice", "Double each letter", "Repeat each letter two times"),
+               ("Say each character two times in a row", "Duplicate all the letters")),
+    "upper": (("Uppercase the letters", "Write the word in capital letters", "Convert to upper case"),
+              ("Make every letter a capital", "Shout this word in caps")),
+    "atbash": (("Apply the atbash cipher", "Mirror the alphabet on each letter", "Encode with atbash"),
+               ("Swap a with z, b with y and so on", "Use the reversed-alphabet cipher")),
+    "digits-words": (("Spell each digit as a word", "Write the digits in English words", "Name each digit"),
+                     ("Say every digit out loud in words", "Turn the number into digit names")),
+    "digits-reverse": (("Reverse the digits", "Write the number backwards", "Flip the digits"),
+                       ("Read this number from right to left", "Put the digits in the opposite order")),
+    "digits-sort": (("Sort the digits ascending", "Put the digits in increasing order", "Sort the digits"),
+                    ("Arrange these digits from smallest to largest", "Order the numerals low to high")),
+}
+
+
+def _family_phrasings(task: Task) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Phrasings for the numbered families, built from the number that tells the tasks apart."""
+    n = task.name.rsplit("-", 1)[-1]
+    if task.family == "caesar":
+        return ((f"Caesar shift by {n}", f"Shift each letter {n} places forward", f"Encode with Caesar key {n}"),
+                (f"Move every letter {n} steps along the alphabet", f"Apply a rotation of {n} to the letters"))
+    if task.family == "perm":
+        return ((f"Apply letter cipher {n}", f"Encode with substitution cipher {n}", f"Letter code {n}"),
+                (f"Use secret letter code number {n}", f"Encrypt the letters with cipher {n}"))
+    if task.family == "dshift":
+        return ((f"Add {n} to each digit", f"Shift every digit up by {n}", f"Digit shift {n}"),
+                (f"Increase all digits by {n}, wrapping past nine", f"Raise each numeral by {n} modulo ten"))
+    if task.family == "dperm":
+        return ((f"Apply digit cipher {n}", f"Encode with digit substitution {n}", f"Digit code {n}"),
+                (f"Use secret digit code number {n}", f"Encrypt the digits with cipher {n}"))
+    if task.family == "addmod":
+        return ((f"Add modulo {n}", f"Sum the numbers mod {n}", f"Compute the sum modulo {n}"),
+                (f"Find the remainder of the sum after dividing by {n}", f"Add them, then take mod {n}"))
+    return _REORDER_PHRASINGS[task.name]
+
+
+def phrasings(task: Task | str, held_out: bool = False) -> tuple[str, ...]:
+    """The instructions of a task: its training phrasings, or the held-out ones (``held_out=True``)."""
+    task = get_task(task) if isinstance(task, str) else task
+    train, test = _family_phrasings(task)
+    return test if held_out else train
+
+
+def instructed_examples(task: Task | str, n: int, split: str = "train", seed: int = 0,
+                        held_out: bool = False) -> list[Example]:
+    """``n`` examples whose prompts start with an instruction: ``"Reverse the word: h e l l o ->"``.
+
+    The phrasing cycles through the task's training phrasings (or, with ``held_out=True``, its
+    held-out paraphrases), so every phrasing is seen equally often. Inputs, splits and answers are
+    those of :meth:`Task.examples`.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    lines = phrasings(task, held_out)
+    out = []
+    for i, ex in enumerate(task.examples(n, split, seed)):
+        out.append(Example(prompt=f"{lines[i % len(lines)]}: {ex.prompt}", answer=ex.answer))
+    return out

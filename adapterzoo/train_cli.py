@@ -220,3 +220,80 @@ def eval_command(base: str, adapter_dirs: tuple[Path, ...], task: str, n: int, s
     for row in rows:
         who = row["adapter"] or "base"
         click.echo(f"{who}: {metric} on {task} ({split}, n={n}) = {row[metric]:.3f}")
+
+
+@click.group(name="library")
+def library_command() -> None:
+    """A library of specialists: one adapter per generated task (adapterzoo/library.py)."""
+
+
+@library_command.command(name="build")
+@click.option("--base", default="smollm2", show_default=True, help="Base model: folder, Hub id, .gguf, 'smollm2'.")
+@click.option("--tasks", "tasks_spec", default="all", show_default=True,
+              help="'all', 'family:NAME' (e.g. family:caesar) or a comma-separated list of task names.")
+@click.option("--type", "adapter_type", default="lora", show_default=True, help="Adapter type.")
+@click.option("--config", "-c", "config_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Adapter config, repeatable (default for lora: r=4, lora_alpha=8, q_proj and v_proj).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the library: one sub-folder per task, plus library.json (the score table).")
+@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps per adapter.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per adapter per step.")
+@click.option("--group-size", type=int, default=8, show_default=True, help="Adapters trained together in one batch.")
+@click.option("--n-test", type=int, default=50, show_default=True, help="Held-out test inputs scored per task.")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: the type's default_lr).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads (e.g. 1 to leave cores to others).")
+@click.option("--push", "push_org", default=None, help="After building, push every adapter to ORG/<task>.")
+@click.option("--endpoint", default=None, help="Hub or registry URL for --push (default: $HF_ENDPOINT).")
+@click.option("--token", default=None, help="Token for --push (default: $HF_TOKEN or the stored login).")
+@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def library_build_command(base: str, tasks_spec: str, adapter_type: str, config_pairs: tuple[str, ...], out: Path,
+                          steps: int, batch_size: int, group_size: int, n_test: int, lr: float | None, seed: int,
+                          threads: int | None, push_org: str | None, endpoint: str | None, token: str | None,
+                          device: str | None, dtype: str | None, quiet: bool) -> None:
+    """Train, score and save one specialist per task (resumable); print the score table."""
+    import time
+
+    from .library import build_library, push_library, select_tasks, summary
+    from .tasks import UnknownTaskError
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        names = select_tasks(tasks_spec)
+    except (AdapterZooError, UnknownTaskError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--tasks") from None
+    for key, value in (("--steps", steps), ("--batch-size", batch_size), ("--group-size", group_size),
+                       ("--n-test", n_test)):
+        if value < 1:
+            raise click.BadParameter(f"must be at least 1, got {value}", param_hint=key)
+    config = _parse_config(config_pairs) if config_pairs else None
+    start = time.perf_counter()
+    try:
+        zoo = _load_zoo(base, device, dtype)
+        entries = build_library(zoo, names, out, adapter_type=adapter_type, config=config, steps=steps,
+                                batch_size=batch_size, group_size=group_size, n_test=n_test, lr=lr, seed=seed,
+                                progress=not quiet, echo=click.echo)
+    except AdapterZooError as exc:
+        raise click.ClickException(str(exc)) from exc
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("task", "exact match", "base", "test inputs", title=f"library in {out}")
+    for e in entries:
+        table.add_row(e.task, f"{e.exact_match:.2f}", f"{e.base_exact_match:.2f}", str(e.n_test))
+    Console(width=100).print(table)
+    s = summary(entries)
+    click.echo(f"{s['tasks']} tasks in {time.perf_counter() - start:.0f}s; exact match min {s['min']:.2f} / median "
+               f"{s['median']:.2f} / max {s['max']:.2f} (base: {s['base_min']:.2f} / {s['base_median']:.2f} / "
+               f"{s['base_max']:.2f})")
+    if push_org:
+        try:
+            pushed = push_library(out, push_org, endpoint=endpoint, token=token, tasks=names, echo=click.echo)
+        except AdapterZooError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"pushed {len(pushed)} adapters to {push_org}")

@@ -502,11 +502,29 @@ class Zoo:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None, **kwargs: Any) -> list[str]:
-        """Greedy or sampled continuations of `prompts`, row i with `adapters[i]`. See generate.py."""
+    def generate(self, prompts: Sequence[str], adapters: Sequence[str | None] | str | None = None, **kwargs: Any) -> list[str]:
+        """Greedy or sampled continuations of `prompts`, row i with `adapters[i]`. See generate.py.
+
+        `adapters="auto"` (or "auto" in a row) routes that row to the adapter that fits its prompt,
+        or the bare base (routing.py)."""
         from .generate import generate
 
         return generate(self, prompts, adapters, **kwargs)
+
+    # ------------------------------------------------------------------ routing
+
+    def add_routing_examples(self, name: str, prompts: Sequence[str], **options: Any) -> dict[str, Any]:
+        """Prompts adapter `name` should answer: stored (with their features) in its metadata, so
+        `adapters="auto"` can route to it. See routing.py."""
+        from .routing import add_routing_examples
+
+        return add_routing_examples(self, name, prompts, **options)
+
+    def route(self, prompts: Sequence[str], **options: Any):
+        """Which adapter (or None: the base) each prompt would be routed to; see routing.route."""
+        from .routing import route
+
+        return route(self, prompts, **options)
 
     # ------------------------------------------------------------------ training
 

@@ -1,0 +1,377 @@
+"""Automatic routing: pick, per request, the specialist that fits the prompt, or the bare base.
+
+    zoo.add_routing_examples("reverse", ["Reverse the word: h e l l o ->", ...])   # once, at training
+    zoo.generate(prompts, adapters="auto")                 # every row routed
+    zoo.generate(prompts, adapters=["auto", "sql", None])  # only row 0 routed
+    zoo.route(prompts)                                     # the decisions, with scores
+
+Why it costs almost nothing (the prototype router, the default): a request needs a prefill of its
+prompt through the base anyway. The router runs only the first `layer` decoder layers of that
+prefill with no adapter, mean-pools the hidden states over the prompt's tokens, and compares the
+result with *prototypes*: the same features of each adapter's routing examples, computed once and
+stored in the adapter's metadata (so they travel with the saved adapter and its registry copy).
+Features are centred on the mean of a fixed set of general prompts (`BACKGROUND_PROMPTS`), whose
+own features also act as the base's neighbours: a prompt nearer to general chat than to any
+specialist, or not similar enough to any (`min_similarity`), falls back to the bare base.
+
+The second router, `method="arrow"`, is Arrow's training-free rule for LoRA (Ostapenko et al.,
+2024, "Towards modular LLMs by building and reusing a library of LoRAs"; PEFT's `ArrowConfig`):
+each LoRA site's top right singular vector v of its ΔW = B A is a prototype of the inputs the
+adapter changes most; a token x scores |<v, x>| at every site, softmaxed across adapters, and the
+row's scores are averaged over tokens and sites. It needs no routing examples, so adapters trained
+elsewhere route too, but it has no notion of "none of them": it falls back to the base only when
+no adapter's averaged share beats the uniform share by `arrow_margin`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import AdapterZooError, BatchError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .zoo import Zoo
+
+AUTO = "auto"
+METADATA_KEY = "routing"
+#: Routing examples kept per adapter (their prompts and features go into its metadata).
+MAX_EXAMPLES = 24
+#: Neighbours averaged per adapter when scoring (k-nearest-neighbour vote).
+NEIGHBOURS = 3
+#: Below this centred cosine similarity to every specialist, a prompt goes to the bare base.
+MIN_SIMILARITY = 0.35
+#: Arrow: an adapter must hold this much more than the uniform share (1/n) to be chosen.
+ARROW_MARGIN = 0.02
+
+#: General prompts that fit no specialist: the centre of the feature space, and the base's side of
+#: the vote. Benchmarks measure the fallback rate on *other* general prompts (benchmarks/routing.py).
+BACKGROUND_PROMPTS: tuple[str, ...] = (
+    "What is the capital of France?", "Tell me a joke about cats.", "How do I bake bread at home?",
+    "Write a short poem about the sea.", "What's the weather usually like in spring?",
+    "Explain photosynthesis in simple terms.", "Who wrote Pride and Prejudice?",
+    "Give me three tips for better sleep.", "What is a good name for a puppy?",
+    "How far away is the moon?", "Summarize the plot of Hamlet.", "Why is the sky blue?",
+    "Recommend a book for a long flight.", "How do I make a cup of tea?", "What does a CPU do?",
+    "Hello! How are you today?", "Translate 'good morning' into Spanish.", "What is 2 plus 2?",
+    "Describe a sunset over the mountains.", "What are the rules of chess?",
+    "def add(a, b):", "SELECT name FROM users WHERE", "Dear hiring manager, I am writing to",
+    "The history of the Roman Empire", "List some healthy breakfast ideas.",
+)
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Where one prompt went: `adapter` (None: the bare base), its score, and the runner-up."""
+
+    adapter: str | None
+    score: float
+    runner_up: str | None = None
+    runner_up_score: float = float("nan")
+    method: str = "prototype"
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The base's stack of decoder (or encoder) layers: the ModuleList as long as the config says."""
+    count = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise AdapterZooError(f"cannot find the layer stack of this {type(model).__name__}; routing needs one")
+
+
+def default_layer(zoo: "Zoo") -> int:
+    """How many layers the router runs: a quarter of the stack (at least 1). Early layers already
+    tell instructions apart, and each layer more is prefill work the request pays twice."""
+    return max(1, len(decoder_layers(zoo.model)) // 4)
+
+
+class _Stop(Exception):
+    """Raised by a hook after the last layer the router needs: the rest of the base never runs."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__("routing features ready")
+        self.hidden = hidden
+
+
+@torch.inference_mode()
+def prompt_features(zoo: "Zoo", prompts: Sequence[str], layer: int | None = None, batch_size: int = 64) -> torch.Tensor:
+    """(len(prompts), hidden) float32: the mean over each prompt's tokens of the base's hidden
+    state after `layer` layers, no adapter. Only those layers run."""
+    from .generate import encode_left_padded
+
+    if zoo.tokenizer is None:
+        raise BatchError("routing needs a base with a tokenizer")
+    layers = decoder_layers(zoo.model)
+    layer = default_layer(zoo) if layer is None else layer
+    if not 1 <= layer <= len(layers):
+        raise BatchError(f"routing layer must be in 1..{len(layers)}, got {layer}")
+
+    def stop(module, args, output):
+        raise _Stop(output[0] if isinstance(output, tuple) else output)
+
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = encode_left_padded(zoo.tokenizer, prompts[start:start + batch_size], zoo.device)
+        handle = layers[layer - 1].register_forward_hook(stop)
+        try:
+            zoo.forward(ids, mask, [None] * len(ids))
+            raise AdapterZooError("the base ran to the end without reaching its routing layer")
+        except _Stop as done:
+            hidden = done.hidden.float()
+        finally:
+            handle.remove()
+        weights = mask.to(hidden.dtype)[..., None]
+        chunks.append((hidden * weights).sum(1) / weights.sum(1))
+    return torch.cat(chunks).cpu() if chunks else torch.zeros(0, 0)
+
+
+def add_routing_examples(zoo: "Zoo", name: str, prompts: Sequence[str], *, layer: int | None = None) -> dict[str, Any]:
+    """Store routing prototypes for adapter `name`: up to MAX_EXAMPLES prompts it should answer
+    (e.g. its training prompts) and their features, in its metadata (saved with it)."""
+    adapter = zoo.get_adapter(name)
+    prompts = [p for p in prompts if isinstance(p, str) and p.strip()][:MAX_EXAMPLES]
+    if not prompts:
+        raise BatchError(f"add_routing_examples({name!r}) needs at least one non-empty prompt")
+    layer = default_layer(zoo) if layer is None else layer
+    feats = prompt_features(zoo, prompts, layer)
+    record = {"examples": list(prompts), "layer": layer, "base": zoo.fingerprint.id,
+              "features": [[round(float(x), 5) for x in row] for row in feats]}
+    adapter.metadata = {**adapter.metadata, METADATA_KEY: record}
+    forget(zoo)
+    return record
+
+
+# ----------------------------------------------------------------------------- the prototype router
+
+
+@dataclass
+class _Prototypes:
+    names: list[str]
+    owner: torch.Tensor  # (N,) index into names; -1 for background (the base)
+    vectors: torch.Tensor  # (N, d) centred, unit length
+    centre: torch.Tensor  # (d,)
+    layer: int
+
+
+@dataclass
+class _Cache:
+    key: tuple = ()
+    prototypes: _Prototypes | None = None
+    arrow: dict[str, Any] = field(default_factory=dict)
+
+
+_caches: "weakref.WeakKeyDictionary[Any, _Cache]" = weakref.WeakKeyDictionary()
+_caches_lock = threading.Lock()
+
+
+def forget(zoo: "Zoo") -> None:
+    """Drop the router's cached prototypes for `zoo` (after adapters change)."""
+    with _caches_lock:
+        _caches.pop(zoo, None)
+
+
+def _cache(zoo: "Zoo") -> _Cache:
+    with _caches_lock:
+        cache = _caches.get(zoo)
+        key = tuple((n, id(zoo.find_adapter(n))) for n in zoo.adapter_names())
+        if cache is None or cache.key != key:
+            cache = _caches[zoo] = _Cache(key=key)
+        return cache
+
+
+def routable(zoo: "Zoo", method: str = "prototype") -> list[str]:
+    """The adapters the router may choose: those with routing examples (prototype) or LoRAs (arrow)."""
+    names = []
+    for name in zoo.adapter_names():
+        adapter = zoo.find_adapter(name)
+        if method == "prototype" and isinstance(adapter.metadata.get(METADATA_KEY), dict):
+            names.append(name)
+        elif method == "arrow" and adapter.type_name == "lora":
+            names.append(name)
+    return names
+
+
+def _prototypes(zoo: "Zoo") -> _Prototypes:
+    cache = _cache(zoo)
+    if cache.prototypes is not None:
+        return cache.prototypes
+    names = routable(zoo)
+    layer = default_layer(zoo)
+    rows, owners = [], []
+    for k, name in enumerate(names):
+        record = zoo.find_adapter(name).metadata[METADATA_KEY]
+        stored = record.get("features")
+        if stored and record.get("layer") == layer and record.get("base") == zoo.fingerprint.id:
+            feats = torch.tensor(stored, dtype=torch.float32)
+        else:  # made on another base or layer: recompute from the stored prompts
+            feats = prompt_features(zoo, [str(p) for p in record.get("examples", [])][:MAX_EXAMPLES], layer)
+        rows.append(feats)
+        owners += [k] * len(feats)
+    background = prompt_features(zoo, list(BACKGROUND_PROMPTS), layer)
+    centre = background.mean(0)
+    vectors = torch.cat([*rows, background]) - centre
+    owners += [-1] * len(background)
+    cache.prototypes = _Prototypes(names, torch.tensor(owners), _unit(vectors), centre, layer)
+    return cache.prototypes
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+def route(zoo: "Zoo", prompts: Sequence[str], *, among: Sequence[str] | None = None, method: str = "prototype",
+          min_similarity: float = MIN_SIMILARITY) -> list[RouteDecision]:
+    """Choose an adapter (or None, the bare base) for every prompt.
+
+    among: the adapters a caller may use (a tenant's); None: every routable adapter in the zoo.
+    method: "prototype" (features of the first layers vs stored examples) or "arrow" (LoRA ΔW).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if method == "arrow":
+        return arrow_route(zoo, prompts, among=among)
+    if method != "prototype":
+        raise BatchError(f"unknown routing method {method!r}; use 'prototype' or 'arrow'")
+    if not prompts:
+        return []
+    protos = _prototypes(zoo)
+    allowed = set(protos.names if among is None else among) & set(protos.names)
+    if not allowed:
+        return [RouteDecision(None, float("nan"))] * len(prompts)
+    queries = _unit(prompt_features(zoo, prompts, protos.layer) - protos.centre)
+    sims = queries @ protos.vectors.T  # (B, N)
+    background = sims[:, protos.owner == -1]
+    base_score = background.topk(min(NEIGHBOURS, background.shape[1]), dim=1).values.mean(1)
+    candidates = [k for k, n in enumerate(protos.names) if n in allowed]
+    scores = torch.full((len(prompts), len(candidates)), float("-inf"))
+    for j, k in enumerate(candidates):
+        mine = sims[:, protos.owner == k]
+        scores[:, j] = mine.topk(min(NEIGHBOURS, mine.shape[1]), dim=1).values.mean(1)
+    decisions = []
+    for i in range(len(prompts)):
+        order = scores[i].argsort(descending=True).tolist()
+        best = order[0]
+        top = float(scores[i, best])
+        second = order[1] if len(order) > 1 else None
+        runner = protos.names[candidates[second]] if second is not None else None
+        runner_score = float(scores[i, second]) if second is not None else float("nan")
+        if top < min_similarity or top <= float(base_score[i]):
+            decisions.append(RouteDecision(None, top, protos.names[candidates[best]], top))
+        else:
+            decisions.append(RouteDecision(protos.names[candidates[best]], top, runner, runner_score))
+    return decisions
+
+
+def resolve(zoo: "Zoo", prompts: Sequence[str], adapters: Any, **options: Any) -> list[str | None]:
+    """`adapters` with every "auto" replaced by the routed adapter's name (or None).
+
+    adapters: "auto" (every row), or one entry per row where "auto" rows are routed.
+    """
+    if isinstance(adapters, str):
+        if adapters != AUTO:
+            raise BatchError(f"adapters={adapters!r}: give a list with one name (or None) per row, or 'auto'")
+        adapters = [AUTO] * len(prompts)
+    adapters = list(adapters)
+    rows = [i for i, a in enumerate(adapters) if a == AUTO]
+    if rows:
+        for i, decision in zip(rows, route(zoo, [prompts[i] for i in rows], **options)):
+            adapters[i] = decision.adapter
+    return adapters
+
+
+# ----------------------------------------------------------------------------- Arrow (LoRA only)
+
+
+def _arrow_vectors(zoo: "Zoo", name: str) -> dict[str, tuple[torch.Tensor, float]]:
+    """Per LoRA site: the top right singular vector of ΔW = B A (input space) and its weight."""
+    cache = _cache(zoo)
+    if name in cache.arrow:
+        return cache.arrow[name]
+    adapter = zoo.find_adapter(name)
+    out = {}
+    for site, tensors in adapter.tensors.items():
+        a, b = _lora_factors(tensors)
+        if a is None:
+            continue
+        delta = (b.float() @ a.float()) if b.shape[-1] == a.shape[0] else (a.float() @ b.float()).T
+        _, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        out[site] = (vh[0].detach().cpu(), float(s[0]))
+    cache.arrow[name] = out
+    return out
+
+
+def _lora_factors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(A: r x in, B: out x r) from a LoRA site's tensors, whatever the plugin calls them."""
+    a = next((t for k, t in tensors.items() if k.lower() in ("a", "lora_a", "down")), None)
+    b = next((t for k, t in tensors.items() if k.lower() in ("b", "lora_b", "up")), None)
+    if a is None or b is None or a.dim() != 2 or b.dim() != 2:
+        return None, None
+    r = min(a.shape)
+    a = a if a.shape[0] == r else a.T  # -> (r, in)
+    b = b if b.shape[1] == r else b.T  # -> (out, r)
+    return a, b
+
+
+@torch.inference_mode()
+def arrow_route(zoo: "Zoo", prompts: Sequence[str], *, among: Sequence[str] | None = None,
+                margin: float = ARROW_MARGIN) -> list[RouteDecision]:
+    """Arrow's rule per row: at every LoRA site the adapters share, softmax over |<v_k, x>| per
+    token, averaged over the prompt's tokens and the sites; the largest average wins."""
+    from .generate import encode_left_padded
+
+    names = [n for n in routable(zoo, "arrow") if among is None or n in among]
+    if not names or not prompts:
+        return [RouteDecision(None, float("nan"), method="arrow")] * len(prompts)
+    vectors = {n: _arrow_vectors(zoo, n) for n in names}
+    sites = sorted(set.intersection(*(set(v) for v in vectors.values())))
+    if not sites:
+        return [RouteDecision(None, float("nan"), method="arrow")] * len(prompts)
+    modules = dict(zoo.model.named_modules())
+    ids, mask = encode_left_padded(zoo.tokenizer, prompts, zoo.device)
+    weights = mask.float()[..., None]
+    totals = torch.zeros(len(prompts), len(names))
+    handles = []
+
+    def hook(site):
+        matrix = torch.stack([vectors[n][site][0] for n in names], 1).to(zoo.device)  # (in, n)
+
+        def capture(module, args, output):
+            x = args[0].float()
+            probs = (x @ matrix).abs().softmax(-1)  # (B, T, n)
+            totals.add_(((probs * weights).sum(1) / weights.sum(1)).cpu())
+        return capture
+
+    for site in sites:
+        handles.append(modules[site].register_forward_hook(hook(site)))
+    try:
+        zoo.forward(ids, mask, [None] * len(prompts))
+    finally:
+        for h in handles:
+            h.remove()
+    shares = totals / len(sites)
+    decisions = []
+    for i in range(len(prompts)):
+        order = shares[i].argsort(descending=True).tolist()
+        best, top = names[order[0]], float(shares[i, order[0]])
+        runner = names[order[1]] if len(order) > 1 else None
+        runner_score = float(shares[i, order[1]]) if len(order) > 1 else float("nan")
+        chosen = best if top >= 1 / len(names) + margin or len(names) == 1 else None
+        decisions.append(RouteDecision(chosen, top, runner, runner_score, method="arrow"))
+    return decisions
+
+
+def timed_route(zoo: "Zoo", prompts: Sequence[str], **options: Any) -> tuple[list[RouteDecision], float]:
+    """`route`, and the seconds it took (for benchmarks)."""
+    start = time.perf_counter()
+    decisions = route(zoo, prompts, **options)
+    return decisions, time.perf_counter() - start
