@@ -126,18 +126,20 @@ def test_tokenizing_runs_off_the_event_loop(served, monkeypatch):
     answering at once."""
     url, server, _, _ = served
     encode = server.engine.encode
+    entered, release = threading.Event(), threading.Event()
 
-    def slow(text):
-        time.sleep(1.5)
+    def blocked(text):  # tokenizing that does not end until the test says so
+        entered.set()
+        release.wait(30)
         return encode(text)
 
-    monkeypatch.setattr(server.engine, "encode", slow)
+    monkeypatch.setattr(server.engine, "encode", blocked)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post, url, {"model": "tiny", "prompt": "hello", "max_tokens": 2})
-        time.sleep(0.3)
-        t0 = time.monotonic()
-        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
-        assert time.monotonic() - t0 < 1.0
+        assert entered.wait(30)
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # answered while tokenizing blocks
+        assert not pending.done()
+        release.set()
         assert pending.result().status_code == 200
 
 
