@@ -84,7 +84,7 @@ def generate(
         raise BatchError("generate needs a causal language model base with a tokenizer")
     if isinstance(prompts, str):
         prompts = [prompts]
-    if adapters == "auto" or (not isinstance(adapters, str) and adapters is not None and "auto" in list(adapters)):
+    if isinstance(adapters, str) or (adapters is not None and "auto" in list(adapters)):
         from .routing import resolve  # "auto" rows: the adapter that fits the prompt, or the base
 
         adapters = resolve(zoo, prompts, adapters)

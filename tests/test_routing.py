@@ -1,0 +1,182 @@
+"""Automatic routing (adapterzoo/routing.py) on a tiny seeded base: `adapters="auto"`, per-row
+"auto", fallback to the base, tenants' allowed sets, prototypes that travel with the saved
+adapter, the early exit that keeps routing cheap, and Arrow's rule for LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterzoo import routing
+from adapterzoo.errors import BatchError
+from adapterzoo.tasks import instructed_examples
+from adapterzoo.testing.models import perturb, tiny_zoo
+
+TASKS = ("reverse", "upper", "digits-sort")
+
+
+def specialists_zoo():
+    """Three perturbed LoRAs, each with its task's training prompts as routing examples."""
+    zoo = tiny_zoo("llama")
+    for i, task in enumerate(TASKS):
+        zoo.add_adapter(task, "lora", r=4, seed=i, trainable=False)
+        perturb(zoo, task, seed=i)
+        zoo.add_routing_examples(task, [ex.prompt for ex in instructed_examples(task, 12, "train")])
+    return zoo
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return specialists_zoo()
+
+
+def held_out(task: str, n: int = 4):
+    """Test-split inputs (never seen as routing examples), with the training phrasings."""
+    return [ex.prompt for ex in instructed_examples(task, n, "test", seed=3)]
+
+
+def test_every_auto_row_goes_to_the_adapter_whose_examples_match_its_prompt(zoo):
+    for task in TASKS:
+        decisions = zoo.route(held_out(task))
+        assert [d.adapter for d in decisions] == [task] * 4, decisions
+
+
+def test_generate_auto_equals_generate_with_the_routed_names(zoo):
+    prompts = [held_out("reverse", 1)[0], held_out("upper", 1)[0], held_out("digits-sort", 1)[0]]
+    auto = zoo.generate(prompts, adapters="auto", max_new_tokens=4)
+    named = zoo.generate(prompts, adapters=list(TASKS), max_new_tokens=4)
+    assert auto == named
+    assert auto != zoo.generate(prompts, max_new_tokens=4)  # the adapters change the answers
+
+
+def test_auto_rows_mix_with_named_and_base_rows_in_one_batch(zoo):
+    prompts = [held_out("upper", 1)[0], held_out("reverse", 1)[0], "Why is the sky blue?"]
+    mixed = zoo.generate(prompts, adapters=["auto", "reverse", None], max_new_tokens=4)
+    assert mixed == zoo.generate(prompts, adapters=["upper", "reverse", None], max_new_tokens=4)
+
+
+def test_a_general_prompt_falls_back_to_the_bare_base(zoo):
+    prompt = routing.BACKGROUND_PROMPTS[0]
+    assert zoo.route([prompt])[0].adapter is None
+    assert zoo.generate([prompt], adapters="auto", max_new_tokens=4) == zoo.generate([prompt], max_new_tokens=4)
+
+
+def test_routing_chooses_only_among_the_adapters_a_caller_may_use(zoo):
+    prompts = held_out("reverse") + held_out("upper")
+    for decision in zoo.route(prompts, among=["digits-sort"]):
+        assert decision.adapter in ("digits-sort", None)
+    assert [d.adapter for d in zoo.route(prompts, among=[])] == [None] * len(prompts)
+
+
+def test_an_adapter_without_routing_examples_is_never_chosen():
+    zoo = specialists_zoo()
+    zoo.add_adapter("plain", "lora", r=4, seed=9, trainable=False)
+    assert "plain" not in routing.routable(zoo)
+    assert all(d.adapter != "plain" for d in zoo.route(held_out("reverse")))
+
+
+def test_routing_prototypes_travel_with_the_saved_adapter(zoo, tmp_path):
+    for task in TASKS:
+        zoo.save_adapter(task, tmp_path / task)
+    fresh = tiny_zoo("llama")
+    for task in TASKS:
+        fresh.load_adapter(task, tmp_path / task)
+    prompts = held_out("reverse") + held_out("digits-sort")
+    assert [d.adapter for d in fresh.route(prompts)] == [d.adapter for d in zoo.route(prompts)]
+
+
+def test_prototypes_made_at_another_layer_are_recomputed_from_their_stored_prompts(zoo, tmp_path):
+    zoo.save_adapter("upper", tmp_path / "upper")
+    fresh = tiny_zoo("llama")
+    fresh.load_adapter("upper", tmp_path / "upper")
+    record = fresh.find_adapter("upper").metadata["routing"]
+    record["layer"], record["features"] = 2, [[0.0] * 32]  # stale: wrong layer, junk features
+    routing.forget(fresh)
+    assert [d.adapter for d in fresh.route(held_out("upper"))] == ["upper"] * 4
+
+
+def test_routing_runs_only_the_first_layers_of_the_base(zoo):
+    layers = routing.decoder_layers(zoo.model)
+    calls = [0] * len(layers)
+    handles = [layer.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, layer in enumerate(layers)]
+    try:
+        feats = routing.prompt_features(zoo, held_out("upper", 2), layer=1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [1, 0]
+    assert feats.shape == (2, 32) and torch.isfinite(feats).all()
+
+
+def test_routing_leaves_the_next_forward_untouched(zoo):
+    prompts = held_out("reverse", 2)
+    before = zoo.generate(prompts, adapters=["reverse", None], max_new_tokens=4)
+    zoo.route(prompts)
+    assert zoo.generate(prompts, adapters=["reverse", None], max_new_tokens=4) == before
+
+
+def test_bad_routing_requests_are_named_errors(zoo):
+    with pytest.raises(BatchError, match="unknown routing method"):
+        zoo.route(["x ->"], method="magic")
+    with pytest.raises(BatchError, match="one name"):
+        zoo.generate(["x ->"], adapters="reverse")
+    with pytest.raises(BatchError, match="routing layer"):
+        routing.prompt_features(zoo, ["x ->"], layer=9)
+    with pytest.raises(BatchError, match="non-empty prompt"):
+        zoo.add_routing_examples("reverse", ["", "   "])
+
+
+def test_auto_with_no_routable_adapter_runs_the_bare_base():
+    zoo = tiny_zoo("llama")
+    assert zoo.generate(["a b c ->"], adapters="auto", max_new_tokens=3) == zoo.generate(["a b c ->"], max_new_tokens=3)
+
+
+# ----------------------------------------------------------------------------- Arrow
+
+
+def site_inputs(zoo, prompt: str) -> dict[str, torch.Tensor]:
+    """The mean input each LoRA target site sees for `prompt` (on the bare base)."""
+    seen: dict[str, torch.Tensor] = {}
+    modules = dict(zoo.model.named_modules())
+    sites = list(zoo.find_adapter("a").tensors)
+    handles = [modules[s].register_forward_hook(lambda m, args, out, s=s: seen.__setitem__(s, args[0][0].mean(0)))
+               for s in sites]
+    ids = torch.tensor([zoo.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    try:
+        with torch.no_grad():
+            zoo(ids, adapters=[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_arrow_routes_each_prompt_to_the_lora_whose_delta_its_tokens_excite():
+    """Adapter "a"'s ΔW reads (rank 1) along the inputs prompt A produces at each site, "b"'s
+    along prompt B's: Arrow's top singular vectors must send A to "a" and B to "b"."""
+    zoo = tiny_zoo("llama")
+    prompts = {"a": "aaaa aaaa aaaa", "b": "9999 9999 9999"}
+    for name in prompts:
+        zoo.add_adapter(name, "lora", r=4, trainable=False)
+    for name, prompt in prompts.items():
+        inputs = site_inputs(zoo, prompt)
+        with torch.no_grad():
+            for site, tensors in zoo.find_adapter(name).tensors.items():
+                tensors["A"].zero_()
+                tensors["A"][:, 0] = inputs[site] / inputs[site].norm()
+                tensors["B"].zero_()
+                tensors["B"][0, 0] = 1.0
+        routing.forget(zoo)
+    decisions = zoo.route(list(prompts.values()), method="arrow")
+    assert [d.adapter for d in decisions] == ["a", "b"], decisions
+    assert all(d.method == "arrow" for d in decisions)
+    assert [d.adapter for d in zoo.route(list(prompts.values()), method="arrow", among=["b"])] == ["b", "b"]
+
+
+def test_arrow_needs_no_routing_examples_but_only_routes_loras(zoo):
+    z = tiny_zoo("llama")
+    z.add_adapter("bias", "bitfit", trainable=False)
+    assert routing.routable(z, "arrow") == []
+    assert z.route(["a b ->"], method="arrow")[0].adapter is None
+    assert set(routing.routable(zoo, "arrow")) == set(TASKS)
