@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import socket
+from html.parser import HTMLParser
 
 import httpx
 import pytest
@@ -359,3 +360,80 @@ def test_a_commit_with_more_operations_than_the_limit_is_refused_by_name(registr
     )
     assert reply.status_code == 400 and "25000 operations" in reply.json()["error"]
     assert len(alice.list_repo_commits(repo_id)) == 1
+
+
+# --------------------------------------------------------------------------- the web page (these held; kept as guards)
+
+
+def test_card_links_with_script_schemes_are_never_rendered_as_links(registry, bob, unique) -> None:
+    repo_id = f"bob/links-{unique}"
+    bob.create_repo(repo_id)
+    readme = (
+        "---\ntags:\n- '<script>alert(1)</script>'\nadapterzoo:\n  type: '<img src=x onerror=alert(1)>'\n---\n"
+        "[a](javascript:alert(1)) [b](JAVASCRIPT:alert(1)) [c](&#106;avascript:alert(1)) [d](vbscript:x)\n"
+        "[e](data:text/html;base64,PHNjcmlwdD4=) ![i](javascript:alert(1)) <a href='javascript:alert(3)'>x</a>\n"
+        "<script>alert(2)</script> [f]\n\n[f]: javascript:alert(4)\n"
+    )
+    bob.upload_file(path_or_fileobj=readme.encode(), path_in_repo="README.md", repo_id=repo_id)
+    page = httpx.get(f"{registry.url}/{repo_id}").text
+    links, tags = _links_and_tags(page)
+    assert "/" in links and not [link for link in links if re.match(r"(?i)\s*(javascript|vbscript|data):", link)]
+    assert "script" not in tags and "img" not in tags  # the injected ones stayed text
+
+
+def _links_and_tags(page: str) -> tuple[list[str], set[str]]:
+    """Every href/src of a real element of `page`, and the element names: what a browser would act on."""
+    found: tuple[list[str], set[str]] = ([], set())
+
+    class Collector(HTMLParser):
+        def handle_starttag(self, tag, attrs) -> None:
+            found[1].add(tag)
+            found[0].extend(value or "" for name, value in attrs if name in ("href", "src", "action"))
+
+    Collector().feed(page)
+    return found
+
+
+def test_a_token_given_to_the_page_never_lands_in_a_url(registry, alice, unique) -> None:
+    for number in range(3):
+        alice.create_repo(f"alice/tokenpage-{unique}-{number}", private=True)
+    page = httpx.post(
+        f"{registry.url}/", data={"token": ALICE_TOKEN, "q": f"tokenpage-{unique}"},
+        headers={"origin": registry.url},
+    ).text  # fmt: skip
+    assert f"tokenpage-{unique}-0" in page
+    for tag in re.findall(r"<(?:a|form|img|link)\b[^>]*>", page, flags=re.IGNORECASE):
+        assert ALICE_TOKEN not in tag, tag
+        if tag.lower().startswith("<form"):
+            assert "method=post" in tag.lower(), tag
+
+
+# --------------------------------------------------------------------------- Host, Origin, content type (held)
+
+
+def test_content_types_are_judged_by_their_media_type_alone(registry, alice, unique) -> None:
+    repo_id = f"alice/ctype-{unique}"
+    url = f"{registry.url}/api/models/{repo_id}/branch/dev-{unique}"
+    alice.create_repo(repo_id)
+    for disguised in ("text/plain; x=application/json", "text/plain, application/json", "application/json5",
+                      "application/jsonp", "multipart/form-data; boundary=application/json"):  # fmt: skip
+        assert httpx.post(url, headers={**ALICE, "content-type": disguised}, content="{}").status_code == 415, disguised
+    reply = httpx.post(url, headers={**ALICE, "content-type": "Application/JSON; Charset=UTF-8"}, content="{}")
+    assert reply.status_code == 200
+
+
+def test_missing_wrong_or_tricky_host_and_origin_headers_are_refused(registry, alice, unique) -> None:
+    repo_id = f"alice/origin-{unique}"
+    alice.create_repo(repo_id)
+    url = f"{registry.url}/api/models/{repo_id}/branch/o-{unique}"
+    json_type = {"content-type": "application/json"}
+    for origin in ("null", "http://127.0.0.1.evil.example", f"http://127.0.0.1:{registry.port}@evil.example",
+                   f"http://127.0.0.1:{registry.port + 1}", "file://"):  # fmt: skip
+        reply = httpx.post(url, headers={**ALICE, **json_type, "origin": origin}, content="{}")
+        assert reply.status_code == 403, origin
+    for host in ("evil.example", "127.0.0.1.nip.io", "localhost.", ""):
+        with socket.create_connection(("127.0.0.1", registry.port), timeout=10) as sock:
+            sock.sendall(f"GET /api/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            assert sock.recv(100).startswith(b"HTTP/1.1 421"), host
+    assert alice.list_repo_refs(repo_id).branches[0].name == "main"
+    assert len(alice.list_repo_refs(repo_id).branches) == 1
