@@ -22,6 +22,7 @@ import logging
 import mimetypes
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -76,6 +77,8 @@ USE_LFS_HINT = (
 # A body this small is read and dropped after an early refusal, so the connection stays usable;
 # a bigger one is never read (the reply says `Connection: close`).
 DISCARDABLE_BODY_BYTES = 64 * 1024
+# Commit bodies up to this size (a README edit, a config) are received without waiting for an upload slot.
+SMALL_COMMIT_BODY_BYTES = 1024 * 1024
 
 logger = logging.getLogger("adapterzoo_registry")
 
@@ -878,10 +881,15 @@ async def commit(request: Request) -> JSONResponse:
     if FULL_COMMIT_ID.fullmatch(branch):
         raise BadRequest("Commits go to a branch, not to a commit id.")
     await run_in_threadpool(registry.writable_repo, principal, repo)
+    # A big (or unsized) body takes one of the upload slots while it is received, as LFS objects do:
+    # otherwise one tenant's many slow uploads could fill tmp/, outside any quota, under everyone.
+    declared = request.headers.get("content-length", "")
+    big = not declared.isascii() or not declared.isdigit() or int(declared) > SMALL_COMMIT_BODY_BYTES
     try:
-        body_path = await _receive_body(
-            request, registry.store.temp_path(".ndjson"), registry.max_upload_bytes, hint=USE_LFS_HINT
-        )
+        async with registry.uploads.slot() if big else nullcontext():
+            body_path = await _receive_body(
+                request, registry.store.temp_path(".ndjson"), registry.max_upload_bytes, hint=USE_LFS_HINT
+            )
     except ClientDisconnect:  # the uploader went away mid-body; nothing was committed
         return Response(status_code=400)
     try:

@@ -24,6 +24,8 @@ import os
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -121,6 +123,22 @@ class UploadGate:
         declared = request.headers.get("content-length")
         if declared is not None and declared.strip() != str(size):
             raise BadRequest(f"This upload URL is for exactly {size} bytes; the request says {declared}.")
+        target = store.temp_path(".lfs")
+        async with self.slot():
+            try:
+                entry = await self._stream_to(request, target, oid, size)
+                await run_in_threadpool(store.store_lfs_object, repo, target, entry)
+            finally:
+                target.unlink(missing_ok=True)  # still there only if something failed
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One of the `max_concurrent_uploads` places for receiving a big body to disk.
+
+        LFS objects and big inline commit bodies share them, so however many uploads one tenant
+        opens, tmp/ holds at most that many. A caller waits up to `queue_wait_s` (its bytes stay in
+        the socket), then gets 503 with `Retry-After`, which huggingface_hub retries.
+        """
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrent_uploads)
         try:
@@ -130,13 +148,10 @@ class UploadGate:
                 f"{self.max_concurrent_uploads} uploads are being received already; retry shortly.",
                 headers={"Retry-After": "2"},
             ) from None
-        target = store.temp_path(".lfs")
         try:
-            entry = await self._stream_to(request, target, oid, size)
-            await run_in_threadpool(store.store_lfs_object, repo, target, entry)
+            yield
         finally:
             self._slots.release()
-            target.unlink(missing_ok=True)  # still there only if something failed
 
     def _authorized_size(self, request: Request, repo: RepoId, oid: str) -> int:
         params = request.query_params

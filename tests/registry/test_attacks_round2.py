@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import socket
+import time
 from html.parser import HTMLParser
 
 import httpx
@@ -437,3 +438,33 @@ def test_missing_wrong_or_tricky_host_and_origin_headers_are_refused(registry, a
             assert sock.recv(100).startswith(b"HTTP/1.1 421"), host
     assert alice.list_repo_refs(repo_id).branches[0].name == "main"
     assert len(alice.list_repo_refs(repo_id).branches) == 1
+
+
+# --------------------------------------------------------------------------- disk a tenant can fill
+
+
+def test_big_commit_bodies_are_received_a_bounded_number_at_a_time(start_server, unique) -> None:
+    # Inline commit bodies were streamed to tmp/ with no bound on how many at once, outside any quota:
+    # one tenant opening many slow uploads could fill the disk under every other tenant.
+    server = start_server(extra_args=("--max-concurrent-uploads", "1", "--upload-queue-seconds", "1"))
+    server.api(ALICE_TOKEN).create_repo(f"alice/slow-{unique}")
+    head = (
+        f"POST /api/models/alice/slow-{unique}/commit/main HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+        f"Authorization: Bearer {ALICE_TOKEN}\r\nContent-Type: application/x-ndjson\r\n"
+        "Content-Length: 3000000\r\n\r\n"
+    ).encode()
+    first = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    try:
+        first.sendall(head + b'{"key": "header"')  # the first upload holds the only slot, and stalls
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as second:
+            second.sendall(head + b'{"key": "header"')
+            reply = second.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 503") and b"retry-after" in reply.lower()
+        assert len(list((server.root / "tmp").glob("*.ndjson"))) == 1
+    finally:
+        first.close()
+    # A small commit is never made to wait behind big ones.
+    api = server.api(ALICE_TOKEN)
+    small = api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=f"alice/slow-{unique}")
+    assert small.oid
