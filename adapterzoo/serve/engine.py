@@ -40,6 +40,7 @@ import torch
 
 from ..errors import AdapterZooError, BatchError, UnknownAdapterError
 from ..generate import SAMPLING_EPS, pad_token_id, sample_next
+from .cpu import ThreadGovernor
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..zoo import Zoo
@@ -394,6 +395,8 @@ class Engine:
             # a new thread gets OpenMP's default team size whatever torch.get_num_threads() says there;
             # on a busy CPU that oversubscribes it badly (20x slower measured), so pass ours on
             self._torch_threads = torch.get_num_threads()
+            # then fewer while neighbours take cores (serve/cpu.py: why, and the ADAPTERZOO_THREADS knobs)
+            self.threads = ThreadGovernor(max_threads=self._torch_threads)
             self._thread = threading.Thread(target=self._loop, name="adapterzoo-engine", daemon=True)
             self._thread.start()
             threading.Thread(target=self._watchdog, args=(self._thread,), name="adapterzoo-watchdog", daemon=True).start()
@@ -683,7 +686,7 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
-        torch.set_num_threads(self._torch_threads)
+        self.threads.start()
         with torch.inference_mode():
             try:
                 while True:
@@ -695,6 +698,7 @@ class Engine:
                             self._cond.wait(0.05)
                             continue
                     try:
+                        self.threads.tick()
                         self._iteration()
                     except Exception as exc:  # noqa: BLE001 - a bug must not kill the server
                         # per-request failures are handled inside the step; reaching here is a bug
