@@ -68,11 +68,14 @@ def ls(folder: Path) -> None:
 @cli.command()
 @click.option("--base", default="smollm2", show_default=True, help="Base model: folder, Hub id, .gguf, 'smollm2' or 'minilm'.")
 @click.option("--max-new-tokens", default=16, show_default=True)
-def demo(base: str, max_new_tokens: int) -> None:
-    """The main job: one base, one adapter of every type, one mixed batch, one mixed generate."""
-    from .demo import run_demo
+@click.option("--specialists", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A library folder (adapterzoo library build --out) instead of the shipped specialists.")
+@click.option("--all-types", is_flag=True, help="Instead: one (untrained) adapter of every installed type.")
+def demo(base: str, max_new_tokens: int, specialists: Path | None, all_types: bool) -> None:
+    """The main job: trained specialists and the base in one mixed batch, plus adapters='auto'."""
+    from .demo import run_demo, run_types_demo
 
-    sys.exit(run_demo(base, max_new_tokens))
+    sys.exit(run_types_demo(base, max_new_tokens) if all_types else run_demo(base, max_new_tokens, specialists))
 
 
 @cli.command()

@@ -1,13 +1,20 @@
-"""The main job (`adapterzoo demo`): every adapter type in one mixed batch on one frozen base.
+"""The main job (`adapterzoo demo`): trained specialists on one frozen base, in one mixed batch.
 
-It attaches one adapter of each installed type, nudged off the identity with seeded noise (a
-stand-in for training, so every row visibly differs from the base), runs one mixed forward and
-one mixed `generate`, and checks each row against the same row run alone.
+`run_demo` loads the small LoRA specialists shipped in `adapterzoo/specialists/` (made by
+`adapterzoo library build`, see that folder's README), gives each a held-out input of its task with
+an instruction worded differently from training, and runs one mixed `generate`: every specialist's
+row next to the bare base on the same input, plus rows routed with `adapters="auto"` (one task
+prompt, one chat prompt that should fall back to the base). It then checks that each row equals
+its solo run and that the base is unchanged.
+
+`run_types_demo` (`adapterzoo demo --all-types`) is the earlier main job: one adapter of every
+installed type, nudged off the identity with seeded noise, in one mixed forward and generate.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -30,7 +37,7 @@ def _nudge(zoo: Zoo, name: str, seed: int, scale: float) -> None:
             t.add_(torch.randn(t.shape, generator=g) * scale * (t.abs().mean() + 1e-2))
 
 
-def run_demo(base: str = "smollm2", max_new_tokens: int = 16) -> int:
+def run_types_demo(base: str = "smollm2", max_new_tokens: int = 16) -> int:
     console = Console()
     t0 = time.perf_counter()
     zoo = Zoo.from_pretrained(base)
@@ -75,3 +82,79 @@ def run_demo(base: str = "smollm2", max_new_tokens: int = 16) -> int:
     unchanged = base_state_checksum(zoo.model) == checksum
     console.print(f"base unchanged: {unchanged}; every row equals its solo run: {ok}")
     return 0 if ok and unchanged else 1
+
+
+SPECIALISTS = Path(__file__).parent / "specialists"
+#: Chat prompts no specialist fits (and not among routing.BACKGROUND_PROMPTS): "auto" should pick the base.
+CHAT_PROMPTS = ["Can you suggest a name for my new cat?"]
+
+
+def run_demo(base: str = "smollm2", max_new_tokens: int = 16, specialists: str | Path | None = None) -> int:
+    """Specialists solving their tasks next to the base failing them, one "auto" row, the checks."""
+    from .library import finished
+    from .storage import CONFIG_FILE
+    from .tasks import get_task, instructed_examples, normalize
+
+    console = Console()
+    folder = Path(specialists) if specialists is not None else SPECIALISTS
+    saved = sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}") if finished(p.parent) is not None)
+    if not saved:
+        console.print(f"no specialists in {folder}; build some with `adapterzoo library build --out {folder}`")
+        return 1
+    t0 = time.perf_counter()
+    zoo = Zoo.from_pretrained(base, device="cpu", slots=max(16, len(saved)))
+    for path in saved:
+        zoo.load_adapter(path.name, path)
+    console.print(f"base {base!r} and {len(saved)} specialists loaded in {time.perf_counter() - t0:.1f}s; "
+                  f"fingerprint {zoo.fingerprint.id}")
+    checksum = base_state_checksum(zoo.model)
+
+    tasks = {path.name: get_task(zoo.find_adapter(path.name).metadata.get("task", path.name)) for path in saved}
+    examples = {name: instructed_examples(task, 1, "test", seed=7, held_out=True)[0] for name, task in tasks.items()}
+    names = list(tasks)
+    routed_task = names[len(names) // 2]
+    routed = instructed_examples(tasks[routed_task], 2, "test", seed=11, held_out=True)[1]
+    prompts = [examples[n].prompt for n in names] * 2 + [routed.prompt, *CHAT_PROMPTS]
+    adapters: list[str | None] = [*names, *[None] * len(names), "auto", *["auto"] * len(CHAT_PROMPTS)]
+    decisions = zoo.route(prompts[2 * len(names):])
+
+    t1 = time.perf_counter()
+    texts = zoo.generate(prompts, adapters, max_new_tokens=max_new_tokens, stop=["\n"])
+    elapsed = time.perf_counter() - t1
+    console.print(f"one mixed generate: {len(prompts)} rows ({len(names)} specialists, the base on the same "
+                  f"inputs, {1 + len(CHAT_PROMPTS)} routed with adapters='auto') in {elapsed:.1f}s, greedy, KV cache")
+
+    table = Table("specialist", "prompt (instruction never seen in training)", "specialist answer", "base answer")
+    solved = failed_base = 0
+    for i, name in enumerate(names):
+        expected = examples[name].expected
+        ours, bare = normalize(texts[i]), normalize(texts[len(names) + i])
+        solved += ours == expected
+        failed_base += bare != expected
+        table.add_row(name, examples[name].prompt, _mark(ours, expected), _mark(bare, expected))
+    console.print(table)
+    console.print(f"specialists right on {solved}/{len(names)} rows; the base wrong on {failed_base}/{len(names)}")
+
+    table = Table("prompt", "adapters='auto' chose", "score", "answer")
+    for k, decision in enumerate(decisions):
+        row = 2 * len(names) + k
+        answer = normalize(texts[row]) if decision.adapter else texts[row].strip()
+        if k == 0:
+            answer = _mark(normalize(texts[row]), routed.expected)
+        table.add_row(prompts[row], decision.adapter or "(the base)", f"{decision.score:.2f}", answer)
+    console.print(table)
+
+    ok = True
+    for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+        alone = zoo.generate([prompt], [adapter], max_new_tokens=max_new_tokens, stop=["\n"])[0]
+        if alone != texts[i]:
+            ok = False
+            console.print(f"row {i} ({adapter or 'base'}) differs from its solo run: {texts[i]!r} vs {alone!r}")
+    unchanged = base_state_checksum(zoo.model) == checksum
+    console.print(f"every row equals its solo run: {ok}; base unchanged: {unchanged}; "
+                  f"total {time.perf_counter() - t0:.1f}s")
+    return 0 if ok and unchanged else 1
+
+
+def _mark(answer: str, expected: str) -> str:
+    return f"[green]{answer} ✓[/green]" if answer == expected else f"[red]{answer or '(nothing)'} ✗[/red]"

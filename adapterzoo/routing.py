@@ -166,7 +166,7 @@ class _Prototypes:
 @dataclass
 class _Cache:
     key: tuple = ()
-    prototypes: _Prototypes | None = None
+    prototypes: dict[int, _Prototypes] = field(default_factory=dict)  # by layer
     arrow: dict[str, Any] = field(default_factory=dict)
 
 
@@ -201,12 +201,12 @@ def routable(zoo: "Zoo", method: str = "prototype") -> list[str]:
     return names
 
 
-def _prototypes(zoo: "Zoo") -> _Prototypes:
+def _prototypes(zoo: "Zoo", layer: int | None = None) -> _Prototypes:
     cache = _cache(zoo)
-    if cache.prototypes is not None:
-        return cache.prototypes
+    layer = default_layer(zoo) if layer is None else layer
+    if layer in cache.prototypes:
+        return cache.prototypes[layer]
     names = routable(zoo)
-    layer = default_layer(zoo)
     rows, owners = [], []
     for k, name in enumerate(names):
         record = zoo.find_adapter(name).metadata[METADATA_KEY]
@@ -221,8 +221,8 @@ def _prototypes(zoo: "Zoo") -> _Prototypes:
     centre = background.mean(0)
     vectors = torch.cat([*rows, background]) - centre
     owners += [-1] * len(background)
-    cache.prototypes = _Prototypes(names, torch.tensor(owners), _unit(vectors), centre, layer)
-    return cache.prototypes
+    cache.prototypes[layer] = _Prototypes(names, torch.tensor(owners, dtype=torch.long), _unit(vectors), centre, layer)
+    return cache.prototypes[layer]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -230,11 +230,12 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def route(zoo: "Zoo", prompts: Sequence[str], *, among: Sequence[str] | None = None, method: str = "prototype",
-          min_similarity: float = MIN_SIMILARITY) -> list[RouteDecision]:
+          min_similarity: float = MIN_SIMILARITY, layer: int | None = None) -> list[RouteDecision]:
     """Choose an adapter (or None, the bare base) for every prompt.
 
     among: the adapters a caller may use (a tenant's); None: every routable adapter in the zoo.
     method: "prototype" (features of the first layers vs stored examples) or "arrow" (LoRA ΔW).
+    layer: how many base layers the prototype router runs (default: `default_layer`).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -244,7 +245,7 @@ def route(zoo: "Zoo", prompts: Sequence[str], *, among: Sequence[str] | None = N
         raise BatchError(f"unknown routing method {method!r}; use 'prototype' or 'arrow'")
     if not prompts:
         return []
-    protos = _prototypes(zoo)
+    protos = _prototypes(zoo, layer)
     allowed = set(protos.names if among is None else among) & set(protos.names)
     if not allowed:
         return [RouteDecision(None, float("nan"))] * len(prompts)

@@ -1,0 +1,201 @@
+"""Automatic routing (`adapters="auto"`), measured: routed exact match vs the oracle and the base,
+fallback on general prompts, and what routing costs per request.
+
+Held-out inputs (test split) with instructions phrased differently from training
+(`adapterzoo.tasks.instructed_examples(..., held_out=True)`) on SmolLM2-135M-Instruct (CPU):
+
+1. **Trained specialists** (default: the ones shipped in adapterzoo/specialists/, or --library DIR):
+   exact match of the oracle (each input with its own task's adapter), of the bare base, and of
+   each router's choice (prototype, Arrow), plus how often each router named the right adapter.
+2. **Routing at scale** (--scale 32,116): the prototype router needs only routing examples, not
+   trained weights, so N adapters with their tasks' training prompts as routing examples measure
+   how often the right one is named among N (exact match needs N trained adapters: not measured).
+3. **Fallback**: the share of general chat prompts (none of them in routing.BACKGROUND_PROMPTS)
+   routed to the bare base.
+4. **Cost**: the seconds `zoo.route` adds to one request, against the request itself
+   (`zoo.generate` of 16 new tokens), interleaved round by round; medians and the ratio.
+
+    python benchmarks/routing.py                       # shipped specialists
+    python benchmarks/routing.py --scale 32,116 --n 10 # also routing accuracy among 32 and 116
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, save_json  # noqa: E402
+
+from adapterzoo import Zoo  # noqa: E402
+from adapterzoo.demo import SPECIALISTS  # noqa: E402
+from adapterzoo.library import exact_match, finished  # noqa: E402
+from adapterzoo.routing import BACKGROUND_PROMPTS, route  # noqa: E402
+from adapterzoo.storage import CONFIG_FILE  # noqa: E402
+from adapterzoo.tasks import all_tasks, get_task, instructed_examples  # noqa: E402
+
+GENERAL_PROMPTS = [
+    "What should I cook for dinner tonight?", "How do airplanes stay in the air?", "Tell me about the Eiffel Tower.",
+    "Can you help me write an email to my boss?", "What is the meaning of life?", "Who painted the Mona Lisa?",
+    "How many legs does a spider have?", "What's a fun weekend activity for kids?", "Explain how vaccines work.",
+    "Write a haiku about autumn leaves.", "What is the difference between a virus and a bacterium?",
+    "How do I change a flat tire?", "Give me a motivational quote.", "What are black holes?",
+    "Suggest a movie for a rainy evening.", "How does the stock market work?", "What language is spoken in Brazil?",
+    "Why do cats purr?", "How can I learn to play the guitar?", "What is the tallest mountain in the world?",
+    "Plan a three-day trip to Rome.", "What is machine learning?", "How do I keep my houseplants alive?",
+    "Describe the taste of a mango.", "What year did the first moon landing happen?", "Is coffee bad for you?",
+    "How do I say thank you in Japanese?", "What causes thunderstorms?", "Write a limerick about a dog.",
+    "What's the best way to study for an exam?", "import numpy as np", "The quarterly report shows that",
+    "Once upon a time in a small village,", "Please summarize this article for me.", "What is your favourite food?",
+    "How do magnets work?", "Recommend some podcasts about history.", "What are the symptoms of the flu?",
+    "Convert 10 miles to kilometers.", "Good evening! What can you do?",
+]
+
+
+def load_library(zoo: Zoo, folder: Path) -> dict[str, object]:
+    tasks = {}
+    for path in sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}")):
+        if finished(path) is None:
+            continue
+        zoo.load_adapter(path.name, path)
+        tasks[path.name] = get_task(zoo.find_adapter(path.name).metadata.get("task", path.name))
+    return tasks
+
+
+def trained(zoo: Zoo, tasks: dict, n: int) -> dict:
+    names = list(tasks)
+    data = {name: instructed_examples(task, n, "test", seed=5, held_out=True) for name, task in tasks.items()}
+    prompts = [ex.prompt for name in names for ex in data[name]]
+    truth = [name for name in names for _ in data[name]]
+    rows = {"oracle": [(name, tasks[name], data[name]) for name in names],
+            "base": [(None, tasks[name], data[name]) for name in names]}
+    result = {"adapters": names, "n_per_task": n}
+    for method in ("prototype", "arrow"):
+        start = time.perf_counter()
+        chosen = [d.adapter for d in route(zoo, prompts, method=method)]
+        result[f"{method}_route_s_per_prompt"] = (time.perf_counter() - start) / len(prompts)
+        result[f"{method}_right_adapter"] = sum(c == t for c, t in zip(chosen, truth)) / len(truth)
+        result[f"{method}_fell_back"] = sum(c is None for c in chosen) / len(truth)
+        # routed rows: each example with the adapter its router chose (or the base)
+        per = {}
+        for (c, name), ex in zip(zip(chosen, truth), [ex for name in names for ex in data[name]]):
+            per.setdefault((c, name), []).append(ex)
+        rows[method] = [(c, tasks[name], exs) for (c, name), exs in per.items()]
+    scores = {}
+    for label, group in rows.items():
+        ems = exact_match(zoo, group)
+        hits = sum(em * len(exs) for em, (_, _, exs) in zip(ems, group))
+        scores[label] = hits / len(prompts)
+    result.update({f"{k}_exact_match": v for k, v in scores.items()})
+    for method in ("prototype", "arrow"):
+        result[f"{method}_vs_oracle"] = scores[method] / scores["oracle"] if scores["oracle"] else float("nan")
+    return result
+
+
+def at_scale(base: str, size: int, n: int, layer: int | None) -> dict:
+    """Routing accuracy among `size` adapters that carry their tasks' routing examples."""
+    zoo = Zoo.from_pretrained(base, device="cpu", slots=4)
+    names = list(all_tasks())[:size] if size >= len(all_tasks()) else _spread(size)
+    start = time.perf_counter()
+    for name in names:
+        zoo.add_adapter(name, "lora", r=1, target_modules=["q_proj"], layers_to_transform=[0], trainable=False)
+        zoo.add_routing_examples(name, [ex.prompt for ex in instructed_examples(name, 24, "train")], layer=layer)
+    setup = time.perf_counter() - start
+    prompts, truth = [], []
+    for name in names:
+        for ex in instructed_examples(name, n, "test", seed=5, held_out=True):
+            prompts.append(ex.prompt)
+            truth.append(name)
+    chosen = [d.adapter for d in route(zoo, prompts, layer=layer)]
+    wrong_family = sum(c is not None and get_task(c).family != get_task(t).family for c, t in zip(chosen, truth))
+    general = [d.adapter for d in route(zoo, GENERAL_PROMPTS, layer=layer)]
+    return {"adapters": size, "n_per_task": n, "layer": layer, "prototype_seconds": round(setup, 1),
+            "right_adapter": sum(c == t for c, t in zip(chosen, truth)) / len(truth),
+            "fell_back": sum(c is None for c in chosen) / len(truth),
+            "wrong_family": wrong_family / len(truth),
+            "general_fallback": sum(c is None for c in general) / len(general)}
+
+
+def _spread(size: int) -> list[str]:
+    """`size` tasks taken evenly across families (so 32 is not just the Caesar shifts)."""
+    by_family: dict[str, list[str]] = {}
+    for task in all_tasks().values():
+        by_family.setdefault(task.family, []).append(task.name)
+    out: list[str] = []
+    while len(out) < size:
+        for family in list(by_family):
+            if by_family[family] and len(out) < size:
+                out.append(by_family[family].pop(0))
+    return out
+
+
+def cost(zoo: Zoo, prompts: list[str], rounds: int, max_new_tokens: int) -> dict:
+    """Seconds of `route` for one prompt against one request (generate), interleaved per round."""
+    route_s, request_s = [], []
+    for r in range(rounds):
+        prompt = prompts[r % len(prompts)]
+        t0 = time.perf_counter()
+        chosen = route(zoo, [prompt])[0].adapter
+        t1 = time.perf_counter()
+        zoo.generate([prompt], [chosen], max_new_tokens=max_new_tokens)
+        t2 = time.perf_counter()
+        route_s.append(t1 - t0)
+        request_s.append(t2 - t1)
+    r, q = statistics.median(route_s), statistics.median(request_s)
+    return {"rounds": rounds, "max_new_tokens": max_new_tokens, "route_ms": round(r * 1000, 2),
+            "request_ms": round(q * 1000, 1), "routing_share": r / (r + q)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="smollm2")
+    parser.add_argument("--library", type=Path, default=SPECIALISTS)
+    parser.add_argument("--n", type=int, default=20, help="held-out inputs per task")
+    parser.add_argument("--scale", default="", help="comma-separated adapter counts for routing at scale (32,116)")
+    parser.add_argument("--layer", type=int, default=None, help="router layers (default: routing.default_layer)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    assert not set(GENERAL_PROMPTS) & set(BACKGROUND_PROMPTS)
+
+    zoo = Zoo.from_pretrained(args.base, device="cpu")
+    tasks = load_library(zoo, args.library)
+    results: dict = {"machine": machine(), "base": args.base, "library": str(args.library)}
+    print(f"{len(tasks)} specialists from {args.library}: {', '.join(tasks)}", flush=True)
+    results["trained"] = t = trained(zoo, tasks, args.n)
+    general = {m: [d.adapter for d in route(zoo, GENERAL_PROMPTS, method=m)] for m in ("prototype", "arrow")}
+    results["general_fallback"] = {m: sum(c is None for c in g) / len(g) for m, g in general.items()}
+    prompts = [ex.prompt for task in tasks.values() for ex in instructed_examples(task, 2, "test", seed=9, held_out=True)]
+    results["cost"] = c = cost(zoo, prompts + GENERAL_PROMPTS[:5], args.rounds, 16)
+    results["scale"] = []
+    for size in [int(s) for s in args.scale.split(",") if s]:
+        print(f"routing among {size} adapters ...", flush=True)
+        results["scale"].append(at_scale(args.base, size, max(2, args.n // 4), args.layer))
+
+    print(f"\n{len(tasks)} trained specialists, {args.n} held-out inputs each, paraphrased instructions:\n")
+    print("| router | right adapter | exact match | vs oracle | fell back on task prompts | general prompts to base |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| oracle (named) | 1.00 | {t['oracle_exact_match']:.3f} | 1.00 | - | - |")
+    print(f"| bare base | - | {t['base_exact_match']:.3f} | {t['base_exact_match'] / max(t['oracle_exact_match'], 1e-9):.2f} | - | - |")
+    for m in ("prototype", "arrow"):
+        print(f"| {m} | {t[m + '_right_adapter']:.3f} | {t[m + '_exact_match']:.3f} | {t[m + '_vs_oracle']:.3f} | "
+              f"{t[m + '_fell_back']:.3f} | {results['general_fallback'][m]:.3f} |")
+    print(f"\nrouting cost (prototype, 1 prompt): median {c['route_ms']} ms vs the request's {c['request_ms']} ms "
+          f"(16 new tokens): {100 * c['routing_share']:.1f}% of the request's time ({c['rounds']} interleaved rounds)")
+    if results["scale"]:
+        print("\n| adapters | right adapter (prototype) | fell back | wrong family | general prompts to base |")
+        print("|---:|---:|---:|---:|---:|")
+        for s in results["scale"]:
+            print(f"| {s['adapters']} | {s['right_adapter']:.3f} | {s['fell_back']:.3f} | {s['wrong_family']:.3f} | "
+                  f"{s['general_fallback']:.3f} |")
+    print(f"\nwrote {save_json('routing', results)}")
+
+
+if __name__ == "__main__":
+    main()
