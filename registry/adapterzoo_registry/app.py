@@ -454,8 +454,9 @@ async def update_settings(request: Request) -> JSONResponse:
     principal, repo = registry.principal(request), _repo(request)
     await run_in_threadpool(registry.writable_repo, principal, repo)
     payload = await _json_body(request)
-    if payload.get("gated") not in (None, False):
-        raise BadRequest("Gated repos are not supported by this registry.")
+    gated = payload.get("gated")
+    if gated is not None and gated is not False:  # not `in (None, False)`: 0 == False in Python
+        raise BadRequest(f"'gated' must be false (a JSON boolean), not {gated!r:.40}: gated repos are not supported.")
     private = _requested_privacy(payload)
 
     def update() -> None:

@@ -33,7 +33,8 @@ PAGE_REPOS = 100
 PAGE_COMMITS = 20
 MAX_RENDERED_CARD_CHARS = 64 * 1024
 # Rendered cards, by (registry root, repo, commit id): commits never change, so neither does their card.
-_RENDERED_CARDS: BoundedCache[tuple[str, str, str], str] = BoundedCache(1_000)
+# Few entries: a hostile table renders to ~700 KB of HTML from a few KB of Markdown.
+_RENDERED_CARDS: BoundedCache[tuple[str, str, str], str] = BoundedCache(200)
 _MARKDOWN = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; base-uri 'none'"
 

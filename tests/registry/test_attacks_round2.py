@@ -468,3 +468,19 @@ def test_big_commit_bodies_are_received_a_bounded_number_at_a_time(start_server,
     api = server.api(ALICE_TOKEN)
     small = api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=f"alice/slow-{unique}")
     assert small.oid
+
+
+# --------------------------------------------------------------------------- JSON types
+
+
+@pytest.mark.parametrize("gated", [0, "", [], {}, "false", "auto"])
+def test_gated_must_be_the_boolean_false_not_something_equal_to_it(registry, alice, unique, gated) -> None:
+    # `0 in (None, False)` is true in Python: `"gated": 0` was taken for `false`.
+    repo_id = f"alice/gated-{unique}"
+    alice.create_repo(repo_id, exist_ok=True)
+    reply = httpx.put(
+        f"{registry.url}/api/models/{repo_id}/settings", headers={**ALICE, "content-type": "application/json"},
+        json={"gated": gated, "private": True},
+    )  # fmt: skip
+    assert reply.status_code == 400 and "gated" in reply.json()["error"]
+    assert alice.model_info(repo_id).private is False  # nothing of the request was applied
