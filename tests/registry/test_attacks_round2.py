@@ -456,7 +456,9 @@ def test_big_commit_bodies_are_received_a_bounded_number_at_a_time(start_server,
     first = socket.create_connection(("127.0.0.1", server.port), timeout=15)
     try:
         first.sendall(head + b'{"key": "header"')  # the first upload holds the only slot, and stalls
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while not list((server.root / "tmp").glob("*.ndjson")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the server is receiving it
         with socket.create_connection(("127.0.0.1", server.port), timeout=15) as second:
             second.sendall(head + b'{"key": "header"')
             reply = second.recv(65536)
