@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import threading
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class Zoo:
         self._types: dict[str, AdapterType] = {}
         self._lock = threading.RLock()  # residency changes and forwards of concurrent callers
         self._cache_kw = _cache_keyword(self.model)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._checked_pools: set[tuple] = set()  # pool keys whose type ran once on a tiny input
 
     @classmethod
@@ -402,11 +404,14 @@ class Zoo:
         plan: BatchPlan | None = None,
         cache: Any = None,
         labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> ZooOutput:
         """Run a mixed batch: row i uses `adapters[i]` (a name, or None for the bare base).
 
         With a `cache` (from a previous call's output), the mask covers past and new tokens and
-        virtual prompt tokens are not added again.
+        virtual prompt tokens are not added again. `logits_to_keep=k` > 0 computes the LM logits
+        of the last k positions only (a prefill that samples one token skips the vocabulary
+        projection of every other prompt position; it dominates long prompts).
         """
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() != 2:
@@ -424,7 +429,7 @@ class Zoo:
             )
         with self._lock:  # no other thread's plan may rewrite a slot while this forward reads it
             plan = self._plan_for(batch, adapters, plan)
-            return self._run(input_ids, attention_mask, plan, cache, labels, past)
+            return self._run(input_ids, attention_mask, plan, cache, labels, past, logits_to_keep)
 
     def _plan_for(self, batch: int, adapters: Sequence[str | None] | None, plan: BatchPlan | None) -> BatchPlan:
         """The caller's plan if it still holds (else the same names planned again), or a new one."""
@@ -446,7 +451,7 @@ class Zoo:
         return plan
 
     def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: BatchPlan, cache: Any,
-             labels: torch.Tensor | None, past: int) -> ZooOutput:
+             labels: torch.Tensor | None, past: int, logits_to_keep: int = 0) -> ZooOutput:
         batch, length = input_ids.shape
         with active(plan, None):  # a delta site at the input embedding (a LoRA's replaced rows) sees the plan
             embeds = self.model.get_input_embeddings()(input_ids)
@@ -470,11 +475,15 @@ class Zoo:
             if self.is_causal_lm:
                 kwargs["output_hidden_states"] = True
         caller_mask = attention_mask[:, -length:]
+        # the last k positions are real tokens (virtual ones come first), so no width to cut then
+        keep = 0 < logits_to_keep <= length and labels is None and self.is_causal_lm and self._keeps_logits
+        if keep:
+            kwargs["logits_to_keep"] = logits_to_keep
         with active(plan, None if prefix_in_cache else self.runtime.attention_sites):
             out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, **kwargs)
         result = ZooOutput(attention_mask=attention_mask, plan=plan, cache=getattr(out, self._cache_kw, None))
         if getattr(out, "logits", None) is not None:
-            result.logits = out.logits[:, width:]
+            result.logits = out.logits if keep else out.logits[:, width:]
         else:
             result.last_hidden_state = out.last_hidden_state[:, width:]
         if head_rows is not None:
