@@ -106,14 +106,15 @@ def load_average() -> float:
 # ----------------------------------------------------------------------------- vLLM (worker side)
 
 
-def vllm_worker(folder: str, adapters_dir: str, batch: int, max_model_len: int) -> None:
+def vllm_worker(folder: str, adapters_dir: str, batch: int, max_model_len: int, dtype: str, device: str) -> None:
     """Runs in .venv-peers: one LLM, then one JSON line in (jobs), one JSON line out (results)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(model=folder, dtype="float32", enable_lora=True, max_loras=16, max_lora_rank=8, max_cpu_loras=64,
-              max_num_seqs=batch, max_model_len=max_model_len, disable_log_stats=False)
+    extra = {"gpu_memory_utilization": 0.3} if device == "cuda" else {}
+    llm = LLM(model=folder, dtype=dtype, enable_lora=True, max_loras=16, max_lora_rank=8, max_cpu_loras=64,
+              max_num_seqs=batch, max_model_len=max_model_len, disable_log_stats=False, **extra)
     print(MARK + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         msg = json.loads(line)
@@ -136,14 +137,15 @@ def vllm_worker(folder: str, adapters_dir: str, batch: int, max_model_len: int) 
 class VLLM:
     """The driver's handle on a vLLM worker process (one engine shape)."""
 
-    def __init__(self, folder: Path, adapters_dir: Path, batch: int, max_model_len: int, log: Path):
-        if not PEERS_PYTHON.exists():
-            raise SystemExit(f"{PEERS_PYTHON} is missing: run scripts/setup_peers.sh first")
+    def __init__(self, folder: Path, adapters_dir: Path, batch: int, max_model_len: int, log: Path, args):
+        python = Path(args.peers_python)
+        if not python.exists():
+            raise SystemExit(f"{python} is missing: run scripts/setup_peers.sh first (or pass --peers-python)")
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
         self.log = log.open("a")
         self.proc = subprocess.Popen(
-            [str(PEERS_PYTHON), __file__, "--worker", "--folder", str(folder), "--adapters-dir", str(adapters_dir),
-             "--batch", str(batch), "--max-model-len", str(max_model_len)],
+            [str(python), __file__, "--worker", "--folder", str(folder), "--adapters-dir", str(adapters_dir),
+             "--batch", str(batch), "--max-model-len", str(max_model_len), "--dtype", args.dtype, "--device", args.device],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=str(ROOT),
             start_new_session=True)  # its own process group: vLLM's engine processes outlive a killed parent
         self._reply()  # ready
@@ -256,7 +258,7 @@ def run_shape(name: str, args, zoo, tokenizer, folder: Path, adapters_dir: Path,
     print(f"\n[{name}] batch {batch}, {len(jobs)} requests, prompts {min(len(j[0]) for j in jobs)}-"
           f"{max(len(j[0]) for j in jobs)} tokens, {rounds} rounds, cases {','.join(cases)}", flush=True)
     t = time.perf_counter()
-    vllm = VLLM(folder, adapters_dir, batch, 1024 if long else 512, RESULTS / "vs_vllm_worker.log") \
+    vllm = VLLM(folder, adapters_dir, batch, 1024 if long else 512, Path(tempfile.gettempdir()) / "vs_vllm_worker.log", args) \
         if not args.ours_only else None
     print(f"  vLLM worker up in {time.perf_counter() - t:.0f}s (load average {load_average()})", flush=True)
     noisy_jobs = jobs[:16]
@@ -339,6 +341,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {','.join(SHAPES)}")
     ap.add_argument("--ours-only", action="store_true", help="skip vLLM (no .venv-peers needed)")
     ap.add_argument("--out", default="vs_vllm", help="result file name in benchmarks/results/")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_check.sh)")
+    ap.add_argument("--dtype", default="float32", help="float32 (CPU), bfloat16 (GPU)")
+    ap.add_argument("--peers-python", default=str(PEERS_PYTHON), help="the python of the venv with vLLM")
     # the vLLM worker (started by the driver in .venv-peers)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -346,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-model-len", type=int, default=512, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        vllm_worker(args.folder, args.adapters_dir, args.batch, args.max_model_len)
+        vllm_worker(args.folder, args.adapters_dir, args.batch, args.max_model_len, args.dtype, args.device)
         return {}
     args.cases = [c for c in args.cases.split(",") if c]
     shapes = [s for s in args.shapes.split(",") if s]
@@ -363,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     folder = gguf_as_safetensors(Path(resolve_source("smollm2")))  # the cached safetensors copy of SmolLM2
-    zoo = Zoo.from_pretrained(str(folder), device="cpu", dtype=torch.float32, slots=16)
+    zoo = Zoo.from_pretrained(str(folder), device=args.device, dtype=getattr(torch, args.dtype), slots=16)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         adapters_dir = Path(tmp)
