@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.inference_mode():
             result = mixed_types(args) if args.scenario == "mixed-types" else fairness(args)
         payload = {"config": vars(args), "machine": machine(), "result": result, "command": command}
-        print(f"wrote {save_json(f'serve_{args.scenario.replace(chr(45), chr(95))}', payload)}")
+        name = "serve_" + args.scenario.replace("-", "_") + ("_no_shares" if args.no_shares else "")
+        print(f"wrote {save_json(name, payload)}")
         return payload
 
     t_build = time.perf_counter()
