@@ -211,9 +211,6 @@ class CompletionBody(_Body):
                           ("suffix", not self.suffix)):
             if not ok:
                 raise APIError(400, f"`{field}` is not supported by this server", param=field, code="unsupported_parameter")
-        if self.logprobs is not None and self.stream:
-            raise APIError(400, "logprobs are not supported with stream=true on this server; ask without streaming",
-                           param="logprobs", code="unsupported_parameter")
 
     def logprobs_asked(self) -> int | None:
         return self.logprobs
@@ -260,9 +257,6 @@ class ChatBody(_Body):
                 raise APIError(400, f"`{field}` is not supported by this server", param=field, code="unsupported_parameter")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
-        if self.logprobs and self.stream:
-            raise APIError(400, "logprobs are not supported with stream=true on this server; ask without streaming",
-                           param="logprobs", code="unsupported_parameter")
 
     def logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -664,17 +658,17 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
         created = int(time.time())
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
-        def chunk(i: int, text: str | None, reason: str | None, role: bool = False) -> str:
+        def chunk(i: int, text: str | None, reason: str | None, role: bool = False, logprobs: Any = None) -> str:
             if chat:
                 delta: dict[str, Any] = {}
                 if role:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
                 obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model, "choices": [choice]}
             else:
-                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
                 obj = {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": [choice]}
             return f"data: {json.dumps(obj)}\n\n"
 
@@ -696,7 +690,10 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
                             err.message = s.redact(err.message)
                             yield f"data: {json.dumps(err.body())}\n\n"
                         else:
-                            yield chunk(i, None if chat else "", _reason(value))
+                            # a choice's logprobs come whole with its last chunk: text deltas hold back
+                            # partial characters and stop prefixes, so they do not map onto tokens
+                            logprobs = (_chat_logprobs if chat else _completion_logprobs)(s, value)
+                            yield chunk(i, None if chat else "", _reason(value), logprobs=logprobs)
                 if include_usage:
                     usage = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                              "created": created, "model": body.model, "choices": [], "usage": _usage(finished, body.n)}

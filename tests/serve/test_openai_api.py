@@ -214,3 +214,19 @@ def test_n_choices_stream_by_index(served):
             texts[choice.index] += choice.text
     assert texts == [reference_run(reference, "abc", "houlsby", 5)[0]] * 2
     assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == 3
+
+
+def test_streamed_logprobs_come_with_each_choices_last_chunk(served):
+    url, reference = served
+    client = openai_client(url, "k-acme")
+    chunks = list(client.completions.create(model="prefix", prompt="hello", max_tokens=5, temperature=0, logprobs=1,
+                                            stream=True))
+    text = "".join(c.choices[0].text for c in chunks)
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "length" and "".join(last.logprobs.tokens) == text
+    assert last.logprobs.token_logprobs == pytest.approx(reference_run(reference, "hello", "prefix", 5)[1], abs=1e-4)
+    chat = list(client.chat.completions.create(model="lora", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                               temperature=0, logprobs=True, top_logprobs=1, stream=True))
+    final = [c for c in chat if c.choices and c.choices[0].finish_reason][0].choices[0]
+    content = "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
+    assert "".join(t.token for t in final.logprobs.content) == content
