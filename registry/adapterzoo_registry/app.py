@@ -619,9 +619,10 @@ def _revision_and_path(request: Request, marker: str) -> tuple[str, str]:
     raw = request.scope.get("raw_path") or quote(request.scope["path"]).encode()
     segments = raw.decode("latin-1").split("/")
     prefix = f"/{_repo(request)}/{marker}"
-    after = None
-    for count in range(1, len(segments)):
-        if unquote("/".join(segments[:count])).endswith(prefix):
+    after, decoded = None, ""
+    for count in range(1, len(segments)):  # decoded a segment at a time: linear in the URL's length
+        decoded = (decoded + "/" if count > 1 else "") + unquote(segments[count - 1])
+        if decoded.endswith(prefix):
             after = "/".join(segments[count:])
             break
     if after is None:

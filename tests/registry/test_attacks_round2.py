@@ -486,3 +486,4 @@ def test_gated_must_be_the_boolean_false_not_something_equal_to_it(registry, ali
     )  # fmt: skip
     assert reply.status_code == 400 and "gated" in reply.json()["error"]
     assert alice.model_info(repo_id).private is False  # nothing of the request was applied
+
