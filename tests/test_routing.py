@@ -85,13 +85,13 @@ def test_routing_prototypes_travel_with_the_saved_adapter(zoo, tmp_path):
     assert [d.adapter for d in fresh.route(prompts)] == [d.adapter for d in zoo.route(prompts)]
 
 
-def test_prototypes_made_at_another_layer_are_recomputed_from_their_stored_prompts(zoo, tmp_path):
+@pytest.mark.parametrize("damage", [{"layer": 2}, {"features": "not base64!"}, {"kind": "another/v9"},
+                                    {"shape": [1, 3]}, {"base": "another-base"}])
+def test_stale_or_damaged_prototypes_are_recomputed_from_their_stored_prompts(zoo, tmp_path, damage):
     zoo.save_adapter("upper", tmp_path / "upper")
     fresh = tiny_zoo("llama")
     fresh.load_adapter("upper", tmp_path / "upper")
-    record = fresh.find_adapter("upper").metadata["routing"]
-    record["layer"], record["features"] = 2, [[0.0] * 32]  # stale: wrong layer, junk features
-    routing.forget(fresh)
+    fresh.find_adapter("upper").metadata["routing"].update(damage)
     assert [d.adapter for d in fresh.route(held_out("upper"))] == ["upper"] * 4
 
 
@@ -106,7 +106,7 @@ def test_routing_runs_only_the_first_layers_of_the_base(zoo):
         for h in handles:
             h.remove()
     assert calls == [1, 0]
-    assert feats.shape == (2, 32) and torch.isfinite(feats).all()
+    assert feats.shape == (2, 64) and torch.isfinite(feats).all()  # embeddings and hidden states
 
 
 def test_routing_leaves_the_next_forward_untouched(zoo):
