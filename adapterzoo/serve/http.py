@@ -92,6 +92,10 @@ class ClientGone(Exception):
     """The client went away while sending its body: nothing to answer, nothing to log."""
 
 
+#: The model id that routes each request to the adapter that fits its prompt (adapterzoo/routing.py).
+AUTO_MODEL = "auto"
+
+
 def not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist or you do not have access to it.", param="model",
                     code="model_not_found")
@@ -431,6 +435,36 @@ class Server:
             raise not_found(model)
         return model
 
+    def route_auto(self, prompts: list, chat: bool, tenant: Tenant) -> str | None:
+        """model="auto": the adapter, of those `tenant` may use, that fits the prompt (None: the
+        base). Adapters still on disk count too: their routing examples are read from their
+        config (adapterzoo/routing.py), and the chosen one loads as if it had been named."""
+        from ..routing import METADATA_KEY, read_routing_record, route
+
+        if len(prompts) != 1:
+            raise APIError(400, "model 'auto' routes one prompt per request; send the prompts in separate requests, "
+                                "or name the model", param="prompt", code="invalid_value")
+        if chat:
+            said = [m.get("content") for m in prompts[0] if m.get("role") == "user"]
+            text = said[-1] if said else ""
+        else:
+            text = prompts[0]
+        if not isinstance(text, str) or not text.strip():
+            raise APIError(400, "model 'auto' needs a text prompt to route (token ids or an empty prompt cannot be "
+                                "routed); name the model instead", param="prompt", code="invalid_value")
+        zoo = getattr(self.router, "zoo", None)
+        if zoo is None:
+            raise APIError(501, "model 'auto' is not available on this deployment; name the model", type="server_error",
+                           code="not_implemented")
+        records = {}
+        for entry in self.router.models(tenant.name):
+            loaded = zoo.find_adapter(entry.name)
+            record = (loaded.metadata.get(METADATA_KEY) if loaded is not None
+                      else read_routing_record(entry.path) if entry.path is not None else None)
+            if isinstance(record, dict):
+                records[entry.name] = record
+        return route(zoo, [text], records=records)[0].adapter if records else None
+
     def rate_limit(self, tenant: Tenant, cost: int = 1) -> None:
         """Each prompt and choice of a request counts: one request with 256 prompts costs 256."""
         if self.tenants.allow_request(tenant, cost):
@@ -537,6 +571,8 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
                         error.message = s.redact(error.message)
                     response = error.response()
                 response.headers["X-Request-Id"] = request.state.request_id
+                if getattr(request.state, "adapter", None):
+                    response.headers["X-Adapterzoo-Adapter"] = request.state.adapter
                 s.metrics.http(route, response.status_code)
                 return response
 
@@ -579,7 +615,8 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
         tenant = s.tenant(request)
         body = await s.read_json(request, ChatBody if chat else CompletionBody)
         body.unsupported()
-        adapter = s.adapter_for(body.model, tenant)
+        auto = body.model == AUTO_MODEL and body.model != s.base_name  # routed below, once the prompt is read
+        adapter = None if auto else s.adapter_for(body.model, tenant)
         if chat:
             prompts = [[m.for_template() for m in body.messages]]
             max_tokens = body.max_completion_tokens or body.max_tokens
@@ -589,6 +626,9 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
             max_tokens = body.max_tokens or s.default_max_tokens
             param = "prompt"
         s.check_prompt_sizes(prompts, chat)
+        if auto:  # the response's `model` (and X-Adapterzoo-Adapter) names the adapter chosen
+            adapter = await asyncio.to_thread(s.route_auto, prompts, chat, tenant)
+            body.model = request.state.adapter = adapter or s.base_name
         s.rate_limit(tenant, cost=len(prompts) * body.n)
         loop = asyncio.get_running_loop()
         try:  # tokenizing (and rendering the chat template) runs off the event loop
