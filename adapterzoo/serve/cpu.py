@@ -105,6 +105,7 @@ class ThreadGovernor:
         self.quota = cgroup_quota()
         self.threads = self.fixed or self.cores
         self.neighbours = 0.0  # cores others used over the last period
+        self.seconds_at: dict[int, float] = {}  # how long each thread count was in use (benchmarks report it)
         self._last: tuple[float, float | None, float] | None = None
 
     def start(self) -> int:
@@ -127,6 +128,7 @@ class ThreadGovernor:
         sample = self._sample()
         (t0, used0, ours0), (t1, used1, ours1) = self._last, sample
         self._last = sample
+        self.seconds_at[self.threads] = self.seconds_at.get(self.threads, 0.0) + (t1 - t0)
         if used0 is None or used1 is None or t1 <= t0:
             return self.threads
         self.neighbours = max(0.0, ((used1 - used0) - (ours1 - ours0)) / (t1 - t0))
