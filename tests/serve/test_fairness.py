@@ -82,7 +82,7 @@ def test_a_tenant_cannot_fill_more_than_its_share_of_the_queue():
 
 
 def _steps_waited(max_rows_per_tenant: int | None) -> tuple[int, int]:
-    """Tenant "flood" sends three 8-prompt batches of 24 tokens; then tenant "b" sends one
+    """Tenant "flood" sends three 8-prompt batches of 160 tokens; then tenant "b" sends one
     4-token request. Returns (steps b took, steps b takes alone)."""
     z = zoo()
     with Engine(z, max_batch=4, max_rows_per_tenant=max_rows_per_tenant) as engine:
@@ -91,7 +91,8 @@ def _steps_waited(max_rows_per_tenant: int | None) -> tuple[int, int]:
         idle = engine.steps - idle_start
         flood = []
         for _ in range(3):
-            flood += engine.submit_many(["abc"] * 8, "a-lora", [SamplingParams(max_tokens=24, ignore_eos=True)] * 8,
+            # long rows: even if this thread is descheduled for a while, the flood is still running
+            flood += engine.submit_many(["abc"] * 8, "a-lora", [SamplingParams(max_tokens=160, ignore_eos=True)] * 8,
                                         tenant="flood")
         while engine.stats()["running"] < 3:
             time.sleep(0.001)
