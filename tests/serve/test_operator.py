@@ -175,3 +175,32 @@ def test_the_developer_role_is_rendered_as_system(tiny_base):
             max_tokens=5, temperature=0)
     prompt = render_chat(zoo.tokenizer, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
     assert r.choices[0].message.content == zoo.generate([prompt], max_new_tokens=5)[0]
+
+
+def test_sigterm_past_the_drain_timeout_answers_503_and_ends_streams_cleanly(tiny_base, serve_factory):
+    """The real signal path: uvicorn's SIGTERM starts the engine's drain at once; with
+    --drain-timeout 0 what runs fails with EngineClosedError, answered in time."""
+    server = serve_factory(tiny_base, "--drain-timeout", "0")
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 250, "ignore_eos": True, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            assert first.startswith("data: ")
+            plain = pool.submit(httpx.post, f"{server.url}/v1/completions", json=body, timeout=60)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # until both requests are in the engine
+                health = httpx.get(f"{server.url}/health", timeout=10).json()
+                if health["running"] + health["waiting"] >= 2:
+                    break
+                time.sleep(0.01)
+            server.process.send_signal(15)
+            rest = [line for line in lines if line]
+        answer = plain.result()
+    assert rest[-1] == "data: [DONE]"
+    last = json.loads(rest[-2][len("data: "):])
+    assert last.get("error", {}).get("code") == "shutting_down" or last["choices"][0]["finish_reason"] == "length"
+    assert answer.status_code in (200, 503)
+    if answer.status_code == 503:
+        assert answer.json()["error"]["code"] == "shutting_down"
+    assert server.process.wait(60) == 0
