@@ -208,3 +208,23 @@ def test_the_watchdog_reports_a_stuck_request_until_it_moves(zoo, monkeypatch, a
         gate.set()
         assert handle.result(30).error is None
         assert engine.stuck() == [] and engine.healthy()
+
+
+def test_after_a_failed_request_its_adapter_unloads_at_once(zoo, tmp_path):
+    """The issue's symptom: a failed request's adapter stayed "in use" for ever, so unloading it
+    answered "pending" for ever and it could never be evicted."""
+    from adapterzoo.serve.router import Router
+
+    with torch.no_grad():
+        for t in zoo.get_adapter("bad").parameters():
+            t.fill_(float("nan"))
+    router = Router(zoo, spill_dir=tmp_path / "spill")
+    with Engine(zoo, resolver=router) as engine:
+        jobs = run_tenant_a(engine)
+        wait_for_steps(engine, 2)
+        failed = engine.submit("x", "bad", SamplingParams(max_tokens=4, temperature=1e-40), tenant="b").result(60)
+        assert_tenant_a_unharmed(zoo, jobs)
+        assert failed.finish_reason == "error"
+        assert router.in_use("bad") == 0
+        assert router.unload("bad") is True  # done now, not "pending"
+    router.close()
