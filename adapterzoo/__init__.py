@@ -4,6 +4,17 @@ Public API: `Zoo`, `hookimpl` (for plugins), `AdapterType` / `AdapterConfig` (th
 contract, see `adapterzoo.types` and `adapterzoo.hookspecs`), and the error classes.
 """
 
+import os as _os
+import sys as _sys
+
+# OpenMP reads its wait policy once, when torch loads. Its default spins at every barrier, which
+# on a CPU shared with other processes turns each parallel region into a wait for a preempted
+# thread: a decode step with 2 threads beside one busy process took 3.5 s spinning, 0.23 s with
+# PASSIVE (docs/serving.md, "On the CPU"). Set OMP_WAIT_POLICY yourself (or import torch first)
+# to keep OpenMP's default.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .errors import (
     AdapterExistsError,
     AdapterFileError,

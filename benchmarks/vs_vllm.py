@@ -380,11 +380,11 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"unknown case or shape: {', '.join(unknown)}")
 
     own_session()
-    import torch
-
     sys.path.insert(0, str(ROOT))
-    from adapterzoo import Zoo
+    from adapterzoo import Zoo  # before torch: it sets OpenMP's wait policy (docs/serving.md, "On the CPU")
     from adapterzoo.base import gguf_as_safetensors, resolve_source
+
+    import torch
 
     t0 = time.perf_counter()
     folder = gguf_as_safetensors(Path(resolve_source("smollm2")))  # the cached safetensors copy of SmolLM2
