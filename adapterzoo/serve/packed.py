@@ -8,8 +8,8 @@ took 13.5 ms instead of 25 ms, the MLP projections 0.27 ms instead of 0.36 ms.
 
 The modules stay the base's own `nn.Linear`s (forward hooks, and so every adapter type, see them
 as before): only their `forward` is swapped for one that reads the packed copy, and falls back
-to `F.linear` whenever autograd needs the product (training) or the weight changed since it
-was packed. The packed copy costs as much memory as the linear weights; the product differs
+to `F.linear` whenever autograd needs the product (training). A weight replaced, or written in
+place (not through `.data`, which bumps no version), is packed again at its next forward. The packed copy costs as much memory as the linear weights; the product differs
 from `F.linear`'s by float rounding (about 1e-6 relative), and a row's result does not depend
 on the other rows of its batch.
 
@@ -19,7 +19,6 @@ Knob: ADAPTERZOO_PACKED_LINEAR=0 keeps `F.linear` (the engine packs by default o
 from __future__ import annotations
 
 import os
-import types
 
 import torch
 from torch import nn
@@ -38,7 +37,10 @@ def enabled() -> bool:
 
 
 def pack_linears(model: nn.Module, rows_hint: int = 16) -> int:
-    """Pack every frozen CPU `nn.Linear` of `model` once (idempotent); returns how many are packed."""
+    """Pack every frozen CPU `nn.Linear` of `model` (idempotent); returns how many read packed weights.
+
+    Each packs on its first forward, so this is cheap; a deep copy or a pickle of the model
+    carries no packed copy (it repacks on its own first forward)."""
     if not available():
         return 0
     packed = 0
@@ -48,9 +50,8 @@ def pack_linears(model: nn.Module, rows_hint: int = 16) -> int:
         w = module.weight
         if w.device.type != "cpu" or w.dtype not in PACKABLE or w.requires_grad:
             continue
-        if getattr(module, "_packed_weight", None) is None:
-            _pack(module, rows_hint)
-            module.forward = types.MethodType(_packed_forward, module)
+        if not isinstance(module.__dict__.get("forward"), PackedForward):
+            module.forward = PackedForward(module, rows_hint)
         packed += 1
     return packed
 
@@ -58,23 +59,31 @@ def pack_linears(model: nn.Module, rows_hint: int = 16) -> int:
 def unpack_linears(model: nn.Module) -> None:
     """Back to `F.linear` (frees the packed copies)."""
     for module in model.modules():
-        if getattr(module, "_packed_weight", None) is not None:
+        if isinstance(module.__dict__.get("forward"), PackedForward):
             del module.forward  # the instance attribute: the class's forward again
-            module._packed_weight = None
 
 
-def _pack(module: nn.Linear, rows_hint: int) -> None:
-    w = module.weight.detach()
-    module._packed_weight = torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
-    module._packed_from = (w.data_ptr(), w._version)
-    module._packed_rows_hint = rows_hint
+class PackedForward:
+    """A linear module's forward on a oneDNN-packed copy of its weight, packed on first use."""
 
+    def __init__(self, module: nn.Linear, rows_hint: int):
+        self.module = module
+        self.rows_hint = rows_hint
+        self.packed: torch.Tensor | None = None
+        self.source: tuple[int, int] | None = None  # (data_ptr, version) of the weight it was packed from
 
-def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    w = self.weight
-    if (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or x.dtype != w.dtype \
-            or x.device.type != "cpu":
-        return F.linear(x, w, self.bias)
-    if self._packed_from != (w.data_ptr(), w._version):  # the weight was replaced or written since
-        _pack(self, self._packed_rows_hint)
-    return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [], "")
+    def __getstate__(self) -> dict:
+        # copies and pickles hold no packed tensor (oneDNN's opaque tensors can be neither): they repack
+        return {"module": self.module, "rows_hint": self.rows_hint, "packed": None, "source": None}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        w = module.weight
+        if (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or x.dtype != w.dtype \
+                or x.device.type != "cpu" or w.device.type != "cpu":
+            return F.linear(x, w, module.bias)
+        source = (w.data_ptr(), -1 if w.is_inference() else w._version)  # inference tensors keep no version
+        if self.source != source:  # first use, or the weight was replaced or written
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.rows_hint)
+            self.source = source
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, module.bias, "none", [], "")
