@@ -86,11 +86,13 @@ def run_types_demo(base: str = "smollm2", max_new_tokens: int = 16) -> int:
 
 SPECIALISTS = Path(__file__).parent / "specialists"
 #: Chat prompts no specialist fits (and not among routing.BACKGROUND_PROMPTS): "auto" should pick the base.
-CHAT_PROMPTS = ["Can you suggest a name for my new cat?"]
+CHAT_PROMPTS = ["Can you suggest a name for my new cat?", "How do I get to the train station?"]
+#: Held-out inputs per specialist (the base gets the same ones).
+PER_TASK = 2
 
 
 def run_demo(base: str = "smollm2", max_new_tokens: int = 16, specialists: str | Path | None = None) -> int:
-    """Specialists solving their tasks next to the base failing them, one "auto" row, the checks."""
+    """Specialists solving their tasks next to the base failing them, "auto" rows, the checks."""
     from .library import finished
     from .storage import CONFIG_FILE
     from .tasks import get_task, instructed_examples, normalize
@@ -109,40 +111,52 @@ def run_demo(base: str = "smollm2", max_new_tokens: int = 16, specialists: str |
                   f"fingerprint {zoo.fingerprint.id}")
     checksum = base_state_checksum(zoo.model)
 
+    # Held-out inputs, with instructions worded differently from training (tasks.HELD_OUT phrasings).
     tasks = {path.name: get_task(zoo.find_adapter(path.name).metadata.get("task", path.name)) for path in saved}
-    examples = {name: instructed_examples(task, 1, "test", seed=7, held_out=True)[0] for name, task in tasks.items()}
     names = list(tasks)
-    routed_task = names[len(names) // 2]
-    routed = instructed_examples(tasks[routed_task], 2, "test", seed=11, held_out=True)[1]
-    prompts = [examples[n].prompt for n in names] * 2 + [routed.prompt, *CHAT_PROMPTS]
-    adapters: list[str | None] = [*names, *[None] * len(names), "auto", *["auto"] * len(CHAT_PROMPTS)]
-    decisions = zoo.route(prompts[2 * len(names):])
+    tests = {n: instructed_examples(t, PER_TASK + 1, "test", seed=7, held_out=True) for n, t in tasks.items()}
+    solved = [(n, ex) for n in names for ex in tests[n][:PER_TASK]]
+    routed = [(n, tests[n][PER_TASK]) for n in names]
+    prompts = [ex.prompt for _, ex in solved] * 2 + [ex.prompt for _, ex in routed] + CHAT_PROMPTS
+    adapters: list[str | None] = ([n for n, _ in solved] + [None] * len(solved)
+                                  + ["auto"] * (len(routed) + len(CHAT_PROMPTS)))
+    first_auto = 2 * len(solved)
+    decisions = zoo.route(prompts[first_auto:])
 
     t1 = time.perf_counter()
     texts = zoo.generate(prompts, adapters, max_new_tokens=max_new_tokens, stop=["\n"])
     elapsed = time.perf_counter() - t1
-    console.print(f"one mixed generate: {len(prompts)} rows ({len(names)} specialists, the base on the same "
-                  f"inputs, {1 + len(CHAT_PROMPTS)} routed with adapters='auto') in {elapsed:.1f}s, greedy, KV cache")
+    console.print(f"one mixed generate: {len(prompts)} rows ({len(names)} specialists x {PER_TASK} held-out inputs, "
+                  f"the bare base on the same inputs, {len(routed) + len(CHAT_PROMPTS)} rows with adapters='auto') "
+                  f"in {elapsed:.1f}s, greedy, KV cache")
 
-    table = Table("specialist", "prompt (instruction never seen in training)", "specialist answer", "base answer")
-    solved = failed_base = 0
-    for i, name in enumerate(names):
-        expected = examples[name].expected
-        ours, bare = normalize(texts[i]), normalize(texts[len(names) + i])
-        solved += ours == expected
-        failed_base += bare != expected
-        table.add_row(name, examples[name].prompt, _mark(ours, expected), _mark(bare, expected))
+    right = [normalize(texts[i]) == ex.expected for i, (_, ex) in enumerate(solved)]
+    base_right = [normalize(texts[len(solved) + i]) == ex.expected for i, (_, ex) in enumerate(solved)]
+    table = Table("specialist", "first held-out prompt", "specialist answer", "base answer",
+                  f"right of {PER_TASK}: specialist / base")
+    for k, name in enumerate(names):
+        i = k * PER_TASK
+        expected = solved[i][1].expected
+        table.add_row(name, solved[i][1].prompt, _mark(normalize(texts[i]), expected),
+                      _mark(normalize(texts[len(solved) + i]), expected),
+                      f"{sum(right[i:i + PER_TASK])} / {sum(base_right[i:i + PER_TASK])}")
     console.print(table)
-    console.print(f"specialists right on {solved}/{len(names)} rows; the base wrong on {failed_base}/{len(names)}")
+    console.print(f"specialists right on {sum(right)}/{len(right)} rows; the base on {sum(base_right)}/{len(right)}")
 
-    table = Table("prompt", "adapters='auto' chose", "score", "answer")
+    table = Table("prompt", "should go to", "adapters='auto' chose", "score", "answer")
+    named_right = 0
     for k, decision in enumerate(decisions):
-        row = 2 * len(names) + k
-        answer = normalize(texts[row]) if decision.adapter else texts[row].strip()
-        if k == 0:
-            answer = _mark(normalize(texts[row]), routed.expected)
-        table.add_row(prompts[row], decision.adapter or "(the base)", f"{decision.score:.2f}", answer)
+        row = first_auto + k
+        target = routed[k][0] if k < len(routed) else None
+        named_right += decision.adapter == target
+        if k < len(routed):
+            answer = _mark(normalize(texts[row]), routed[k][1].expected)
+        else:
+            answer = texts[row].strip()[:40]
+        table.add_row(prompts[row], target or "(the base)", decision.adapter or "(the base)", f"{decision.score:.2f}",
+                      answer)
     console.print(table)
+    console.print(f"adapters='auto' chose the right one for {named_right}/{len(decisions)} prompts")
 
     ok = True
     for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
