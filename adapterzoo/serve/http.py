@@ -506,12 +506,23 @@ class Server:
                              "shorter prompt (or ask the operator for a higher --max-body-bytes).",
                         code="request_too_large")
 
+    def check_call_size(self, rows: int) -> None:
+        """A call of more prompts x choices than the queue (or a tenant's share of it) can ever
+        hold is a 400 before tokenizing: the engine would build every request, then refuse them all."""
+        limits = [getattr(self.engine, "max_queue", None), getattr(self.engine, "max_queue_per_tenant", None)]
+        most = min((m for m in limits if m), default=None)
+        if most is not None and rows > most:
+            raise APIError(400, f"This call asks for {rows} completions (prompts x n); this server queues at most {most} "
+                                "per call. Send fewer prompts or a smaller n per request.", param="n", code="invalid_value")
+
     def check_prompt_sizes(self, prompts: list, chat: bool) -> None:
         """Prompt sizes, before tokenizing: characters for text, ids for token lists."""
         context = getattr(self.engine, "context_length", None)
         for prompt in prompts:
             if chat:
-                size = sum(len(m["content"]) for m in prompt)
+                # the role counts too: every message renders at least its role, so 20,000 empty
+                # messages are 80,000 characters, not 0 that slip past the cap into the template
+                size = sum(len(m["role"]) + len(m["content"]) for m in prompt)
             elif isinstance(prompt, str):
                 size = len(prompt)
             else:
@@ -629,6 +640,7 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
         if auto:  # the response's `model` (and X-Adapterzoo-Adapter) names the adapter chosen
             adapter = await asyncio.to_thread(s.route_auto, prompts, chat, tenant)
             body.model = request.state.adapter = adapter or s.base_name
+        s.check_call_size(len(prompts) * body.n)
         s.rate_limit(tenant, cost=len(prompts) * body.n)
         loop = asyncio.get_running_loop()
         try:  # tokenizing (and rendering the chat template) runs off the event loop

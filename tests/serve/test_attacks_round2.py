@@ -1,0 +1,73 @@
+"""Attacks, round 2, on the hardened multi-tenant server: each hole found is written here as the
+attack first (it failed before its fix), against a real `adapterzoo serve` subprocess on
+127.0.0.1 with three tenants, driven with the official `openai` client where it can send the
+attack and raw HTTP where it cannot."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from adapterzoo import Zoo
+
+from .conftest import make_adapters, start_serve, write_keys
+
+KEYS = {
+    "tenants": {
+        "acme": {"keys": ["k-acme"], "adapters": ["acme-*"]},
+        "globex": {"keys": ["k-globex"], "adapters": ["globex-*"]},
+        "ops": {"keys": ["k-ops"], "admin": True},
+    },
+    "public": ["shared-*"],
+}
+ADAPTERS = ["acme-lora", "acme-houlsby", "globex-secret", "shared-prompt"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("attacks2")
+    make_adapters(Zoo.from_pretrained(tiny_base, device="cpu"), root / "adapters", ADAPTERS)
+    keys = write_keys(root / "keys.json", KEYS)
+    served = start_serve(tiny_base, root / "serve.log", "--adapters", str(root / "adapters"), "--keys", str(keys))
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+def post(url: str, body, key: str = "k-acme", path: str = "/v1/completions", **kw) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{url}{path}", content=content, timeout=60, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json", **kw.pop("headers", {})}, **kw)
+
+
+def error(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_many_empty_chat_messages_cannot_slip_past_the_prompt_cap(server):
+    # 20,000 messages without content counted 0 characters, so the cap checked before tokenizing
+    # let through a template render of 140,000 characters (200,000 messages: 1.4M tokens, 4 s)
+    messages = [{"role": "user"}] * 20_000
+    r = post(server.url, {"model": "tiny", "messages": messages}, path="/tokenize")
+    assert r.status_code == 400 and error(r)["code"] == "context_length_exceeded"
+    assert "characters" in error(r)["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client("k-acme").chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert "characters" in caught.value.body["message"]  # refused before tokenizing, not after
+
+
+def test_a_call_with_more_prompts_times_choices_than_the_queue_holds_is_refused_before_tokenizing(server):
+    # 50,000 prompts x n=16 built 800,000 requests (a minute of the server's CPU) before the
+    # queue refused them whole; a call the queue can never hold is a 400 at once
+    client = server.client("k-acme")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt=["a"] * 2000, n=16, max_tokens=1)
+    assert caught.value.body["param"] == "n" and "32000" in caught.value.body["message"]
+    ok = client.completions.create(model="tiny", prompt=["a"] * 4, n=2, max_tokens=1)
+    assert len(ok.choices) == 8
