@@ -124,8 +124,10 @@ def prompt_features(zoo: "Zoo", prompts: Sequence[str], layer: int | None = None
         raise BatchError("routing needs a base with a tokenizer")
     layers = decoder_layers(zoo.model)
     layer = default_layer(zoo) if layer is None else layer
-    if not 1 <= layer <= len(layers):
-        raise BatchError(f"routing layer must be in 1..{len(layers)}, got {layer}")
+    if not 0 <= layer <= len(layers):
+        raise BatchError(f"routing layer must be in 0..{len(layers)}, got {layer}")
+    # layer 0: no decoder layer runs at all, the embeddings are both halves (nearly free; see docs)
+    last = zoo.model.get_input_embeddings() if layer == 0 else layers[layer - 1]
     embedded: list[torch.Tensor] = []
 
     def keep_embeddings(module, args, output):
@@ -138,8 +140,8 @@ def prompt_features(zoo: "Zoo", prompts: Sequence[str], layer: int | None = None
     for start in range(0, len(prompts), batch_size):
         ids, mask = encode_left_padded(zoo.tokenizer, prompts[start:start + batch_size], zoo.device)
         embedded.clear()
-        handles = [layers[layer - 1].register_forward_hook(stop),
-                   zoo.model.get_input_embeddings().register_forward_hook(keep_embeddings)]
+        handles = [zoo.model.get_input_embeddings().register_forward_hook(keep_embeddings),
+                   last.register_forward_hook(stop)]
         try:
             zoo.forward(ids, mask, [None] * len(ids))
             raise AdapterZooError("the base ran to the end without reaching its routing layer")

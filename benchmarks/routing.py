@@ -67,7 +67,7 @@ def load_library(zoo: Zoo, folder: Path) -> dict[str, object]:
     return tasks
 
 
-def trained(zoo: Zoo, tasks: dict, n: int) -> dict:
+def trained(zoo: Zoo, tasks: dict, n: int, layer: int | None) -> dict:
     names = list(tasks)
     data = {name: instructed_examples(task, n, "test", seed=5, held_out=True) for name, task in tasks.items()}
     prompts = [ex.prompt for name in names for ex in data[name]]
@@ -77,7 +77,8 @@ def trained(zoo: Zoo, tasks: dict, n: int) -> dict:
     result = {"adapters": names, "n_per_task": n}
     for method in ("prototype", "arrow"):
         start = time.perf_counter()
-        chosen = [d.adapter for d in route(zoo, prompts, method=method)]
+        options = {"layer": layer} if method == "prototype" else {}
+        chosen = [d.adapter for d in route(zoo, prompts, method=method, **options)]
         result[f"{method}_route_s_per_prompt"] = (time.perf_counter() - start) / len(prompts)
         result[f"{method}_right_adapter"] = sum(c == t for c, t in zip(chosen, truth)) / len(truth)
         result[f"{method}_fell_back"] = sum(c is None for c in chosen) / len(truth)
@@ -134,13 +135,13 @@ def _spread(size: int) -> list[str]:
     return out
 
 
-def cost(zoo: Zoo, prompts: list[str], rounds: int, max_new_tokens: int) -> dict:
+def cost(zoo: Zoo, prompts: list[str], rounds: int, max_new_tokens: int, layer: int | None) -> dict:
     """Seconds of `route` for one prompt against one request (generate), interleaved per round."""
     route_s, request_s = [], []
     for r in range(rounds):
         prompt = prompts[r % len(prompts)]
         t0 = time.perf_counter()
-        chosen = route(zoo, [prompt])[0].adapter
+        chosen = route(zoo, [prompt], layer=layer)[0].adapter
         t1 = time.perf_counter()
         zoo.generate([prompt], [chosen], max_new_tokens=max_new_tokens)
         t2 = time.perf_counter()
@@ -157,7 +158,8 @@ def main() -> None:
     parser.add_argument("--library", type=Path, default=SPECIALISTS)
     parser.add_argument("--n", type=int, default=20, help="held-out inputs per task")
     parser.add_argument("--scale", default="", help="comma-separated adapter counts for routing at scale (32,116)")
-    parser.add_argument("--layer", type=int, default=None, help="router layers (default: routing.default_layer)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="base layers the router runs (default: routing.default_layer; 0: embeddings only)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -168,21 +170,27 @@ def main() -> None:
     tasks = load_library(zoo, args.library)
     results: dict = {"machine": machine(), "base": args.base, "library": str(args.library)}
     print(f"{len(tasks)} specialists from {args.library}: {', '.join(tasks)}", flush=True)
-    results["trained"] = t = trained(zoo, tasks, args.n)
-    general = {m: [d.adapter for d in route(zoo, GENERAL_PROMPTS, method=m)] for m in ("prototype", "arrow")}
+    results["layer"] = args.layer
+    results["trained"] = t = trained(zoo, tasks, args.n, args.layer)
+    general = {"prototype": [d.adapter for d in route(zoo, GENERAL_PROMPTS, layer=args.layer)],
+               "arrow": [d.adapter for d in route(zoo, GENERAL_PROMPTS, method="arrow")]}
     results["general_fallback"] = {m: sum(c is None for c in g) / len(g) for m, g in general.items()}
-    prompts = [ex.prompt for task in tasks.values() for ex in instructed_examples(task, 2, "test", seed=9, held_out=True)]
-    results["cost"] = c = cost(zoo, prompts + GENERAL_PROMPTS[:5], args.rounds, 16)
+    prompts = [ex.prompt for task in tasks.values()
+               for ex in instructed_examples(task, 2, "test", seed=9, held_out=True)]
+    results["cost"] = c = cost(zoo, prompts + GENERAL_PROMPTS[:5], args.rounds, 16, args.layer)
     results["scale"] = []
     for size in [int(s) for s in args.scale.split(",") if s]:
         print(f"routing among {size} adapters ...", flush=True)
         results["scale"].append(at_scale(args.base, size, max(2, args.n // 4), args.layer))
 
-    print(f"\n{len(tasks)} trained specialists, {args.n} held-out inputs each, paraphrased instructions:\n")
+    layer = "default" if args.layer is None else args.layer
+    print(f"\n{len(tasks)} trained specialists, {args.n} held-out inputs each, paraphrased instructions, "
+          f"router layer {layer}:\n")
     print("| router | right adapter | exact match | vs oracle | fell back on task prompts | general prompts to base |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| oracle (named) | 1.00 | {t['oracle_exact_match']:.3f} | 1.00 | - | - |")
-    print(f"| bare base | - | {t['base_exact_match']:.3f} | {t['base_exact_match'] / max(t['oracle_exact_match'], 1e-9):.2f} | - | - |")
+    base_share = t["base_exact_match"] / max(t["oracle_exact_match"], 1e-9)
+    print(f"| bare base | - | {t['base_exact_match']:.3f} | {base_share:.2f} | - | - |")
     for m in ("prototype", "arrow"):
         print(f"| {m} | {t[m + '_right_adapter']:.3f} | {t[m + '_exact_match']:.3f} | {t[m + '_vs_oracle']:.3f} | "
               f"{t[m + '_fell_back']:.3f} | {results['general_fallback'][m]:.3f} |")
@@ -194,7 +202,8 @@ def main() -> None:
         for s in results["scale"]:
             print(f"| {s['adapters']} | {s['right_adapter']:.3f} | {s['fell_back']:.3f} | {s['wrong_family']:.3f} | "
                   f"{s['general_fallback']:.3f} |")
-    print(f"\nwrote {save_json('routing', results)}")
+    suffix = "" if args.layer is None else f"_layer{args.layer}"
+    print(f"\nwrote {save_json('routing' + suffix, results)}")
 
 
 if __name__ == "__main__":

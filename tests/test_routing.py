@@ -123,6 +123,8 @@ def test_bad_routing_requests_are_named_errors(zoo):
         zoo.generate(["x ->"], adapters="reverse")
     with pytest.raises(BatchError, match="routing layer"):
         routing.prompt_features(zoo, ["x ->"], layer=9)
+    with pytest.raises(BatchError, match="routing layer"):
+        routing.prompt_features(zoo, ["x ->"], layer=-1)
     with pytest.raises(BatchError, match="non-empty prompt"):
         zoo.add_routing_examples("reverse", ["", "   "])
 
@@ -180,3 +182,16 @@ def test_arrow_needs_no_routing_examples_but_only_routes_loras(zoo):
     assert routing.routable(z, "arrow") == []
     assert z.route(["a b ->"], method="arrow")[0].adapter is None
     assert set(routing.routable(zoo, "arrow")) == set(TASKS)
+
+
+def test_layer_zero_routes_on_the_embeddings_alone_and_runs_no_layer(zoo):
+    layers = routing.decoder_layers(zoo.model)
+    calls = []
+    handles = [layer.register_forward_hook(lambda *a: calls.append(1)) for layer in layers]
+    try:
+        decisions = zoo.route(held_out("reverse") + held_out("digits-sort"), layer=0)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == []
+    assert [d.adapter for d in decisions] == ["reverse"] * 4 + ["digits-sort"] * 4

@@ -42,7 +42,8 @@ def test_auto_answers_with_the_specialist_that_fits_and_names_it(library, serve_
     server = serve_factory(base, "--adapters", str(root / "adapters"), "--keys", str(root / "keys.json"))
     client = server.client("k-acme")
     for task in ("reverse", "upper", "digits-sort"):
-        raw = client.completions.with_raw_response.create(model="auto", prompt=prompt(task), max_tokens=4, temperature=0)
+        raw = client.completions.with_raw_response.create(model="auto", prompt=prompt(task), max_tokens=4,
+                                                          temperature=0)
         completion = raw.parse()
         assert completion.model == task and raw.headers["x-adapterzoo-adapter"] == task
         named = client.completions.create(model=task, prompt=prompt(task), max_tokens=4, temperature=0)
