@@ -143,6 +143,8 @@ def pull(repo_id: str, out_dir: Path, revision: str | None, token: str | None, e
 @click.option("--max-body-bytes", default=4 * 2**20, show_default=True, type=int, help="Request body limit (then 413).")
 @click.option("--max-prompt-chars", default=None, type=int,
               help="Prompt characters at most, checked before tokenizing (default: 32 x the context length).")
+@click.option("--body-timeout", default=30.0, show_default=True, type=float,
+              help="Seconds for a whole request body to arrive (then 408): a client dribbling bytes is cut off.")
 @click.option("--stuck-after", default=60.0, show_default=True, type=float,
               help="Seconds without progress before the watchdog calls a request stuck (/health turns 503).")
 @click.option("--ray", is_flag=True, help="Deploy on Ray Serve (pip install 'adapterzoo[ray]').")

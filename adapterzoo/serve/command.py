@@ -44,7 +44,8 @@ def server_from_options(options: dict):
                         drain_timeout=options.get("drain_timeout", 30.0),
                         max_body_bytes=options.get("max_body_bytes") or MAX_BODY_BYTES,
                         max_prompt_chars=options.get("max_prompt_chars"),
-                        stuck_after=options.get("stuck_after") or 60.0)
+                        stuck_after=options.get("stuck_after") or 60.0,
+                        body_timeout=options.get("body_timeout") or 30.0)
 
 
 def run_serve(base: str, host: str, port: int, adapters_dir: Path | None, keys_file: Path | None, base_name: str | None,
@@ -52,7 +53,7 @@ def run_serve(base: str, host: str, port: int, adapters_dir: Path | None, keys_f
               registry_token: str | None, registry_namespace: str | None, device: str | None, dtype: str | None,
               drain_timeout: float, default_max_tokens: int, ray: bool, replicas: int, log_level: str,
               open_access: bool = False, max_body_bytes: int | None = None, max_prompt_chars: int | None = None,
-              stuck_after: float | None = None) -> None:
+              stuck_after: float | None = None, body_timeout: float | None = None) -> None:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = base_name or base_name_of(base)
@@ -73,7 +74,7 @@ def run_serve(base: str, host: str, port: int, adapters_dir: Path | None, keys_f
                    max_batch=max_batch, max_queue=max_queue, max_host=max_host, registry_endpoint=registry,
                    registry_token=registry_token, registry_namespace=registry_namespace, device=device, dtype=dtype,
                    default_max_tokens=default_max_tokens, drain_timeout=drain_timeout, max_body_bytes=max_body_bytes,
-                   max_prompt_chars=max_prompt_chars, stuck_after=stuck_after)
+                   max_prompt_chars=max_prompt_chars, stuck_after=stuck_after, body_timeout=body_timeout)
     if ray:
         try:
             import ray as _ray  # noqa: F401

@@ -68,6 +68,7 @@ log = logging.getLogger("adapterzoo.serve")
 MAX_BODY_BYTES = 4 * 2**20  # default request body limit (--max-body-bytes)
 MAX_JSON_DEPTH = 32  # deeper JSON is refused before validation (no recursion blow-ups)
 MAX_CHOICES = 16  # n at most
+BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive (then 408)
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -365,13 +366,15 @@ class Server:
 
     def __init__(self, engine: Engine, router: Router, tenants: Tenants, metrics: ServeMetrics, base_name: str, *,
                  default_max_tokens: int = 16, chat_max_tokens: int = 512, drain_timeout: float = 30.0,
-                 max_body_bytes: int = MAX_BODY_BYTES, max_prompt_chars: int | None = None):
+                 max_body_bytes: int = MAX_BODY_BYTES, max_prompt_chars: int | None = None,
+                 body_timeout: float = BODY_TIMEOUT):
         self.engine, self.router, self.tenants, self.metrics = engine, router, tenants, metrics
         self.base_name = base_name
         self.default_max_tokens = default_max_tokens
         self.chat_max_tokens = chat_max_tokens
         self.drain_timeout = drain_timeout
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         # characters are checked before tokenizing: a token is rarely over 32 characters, so a
         # longer prompt could never fit the context anyway
         context = getattr(engine, "context_length", None)
@@ -486,14 +489,18 @@ class Server:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise self._too_large()
         chunks, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.max_body_bytes:
-                    raise self._too_large()
-                chunks.append(chunk)
+        try:  # the whole body within body_timeout: a client dribbling bytes cannot hold a connection for ever
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        raise self._too_large()
+                    chunks.append(chunk)
         except ClientDisconnect:
             raise ClientGone() from None
+        except TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {self.body_timeout:g} seconds; send it at once.",
+                           code="request_timeout", headers={"Connection": "close"}) from None
         raw = b"".join(chunks)
         if len(raw) > 64 * 1024:
             data = await asyncio.to_thread(parse_json, raw)
@@ -816,6 +823,10 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
                              "residency": s.router.residency()})
 
     async def _admin_add(name: str, source: str | None, **options: Any) -> None:
+        if name in (s.base_name, AUTO_MODEL):  # requests naming these never look up an adapter
+            raise APIError(400, f"The name {name!r} is reserved (the base's name and {AUTO_MODEL!r} are taken before "
+                                "any adapter lookup, so no request could reach it); choose another name.",
+                           param="name", code="invalid_value")
         if source is not None:
             try:
                 source = s.router.admin_source(source)
@@ -1009,6 +1020,7 @@ def build_server(
     max_queue_per_tenant: int | None = None,
     max_rows_per_tenant: int | None = None,
     stuck_after: float = 60.0,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> Server:
     """Engine + router + tenants + metrics around a loaded `Zoo`.
 
@@ -1029,7 +1041,8 @@ def build_server(
                     max_queue_per_tenant=max_queue_per_tenant, max_rows_per_tenant=max_rows_per_tenant,
                     stuck_after=stuck_after)
     return Server(engine, router, tenants, metrics, base_name, default_max_tokens=default_max_tokens,
-                  drain_timeout=drain_timeout, max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars)
+                  drain_timeout=drain_timeout, max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
+                  body_timeout=body_timeout)
 
 
 def is_loopback(host: str) -> bool:

@@ -71,3 +71,33 @@ def test_a_call_with_more_prompts_times_choices_than_the_queue_holds_is_refused_
     assert caught.value.body["param"] == "n" and "32000" in caught.value.body["message"]
     ok = client.completions.create(model="tiny", prompt=["a"] * 4, n=2, max_tokens=1)
     assert len(ok.choices) == 8
+
+
+@pytest.mark.parametrize("name", ["tiny", "auto"])
+def test_an_adapter_cannot_be_loaded_under_the_base_name_or_auto(server, name):
+    # the load answered 201/"added successfully" for an adapter no request could ever reach (the
+    # base's name and "auto" are taken before any adapter lookup)
+    for path, body in (("/admin/adapters", {"name": name, "source": "acme-lora"}),
+                       ("/v1/load_lora_adapter", {"lora_name": name, "lora_path": "acme-lora"})):
+        r = post(server.url, body, key="k-ops", path=path)
+        assert r.status_code == 400 and "reserved" in error(r)["message"], r.text
+    listed = [m.id for m in server.client("k-ops").models.list().data]
+    assert listed.count(name) <= 1
+
+
+def test_a_body_sent_byte_by_byte_forever_is_cut_off_with_a_408(tiny_base, tmp_path, serve_factory):
+    # a tenant that declared 100 bytes and sent one held its connection (and a server task) for
+    # as long as it liked; now the whole body must arrive within --body-timeout
+    import socket
+
+    keys = write_keys(tmp_path / "keys.json", KEYS)
+    slow_server = serve_factory(tiny_base, "--keys", str(keys), "--body-timeout", "1")
+    with socket.create_connection(("127.0.0.1", slow_server.port), timeout=10) as slow:
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k-acme\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        answer = b""
+        while chunk := slow.recv(4096):  # the server closes the connection after its answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+    ok = slow_server.client("k-globex").completions.create(model="tiny", prompt="hi", max_tokens=1)
+    assert len(ok.choices) == 1
