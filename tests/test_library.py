@@ -151,3 +151,24 @@ def _saved(folder: Path) -> Zoo:
     zoo = Zoo(tiny_model("llama"), char_tokenizer(), device="cpu")
     zoo.load_adapter(folder.name, folder)
     return zoo
+
+
+def test_every_task_has_three_training_phrasings_and_two_held_out_paraphrases_never_trained_on():
+    from adapterzoo.tasks import all_tasks, instructed_examples, phrasings
+
+    seen = set()
+    for task in all_tasks().values():
+        train, held_out = phrasings(task), phrasings(task, held_out=True)
+        assert len(set(train)) == 3 and len(set(held_out)) == 2
+        assert not set(train) & set(held_out)
+        assert not set(train) & seen  # no two tasks share an instruction
+        seen |= set(train)
+        for ex in instructed_examples(task, 4, "test", held_out=True):
+            instruction, _, rest = ex.prompt.partition(": ")
+            assert instruction in held_out and task.example_for(_raw(task, rest)).answer == ex.answer
+
+
+def _raw(task, rendered_prompt: str) -> str:
+    """The raw input back from a rendered prompt ("h e l l o ->" -> "hello")."""
+    text = rendered_prompt.removesuffix(" ->")
+    return text.replace(" ", "") if task.kind == "word" else text
