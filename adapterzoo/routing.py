@@ -47,6 +47,8 @@ AUTO = "auto"
 METADATA_KEY = "routing"
 #: Routing examples kept per adapter (their prompts and features go into its metadata).
 MAX_EXAMPLES = 24
+#: Characters kept of each routing example (an instruction and a short input fit easily).
+MAX_EXAMPLE_CHARS = 1000
 #: Neighbours averaged per adapter when scoring (k-nearest-neighbour vote).
 NEIGHBOURS = 3
 #: Below this centred cosine similarity to every specialist, a prompt goes to the bare base.
@@ -166,7 +168,7 @@ def add_routing_examples(zoo: "Zoo", name: str, prompts: Sequence[str], *, layer
     """Store routing prototypes for adapter `name`: up to MAX_EXAMPLES prompts it should answer
     (e.g. its training prompts) and their features, in its metadata (saved with it)."""
     adapter = zoo.get_adapter(name)
-    prompts = [p for p in prompts if isinstance(p, str) and p.strip()][:MAX_EXAMPLES]
+    prompts = [p[:MAX_EXAMPLE_CHARS] for p in prompts if isinstance(p, str) and p.strip()][:MAX_EXAMPLES]
     if not prompts:
         raise BatchError(f"add_routing_examples({name!r}) needs at least one non-empty prompt")
     layer = default_layer(zoo) if layer is None else layer
@@ -279,7 +281,11 @@ _disk_records: dict[str, tuple[int, dict[str, Any] | None]] = {}
 
 
 def _features(zoo: "Zoo", cache: _Cache, name: str, record: dict[str, Any], layer: int) -> torch.Tensor:
-    examples = tuple(str(p) for p in record.get("examples", []) if isinstance(p, str))[:MAX_EXAMPLES]
+    # A record comes from a file anyone may have written: only a list of strings counts, at most
+    # MAX_EXAMPLES of them, each cut to MAX_EXAMPLE_CHARS, so no adapter can make routing slow.
+    given = record.get("examples")
+    given = given if isinstance(given, list) else []
+    examples = tuple(p[:MAX_EXAMPLE_CHARS] for p in given if isinstance(p, str) and p.strip())[:MAX_EXAMPLES]
     key = (name, layer, examples)
     if key not in cache.features:
         stored = _unpack(record) if record.get("kind") == FEATURES else None

@@ -205,3 +205,25 @@ def test_layer_zero_routes_on_the_embeddings_alone_and_runs_no_layer(zoo):
             h.remove()
     assert calls == []
     assert [d.adapter for d in decisions] == ["reverse"] * 4 + ["digits-sort"] * 4
+
+
+@pytest.mark.parametrize("examples", ["Reverse the word", [1, 2, None], [], ["x" * 10**5] * 50, {"a": 1}])
+def test_a_hostile_routing_record_on_disk_is_ignored_or_capped_never_slow_or_fatal(zoo, tmp_path, examples):
+    import json
+    import time
+
+    from adapterzoo.storage import CONFIG_FILE
+
+    zoo.save_adapter("upper", tmp_path / "upper")
+    config = tmp_path / "upper" / CONFIG_FILE
+    record = json.loads(config.read_text())
+    record["metadata"]["routing"] = {"examples": examples, "features": "junk", "kind": "x"}
+    config.write_text(json.dumps(record))
+    loaded = routing.read_routing_record(tmp_path / "upper")
+    records = {"reverse": zoo.find_adapter("reverse").metadata["routing"]}
+    if loaded is not None:
+        records["upper"] = loaded
+    start = time.perf_counter()
+    decisions = zoo.route(held_out("reverse", 2), records=records)
+    assert time.perf_counter() - start < 30
+    assert [d.adapter for d in decisions] == ["reverse", "reverse"]
