@@ -69,6 +69,7 @@ MAX_BODY_BYTES = 4 * 2**20  # default request body limit (--max-body-bytes)
 MAX_JSON_DEPTH = 32  # deeper JSON is refused before validation (no recursion blow-ups)
 MAX_CHOICES = 16  # n at most
 BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive (then 408)
+MAX_STOP_CHARS = 256  # characters per stop sequence at most
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -181,6 +182,10 @@ class _Body(_Strict):
         items = [v] if isinstance(v, str) else (v or [])
         if len(items) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            # the engine holds back any output tail that may start a stop sequence, scanning up to
+            # the stop's length for every row and token: a long stop slows every tenant's step
+            raise ValueError(f"each stop sequence may have at most {MAX_STOP_CHARS} characters")
         return v
 
     def unsupported(self) -> None:
@@ -778,6 +783,7 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
         tenant = s.tenant(request)
         body = await s.read_json(request, TokenizeBody)
         s.adapter_for(body.model, tenant)
+        s.rate_limit(tenant)  # tokenizing takes a thread of the pool every tenant's completions use
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "Give either prompt or messages.", param="prompt", code="invalid_value")
         chat = body.messages is not None
@@ -802,6 +808,7 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
         tenant = s.tenant(request)
         body = await s.read_json(request, DetokenizeBody)
         s.adapter_for(body.model, tenant)
+        s.rate_limit(tenant)
         tokenizer = s.tokenizer
         if len(body.tokens) > s.engine.context_length * 4:
             raise APIError(400, f"At most {s.engine.context_length * 4} tokens per call.", param="tokens",

@@ -20,6 +20,7 @@ KEYS = {
         "acme": {"keys": ["k-acme"], "adapters": ["acme-*"]},
         "globex": {"keys": ["k-globex"], "adapters": ["globex-*"]},
         "ops": {"keys": ["k-ops"], "admin": True},
+        "slow": {"keys": ["k-slow"], "rps": 0.01, "burst": 2},
     },
     "public": ["shared-*"],
 }
@@ -101,3 +102,27 @@ def test_a_body_sent_byte_by_byte_forever_is_cut_off_with_a_408(tiny_base, tmp_p
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
     ok = slow_server.client("k-globex").completions.create(model="tiny", prompt="hi", max_tokens=1)
     assert len(ok.choices) == 1
+
+
+def test_a_stop_sequence_longer_than_the_cap_is_a_400(server):
+    # holding back a tail that may start a stop sequence scans every suffix of the output up to the
+    # stop's length, on the engine thread, for every row and token: four 100,000-character stops
+    # cost 6.5 ms per token at 8,000 characters of output, added to every tenant's decode step
+    client = server.client("k-acme")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, stop=["b" * 100_000])
+    assert caught.value.body["param"] == "stop" and "256" in caught.value.body["message"]
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2, stop=["b" * 256]).choices
+
+
+@pytest.mark.parametrize("path, body", [("/tokenize", {"model": "tiny", "prompt": "hello"}),
+                                        ("/detokenize", {"model": "tiny", "tokens": [21, 18]})])
+def test_the_tokenizer_routes_count_against_the_rate_limit(server, path, body):
+    # a tenant held to 0.01 requests/s called /tokenize without limit: each call takes a thread
+    # of the pool that also tokenizes every tenant's completions
+    # (one bucket per tenant, shared by both parametrizations: the second may find it empty)
+    codes = [post(server.url, body, key="k-slow", path=path).status_code for _ in range(3)]
+    assert codes[-1] == 429 and set(codes) <= {200, 429}
+    r = post(server.url, body, key="k-slow", path=path)
+    assert r.status_code == 429 and error(r)["code"] == "rate_limit_exceeded"
+    assert post(server.url, body, key="k-globex", path=path).status_code == 200
