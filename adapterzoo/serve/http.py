@@ -504,7 +504,8 @@ class Server:
         except ClientDisconnect:
             raise ClientGone() from None
         except TimeoutError:
-            raise APIError(408, f"The request body did not arrive within {self.body_timeout:g} seconds; send it at once.",
+            raise APIError(408, f"The request body did not arrive within {self.body_timeout:g} seconds; send it at "
+                                "once.",
                            code="request_timeout", headers={"Connection": "close"}) from None
         raw = b"".join(chunks)
         if len(raw) > 64 * 1024:
@@ -524,8 +525,9 @@ class Server:
         limits = [getattr(self.engine, "max_queue", None), getattr(self.engine, "max_queue_per_tenant", None)]
         most = min((m for m in limits if m), default=None)
         if most is not None and rows > most:
-            raise APIError(400, f"This call asks for {rows} completions (prompts x n); this server queues at most {most} "
-                                "per call. Send fewer prompts or a smaller n per request.", param="n", code="invalid_value")
+            raise APIError(400, f"This call asks for {rows} completions (prompts x n); this server queues at most "
+                                f"{most} per call. Send fewer prompts or a smaller n per request.", param="n",
+                           code="invalid_value")
 
     def check_prompt_sizes(self, prompts: list, chat: bool) -> None:
         """Prompt sizes, before tokenizing: characters for text, ids for token lists."""
