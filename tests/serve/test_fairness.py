@@ -81,14 +81,36 @@ def test_a_tenant_cannot_fill_more_than_its_share_of_the_queue():
     engine.stop(drain=False)
 
 
+def _steps_to_finish(engine: Engine, prompt: str, adapter: str, tenant: str) -> int:
+    """Engine steps from a 4-token request's submission to its end, both counted on the engine
+    thread: the submit runs between two steps, and the end is noted as the engine hands over the
+    result, so however long this (test) thread is descheduled, no step is miscounted."""
+    marks: dict[str, int] = {}
+
+    def submit():
+        handle = engine.submit(prompt, adapter, SamplingParams(max_tokens=4, ignore_eos=True), tenant=tenant)
+        marks["start"] = engine.steps
+        push = handle._push
+
+        def push_and_mark(kind, value):
+            if kind == "done":
+                marks["end"] = engine.steps
+            push(kind, value)
+
+        handle._push = push_and_mark
+        return handle
+
+    done = engine.call_between_steps(submit).result(60).result(120)
+    assert done.error is None and done.completion_tokens == 4
+    return marks["end"] - marks["start"]
+
+
 def _steps_waited(max_rows_per_tenant: int | None) -> tuple[int, int]:
     """Tenant "flood" sends three 8-prompt batches of 160 tokens; then tenant "b" sends one
     4-token request. Returns (steps b took, steps b takes alone)."""
     z = zoo()
     with Engine(z, max_batch=4, max_rows_per_tenant=max_rows_per_tenant) as engine:
-        idle_start = engine.steps
-        engine.submit("hello", "b-lora", SamplingParams(max_tokens=4, ignore_eos=True), tenant="b").result(60)
-        idle = engine.steps - idle_start
+        idle = _steps_to_finish(engine, "hello", "b-lora", "b")
         flood = []
         for _ in range(3):
             # long rows: even if this thread is descheduled for a while, the flood is still running
@@ -96,12 +118,9 @@ def _steps_waited(max_rows_per_tenant: int | None) -> tuple[int, int]:
                                         tenant="flood")
         while engine.stats()["running"] < 3:
             time.sleep(0.001)
-        start = engine.steps
-        done = engine.submit("hello", "b-lora", SamplingParams(max_tokens=4, ignore_eos=True), tenant="b").result(120)
-        waited = engine.steps - start
+        waited = _steps_to_finish(engine, "hello", "b-lora", "b")
         for h in flood:
             h.cancel()
-    assert done.error is None and done.completion_tokens == 4
     return waited, idle
 
 
