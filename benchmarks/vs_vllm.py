@@ -51,7 +51,8 @@ MARK = "@@vs_vllm "  # the worker's replies start with this (vLLM logs to the sa
 PROMPTS = [
     "The capital of France is", "def fibonacci(n):", "Water boils at", "My favourite colour is",
     "The three primary colours are", "Once upon a time, in a small village,", "1, 2, 3, 4,", "The opposite of hot is",
-    "Translate to French: good morning", "A haiku about the sea:", "SELECT name FROM users WHERE", "The best way to learn is",
+    "Translate to French: good morning", "A haiku about the sea:", "SELECT name FROM users WHERE",
+    "The best way to learn is",
 ]
 # ~512-token prompts: this paragraph repeated and cut at 512 tokens, each opened by a short prompt
 LONG_TEXT = (
@@ -128,7 +129,8 @@ def vllm_worker(folder: str, adapters_dir: str, batch: int, max_model_len: int, 
         t0 = time.time()
         outs = llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
         wall = time.time() - t0
-        ttft = [o.metrics.arrival_time + o.metrics.first_token_latency - t0 if o.metrics else float("nan") for o in outs]
+        ttft = [o.metrics.arrival_time + o.metrics.first_token_latency - t0 if o.metrics else float("nan")
+                for o in outs]
         print(MARK + json.dumps({
             "wall": wall, "tokens": sum(len(o.outputs[0].token_ids) for o in outs), "ttft": ttft,
             "texts": [o.outputs[0].text for o in outs], "ids": [list(o.outputs[0].token_ids) for o in outs],
@@ -146,7 +148,8 @@ class VLLM:
         self.log = log.open("a")
         self.proc = subprocess.Popen(
             [str(python), __file__, "--worker", "--folder", str(folder), "--adapters-dir", str(adapters_dir),
-             "--batch", str(batch), "--max-model-len", str(max_model_len), "--dtype", args.dtype, "--device", args.device],
+             "--batch", str(batch), "--max-model-len", str(max_model_len), "--dtype", args.dtype,
+             "--device", args.device],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=str(ROOT),
             start_new_session=True)  # its own process group: vLLM's engine processes outlive a killed parent
         self._reply()  # ready
@@ -278,7 +281,8 @@ def run_shape(name: str, args, zoo, tokenizer, folder: Path, adapters_dir: Path,
     print(f"\n[{name}] batch {batch}, {len(jobs)} requests, prompts {min(len(j[0]) for j in jobs)}-"
           f"{max(len(j[0]) for j in jobs)} tokens, {rounds} rounds, cases {','.join(cases)}", flush=True)
     t = time.perf_counter()
-    vllm = VLLM(folder, adapters_dir, batch, 1024 if long else 512, Path(tempfile.gettempdir()) / "vs_vllm_worker.log", args) \
+    log = Path(tempfile.gettempdir()) / "vs_vllm_worker.log"
+    vllm = VLLM(folder, adapters_dir, batch, 1024 if long else 512, log, args) \
         if not args.ours_only else None
     print(f"  vLLM worker up in {time.perf_counter() - t:.0f}s (load average {load_average()})", flush=True)
     noisy_jobs = jobs[:16]
@@ -291,7 +295,8 @@ def run_shape(name: str, args, zoo, tokenizer, folder: Path, adapters_dir: Path,
                 systems[f"vllm {case}"] = lambda lora=case == "lora": vllm.run(jobs, lora)
         elif case == "noisy":
             for quiet in ("quiet", "noisy"):
-                systems[f"ours lora {quiet}"] = lambda q=quiet: _maybe_noisy(q, lambda: run_ours(zoo, noisy_jobs, batch, lora))
+                systems[f"ours lora {quiet}"] = \
+                    lambda q=quiet: _maybe_noisy(q, lambda: run_ours(zoo, noisy_jobs, batch, lora))
                 if vllm:
                     systems[f"vllm lora {quiet}"] = lambda q=quiet: _maybe_noisy(q, lambda: vllm.run(noisy_jobs, True))
         else:
@@ -311,21 +316,25 @@ def run_shape(name: str, args, zoo, tokenizer, folder: Path, adapters_dir: Path,
                 out = fn()
                 runs[s].append(out)
                 print(f"  round {r + 1} {s:22} {out['tokens'] / out['wall']:7.1f} tok/s  wall {out['wall']:5.1f}s  "
-                      f"load {loads[-1]}" + (f"  threads:seconds {out['threads']}" if "threads" in out else ""), flush=True)
+                      f"load {loads[-1]}" + (f"  threads:seconds {out['threads']}" if "threads" in out else ""),
+                      flush=True)
     finally:
         if vllm:
             vllm.close()
     summary = {s: summarise(rs) for s, rs in runs.items()}
-    result = {"batch": batch, "requests": len(jobs), "summary": summary, "load_average_median": statistics.median(loads)}
+    result = {"batch": batch, "requests": len(jobs), "summary": summary,
+              "load_average_median": statistics.median(loads)}
     ratios, same = {}, {}
     for case in ("lora", "base"):
         if f"vllm {case}" in summary:
-            ratios[f"{case}_ours_over_vllm"] = summary[f"ours {case}"]["tokens_per_s"] / summary[f"vllm {case}"]["tokens_per_s"]
+            ratios[f"{case}_ours_over_vllm"] = (summary[f"ours {case}"]["tokens_per_s"]
+                                                / summary[f"vllm {case}"]["tokens_per_s"])
             same[case] = agreement(runs[f"ours {case}"][0], runs[f"vllm {case}"][0])
     if "ours base" in summary:
         for case in list(OTHER_TYPES) + ["lora"]:
             if f"ours {case}" in summary:
-                ratios[f"ours_base_over_ours_{case}"] = summary["ours base"]["tokens_per_s"] / summary[f"ours {case}"]["tokens_per_s"]
+                ratios[f"ours_base_over_ours_{case}"] = (summary["ours base"]["tokens_per_s"]
+                                                         / summary[f"ours {case}"]["tokens_per_s"])
     for who in ("ours", "vllm"):
         if f"{who} lora noisy" in summary:
             ratios[f"{who}_noisy_over_quiet"] = (summary[f"{who} lora noisy"]["tokens_per_s"]

@@ -9,7 +9,8 @@ took 13.5 ms instead of 25 ms, the MLP projections 0.27 ms instead of 0.36 ms.
 The modules stay the base's own `nn.Linear`s (forward hooks, and so every adapter type, see them
 as before): only their `forward` is swapped for one that reads the packed copy, and falls back
 to `F.linear` whenever autograd needs the product (training). A weight replaced, or written in
-place (not through `.data`, which bumps no version), is packed again at its next forward. The packed copy costs as much memory as the linear weights; the product differs
+place (not through `.data`, which bumps no version), is packed again at its next forward.
+The packed copy costs as much memory as the linear weights; the product differs
 from `F.linear`'s by float rounding (about 1e-6 relative), and a row's result does not depend
 on the other rows of its batch.
 

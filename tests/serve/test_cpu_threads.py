@@ -25,7 +25,8 @@ class Machine:
 
     def __init__(self, monkeypatch, cores: int, quota: float | None = None):
         self.now, self.ours, self.busy = 100.0, 0.0, 0.0
-        monkeypatch.setattr(cpu, "time", types.SimpleNamespace(monotonic=lambda: self.now, process_time=lambda: self.ours))
+        clock = types.SimpleNamespace(monotonic=lambda: self.now, process_time=lambda: self.ours)
+        monkeypatch.setattr(cpu, "time", clock)
         monkeypatch.setattr(cpu, "_busy_seconds", lambda cpus: self.busy)
         monkeypatch.setattr(cpu, "_cgroup_usage_seconds", lambda: self.busy)
         monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(cores)))

@@ -41,7 +41,8 @@ def test_the_engine_packs_the_base_and_leaves_its_weights_as_they_were():
     zoo = tiny_zoo("llama")
     checksum = base_state_checksum(zoo.model)
     with Engine(zoo, max_batch=4) as engine:
-        assert engine.submit("hello", None, SamplingParams(max_tokens=3, ignore_eos=True)).result(60).completion_tokens == 3
+        done = engine.submit("hello", None, SamplingParams(max_tokens=3, ignore_eos=True)).result(60)
+        assert done.completion_tokens == 3
     assert packed_count(zoo.model) > 0
     assert base_state_checksum(zoo.model) == checksum
 
