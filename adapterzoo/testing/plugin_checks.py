@@ -31,6 +31,26 @@ import torch
 from .models import char_tokenizer, perturb, tiny_model, tiny_zoo
 
 
+def random_ids(rows: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
+    """Seeded token ids inside every tiny base's vocabulary (ids 0-3 are the special tokens)."""
+    return torch.randint(4, 100, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def peft_output(family: str, folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    """What PEFT itself gives for `ids` with the adapter in `folder` on a fresh tiny base: the
+    reference a PEFT-compatible plugin's parity test compares against (logits; BERT: hidden states)."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(tiny_model(family, 0), folder).eval()
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return out.logits if family != "bert" else out.last_hidden_state
+
+
 def train_on_reverse(type_name: str, config: dict | None = None, *, steps: int = 40, lr: float = 3e-2,
                      family: str = "llama", seed: int = 0):
     """Train a fresh adapter of `type_name` on the `reverse` task with `zoo.train`; returns

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, TaskType, get_peft_model
 
 from adapterzoo.testing.models import FAMILIES, output, tiny_model, tiny_zoo
-from adapterzoo.testing.plugin_checks import first_and_last_losses, served_completions, train_on_reverse
+from adapterzoo.testing.plugin_checks import (
+    random_ids as ids,
+    peft_output,
+    first_and_last_losses,
+    served_completions,
+    train_on_reverse,
+)
 
 ATOL = 1e-4
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "output.dense"]}
@@ -32,19 +38,6 @@ def make_peft_dora(folder: Path, family: str, seed: int = 0, **overrides) -> Pat
                     p.mul_(1 + 0.3 * torch.randn(p.shape))
         model.save_pretrained(folder)
     return folder
-
-
-def peft_output(family: str, folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = PeftModel.from_pretrained(tiny_model(family, 0), folder).eval()
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    return out.logits if family != "bert" else out.last_hidden_state
-
-
-def ids(rows: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
-    return torch.randint(4, 100, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -5,14 +5,18 @@ other prompt lengths and types; training reaches the encoder through zoo.train; 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel, PromptEncoderConfig, TaskType, get_peft_model
 
 from adapterzoo.testing.models import output, tiny_model, tiny_zoo
-from adapterzoo.testing.plugin_checks import first_and_last_losses, served_completions, train_on_reverse
+from adapterzoo.testing.plugin_checks import (
+    random_ids as ids,
+    first_and_last_losses,
+    served_completions,
+    train_on_reverse,
+)
 from adapterzoo_ptuning import state_from_peft_encoder
 
 ATOL = 1e-4
@@ -35,10 +39,6 @@ def run(model, family: str, ids: torch.Tensor) -> torch.Tensor:
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
     result = out.logits if family != "bert" else out.last_hidden_state
     return result[:, -ids.shape[1]:]  # PEFT returns the virtual positions too
-
-
-def ids(rows: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
-    return torch.randint(4, 100, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
 def copy_encoder(zoo, name: str, peft_model) -> None:
