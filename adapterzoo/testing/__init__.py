@@ -6,6 +6,6 @@
       ADAPTERZOO_CONFORMANCE_TYPES=ia3 python -m pytest --pyargs adapterzoo.testing.conformance
 
 - `plugin_checks`: a type trained on the `reverse` task through `zoo.train`, and served through
-  `adapterzoo serve` with the `openai` client.
+  `adapterzoo serve` with the `openai` client; `peft_output`, PEFT's own result, for parity tests.
 - `speed`: a type's decode-step cost against the base's (and other types').
 """
