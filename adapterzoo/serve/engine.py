@@ -845,8 +845,7 @@ class Engine:
                     req.ready = self.resolver.prepare(req.adapter, req.tenant)
                     req.ready.add_done_callback(lambda _f: self._wake())
                     continue
-                req.virtual = adapter.length() if adapter.atype.kind == "prompt" else 0
-                req.prefix = adapter.length() if adapter.atype.kind == "prefix" else 0
+                req.virtual, req.prefix = adapter.prompt_length(), adapter.prefix_length()
                 used = req.virtual + req.prefix + len(req.prompt_ids)
                 if used + req.params.max_tokens > self.context_length:
                     taken.add(id(req))
