@@ -170,3 +170,15 @@ def openai_client(url: str, key: str = "none", **kwargs):
     kwargs.setdefault("max_retries", 0)
     kwargs.setdefault("timeout", 60)
     return OpenAI(base_url=f"{url}/v1", api_key=key, **kwargs)
+
+
+def post(url: str, body, key: str = "k-acme", path: str = "/v1/completions", **kw) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{url}{path}", content=content, timeout=60, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json", **kw.pop("headers", {})}, **kw)
+
+
+def error(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]

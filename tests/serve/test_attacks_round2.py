@@ -5,15 +5,13 @@ attack and raw HTTP where it cannot."""
 
 from __future__ import annotations
 
-import json
 
-import httpx
 import openai
 import pytest
 
 from adapterzoo import Zoo
 
-from .conftest import make_adapters, start_serve, write_keys
+from .conftest import error, make_adapters, post, start_serve, write_keys
 
 KEYS = {
     "tenants": {
@@ -37,18 +35,6 @@ def server(tiny_base, tmp_path_factory):
         yield served
     finally:
         served.stop()
-
-
-def post(url: str, body, key: str = "k-acme", path: str = "/v1/completions", **kw) -> httpx.Response:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(f"{url}{path}", content=content, timeout=60, headers={
-        "Authorization": f"Bearer {key}", "Content-Type": "application/json", **kw.pop("headers", {})}, **kw)
-
-
-def error(r: httpx.Response) -> dict:
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
 
 
 def test_many_empty_chat_messages_cannot_slip_past_the_prompt_cap(server):

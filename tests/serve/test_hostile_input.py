@@ -23,7 +23,7 @@ from adapterzoo.serve.http import build_server, redact_paths
 from adapterzoo.serve.tenants import Tenant, Tenants
 from adapterzoo.storage import WEIGHTS_FILE
 
-from .conftest import make_adapters, openai_client, running_app
+from .conftest import error, make_adapters, openai_client, post, running_app
 
 KEYS = {
     "tenants": {
@@ -50,18 +50,6 @@ def served(tiny_base, tmp_path_factory):
                           max_body_bytes=MAX_BODY, max_prompt_chars=MAX_CHARS)
     with running_app(server) as url:
         yield url, server, reference, root
-
-
-def post(url: str, body, key: str = "k-acme", path: str = "/v1/completions", **kw) -> httpx.Response:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(f"{url}{path}", content=content, timeout=60, headers={
-        "Authorization": f"Bearer {key}", "Content-Type": "application/json", **kw.pop("headers", {})}, **kw)
-
-
-def error(r: httpx.Response) -> dict:
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
 
 
 def solo(zoo, prompt, adapter, n):
