@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from adapterzoo.testing.models import tiny_model
+from adapterzoo.testing.models import output, tiny_model
 
 peft = __import__("pytest").importorskip("peft")
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model  # noqa: E402
@@ -61,3 +61,26 @@ def peft_output(family: str, folder: Path, input_ids: torch.Tensor, attention_ma
 
 def inputs(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_rows_match_alone(zoo, family: str, rows: list, seqs: list[torch.Tensor], folders: dict, atol: float,
+                            base=None) -> None:
+    """One left-padded batch of `seqs`, row i under adapter `rows[i]`: each row's output must equal
+    that row run alone, through PEFT itself for the adapters in `folders` (name -> PEFT folder), through
+    the zoo for the others, and through `base` (the zoo when None) for a bare-base row."""
+    width = max(len(seq) for seq in seqs)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):  # left padding
+        ids[i, width - len(seq):] = seq
+        mask[i, width - len(seq):] = 1
+    with torch.no_grad():
+        batch = output(zoo(ids, mask, adapters=rows))
+    for i, (name, seq) in enumerate(zip(rows, seqs)):
+        if name in folders:
+            alone = peft_output(family, folders[name], seq[None])
+        else:
+            with torch.no_grad():
+                solo = base if name is None and base is not None else zoo
+                alone = output(solo(seq[None], adapters=[name]))
+        torch.testing.assert_close(batch[i, width - len(seq):], alone[0], atol=atol, rtol=0, msg=f"row {i} ({name})")

@@ -15,7 +15,7 @@ import torch
 from adapterzoo.errors import AdapterFileError, BaseMismatchError, ShapeMismatchError, UnsupportedFormatError
 from adapterzoo.testing.models import FAMILIES, output, perturb, tiny_zoo
 
-from .helpers import inputs, make_peft_adapter, peft_output
+from .helpers import assert_rows_match_alone, inputs, make_peft_adapter, peft_output
 
 ATOL = 1e-4
 
@@ -83,23 +83,9 @@ def test_mixed_batch_of_peft_and_native_adapters(tmp_path: Path, family: str) ->
 
     rows = ["l2", "houlsby", "pre", None, "l6", "pro", "nl", "l2"]
     lengths = [5, 7, 3, 6, 7, 4, 2, 7]
-    width = max(lengths)
     gen = torch.Generator().manual_seed(3)
     seqs = [torch.randint(4, 100, (n,), generator=gen) for n in lengths]
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(seqs):  # left padding
-        ids[i, width - len(seq):] = seq
-        mask[i, width - len(seq):] = 1
-    with torch.no_grad():
-        batch = output(zoo(ids, mask, adapters=rows))
-    for i, (name, seq) in enumerate(zip(rows, seqs)):
-        if name in folders:
-            alone = peft_output(family, folders[name], seq[None])
-        else:
-            with torch.no_grad():
-                alone = output(zoo(seq[None], adapters=[name]))
-        torch.testing.assert_close(batch[i, width - len(seq):], alone[0], atol=ATOL, rtol=0, msg=f"row {i} ({name})")
+    assert_rows_match_alone(zoo, family, rows, seqs, folders, ATOL)
 
 
 WRITE_CASES = {

@@ -21,7 +21,7 @@ import torch
 from adapterzoo.errors import InvalidConfigError, ShapeMismatchError, UnsupportedFormatError
 from adapterzoo.testing.models import FAMILIES, output, perturb, tiny_model, tiny_zoo
 
-from .helpers import inputs, make_peft_adapter, peft_config, peft_output
+from .helpers import assert_rows_match_alone, inputs, make_peft_adapter, peft_config, peft_output
 
 ATOL = 1e-4
 
@@ -151,22 +151,8 @@ def test_mixed_padded_batch_of_every_field_plain_lora_native_and_bare_base(tmp_p
     rows = [*CASES, "plain", None, "houlsby", "bias-all", "layers-to-transform"]
     gen = torch.Generator().manual_seed(5)
     lengths = torch.randint(2, 8, (len(rows),), generator=gen).tolist()
-    width = max(lengths)
     seqs = [torch.randint(4, 100, (n,), generator=gen) for n in lengths]
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(seqs):  # left padding
-        ids[i, width - len(seq):] = seq
-        mask[i, width - len(seq):] = 1
-    with torch.no_grad():
-        batch = output(zoo(ids, mask, adapters=rows))
-    for i, (name, seq) in enumerate(zip(rows, seqs)):
-        if name in folders:
-            alone = peft_output(family, folders[name], seq[None])
-        else:
-            with torch.no_grad():
-                alone = output(tiny_zoo(family)(seq[None])) if name is None else output(zoo(seq[None], adapters=[name]))
-        torch.testing.assert_close(batch[i, width - len(seq):], alone[0], atol=ATOL, rtol=0, msg=f"row {i} ({name})")
+    assert_rows_match_alone(zoo, family, rows, seqs, folders, ATOL, base=tiny_zoo(family))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
