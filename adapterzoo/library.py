@@ -7,7 +7,8 @@ For each group of `--group-size` tasks, one mixed-batch training run (`zoo.train
 trains their adapters together on instructed prompts (`adapterzoo.tasks.instructed_examples`,
 the tasks' training phrasings). Each adapter is then scored on held-out test inputs whose
 instructions are *paraphrased* (never seen in training), next to the bare base on the same inputs,
-given routing examples (its training prompts, see adapterzoo/routing.py) and saved to
+given routing examples (its training phrasings and five more ways to ask, `tasks.routing_examples`; see
+adapterzoo/routing.py) and saved to
 `OUT/<task>/`, its card metadata recording the task, its exact match and the base's.
 
 Resumable: a task whose folder already holds a finished adapter is skipped, and a group cut off
@@ -111,7 +112,8 @@ def build_library(
     echo: Callable[[str], None] = print,
 ) -> list[LibraryEntry]:
     """Train, score and save one adapter per task under `out`; returns the score table."""
-    from .tasks import get_task, instructed_examples
+    from .routing import MAX_EXAMPLES
+    from .tasks import get_task, instructed_examples, routing_examples
     from .train import save_final
 
     out = Path(out)
@@ -146,7 +148,7 @@ def build_library(
         scores = exact_match(zoo, rows)
         for k, name in enumerate(group):
             entry = LibraryEntry(name, scores[k], scores[len(group) + k], n_test, steps, round(seconds, 1))
-            zoo.add_routing_examples(name, [ex.prompt for ex in train[k]])
+            zoo.add_routing_examples(name, routing_examples(name, MAX_EXAMPLES, seed=seed))
             task = get_task(name)
             metadata = {"task": name, "description": task.description,
                         "metrics": {"task": name, "exact_match": entry.exact_match,

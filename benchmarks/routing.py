@@ -35,9 +35,9 @@ from common import machine, save_json  # noqa: E402
 from adapterzoo import Zoo  # noqa: E402
 from adapterzoo.demo import SPECIALISTS  # noqa: E402
 from adapterzoo.library import exact_match, finished  # noqa: E402
-from adapterzoo.routing import BACKGROUND_PROMPTS, route  # noqa: E402
+from adapterzoo.routing import BACKGROUND_PROMPTS, DEFAULT_ENCODER, route  # noqa: E402
 from adapterzoo.storage import CONFIG_FILE  # noqa: E402
-from adapterzoo.tasks import all_tasks, get_task, instructed_examples  # noqa: E402
+from adapterzoo.tasks import all_tasks, get_task, instructed_examples, routing_examples  # noqa: E402
 
 GENERAL_PROMPTS = [
     "What should I cook for dinner tonight?", "How do airplanes stay in the air?", "Tell me about the Eiffel Tower.",
@@ -105,7 +105,7 @@ def at_scale(base: str, size: int, n: int, layer: int | None) -> dict:
     start = time.perf_counter()
     for name in names:
         zoo.add_adapter(name, "lora", r=1, target_modules=["q_proj"], layers_to_transform=[0], trainable=False)
-        zoo.add_routing_examples(name, [ex.prompt for ex in instructed_examples(name, 24, "train")], layer=layer)
+        zoo.add_routing_examples(name, routing_examples(name, 24), layer=layer)
     setup = time.perf_counter() - start
     prompts, truth = [], []
     for name in names:
@@ -171,6 +171,7 @@ def main() -> None:
     results: dict = {"machine": machine(), "base": args.base, "library": str(args.library)}
     print(f"{len(tasks)} specialists from {args.library}: {', '.join(tasks)}", flush=True)
     results["layer"] = args.layer
+    results["encoder"] = "base" if args.layer is not None else DEFAULT_ENCODER
     results["trained"] = t = trained(zoo, tasks, args.n, args.layer)
     general = {"prototype": [d.adapter for d in route(zoo, GENERAL_PROMPTS, layer=args.layer)],
                "arrow": [d.adapter for d in route(zoo, GENERAL_PROMPTS, method="arrow")]}
@@ -185,7 +186,7 @@ def main() -> None:
 
     layer = "default" if args.layer is None else args.layer
     print(f"\n{len(tasks)} trained specialists, {args.n} held-out inputs each, paraphrased instructions, "
-          f"router layer {layer}:\n")
+          f"encoder {results['encoder']}, router layer {layer}:\n")
     print("| router | right adapter | exact match | vs oracle | fell back on task prompts | general prompts to base |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| oracle (named) | 1.00 | {t['oracle_exact_match']:.3f} | 1.00 | - | - |")

@@ -168,6 +168,19 @@ def test_every_task_has_three_training_phrasings_and_two_held_out_paraphrases_ne
             assert instruction in held_out and task.example_for(_raw(task, rest)).answer == ex.answer
 
 
+def test_routing_examples_ask_in_more_ways_but_never_in_a_held_out_paraphrase():
+    from adapterzoo.tasks import all_tasks, phrasings, routing_examples, routing_phrasings
+
+    seen: set[str] = set()
+    for task in all_tasks().values():
+        lines = routing_phrasings(task)
+        assert lines[:3] == phrasings(task) and len(set(lines)) == 8
+        assert not set(lines) & set(phrasings(task, held_out=True))
+        assert not set(lines) & seen  # no two tasks share a routing phrasing
+        seen |= set(lines)
+        assert {p.partition(": ")[0] for p in routing_examples(task, 24)} == set(lines)
+
+
 def _raw(task, rendered_prompt: str) -> str:
     """The raw input back from a rendered prompt ("h e l l o ->" -> "hello")."""
     text = rendered_prompt.removesuffix(" ->")
