@@ -24,7 +24,7 @@ from adapterzoo.errors import UnsupportedFormatError
 from adapterzoo.storage import CONFIG_FILE
 from adapterzoo.tasks import Example, LabeledExample
 from adapterzoo.testing.models import char_tokenizer, tiny_model
-from adapterzoo.train import latest_checkpoint, lr_factor
+from adapterzoo.training import latest_checkpoint, lr_factor
 
 TYPES = {
     "lora": {"r": 4, "target_modules": "all-linear", "lora_alpha": 8},
