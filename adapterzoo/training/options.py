@@ -72,7 +72,10 @@ class TrainOptions:
         return cls(**{**{f.name: getattr(base, f.name) for f in fields(cls)}, **keywords})
 
     def check(self) -> None:
-        """Raise `TrainingError` naming the first bad option (and what to give instead)."""
+        """Raise `TrainingError` naming the first bad option (and what to give instead).
+
+        `train()` calls it, after checking the adapter names; construction does not, so that a
+        `TrainOptions` can be built, then changed with `dataclasses.replace`, before it is used."""
         _positive_int("batch_size", self.batch_size)
         _positive_int("grad_accum", self.grad_accum)
         _positive_int("eval_batch_size", self.eval_batch_size)
@@ -148,7 +151,8 @@ def _positive_int(key: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TrainingError(f"{key} must be a positive integer, got {value!r}")
+        raise TrainingError(f"{key} must be a positive integer{' or None' if allow_none else ''}, got {value!r}; "
+                            f"give {key}=1 or more")
 
 
 def default_lr(atype) -> float:
