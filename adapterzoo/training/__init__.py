@@ -27,6 +27,19 @@ from .options import FALLBACK_LR, METRICS, SCHEDULES, TrainOptions, default_lr
 from .report import AdapterReport, StepInfo, TrainReport
 
 __all__ = [
-    "AdapterReport", "CHECKPOINT_VERSION", "FALLBACK_LR", "METRICS", "SCHEDULES", "StepInfo", "TrainOptions",
-    "TrainReport", "default_lr", "evaluate", "latest_checkpoint", "lr_factor", "save_final", "score_task", "train",
+    "CHECKPOINT_VERSION",
+    "FALLBACK_LR",
+    "METRICS",
+    "SCHEDULES",
+    "AdapterReport",
+    "StepInfo",
+    "TrainOptions",
+    "TrainReport",
+    "default_lr",
+    "evaluate",
+    "latest_checkpoint",
+    "lr_factor",
+    "save_final",
+    "score_task",
+    "train",
 ]

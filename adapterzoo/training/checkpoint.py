@@ -174,7 +174,7 @@ def drop_checkpoint_of_step(folder: Path, step: int) -> Path | None:
     return latest_checkpoint(folder)
 
 
-def save_final(zoo: "Zoo", name: str, target: Path, metadata: dict) -> Path:
+def save_final(zoo: Zoo, name: str, target: Path, metadata: dict) -> Path:
     """Save to a temporary folder beside `target`, then rename it into place (replacing an old one)."""
     target = Path(target)
     with atomic_dir(target, replace=True) as tmp:

@@ -9,8 +9,9 @@ right-pads a mixed batch of items.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -80,7 +81,7 @@ def _fields(ex: Any, classify: bool) -> tuple[Any, Any]:
     raise ValueError(f"expected {want}, got {type(ex).__name__} {ex!r:.60}")
 
 
-def tokenize(zoo: "Zoo", adapter: "Adapter", examples: list, what: str) -> list[Item]:
+def tokenize(zoo: Zoo, adapter: Adapter, examples: list, what: str) -> list[Item]:
     """`examples` of `adapter` as `Item`s; `what` names them in errors ("examples for 'a'")."""
     tok = zoo.tokenizer
     if tok is None:
@@ -113,7 +114,7 @@ def tokenize(zoo: "Zoo", adapter: "Adapter", examples: list, what: str) -> list[
     return items
 
 
-def _labeled_item(zoo: "Zoo", adapter: "Adapter", text: Any, label: Any, where: str) -> Item:
+def _labeled_item(zoo: Zoo, adapter: Adapter, text: Any, label: Any, where: str) -> Item:
     """A (text, label) example of a classifier; `label` is a class index or one of the head's label names."""
     head = adapter.head
     if not isinstance(text, str) or not text:
@@ -131,7 +132,7 @@ def _labeled_item(zoo: "Zoo", adapter: "Adapter", text: Any, label: Any, where: 
     return Item(ids=ids, label=index, prompt=text)
 
 
-def _answer_item(zoo: "Zoo", prompt: Any, answer: Any, where: str) -> Item:
+def _answer_item(zoo: Zoo, prompt: Any, answer: Any, where: str) -> Item:
     """A (prompt, answer) example: prompt + answer + eos, with the loss on the answer only."""
     if not isinstance(prompt, str) or not isinstance(answer, str):
         raise TrainingError(f"{where} must hold two strings (prompt, answer), got {type(prompt).__name__}, "
@@ -147,7 +148,7 @@ def _answer_item(zoo: "Zoo", prompt: Any, answer: Any, where: str) -> Item:
     return Item(ids=p_ids + a_ids, labels=[-100] * len(p_ids) + a_ids, prompt=prompt, answer=answer)
 
 
-def max_positions(zoo: "Zoo") -> int | None:
+def max_positions(zoo: Zoo) -> int | None:
     """The longest sequence the base takes (None: no limit in its config)."""
     config = zoo.model.config
     for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
@@ -157,7 +158,7 @@ def max_positions(zoo: "Zoo") -> int | None:
     return None
 
 
-def collate(zoo: "Zoo", rows: list[tuple[int, Item]], names: list[str]):
+def collate(zoo: Zoo, rows: list[tuple[int, Item]], names: list[str]):
     """Right-padded input ids, mask, token labels, class labels, job index per row, adapter per row.
 
     `rows` are (job index, item); `names[k]` is job k's adapter."""

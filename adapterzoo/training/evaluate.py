@@ -9,7 +9,8 @@ early stopping).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -43,7 +44,7 @@ def default_max_new_tokens(jobs: list[Job]) -> int:
                 if it.labels is not None), default=0) + 2
 
 
-def evaluate(zoo: "Zoo", names: Sequence[str], examples: Sequence[Sequence[Any]], *, batch_size: int = 32,
+def evaluate(zoo: Zoo, names: Sequence[str], examples: Sequence[Sequence[Any]], *, batch_size: int = 32,
              max_new_tokens: int | None = None, metric: str = "auto") -> dict[str, dict[str, float]]:
     """Score adapters on held-out examples in mixed batches: {name: {"exact_match"|"accuracy", "eval_loss"}}."""
     adapters = find_adapters(zoo, list(names), None)
@@ -56,7 +57,7 @@ def evaluate(zoo: "Zoo", names: Sequence[str], examples: Sequence[Sequence[Any]]
     return evaluate_jobs(zoo, jobs, choose_metric(jobs, metric), batch_size, max_new_tokens)
 
 
-def score_task(zoo: "Zoo", adapters: Sequence[str | None], task: Any, examples: Sequence[Any], *,
+def score_task(zoo: Zoo, adapters: Sequence[str | None], task: Any, examples: Sequence[Any], *,
                batch_size: int = 32, max_new_tokens: int | None = None) -> dict[str | None, float]:
     """Score each of `adapters` (None: the bare base) on `examples` of `task`, in mixed batches.
 
@@ -104,14 +105,14 @@ def score_task(zoo: "Zoo", adapters: Sequence[str | None], task: Any, examples: 
     return scores
 
 
-def _groups(zoo: "Zoo", items: list[T]) -> list[list[T]]:
+def _groups(zoo: Zoo, items: list[T]) -> list[list[T]]:
     """Jobs (or adapter names) in groups small enough that every batch fits the slot pools."""
     size = max(1, zoo.slots)
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 @torch.no_grad()
-def evaluate_jobs(zoo: "Zoo", jobs: list[Job], metric: str, batch_size: int,
+def evaluate_jobs(zoo: Zoo, jobs: list[Job], metric: str, batch_size: int,
                   max_new_tokens: int) -> dict[str, dict[str, float]]:
     """{name: {"eval_loss", and `metric` unless it is "loss"}} of each job on its eval items."""
     results: dict[str, dict[str, float]] = {}
@@ -156,7 +157,7 @@ def _same_answer(prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
 
 
-def evaluate_and_track(zoo: "Zoo", jobs: list[Job], metric: str, patience: int | None, batch_size: int,
+def evaluate_and_track(zoo: Zoo, jobs: list[Job], metric: str, patience: int | None, batch_size: int,
                        max_new_tokens: int) -> dict[str, dict[str, float]]:
     """Evaluate `jobs`, keep each one's best state, and stop one after `patience` evaluations without
     improvement."""

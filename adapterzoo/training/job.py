@@ -4,8 +4,9 @@ own loss in a mixed batch."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,7 +24,7 @@ class Job:
     """One adapter being trained."""
 
     name: str
-    adapter: "Adapter"
+    adapter: Adapter
     items: list[Item]
     eval_items: list[Item]
     seed: int
@@ -44,7 +45,7 @@ class Job:
     _epoch_chunks: tuple[int, int, list[list[int]]] | None = field(default=None, repr=False)
 
     @classmethod
-    def for_eval(cls, name: str, adapter: "Adapter", eval_items: list[Item]) -> "Job":
+    def for_eval(cls, name: str, adapter: Adapter, eval_items: list[Item]) -> Job:
         """A job that is only evaluated (never trained)."""
         return cls(name=name, adapter=adapter, items=[], eval_items=eval_items, seed=0, lr=0.0, total_steps=0,
                    warmup_steps=0, steps_per_epoch=1, schedule="constant", optimizer=None,
@@ -78,7 +79,7 @@ def finite(params: Sequence[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
-def find_adapters(zoo: "Zoo", names: list[str], adapter_type: str | None) -> list["Adapter"]:
+def find_adapters(zoo: Zoo, names: list[str], adapter_type: str | None) -> list[Adapter]:
     """The zoo's adapters `names`, each of `adapter_type` when one is given."""
     adapters = []
     for name in names:
@@ -97,7 +98,7 @@ def find_adapters(zoo: "Zoo", names: list[str], adapter_type: str | None) -> lis
     return adapters
 
 
-def job_losses(zoo: "Zoo", out, labels, classes, job_of_row, n_jobs: int):
+def job_losses(zoo: Zoo, out, labels, classes, job_of_row, n_jobs: int):
     """Per-job mean loss (n_jobs,) and the number of loss terms per job (tokens or rows)."""
     device = zoo.device
     sums = torch.zeros(n_jobs, device=device, dtype=torch.float32)

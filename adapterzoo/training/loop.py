@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..zoo import Zoo
 
 
-def train(zoo: "Zoo", names: str | Sequence[str], examples: Any, *, options: TrainOptions | None = None,
+def train(zoo: Zoo, names: str | Sequence[str], examples: Any, *, options: TrainOptions | None = None,
           **keywords: Any) -> TrainReport:
     """Train adapter `names` (one name, or a list trained together in mixed batches).
 
@@ -106,7 +107,7 @@ def _check_names(names: list[str]) -> None:
         raise TrainingError(f"an adapter is named twice in {names!r}; train each adapter once per run")
 
 
-def _plan(zoo: "Zoo", names: list[str], single: bool, examples: Any,
+def _plan(zoo: Zoo, names: list[str], single: bool, examples: Any,
           options: TrainOptions) -> tuple[list[Job], dict[str, Path]]:
     """One `Job` per adapter (its data tokenized, its lr, seed and schedule), and the folders to save
     to; every input is checked here, before anything changes."""
@@ -134,7 +135,7 @@ def _plan(zoo: "Zoo", names: list[str], single: bool, examples: Any,
     return jobs, targets
 
 
-def _tokenized(zoo: "Zoo", adapter: "Adapter", examples: Any, what: str) -> list[Item]:
+def _tokenized(zoo: Zoo, adapter: Adapter, examples: Any, what: str) -> list[Item]:
     return tokenize(zoo, adapter, as_list(examples, what), what)
 
 
@@ -149,7 +150,7 @@ def _start_optimizers(jobs: list[Job], metric: str, weight_decay: float) -> None
         job.last_good = [p.detach().clone() for p in job.params]
 
 
-def _run_steps(zoo: "Zoo", jobs: list[Job], options: TrainOptions, metric: str, max_new_tokens: int,
+def _run_steps(zoo: Zoo, jobs: list[Job], options: TrainOptions, metric: str, max_new_tokens: int,
                ckpt: Path | None, signature: dict) -> None:
     """Step every active job until none is left, evaluating, checkpointing and reporting as asked."""
     eval_every = options.eval_every
@@ -187,7 +188,7 @@ def _run_steps(zoo: "Zoo", jobs: list[Job], options: TrainOptions, metric: str, 
                 options.on_step(StepInfo(step=step, losses=losses, lrs=lrs_now, evals=evals))
 
 
-def _evaluate_the_end(zoo: "Zoo", jobs: list[Job], metric: str, batch_size: int, max_new_tokens: int) -> None:
+def _evaluate_the_end(zoo: Zoo, jobs: list[Job], metric: str, batch_size: int, max_new_tokens: int) -> None:
     """The final evaluation of every job with eval examples, unless its last step just did one."""
     need = [j for j in jobs if j.eval_items and not (j.report.history and j.report.history[-1].get("step") == j.step
                                                          and "eval_loss" in j.report.history[-1])]
@@ -205,7 +206,7 @@ def _restore_best(jobs: list[Job]) -> None:
             j.adapter.mark_edited()
 
 
-def _save_finals(zoo: "Zoo", jobs: list[Job], targets: dict[str, Path], metadata: dict | None,
+def _save_finals(zoo: Zoo, jobs: list[Job], targets: dict[str, Path], metadata: dict | None,
                  ckpt: Path | None) -> dict[str, str]:
     """Save every job's adapter to its target (only if all are finite); {name: folder}."""
     bad = [j for j in jobs if not finite(j.params)]  # e.g. an on_step callback wrote nan/inf
@@ -255,14 +256,14 @@ def _diverged_before_update(jobs: list[Job], what: str) -> _Diverged:
     return _Diverged(jobs, what, failed=step + 1, restored=max(step - 1, 0), stale=step)
 
 
-def _bucket(adapter: "Adapter") -> int:
+def _bucket(adapter: Adapter) -> int:
     """Rows that share a forward: a soft prompt widens every row of its batch by its length (the
     batch's prompt width), so prompt adapters of each length get their own forward and the others
     are not padded for them. Prefixes only add attention columns, which cost little."""
     return adapter.prompt_length()
 
 
-def train_step(zoo: "Zoo", active: list[Job], batch_size: int, grad_accum: int,
+def train_step(zoo: Zoo, active: list[Job], batch_size: int, grad_accum: int,
                max_grad_norm: float | None) -> dict[str, float]:
     """One optimizer step of every active job, in mixed batches. Returns each job's train loss.
 
@@ -275,7 +276,7 @@ def train_step(zoo: "Zoo", active: list[Job], batch_size: int, grad_accum: int,
     return loss_sum
 
 
-def _accumulate_gradients(zoo: "Zoo", active: list[Job], batch_size: int, grad_accum: int) -> dict[str, float]:
+def _accumulate_gradients(zoo: Zoo, active: list[Job], batch_size: int, grad_accum: int) -> dict[str, float]:
     """Forward and backward of every micro-batch of the step; each job's mean train loss."""
     plans = {id(j): j.micro_batches(batch_size, grad_accum) for j in active}
     n_micro = max(len(p) for p in plans.values())
@@ -296,7 +297,7 @@ def _accumulate_gradients(zoo: "Zoo", active: list[Job], batch_size: int, grad_a
             ids, mask, labels, classes, job_of_row, row_adapters = collate(zoo, rows, names)
             with torch.enable_grad():
                 out = zoo.forward(ids, mask, row_adapters)
-                per_job, counts = job_losses(zoo, out, labels, classes, job_of_row, len(present))
+                per_job, _ = job_losses(zoo, out, labels, classes, job_of_row, len(present))
                 values = per_job.detach().cpu()
                 bad = [j for k, j in enumerate(present) if not math.isfinite(float(values[k]))]
                 if bad:

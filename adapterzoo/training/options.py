@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import TrainingError
 
@@ -55,10 +56,10 @@ class TrainOptions:
     save_to: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None
     metadata: dict | None = None
     progress: bool = True
-    on_step: Callable[["StepInfo"], None] | None = None
+    on_step: Callable[[StepInfo], None] | None = None
 
     @classmethod
-    def merged(cls, options: "TrainOptions | None", keywords: Mapping[str, Any]) -> "TrainOptions":
+    def merged(cls, options: TrainOptions | None, keywords: Mapping[str, Any]) -> TrainOptions:
         """`options` (or the defaults) with `keywords` on top; an unknown keyword is a TypeError, as
         for any function."""
         known = {f.name for f in fields(cls)}
@@ -110,7 +111,7 @@ class TrainOptions:
 
     def warmup_steps(self, total: int) -> int:
         """`warmup` as a step count (a fraction of `total` if < 1), always leaving one step to decay."""
-        warm = int(round(self.warmup * total)) if self.warmup < 1 else int(self.warmup)
+        warm = round(self.warmup * total) if self.warmup < 1 else int(self.warmup)
         return min(warm, max(0, total - 1))
 
     def seeds(self, names: list[str]) -> list[int]:
@@ -121,7 +122,7 @@ class TrainOptions:
             raise TrainingError(f"seed must be a non-negative int or one per adapter, got {seed!r}")
         return seeds
 
-    def lrs(self, adapters: list["Adapter"]) -> list[float]:
+    def lrs(self, adapters: list[Adapter]) -> list[float]:
         """One learning rate per adapter: `lr`, its entry in `lr`, or its type's default."""
         out = []
         for a in adapters:

@@ -67,9 +67,10 @@ class TrainReport:
     def __str__(self) -> str:
         from rich.console import Console
 
-        console = Console(width=120, record=True, file=open(os.devnull, "w"))
-        console.print(self.table())
-        return console.export_text()
+        with open(os.devnull, "w") as sink:
+            console = Console(width=120, record=True, file=sink)
+            console.print(self.table())
+            return console.export_text()
 
 
 def _fmt(x: float | None) -> str:
@@ -98,7 +99,12 @@ class ProgressBar:
         if self.enabled:
             from rich.console import Console
             from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
             )
 
             self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
