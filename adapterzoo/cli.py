@@ -157,7 +157,7 @@ def serve(**options) -> None:
     run_serve(**options)
 
 
-from .train_cli import eval_command, library_command, tasks_command, train_command  # noqa: E402
+from .training.cli import eval_command, library_command, tasks_command, train_command  # noqa: E402
 
 cli.add_command(train_command)
 cli.add_command(library_command)

@@ -114,7 +114,7 @@ def build_library(
     """Train, score and save one adapter per task under `out`; returns the score table."""
     from .routing import MAX_EXAMPLES
     from .tasks import get_task, instructed_examples, routing_examples
-    from .train import save_final
+    from .training import save_final
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -542,9 +542,9 @@ class Zoo:
 
         `zoo.train("a", examples)` or `zoo.train(["a", "b"], [examples_a, examples_b])`. Only the
         adapters' tensors (and heads) change; the base never does. Options and their defaults:
-        `adapterzoo.train.train` (epochs, lr, batch_size, eval_examples, patience, checkpoints...).
+        `adapterzoo.training.TrainOptions` (epochs, lr, batch_size, eval_examples, patience, checkpoints...).
         """
-        from .train import train
+        from .training import train
 
         return train(self, names, examples, **options)
 

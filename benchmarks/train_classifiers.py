@@ -23,7 +23,7 @@ from common import RESULTS, machine, save_json  # noqa: E402
 
 from adapterzoo import Zoo  # noqa: E402
 from adapterzoo.tasks import get_classification_task  # noqa: E402
-from adapterzoo.train import score_task  # noqa: E402
+from adapterzoo.training import score_task  # noqa: E402
 
 TYPES = {"houlsby": {"bottleneck": 32}, "adapterbias": {}, "bitfit": {}, "lora": {"r": 8, "lora_alpha": 16}}
 

@@ -32,7 +32,7 @@ from common import RESULTS, TRAINED_TYPES as TYPES, machine, save_json  # noqa: 
 
 from adapterzoo import Zoo  # noqa: E402
 from adapterzoo.tasks import get_task  # noqa: E402
-from adapterzoo.train import score_task  # noqa: E402
+from adapterzoo.training import score_task  # noqa: E402
 
 ROUTING_TASKS = ["reverse", "sort", "sort-desc", "rotate-left", "rotate-right", "pair-swap", "double", "upper"]
 

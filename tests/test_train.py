@@ -9,6 +9,7 @@ heads (save/load/swap, mixed heads in one batch, a classifier trained on a tiny 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -24,7 +25,7 @@ from adapterzoo.errors import UnsupportedFormatError
 from adapterzoo.storage import CONFIG_FILE
 from adapterzoo.tasks import Example, LabeledExample
 from adapterzoo.testing.models import char_tokenizer, tiny_model
-from adapterzoo.train import latest_checkpoint, lr_factor
+from adapterzoo.training import CHECKPOINT_VERSION, TrainOptions, latest_checkpoint, lr_factor
 
 TYPES = {
     "lora": {"r": 4, "target_modules": "all-linear", "lora_alpha": 8},
@@ -711,3 +712,104 @@ def test_cli_trains_a_classifier_on_an_encoder(tiny_bases, tmp_path):
     assert json.loads((out / CONFIG_FILE).read_text())["head"]["labels"] == ["odd", "even"]
     scored = cli("eval", "--base", tiny_bases / "bert", "--adapter", out, "--task", "even", "--n", 8)
     assert scored.exit_code == 0 and "accuracy on even" in scored.output
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_options_as_a_train_options_train_exactly_as_the_same_keywords():
+    runs = []
+    for how in ("keywords", "options"):
+        torch.manual_seed(0)
+        zoo = learnable_zoo()
+        zoo.add_adapter("a", "lora", seed=1, **TYPES["lora"])
+        keywords = dict(max_steps=4, lr=1e-2, batch_size=4, schedule="cosine", progress=False)
+        if how == "keywords":
+            report = zoo.train("a", const_examples("ok", 16), **keywords)
+        else:
+            report = zoo.train("a", const_examples("ok", 16), options=TrainOptions(**keywords))
+        runs.append((report["a"].history, state(zoo, "a")))
+    (history_k, state_k), (history_o, state_o) = runs
+    assert history_k == history_o
+    assert all(torch.equal(x, y) for x, y in zip(state_k, state_o))
+
+
+def test_keywords_given_with_options_replace_its_fields_and_leave_it_unchanged():
+    zoo = learnable_zoo()
+    zoo.add_adapter("a", "lora", r=2)
+    options = TrainOptions(max_steps=5, batch_size=4, progress=False)
+    report = zoo.train("a", const_examples("ok", 8), options=options, max_steps=2)
+    assert report.steps == 2 and options.max_steps == 5
+
+
+def test_an_unknown_option_is_a_type_error_that_names_it_and_the_known_ones():
+    zoo = learnable_zoo()
+    zoo.add_adapter("a", "lora", r=2)
+    with pytest.raises(TypeError, match="'max_step'") as info:
+        zoo.train("a", const_examples("ok", 8), max_step=2)
+    assert "max_steps" in str(info.value)
+    with pytest.raises(TypeError, match="TrainOptions"):
+        zoo.train("a", const_examples("ok", 8), options={"max_steps": 2})
+
+
+BAD_OPTIONS = [
+    (dict(batch_size=0), "batch_size=1 or more"),
+    (dict(max_steps=-3), "max_steps must be a positive integer or None"),
+    (dict(epochs=0), "epochs"),
+    (dict(schedule="step"), "schedule must be one of linear, cosine, constant"),
+    (dict(eval_metric="f1"), "eval_metric"),
+    (dict(warmup=-1), "warmup"),
+    (dict(max_grad_norm=0), "max_grad_norm"),
+    (dict(patience=2, eval_every=5), "needs eval_examples and eval_every"),
+    (dict(resume=True), "resume=True needs checkpoint_dir"),
+]
+
+
+@pytest.mark.parametrize("fields,needle", BAD_OPTIONS, ids=[next(iter(f)) for f, _ in BAD_OPTIONS])
+def test_train_options_check_names_the_bad_option(fields, needle):
+    options = TrainOptions(**fields)  # building one checks nothing: it can still be changed
+    with pytest.raises(TrainingError) as info:
+        options.check()
+    assert needle in str(info.value)
+    TrainOptions().check()
+    dataclasses.replace(options, **{k: getattr(TrainOptions(), k) for k in fields}).check()
+
+
+def test_train_options_spread_seeds_lrs_and_folders_over_the_adapters(tmp_path):
+    zoo = learnable_zoo()
+    zoo.add_adapter("a", "lora", r=2)
+    zoo.add_adapter("b", "bitfit")
+    adapters = [zoo.get_adapter("a"), zoo.get_adapter("b")]
+    options = TrainOptions(seed=[3, 4], lr={"a": 1e-3}, save_to=tmp_path, warmup=0.25)
+    assert options.seeds(["a", "b"]) == [3, 4]
+    assert options.lrs(adapters) == [1e-3, zoo.get_adapter("b").atype.default_lr]
+    assert options.targets(["a", "b"], single=False) == {"a": tmp_path / "a", "b": tmp_path / "b"}
+    assert options.total_steps(7) == 7 and options.warmup_steps(8) == 2 and options.warmup_steps(1) == 0
+
+
+def test_a_checkpoint_keeps_its_version_1_layout(tmp_path):
+    """What `resume` reads: a checkpoint written before (or after) a refactor of the trainer resumes."""
+    from safetensors import safe_open
+
+    zoo = learnable_zoo()
+    zoo.add_adapter("a", "lora", r=2)
+    examples = const_examples("ok", 8)
+    zoo.train("a", examples[:6], eval_examples=examples[6:], max_steps=2, batch_size=4, eval_every=1,
+              checkpoint_dir=tmp_path, **QUIET)
+    path = latest_checkpoint(tmp_path)
+    assert path == tmp_path / "step-00000002" and (tmp_path / "LATEST").read_text() == "step-00000002"
+    record = json.loads((path / "trainer.json").read_text())
+    assert CHECKPOINT_VERSION == 1 and record["version"] == 1 and record["step"] == 2
+    assert sorted(record) == ["jobs", "signature", "step", "version"]
+    assert sorted(record["signature"]) == ["adapters", "batch_size", "grad_accum"]
+    assert sorted(record["signature"]["adapters"][0]) == ["config", "examples", "examples_sha256", "name",
+                                                          "parameters", "seed", "type"]
+    job = record["jobs"][0]
+    assert sorted(job) == ["active", "bad_evals", "name", "non_tensor_state", "param_groups", "report", "step"]
+    assert sorted(job["report"]) == ["best_eval", "best_step", "examples", "final_eval_loss", "final_train_loss",
+                                     "history", "seconds", "stopped_early", "tokens"]
+    with safe_open(str(path / "state.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    n = len(zoo.get_adapter("a").parameters())
+    assert {"rng.torch"} | {f"param.0.{i}" for i in range(n)} | {f"best.0.{i}" for i in range(n)} <= keys
+    assert {f"opt.0.{i}.{k}" for i in range(n) for k in ("exp_avg", "exp_avg_sq")} <= keys

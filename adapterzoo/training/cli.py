@@ -18,13 +18,13 @@ from typing import Any
 
 import click
 
-from .errors import AdapterZooError
+from ..errors import AdapterZooError
 
 TASK_HELP = "A task from `adapterzoo tasks` (generative, or classification for an adapter with a head)."
 
 
 def _lookup_task(name: str):
-    from .tasks import UnknownTaskError, all_classification_tasks, get_task
+    from ..tasks import UnknownTaskError, all_classification_tasks, get_task
 
     classification = all_classification_tasks()
     if name in classification:
@@ -51,7 +51,7 @@ def _parse_config(pairs: tuple[str, ...]) -> dict[str, Any]:
 def _load_zoo(base: str, device: str | None, dtype: str | None):
     import torch
 
-    from .zoo import Zoo
+    from ..zoo import Zoo
 
     kwargs: dict[str, Any] = {}
     if device:
@@ -66,7 +66,7 @@ def _load_zoo(base: str, device: str | None, dtype: str | None):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def tasks_command(family: str | None, as_json: bool) -> None:
     """List the generated specialist tasks (and the classification tasks), with an example each."""
-    from .tasks import all_classification_tasks, all_tasks
+    from ..tasks import all_classification_tasks, all_tasks
 
     rows = []
     for task in all_tasks().values():
@@ -91,12 +91,14 @@ def tasks_command(family: str | None, as_json: bool) -> None:
 
     table = Table("task", "family", "input", "example", "description", title=f"{len(rows)} tasks")
     for r in rows:
-        table.add_row(r["name"], r["family"], r["kind"], f"{r['prompt']}{' =>' if 'labels' in r else ''} {r['expected']}", r["description"])
+        example = f"{r['prompt']}{' =>' if 'labels' in r else ''} {r['expected']}"
+        table.add_row(r["name"], r["family"], r["kind"], example, r["description"])
     Console(width=160).print(table)
 
 
 @click.command(name="train")
-@click.option("--base", default="smollm2", show_default=True, help="Base model: folder, Hub id, .gguf, 'smollm2' or 'minilm'.")
+@click.option("--base", default="smollm2", show_default=True,
+              help="Base model: folder, Hub id, .gguf, 'smollm2' or 'minilm'.")
 @click.option("--type", "adapter_type", required=True, help="Adapter type (see `adapterzoo plugins`).")
 @click.option("--task", required=True, help=TASK_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -134,7 +136,7 @@ def train_command(base: str, adapter_type: str, task: str, out: Path, name: str 
     """Train one adapter of --type on --task and save it to --out; prints base vs trained scores."""
     from rich.console import Console
 
-    from .train import score_task
+    from .evaluate import score_task
 
     the_task, classify = _lookup_task(task)
     config = _parse_config(config_pairs)
@@ -179,7 +181,8 @@ def train_command(base: str, adapter_type: str, task: str, out: Path, name: str 
 
 
 @click.command(name="eval")
-@click.option("--base", default="smollm2", show_default=True, help="Base model: folder, Hub id, .gguf, 'smollm2' or 'minilm'.")
+@click.option("--base", default="smollm2", show_default=True,
+              help="Base model: folder, Hub id, .gguf, 'smollm2' or 'minilm'.")
 @click.option("--adapter", "adapter_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Saved adapter folder; repeat to score several in one mixed batch. None: the bare base.")
 @click.option("--task", required=True, help=TASK_HELP)
@@ -193,7 +196,7 @@ def train_command(base: str, adapter_type: str, task: str, out: Path, name: str 
 def eval_command(base: str, adapter_dirs: tuple[Path, ...], task: str, n: int, split: str, seed: int, batch_size: int,
                  device: str | None, dtype: str | None, as_json: bool) -> None:
     """Score adapters (or the bare base) on a task: exact match, or accuracy for classification."""
-    from .train import score_task
+    from .evaluate import score_task
 
     the_task, classify = _lookup_task(task)
     if n < 1:
@@ -256,8 +259,8 @@ def library_build_command(base: str, tasks_spec: str, adapter_type: str, config_
     """Train, score and save one specialist per task (resumable); print the score table."""
     import time
 
-    from .library import build_library, push_library, select_tasks, summary
-    from .tasks import UnknownTaskError
+    from ..library import build_library, push_library, select_tasks, summary
+    from ..tasks import UnknownTaskError
 
     if threads:
         import torch
