@@ -252,7 +252,8 @@ def test_every_exception_class_in_adapterzoo_lives_in_errors_py():
                 leaked += [f"{name} ({file}) is named in {p.relative_to(PACKAGE.parent)}" for p in others]
             else:
                 misplaced.append(f"{file}: class {name}({bases})")
-    assert not misplaced, "move these into adapterzoo/errors.py (deriving from AdapterZooError):\n" + "\n".join(misplaced)
+    fix = "move these into adapterzoo/errors.py (deriving from AdapterZooError):\n"
+    assert not misplaced, fix + "\n".join(misplaced)
     assert not leaked, "\n".join(leaked)
 
 
