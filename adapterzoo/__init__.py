@@ -2,42 +2,72 @@
 
 Public API: `Zoo`, `hookimpl` (for plugins), `AdapterType` / `AdapterConfig` (the plugin
 contract, see `adapterzoo.types` and `adapterzoo.hookspecs`), and the error classes.
+
+Importing the package changes nothing in the process (no environment variable, no global
+registration) and loads no torch: the errors and `hookimpl` are plain Python, and the names that
+need torch (`Zoo`, `AdapterType`, ...) load on first use (PEP 562 `__getattr__` below). So
+`adapterzoo.tasks` and `adapterzoo.errors` import anywhere, and the `adapterzoo` command can set
+OpenMP's wait policy before torch loads (`adapterzoo.cli.main`, docs/serving.md "On the CPU").
 """
 
-import os as _os
-import sys as _sys
+from __future__ import annotations
 
-# OpenMP reads its wait policy once, when torch loads. Its default spins at every barrier, which
-# on a CPU shared with other processes turns each parallel region into a wait for a preempted
-# thread: a decode step with 2 threads beside one busy process took 3.5 s spinning, 0.23 s with
-# PASSIVE (docs/serving.md, "On the CPU"). Set OMP_WAIT_POLICY yourself (or import torch first)
-# to keep OpenMP's default.
-if "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import importlib
+from typing import TYPE_CHECKING
 
 from .errors import (
     AdapterExistsError,
     AdapterFileError,
+    AdapterLoadError,
     AdapterZooError,
     BaseMismatchError,
     BatchError,
+    ContextLengthError,
+    EngineClosedError,
+    EngineError,
     InvalidConfigError,
     InvalidNameError,
+    MaxTokensError,
     PluginError,
     PoolFullError,
     PoolLimitError,
+    QueueFullError,
+    RequestFailedError,
     ShapeMismatchError,
     TrainingDivergedError,
     TrainingError,
     UnknownAdapterError,
     UnknownAdapterTypeError,
+    UnknownTaskError,
 )
 from .hookspecs import hookimpl
-from .plan import SlotWeights
-from .types import AdapterConfig, AdapterHubMapping, AdapterType, PeftMapping, require
-from .zoo import AdapterInfo, Zoo, ZooOutput
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import SlotWeights
+    from .types import AdapterConfig, AdapterHubMapping, AdapterType, PeftMapping, require
+    from .zoo import AdapterInfo, Zoo, ZooOutput
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it; each loads (with torch) the first time the name is read
+_LAZY = {
+    "Zoo": ".zoo", "ZooOutput": ".zoo", "AdapterInfo": ".zoo", "SlotWeights": ".plan",
+    "AdapterType": ".types", "AdapterConfig": ".types", "require": ".types", "PeftMapping": ".types",
+    "AdapterHubMapping": ".types",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later reads skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Zoo", "ZooOutput", "AdapterInfo", "hookimpl", "AdapterType", "AdapterConfig", "require",
@@ -45,4 +75,6 @@ __all__ = [
     "AdapterZooError", "AdapterExistsError", "AdapterFileError", "BaseMismatchError", "BatchError",
     "InvalidConfigError", "InvalidNameError", "PluginError", "PoolFullError", "PoolLimitError",
     "ShapeMismatchError", "TrainingDivergedError", "TrainingError", "UnknownAdapterError", "UnknownAdapterTypeError",
+    "UnknownTaskError", "EngineError", "QueueFullError", "EngineClosedError", "ContextLengthError", "MaxTokensError",
+    "RequestFailedError", "AdapterLoadError",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -166,6 +167,14 @@ cli.add_command(tasks_command)
 
 
 def main() -> None:
+    # OpenMP reads its wait policy once, when torch loads (plugins load it just below). Its default
+    # spins at every barrier, which on a CPU shared with other processes turns each parallel region
+    # into a wait for a preempted thread: a decode step with 2 threads beside one busy process took
+    # 3.5 s spinning, 0.23 s with PASSIVE (docs/serving.md, "On the CPU"). The command owns its
+    # process, so it sets it here; `import adapterzoo` leaves the environment alone. Set
+    # OMP_WAIT_POLICY yourself to keep another policy.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     plugins.load_plugins()
     plugins.pm.hook.register_commands(cli=cli)
     cli()

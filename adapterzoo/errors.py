@@ -71,6 +71,54 @@ class PluginError(AdapterZooError, RuntimeError):
     """A plugin that breaks the contract (bad hook name, duplicate type name, missing attribute)."""
 
 
+class UnknownTaskError(AdapterZooError, KeyError):
+    """An unknown task name (`adapterzoo.tasks`); the message lists the closest known names."""
+
+
+# ----------------------------------------------------------------------------- Serving
+# Raised by the continuous-batching engine (adapterzoo.serve.engine); HTTP maps each to a status.
+
+
+class EngineError(AdapterZooError, RuntimeError):
+    """The engine could not take or finish a request."""
+
+
+class QueueFullError(EngineError):
+    """More requests are waiting than the engine's queue limit allows: retry later (HTTP 429)."""
+
+
+class EngineClosedError(EngineError):
+    """The engine is shutting down (or stopped) and takes no new requests (HTTP 503)."""
+
+
+class ContextLengthError(BatchError):
+    """A prompt (with its adapter's virtual tokens) plus max_tokens does not fit the base's context."""
+
+
+class MaxTokensError(ContextLengthError):
+    """max_tokens alone is over the base's context length."""
+
+
+class RequestFailedError(EngineError):
+    """One request could not go on (its logits were NaN or inf, sampling failed, its adapter
+    raised in a forward). Only that request fails; the batch it ran in goes on."""
+
+
+class AdapterLoadError(EngineError):
+    """The adapter a request names could not be loaded (corrupt file, registry down, ...)."""
+
+    @classmethod
+    def wrap(cls, name: str | None, exc: BaseException) -> BaseException:
+        """What a request for adapter `name` fails with when loading it raised `exc`: an
+        `UnknownAdapterError` as it is (404), anything else as an `AdapterLoadError` (500)."""
+        if isinstance(exc, UnknownAdapterError):
+            return exc
+        return cls(f"adapter {name!r} could not be loaded: {exc}")
+
+
+# ----------------------------------------------------------------------------- Training
+
+
 class TrainingError(AdapterZooError, ValueError):
     """Bad training input: empty or malformed examples, a label outside the head's classes, a
     sequence longer than the base allows, an adapter of another type, a bad option."""

@@ -5,9 +5,10 @@ forward hook, installed the first time an adapter uses that site; it reads the a
 `BatchPlan` (a context variable, so concurrent threads never see each other's plans) and adds
 every pool's delta for the rows that use it. Prefix tuning needs to extend an attention layer's
 keys and values, which no module hook can reach. Without a KV cache (training, a plain forward)
-the base's attention implementation, wrapped once (transformers' `AttentionInterface`), prepends
-each row's prefix in every layer. With a KV cache (generation, serving) the prefix is written
-into the cache once, at prefill, as PEFT does, so decode steps copy nothing more than the base.
+the base's attention implementation, wrapped once (transformers' `AttentionInterface`, see
+`register_attention`), prepends each row's prefix in every layer. With a KV cache (generation,
+serving) the prefix is written into the cache once, at prefill, as PEFT does, so decode steps copy
+nothing more than the base.
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ class Runtime:
         self.attention_sites: dict[int, str] = {}  # id(attention module) -> path
         embeddings = model.get_input_embeddings()
         self.embedding_path = next(p for p, m in model.named_modules() if m is embeddings)
-        _install_attention(model)
+        # The zoo takes the base over (frozen, moved, hooked), attention included: its layers read
+        # the implementation by name from the config, so the name is switched here, and the
+        # caller's choice is kept so that `detach` can give the model back as it came.
+        register_attention()
+        self.base_attention: str | None = model.config._attn_implementation
+        model.config._attn_implementation = ATTENTION_NAME
 
     def hook_delta_site(self, path: str) -> None:
         if path not in self.delta_sites:
@@ -64,6 +70,15 @@ class Runtime:
         modules = [self.modules[p] for p in self.attention_sites.values()]
         return (bool(modules) and all(hasattr(m, "layer_idx") for m in modules)
                 and len(modules) == _attention_layer_count(self.model))
+
+    def detach(self) -> None:
+        """Give the base back as it came: no hook of this runtime left on it, and its config's
+        attention implementation what it was before. The zoo on it must not be used after this."""
+        for handle in self.delta_sites.values():
+            handle.remove()
+        self.delta_sites.clear()
+        self.attention_sites.clear()
+        self.model.config._attn_implementation = self.base_attention
 
     def write_prefixes(self, plan: BatchPlan, cache, like: torch.Tensor) -> None:
         """Put every row's prefix keys/values (zeros where it has none) into an empty cache."""
@@ -110,15 +125,20 @@ def apply_delta(use: PoolUse, tensors: dict[str, torch.Tensor], x: torch.Tensor,
 # ------------------------------------------------------------------------------- attention
 
 
-def _install_attention(model: nn.Module) -> None:
-    """Route the base's attention through `prefixed_attention` (registered once per process)."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
+def register_attention() -> None:
+    """Make `ATTENTION_NAME` (`prefixed_attention`, with SDPA's mask) known to transformers.
 
-    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+    Why process-wide: a transformers model finds its attention function by name, in a table shared
+    by every model of the process (`AttentionInterface`); there is no per-model or per-call table.
+    Registering is idempotent and changes no model: only a model whose config names
+    `ATTENTION_NAME` (a zoo's base) runs it, and it is exactly SDPA when no prefix is active."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    if ALL_ATTENTION_FUNCTIONS.get(ATTENTION_NAME) is not prefixed_attention:
         AttentionInterface.register(ATTENTION_NAME, prefixed_attention)
+    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
         AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    model.config._attn_implementation = ATTENTION_NAME
 
 
 def prefixed_attention(module, query, key, value, attention_mask, **kwargs):

@@ -38,6 +38,8 @@ import string
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from adapterzoo.errors import UnknownTaskError  # plain Python: no torch comes with it (adapterzoo/__init__.py)
+
 __all__ = [
     "END_MARKER",
     "STOP_STRINGS",
@@ -437,13 +439,6 @@ def _task_registry() -> dict[str, Task]:
 def all_tasks() -> dict[str, Task]:
     """Every generative task by name, in a stable order (a fresh dict each call)."""
     return dict(_task_registry())
-
-
-class UnknownTaskError(KeyError):
-    """An unknown task name; the message lists the closest known names."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message, quotes and all
-        return str(self.args[0])
 
 
 def _lookup(name: str, registry: dict[str, object], what: str) -> object:

@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     own_session()
     sys.path.insert(0, str(ROOT))
-    from adapterzoo import Zoo  # before torch: it sets OpenMP's wait policy (docs/serving.md, "On the CPU")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `adapterzoo serve` does (docs/serving.md, "On the CPU")
+    from adapterzoo import Zoo
     from adapterzoo.base import gguf_as_safetensors, resolve_source
 
     import torch

