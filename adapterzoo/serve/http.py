@@ -23,6 +23,11 @@ strings, its types (strictly: `"stream": "yes"` is a 400, not true), the model n
 (never a path), prompt sizes before tokenizing; tokenizing runs off the event loop. A streaming
 request waits for its first token (or its error) before answering, so errors keep their status
 code; a client that disconnects cancels its request, which frees its row and cache.
+
+The handlers are module-level functions that read `request.app.state`, which `create_app` fills
+from a `server.Server` (engine, router, tenants, metrics and its `config.ServeConfig`). Request
+bodies and error answers are in `schemas.py`, the checks every route shares in `checks.py`, the
+answers of the generation routes (whole or streamed) in `streaming.py`.
 """
 
 from __future__ import annotations
@@ -268,10 +273,10 @@ async def _generate(request: Request, chat: bool) -> Response:
             request_id=request.state.request_id)
     except BaseException as exc:
         raise api_error(exc, param) from None
-    reply = partial(Reply, ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], body.model, chat, body.n,
-                    partial(token_text, state.engine))
-    if body.stream:
-        return await stream(handles, reply(), include_usage=bool((body.stream_options or {}).get("include_usage")),
+    reply = Reply(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], body.model, chat, body.n,
+                  token_text=partial(token_text, state.engine))
+    if body.stream:  # `created`: when the first events are in
+        return await stream(handles, reply, include_usage=bool((body.stream_options or {}).get("include_usage")),
                             param=param, redact=partial(redact, state))
     results = await wait_or_disconnect(request, handles)
     if results is None:
@@ -279,7 +284,8 @@ async def _generate(request: Request, chat: bool) -> Response:
     for done in results:
         if done.finish_reason == "error":
             raise api_error(done.error, param)
-    return JSONResponse(reply().whole(results))
+    reply.created = int(time.time())  # when the results are in
+    return JSONResponse(reply.whole(results))
 
 
 def _prompts(prompt) -> list:
