@@ -121,3 +121,26 @@ def test_ray_and_the_command_do_not_import_each_other():
         return {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
 
     assert "command" not in imported("ray") and "ray" in imported("command")
+
+
+def test_a_ray_replica_and_the_ingress_build_from_the_pickled_config(tiny_base):
+    """Without Ray: the deployments' classes, given the config as Ray would hand it over."""
+    from starlette.testclient import TestClient
+
+    from adapterzoo.serve.ray import Ingress, RemoteEngine, ZooReplica
+
+    config = ServeConfig(base=str(tiny_base), base_name="tiny", slots=2, max_batch=3, max_queue=5, device="cpu")
+    sent = pickle.loads(pickle.dumps(config))
+    replica = ZooReplica(sent)
+    try:
+        assert replica.server.config == config and replica.server.engine.running
+        assert (replica.server.engine.max_batch, replica.server.engine.max_queue) == (3, 5)
+        assert replica.stats()["replica"]
+    finally:
+        replica.server.engine.stop(drain=False)
+        replica.server.router.close()
+    ingress = Ingress(None, sent)
+    assert isinstance(ingress.server.engine, RemoteEngine) and ingress.server.config == config
+    client = TestClient(ingress.__serve_build_asgi_app__())
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
+    assert client.get("/admin/adapters").status_code == 501  # adapters live in the replicas
