@@ -13,6 +13,9 @@ Two deployments:
   `Engine` that mixes every adapter of every request in one continuous batch. `@serve.batch` is
   not used: it splits batches per multiplexed model id, and the whole point is to mix them.
 
+Both are given the command's `ServeConfig` as it is (Ray pickles it), so the ingress has the same
+limits as `adapterzoo serve` and every replica builds the same server (`server_from_config`).
+
 `get_adapter` is the `@serve.multiplexed` loader: it brings the adapter into the replica's host
 memory (in a thread, so the engine keeps decoding) and returns a lease; when Serve evicts the
 lease from its per-replica LRU, the adapter goes down to disk. Serve may call the lease's
