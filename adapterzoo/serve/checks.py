@@ -1,6 +1,7 @@
-"""What the routes check before any work: the caller's key, the model it names, its rate, the
-call's size and its prompts' sizes. Each reads the app's state (`http.create_app`) and raises
-`APIError` with the answer; none changes anything but the rate limiter's tokens.
+"""What the routes check before any work: the caller's key, the model it names (or, for
+`model="auto"`, the adapter that fits the prompt), its rate, the call's size and its prompts'
+sizes. Each reads the app's state (`http.create_app`) and raises `APIError` with the answer; none
+changes anything but the rate limiter's tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .tenants import Tenant
 
 
 def path_labels(router) -> dict[str, str]:
+    """The server's folders, and the role a tenant reads in an error message instead of each."""
     labels: dict[str, str] = {}
     for folder, label in ((router.adapters_dir, "<adapters>"), (router.spill_dir, "<adapters>/.spill")):
         if folder is not None:
