@@ -133,7 +133,8 @@ def pull(repo_id: str, out_dir: Path, revision: str | None, token: str | None, e
 @click.option("--max-queue", default=256, show_default=True, help="Waiting requests at most (then 429).")
 @click.option("--max-host", default=None, type=int, help="Adapters kept in host memory at most (then LRU ones go to disk).")
 @click.option("--max-tokens", "default_max_tokens", default=16, show_default=True, help="Default max_tokens of /v1/completions.")
-@click.option("--registry", default=None, help="Registry (Hub API) URL to pull missing adapters from.")
+@click.option("--registry", "registry_endpoint", default=None,
+              help="Registry (Hub API) URL to pull missing adapters from.")
 @click.option("--registry-token", default=None, envvar="ADAPTERZOO_REGISTRY_TOKEN", help="Token for the registry.")
 @click.option("--registry-namespace", default=None, help="Look up unknown adapter NAME as NAMESPACE/NAME in the registry.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
@@ -150,12 +151,20 @@ def pull(repo_id: str, out_dir: Path, revision: str | None, token: str | None, e
               help="Seconds without progress before the watchdog calls a request stuck (/health turns 503).")
 @click.option("--ray", is_flag=True, help="Deploy on Ray Serve (pip install 'adapterzoo[ray]').")
 @click.option("--replicas", default=1, show_default=True, help="Ray Serve replicas (with --ray).")
+@click.option("--models-per-replica", default=64, show_default=True, type=int,
+              envvar="ADAPTERZOO_RAY_MODELS_PER_REPLICA", help="Adapters Serve keeps warm per replica (with --ray).")
 @click.option("--log-level", default="warning", show_default=True)
 def serve(**options) -> None:
     """Serve BASE and its adapters over an OpenAI-compatible HTTP API (see docs/serving.md)."""
+    from .errors import InvalidConfigError
     from .serve.command import run_serve
+    from .serve.config import ServeConfig
 
-    run_serve(**options)
+    try:  # every flag checked before the base loads
+        config = ServeConfig(**options)
+    except InvalidConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    run_serve(config)
 
 
 from .training.cli import eval_command, library_command, tasks_command, train_command  # noqa: E402

@@ -4,10 +4,12 @@
     with Engine(zoo) as engine:
         text = engine.generate("hello", adapter="sql", max_tokens=16)
 
-See docs/serving.md. `http.create_app` builds the OpenAI-compatible server, `ray` the Ray Serve
-deployment; both are imported lazily (their dependencies are optional extras).
+See docs/serving.md. A `ServeConfig` holds the options of `adapterzoo serve`; `server.build_server`
+builds engine + router + tenants from it, `http.create_app` the OpenAI-compatible app around them,
+`ray` the Ray Serve deployment; `http` and `ray` are imported on use (their dependencies are extras).
 """
 
+from .config import ServeConfig
 from .engine import (
     AdapterLoadError,
     Completion,
@@ -23,5 +25,5 @@ from .engine import (
 
 __all__ = [
     "Engine", "SamplingParams", "Completion", "RequestHandle", "Resolver", "EngineError", "QueueFullError",
-    "EngineClosedError", "ContextLengthError", "AdapterLoadError",
+    "EngineClosedError", "ContextLengthError", "AdapterLoadError", "ServeConfig",
 ]

@@ -13,6 +13,9 @@ Two deployments:
   `Engine` that mixes every adapter of every request in one continuous batch. `@serve.batch` is
   not used: it splits batches per multiplexed model id, and the whole point is to mix them.
 
+Both are given the command's `ServeConfig` as it is (Ray pickles it), so the ingress has the same
+limits as `adapterzoo serve` and every replica builds the same server (`server_from_config`).
+
 `get_adapter` is the `@serve.multiplexed` loader: it brings the adapter into the replica's host
 memory (in a thread, so the engine keeps decoding) and returns a lease; when Serve evicts the
 lease from its per-replica LRU, the adapter goes down to disk. Serve may call the lease's
@@ -34,6 +37,7 @@ import time
 from typing import Any
 
 from ..errors import BatchError, UnknownAdapterError
+from .config import ServeConfig
 from .engine import (
     AdapterLoadError,
     Completion,
@@ -49,7 +53,6 @@ from .engine import (
 log = logging.getLogger("adapterzoo.serve")
 
 BASE_ID = "__base__"  # the multiplexed model id of requests for the bare base
-MODELS_PER_REPLICA = int(os.environ.get("ADAPTERZOO_RAY_MODELS_PER_REPLICA", "64"))
 ERRORS = {cls.__name__: cls for cls in (UnknownAdapterError, ContextLengthError, MaxTokensError, QueueFullError,
                                         EngineClosedError, AdapterLoadError, RequestFailedError, BatchError,
                                         EngineError)}
@@ -105,15 +108,14 @@ class _Lease:
 class ZooReplica:
     """One replica: base + pools + router + engine. Wrapped by `serve.deployment` in `build_app`."""
 
-    def __init__(self, options: dict[str, Any]):
+    def __init__(self, config: ServeConfig):
         import torch
 
-        from .command import server_from_options
+        from .server import server_from_config
 
-        threads = options.get("threads")
-        if threads:
-            torch.set_num_threads(threads)
-        self.server = server_from_options(options)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.server = server_from_config(config)
         self.server.engine.start()
         try:
             from ray import serve
@@ -246,17 +248,16 @@ class RemoteEngine:
 class Ingress:
     """The HTTP entry. Wrapped by `serve.deployment(serve.ingress()(...))` in `build_app`."""
 
-    def __init__(self, replicas, options: dict[str, Any]):
-        from .http import Server
+    def __init__(self, replicas, config: ServeConfig):
         from .metrics import ServeMetrics
         from .router import Router
+        from .server import Server
         from .tenants import Tenants
 
-        tenants = Tenants.from_keys_file(options.get("keys_file"))
-        router = Router(None, adapters_dir=options.get("adapters_dir"), registry_namespace=options.get("registry_namespace"),
+        tenants = Tenants.from_keys_file(config.keys_file)
+        router = Router(None, adapters_dir=config.adapters_dir, registry_namespace=config.registry_namespace,
                         tenants=tenants)
-        self.server = Server(RemoteEngine(replicas), router, tenants, ServeMetrics(), options["base_name"],
-                             default_max_tokens=options.get("default_max_tokens", 16))
+        self.server = Server(RemoteEngine(replicas), router, tenants, ServeMetrics(), config)
 
     def __serve_build_asgi_app__(self):
         from .http import create_app
@@ -264,29 +265,32 @@ class Ingress:
         return create_app(self.server, admin=False)
 
 
-def build_app(options: dict[str, Any], replicas: int):
-    """The Serve application: Ingress -> ZooReplica x `replicas`."""
+def build_app(config: ServeConfig):
+    """The Serve application: Ingress -> ZooReplica x `config.replicas`. Both get `config` as it is
+    (Ray pickles it), so every replica builds the same server as `adapterzoo serve` would."""
     import torch
     from ray import serve
 
-    gpus = 1 if torch.cuda.is_available() and (options.get("device") in (None, "cuda") or str(options.get("device")).startswith("cuda")) else 0
+    device = config.device
+    gpus = 1 if torch.cuda.is_available() and (device in (None, "cuda") or str(device).startswith("cuda")) else 0
     replica_cls = type("ZooReplica", (ZooReplica,), {})
-    replica_cls.get_adapter = serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)(ZooReplica.get_adapter)
-    replica = serve.deployment(replica_cls, name="ZooReplica", num_replicas=replicas,
-                               max_ongoing_requests=options["max_queue"] + options["max_batch"],
+    multiplexed = serve.multiplexed(max_num_models_per_replica=config.models_per_replica)
+    replica_cls.get_adapter = multiplexed(ZooReplica.get_adapter)
+    replica = serve.deployment(replica_cls, name="ZooReplica", num_replicas=config.replicas,
+                               max_ongoing_requests=config.max_queue + config.max_batch,
                                ray_actor_options={"num_cpus": 0, "num_gpus": gpus})
     ingress = serve.deployment(serve.ingress()(type("Ingress", (Ingress,), {})), name="Ingress", num_replicas=1,
-                               max_ongoing_requests=4 * (options["max_queue"] + options["max_batch"]),
+                               max_ongoing_requests=4 * (config.max_queue + config.max_batch),
                                ray_actor_options={"num_cpus": 0})
-    return ingress.bind(replica.bind(options), options)
+    return ingress.bind(replica.bind(config), config)
 
 
-def run_ray(options: dict[str, Any], *, host: str, port: int, replicas: int) -> None:
+def run_ray(config: ServeConfig) -> None:
     """Start a local Ray (or join RAY_ADDRESS), deploy, serve until SIGINT/SIGTERM, shut down."""
     import ray
     from ray import serve
 
-    options = {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in options.items()}
+    host, port, replicas = config.host, config.port, config.replicas
     loopback = host in ("127.0.0.1", "localhost", "::1")
     init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     if loopback and not os.environ.get("RAY_ADDRESS"):
@@ -300,8 +304,8 @@ def run_ray(options: dict[str, Any], *, host: str, port: int, replicas: int) -> 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-        serve.run(build_app(options, replicas), name="adapterzoo", route_prefix="/")
-        print(f"serving {options['base_name']!r} on Ray Serve ({replicas} replicas) at http://{host}:{port}/v1", flush=True)
+        serve.run(build_app(config), name="adapterzoo", route_prefix="/")
+        print(f"serving {config.base_name!r} on Ray Serve ({replicas} replicas) at http://{host}:{port}/v1", flush=True)
         while not stopping:
             time.sleep(0.2)
     finally:

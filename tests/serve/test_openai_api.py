@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from adapterzoo import Zoo
-from adapterzoo.serve.http import build_server
+from adapterzoo.serve.server import build_server
 from adapterzoo.serve.tenants import Tenants
 
 from .conftest import TYPE_NAMES, make_adapters, openai_client, running_app
