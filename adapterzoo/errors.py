@@ -143,3 +143,7 @@ class APIError(AdapterZooError):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ClientGone(AdapterZooError):
+    """The client went away while sending its body: nothing to answer, nothing to log."""

@@ -22,6 +22,7 @@ from ..errors import (
     AdapterExistsError,
     AdapterZooError,
     APIError,
+    ClientGone,
     BatchError,
     InvalidConfigError,
     InvalidNameError,
@@ -45,10 +46,6 @@ MAX_STOP_CHARS = 256  # characters per stop sequence at most
 
 
 # ----------------------------------------------------------------------------- errors
-
-
-class ClientGone(Exception):
-    """The client went away while sending its body: nothing to answer, nothing to log."""
 
 
 def not_found(model: str) -> APIError:

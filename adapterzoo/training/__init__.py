@@ -20,11 +20,31 @@ stopped; `save_to` writes the final adapters only at the very end, and only fini
 nothing half-trained or diverged ever sits under the final name (docs/training.md).
 """
 
-from .checkpoint import CHECKPOINT_VERSION, latest_checkpoint, save_final
-from .evaluate import evaluate, score_task
-from .loop import lr_factor, train
-from .options import FALLBACK_LR, METRICS, SCHEDULES, TrainOptions, default_lr
-from .report import AdapterReport, StepInfo, TrainReport
+import importlib
+
+# Loaded on first use (PEP 562), so `adapterzoo.training.cli` imports without torch: the
+# `adapterzoo` command sets OpenMP's wait policy before torch loads (adapterzoo/cli.py).
+_LAZY = {
+    "CHECKPOINT_VERSION": ".checkpoint", "latest_checkpoint": ".checkpoint", "save_final": ".checkpoint",
+    "evaluate": ".evaluate", "score_task": ".evaluate",
+    "lr_factor": ".loop", "train": ".loop",
+    "FALLBACK_LR": ".options", "METRICS": ".options", "SCHEDULES": ".options", "TrainOptions": ".options",
+    "default_lr": ".options",
+    "AdapterReport": ".report", "StepInfo": ".report", "TrainReport": ".report",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "CHECKPOINT_VERSION",
