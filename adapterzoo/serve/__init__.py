@@ -17,11 +17,11 @@ from .engine import (
     EngineError,
     QueueFullError,
     RequestHandle,
-    Resolver,
     SamplingParams,
 )
+from .resolver import HostResolver, Resolver
 
 __all__ = [
-    "Engine", "SamplingParams", "Completion", "RequestHandle", "Resolver", "EngineError", "QueueFullError",
-    "EngineClosedError", "ContextLengthError", "AdapterLoadError",
+    "Engine", "SamplingParams", "Completion", "RequestHandle", "Resolver", "HostResolver", "EngineError",
+    "QueueFullError", "EngineClosedError", "ContextLengthError", "AdapterLoadError",
 ]

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import math
 import queue
 import secrets
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from ..errors import AdapterZooError, BatchError, UnknownAdapterError
-from ..generate import SAMPLING_EPS, pad_token_id, sample_next
-from .cpu import ThreadGovernor
+from ..generate import SAMPLING_EPS, find_stop, pad_token_id, sample_next
 from . import packed as packed_linear
+from .cpu import ThreadGovernor
+from .resolver import HostResolver, Resolver
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..zoo import Zoo
@@ -173,9 +174,6 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids (when asked for)
 
 
-_ids = itertools.count(1)
-
-
 class RequestHandle:
     """One submitted request: iterate its text deltas, wait for its result, or cancel it.
 
@@ -260,7 +258,7 @@ class Request:
     adapter: str | None
     params: SamplingParams
     tenant: str | None = None
-    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")  # unique across engines and replicas
     # set by the engine
     engine: "Engine | None" = None
     submitted: float = 0.0
@@ -282,50 +280,9 @@ class Request:
         return self.handle is not None and self.handle.cancelled
 
 
-class Resolver:
-    """Where adapters come from. This one only knows the zoo's host memory; `Router` adds tiers."""
+class NullMetrics:
+    """Metrics that record nothing (an engine or tiers built without `ServeMetrics`)."""
 
-    def __init__(self, zoo: "Zoo"):
-        self.zoo = zoo
-
-    def prepare(self, name: str, tenant: str | None = None) -> Future:
-        """A future that resolves (to None) once `name` is in the zoo, or fails with why not."""
-        f: Future = Future()
-        try:
-            self.zoo.get_adapter(name)
-            f.set_result(None)
-        except UnknownAdapterError as exc:
-            f.set_exception(exc)
-        return f
-
-    def check(self, name: str, tenant: str | None = None) -> None:
-        """Raise `UnknownAdapterError` now if `name` cannot be served."""
-        self.zoo.get_adapter(name)
-
-    def acquire(self, name: str) -> None:
-        """A request now uses `name` (it must not leave host memory until released)."""
-
-    def release(self, name: str) -> None:
-        """A request no longer uses `name`."""
-
-    def resident_limit(self, tenant: str | None) -> int | None:
-        """How many distinct adapters a tenant's running requests may hold in device slots."""
-        return None
-
-    def on_device(self, name: str) -> bool:
-        zoo = self.zoo
-        adapter = zoo.find_adapter(name)
-        pool = zoo.pools.get(adapter.pool_key) if adapter is not None else None
-        return pool is not None and pool.is_current(adapter)
-
-    def placed(self, names: Sequence[str], seconds: float) -> None:
-        """`names` were copied into device slots, taking `seconds` together."""
-
-    def attach(self, engine: "Engine") -> None:
-        """The engine that uses this resolver (for work that must run between its steps)."""
-
-
-class _NullMetrics:
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *a, **k: None
 
@@ -358,9 +315,9 @@ class Engine:
         self.max_queue_per_tenant = max_queue_per_tenant
         self.max_rows_per_tenant = max_rows_per_tenant
         self.stuck_after = stuck_after
-        self.resolver = resolver or Resolver(zoo)
+        self.resolver: Resolver = resolver or HostResolver(zoo)
         self.resolver.attach(self)
-        self.metrics = metrics or _NullMetrics()
+        self.metrics = metrics or NullMetrics()
         config = zoo.model.config
         self.context_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
         self.eos = self.tokenizer.eos_token_id
@@ -536,8 +493,6 @@ class Engine:
                 req.logprobs = []
             self._check_length(req)
             reqs.append(req)
-        if adapter is not None:
-            self.resolver.check(adapter, tenant)
         with self._cond:
             if self._closing:
                 raise EngineClosedError("the server is shutting down and takes no new requests")
@@ -559,6 +514,7 @@ class Engine:
                         self.resolver.acquire(adapter)
                         req.acquired = True
                         req.ready = self.resolver.prepare(adapter, tenant)
+                        _raise_if_unknown(req.ready)  # known not to exist: refused now (404), not queued
             except BaseException:
                 for req in reqs:
                     self._release(req)
@@ -887,7 +843,7 @@ class Engine:
         names = sorted({r.adapter for r in [*self._rows, *joiners] if r.adapter is not None})
         if not names:
             return
-        new = [n for n in names if not self.resolver.on_device(n)]
+        new = [n for n in names if self.zoo.where(n) != "device"]
         if not new:
             return
         t0 = time.perf_counter()
@@ -1112,7 +1068,7 @@ class Engine:
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
         stops = req.params.stop
         if stops and len(req.tokens) >= req.params.min_tokens:
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            cut = find_stop(text, stops)
             if cut >= 0:
                 req.text = text[:cut]
                 self._finish(req, "stop")
@@ -1160,6 +1116,12 @@ class Engine:
             req.acquired = False
             self.resolver.release(req.adapter)
 
+
+
+def _raise_if_unknown(ready: Future) -> None:
+    """A resolver that already knows an adapter does not exist answers with a failed future."""
+    if ready.done() and isinstance(ready.exception(), UnknownAdapterError):
+        raise ready.exception()
 
 
 def _request_error(req: Request, exc: BaseException, stage: str) -> RequestFailedError:

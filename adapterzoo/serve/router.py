@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ..adapter import check_name
 from ..errors import AdapterZooError, HubError, InvalidNameError, UnknownAdapterError
 from ..storage import CONFIG_FILE
-from .engine import Resolver
 from .tenants import Tenants
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,7 +86,7 @@ REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]
 TOMBSTONES = ".deleted.json"  # in the adapters folder: names deleted by an admin, never served again
 
 
-class Router(Resolver):
+class Router:
     """Tiers device -> host -> disk -> registry, background loading, and per-tenant limits."""
 
     def __init__(
@@ -105,7 +104,7 @@ class Router(Resolver):
         metrics: Any = None,
         loaders: int = 2,
     ):
-        super().__init__(zoo)
+        self.zoo = zoo
         self.adapters_dir = Path(adapters_dir) if adapters_dir else None
         self.registry_endpoint = registry_endpoint
         self.registry_token = registry_token
@@ -113,9 +112,9 @@ class Router(Resolver):
         self.max_host = max_host
         self.spill_dir = Path(spill_dir) if spill_dir else (self.adapters_dir / ".spill" if self.adapters_dir else None)
         self.tenants = tenants or Tenants.open()
-        from .engine import _NullMetrics
+        from .engine import NullMetrics
 
-        self.metrics = metrics or _NullMetrics()
+        self.metrics = metrics or NullMetrics()
         self.engine: "Engine | None" = None
         self._lock = threading.RLock()  # the catalog, refs and LRU; never held over file I/O
         self._spill_lock = threading.Lock()  # one spill save at a time (two drops of one adapter)
@@ -226,7 +225,7 @@ class Router(Resolver):
         return [self.catalog[n] for n in names if self.visible(n, tenant)]
 
     def on_device(self, name: str) -> bool:
-        return self.zoo is not None and super().on_device(name)
+        return self.zoo is not None and self.zoo.where(name) == "device"
 
     def tier(self, name: str) -> str | None:
         if self.zoo is None:
@@ -242,7 +241,7 @@ class Router(Resolver):
         if self.zoo is None:
             return {}
         with self._lock:
-            device = sum(len(p.lru) for p in self.zoo.pools.values())
+            device = self.zoo.slots_in_use()
             host = len(self.zoo.adapter_names())
             disk = sum(1 for n, e in self.catalog.items() if e.path is not None and self.zoo.find_adapter(n) is None)
         return {"device": device, "host": host, "disk": disk}
@@ -359,7 +358,7 @@ class Router(Resolver):
     def _between_steps(self, fn):
         if self.engine is not None:
             return self.engine.call_between_steps(fn).result()
-        with self.zoo._lock:
+        with self.zoo.exclusive():
             return fn()
 
     def _evict_overflow(self, room: int = 0) -> None:

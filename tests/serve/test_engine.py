@@ -9,7 +9,8 @@ import time
 import pytest
 
 from adapterzoo.serve import ContextLengthError, Engine, QueueFullError, SamplingParams
-from adapterzoo.serve.engine import Resolver, _safe_end
+from adapterzoo.serve.engine import _safe_end
+from adapterzoo.serve.resolver import HostResolver
 from adapterzoo.testing.models import tiny_zoo
 
 from .conftest import TYPE_NAMES, make_adapters
@@ -136,7 +137,7 @@ def test_more_distinct_adapters_than_slots():
     assert results == [solo(zoo, p, a, max_new_tokens=5) for p, a in jobs]
 
 
-class _Limited(Resolver):
+class _Limited(HostResolver):
     def resident_limit(self, tenant):
         return 1 if tenant == "small" else None
 
@@ -237,10 +238,7 @@ def test_a_call_queued_as_the_loop_stops_still_runs():
     assert engine.call_between_steps(lambda: "inline").result(0) == "inline"  # stopped: runs inline
 
 
-class _BrokenLoads(Resolver):
-    def check(self, name, tenant=None):
-        pass
-
+class _BrokenLoads(HostResolver):
     def prepare(self, name, tenant=None):
         from concurrent.futures import Future
 
@@ -288,3 +286,38 @@ def test_a_request_that_fills_the_context_runs_to_max_tokens():
         for adapter, virtual in [(None, 0), ("prompt", 4), ("prefix", 3)]:
             done = engine.submit("hello", adapter, SamplingParams(max_tokens=n - virtual, ignore_eos=True)).result(60)
             assert done.finish_reason == "length" and done.completion_tokens == n - virtual, adapter
+
+
+def test_request_ids_come_from_no_process_wide_counter():
+    """Two engines (two replicas) never hand out the same id; a caller's own id is kept."""
+    zoo = zoo_for("llama")
+    first, second = Engine(zoo), Engine(zoo)
+    ids = [e.submit("hello", None, SamplingParams(max_tokens=1)).id for e in (first, second, first)]
+    assert len(set(ids)) == 3 and all(i.startswith("req-") for i in ids)
+    assert first.submit("hello", None, SamplingParams(max_tokens=1), request_id="mine").id == "mine"
+    for e in (first, second):
+        e.stop(drain=False)
+
+
+def test_an_adapter_the_resolver_knows_not_to_exist_is_refused_at_submit_and_holds_nothing():
+    from adapterzoo import UnknownAdapterError
+
+    zoo = zoo_for("llama")
+    engine = Engine(zoo)
+    with pytest.raises(UnknownAdapterError):
+        engine.submit("hello", "nope", SamplingParams(max_tokens=2))
+    assert engine.stats()["waiting"] == 0
+    engine.stop(drain=False)
+
+
+def test_zoo_generate_and_the_engine_cut_at_the_same_stop_string():
+    from adapterzoo.generate import find_stop
+
+    assert find_stop("a stop here, STOP there", ("STOP", "stop")) == 2
+    assert find_stop("nothing", ("x",)) == -1 and find_stop("", ()) == -1
+    zoo = zoo_for("llama")
+    full = solo(zoo, "hello", "lora", max_new_tokens=8)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    with Engine(zoo) as engine:
+        served = engine.generate("hello", "lora", max_tokens=8, stop=(stop,))
+    assert served == solo(zoo, "hello", "lora", max_new_tokens=8, stop=[stop]) == full[:find_stop(full, (stop,))]
