@@ -247,15 +247,15 @@ class Ingress:
     """The HTTP entry. Wrapped by `serve.deployment(serve.ingress()(...))` in `build_app`."""
 
     def __init__(self, replicas, options: dict[str, Any]):
+        from .catalog import Catalog
         from .http import Server
         from .metrics import ServeMetrics
-        from .router import Router
         from .tenants import Tenants
 
         tenants = Tenants.from_keys_file(options.get("keys_file"))
-        router = Router(None, adapters_dir=options.get("adapters_dir"), registry_namespace=options.get("registry_namespace"),
-                        tenants=tenants)
-        self.server = Server(RemoteEngine(replicas), router, tenants, ServeMetrics(), options["base_name"],
+        catalog = Catalog(adapters_dir=options.get("adapters_dir"), registry_namespace=options.get("registry_namespace"),
+                          tenants=tenants)  # no base here: the replicas hold the tiers
+        self.server = Server(RemoteEngine(replicas), catalog, tenants, ServeMetrics(), options["base_name"],
                              default_max_tokens=options.get("default_max_tokens", 16))
 
     def __serve_build_asgi_app__(self):
