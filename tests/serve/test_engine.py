@@ -100,7 +100,7 @@ def test_cancel_frees_the_row_and_its_cache():
         deadline = time.monotonic() + 10
         while engine.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.stats()["running"] == 0 and engine._cache is None
+        assert engine.stats()["running"] == 0 and engine._batch.cache is None
 
 
 def test_queue_limit_and_context_length():
@@ -149,7 +149,7 @@ def test_tenant_resident_slot_limit():
     original = engine._decode
 
     def spy():
-        seen.append({r.adapter for r in engine._rows if r.tenant == "small"})
+        seen.append({r.adapter for r in engine._batch.rows if r.tenant == "small"})
         original()
 
     engine._decode = spy
