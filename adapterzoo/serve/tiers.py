@@ -32,7 +32,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..adapter import check_name
 from ..errors import AdapterExistsError, AdapterZooError, HubError, InvalidNameError, UnknownAdapterError
@@ -74,7 +74,9 @@ class Tiers:
         self.registry_token = registry_token
         self.max_host = max_host
         self.metrics = metrics or NullMetrics()
-        self.engine: "Engine | None" = None
+        # the engine's `call_between_steps` once one uses these tiers (`attach`): the zoo changes
+        # only between two of its forwards; without one, under `zoo.exclusive()`
+        self._between: Callable[[Callable[[], Any]], Future] | None = None
         self._refs: collections.Counter[str] = collections.Counter()
         self._loading: dict[str, Future] = {}
         self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict.fromkeys(zoo.adapter_names())
@@ -92,7 +94,8 @@ class Tiers:
             self.metrics.track_residency(self.residency)
 
     def attach(self, engine: "Engine") -> None:
-        self.engine = engine
+        """What the engine calls: from then on, adding and removing adapters run between its steps."""
+        self._between = engine.call_between_steps
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -239,8 +242,8 @@ class Tiers:
             raise
 
     def _between_steps(self, fn):
-        if self.engine is not None:
-            return self.engine.call_between_steps(fn).result()
+        if self._between is not None:
+            return self._between(fn).result()
         with self.zoo.exclusive():
             return fn()
 
