@@ -46,6 +46,8 @@ class Completion:
 
 @dataclass(eq=False)
 class Request:
+    """One request from submit to its end: what it asked, and how far it got."""
+
     prompt_ids: list[int]
     adapter: str | None
     params: SamplingParams

@@ -321,3 +321,19 @@ def test_zoo_generate_and_the_engine_cut_at_the_same_stop_string():
     with Engine(zoo) as engine:
         served = engine.generate("hello", "lora", max_tokens=8, stop=(stop,))
     assert served == solo(zoo, "hello", "lora", max_new_tokens=8, stop=[stop]) == full[:find_stop(full, (stop,))]
+
+
+def test_room_books_rows_pool_slots_a_tenants_resident_slots_and_the_prefill_budget():
+    from adapterzoo.serve.batch import Request, Room
+
+    pool_of = {"a": ("lora",), "b": ("lora",), "c": ("lora",)}.get
+    running = [Request([1, 2], "a", SamplingParams(), tenant="t")]
+    room = Room(running, pool_of, max_rows=3, max_rows_per_tenant=2, slots=2, budget=5)
+    assert room.row_for("t") and room.slot_for("a", "t", 1) and room.slot_for("b", "u", None)
+    assert not room.slot_for("b", "t", 1)  # "t" already holds one adapter, its limit
+    assert room.prefill_for(100)  # the first joiner always fits the budget
+    room.take(Request([1, 2, 3, 4], "b", SamplingParams(), tenant="u"), 4)
+    assert not room.slot_for("c", "u", None) and room.slot_for("b", "t", None)  # the pool's 2 slots: a, b
+    assert not room.prefill_for(2) and room.prefill_for(1)
+    room.take(Request([1], None, SamplingParams(), tenant="t"), 1)
+    assert not room.row_for("u")  # three rows: the batch is full
