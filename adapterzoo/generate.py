@@ -131,6 +131,12 @@ def _hits_stop(tok, tokens: list[int], stop: Sequence[str]) -> bool:
     return any(s in tail for s in stop)
 
 
+def find_stop(text: str, stop: Sequence[str]) -> int:
+    """Where `text` is cut: the start of the earliest stop string in it, or -1 when none is
+    (zoo.generate and the serving engine both cut here)."""
+    return min((text.find(s) for s in stop if s in text), default=-1)
+
+
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    cut = find_stop(text, stop)
     return text[:cut] if cut >= 0 else text

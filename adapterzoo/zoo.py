@@ -129,6 +129,32 @@ class Zoo:
         """The names of the adapters this zoo holds, in the order they were added."""
         return list(self._adapters)
 
+    # -- residency: what a server asks (serve/tiers.py, serve/engine.py), never the zoo's own state
+
+    def where(self, name: str) -> str | None:
+        """Where adapter `name` lives now: "device" (current in a slot pool), "host" (only in
+        memory), or None (this zoo does not hold it)."""
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            return None
+        pool = self.pools.get(adapter.pool_key)
+        return "device" if pool is not None and pool.is_current(adapter) else "host"
+
+    def slots_in_use(self) -> int:
+        """How many device slots hold an adapter, over every slot pool."""
+        return sum(len(pool.lru) for pool in self.pools.values())
+
+    def token_lengths(self, name: str) -> tuple[int, int]:
+        """(virtual, prefix): the soft-prompt tokens adapter `name` puts before a prompt, and the
+        prefix tokens its attention sees first; both count against the base's context length."""
+        adapter = self.get_adapter(name)
+        return adapter.prompt_length(), adapter.prefix_length()
+
+    def exclusive(self) -> threading.RLock:
+        """`with zoo.exclusive():` no forward, plan, add or remove of another thread runs meanwhile
+        (the lock every residency change and forward takes; re-entrant)."""
+        return self._lock
+
     def get_adapter(self, name: str) -> Adapter:
         try:
             return self._adapters[name]
@@ -328,9 +354,7 @@ class Zoo:
             self._adapters[adapter.name] = adapter
 
     def _info(self, adapter: Adapter) -> AdapterInfo:
-        pool = self.pools.get(adapter.pool_key)
-        where = "device" if pool is not None and pool.is_current(adapter) else "host"
-        return AdapterInfo(adapter.name, adapter.type_name, adapter.config.to_dict(), where,
+        return AdapterInfo(adapter.name, adapter.type_name, adapter.config.to_dict(), self.where(adapter.name),
                            adapter.num_parameters(), adapter.trainable,
                            adapter.head.config.to_dict() if adapter.head is not None else None)
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from adapterzoo import Zoo
+from adapterzoo import UnknownAdapterError, Zoo
 from adapterzoo.base import base_state_checksum
 from adapterzoo.storage import CONFIG_FILE, WEIGHTS_FILE
 from adapterzoo.testing.models import output, perturb, tiny_model, tiny_zoo
@@ -86,6 +86,47 @@ def test_lru_spills_to_host_and_comes_back_with_the_same_results():
     torch.testing.assert_close(run(zoo, ["l0"]), first["l0"], atol=0, rtol=0)  # back, same result
     assert zoo.adapters["l0"].where == "device" and zoo.adapters["l1"].where == "host"
     torch.testing.assert_close(run(zoo, ["l1"]), first["l1"], atol=0, rtol=0)
+
+
+def test_residency_says_which_adapters_exist_where_each_lives_and_how_many_slots_hold_one():
+    zoo = tiny_zoo("llama", slots=2)
+    for i in range(3):
+        zoo.add_adapter(f"l{i}", "lora", r=4, init_lora_weights=False, seed=i, trainable=False)
+    zoo.add_adapter("p", "soft_prompt", num_virtual_tokens=4, trainable=False)
+    assert zoo.adapter_names() == ["l0", "l1", "l2", "p"] and zoo.find_adapter("nope") is None
+    assert [zoo.where(n) for n in ("l0", "nope")] == ["host", None] and zoo.slots_in_use() == 0
+    run(zoo, ["l0"])
+    run(zoo, ["l1", "l2"])  # two slots: l0, least recently used, goes back to host memory
+    assert [zoo.where(n) for n in ("l0", "l1", "l2")] == ["host", "device", "device"]
+    assert zoo.slots_in_use() == 2 and zoo.where("l1") == zoo.adapters["l1"].where
+    zoo.remove_adapter("l1")
+    assert zoo.where("l1") is None and zoo.slots_in_use() == 1
+
+
+def test_token_lengths_are_an_adapters_virtual_and_prefix_tokens():
+    zoo = tiny_zoo("llama")
+    zoo.add_adapter("l", "lora", r=4)
+    zoo.add_adapter("p", "soft_prompt", num_virtual_tokens=4)
+    zoo.add_adapter("x", "prefix", num_virtual_tokens=3)
+    assert [zoo.token_lengths(n) for n in "lpx"] == [(0, 0), (4, 0), (0, 3)]
+    with pytest.raises(UnknownAdapterError):
+        zoo.token_lengths("nope")
+
+
+def test_exclusive_holds_off_other_threads_until_it_ends():
+    import threading
+
+    zoo = tiny_zoo("llama")
+    zoo.add_adapter("a", "lora", r=4)
+    added = threading.Event()
+    with zoo.exclusive():
+        with zoo.exclusive():  # re-entrant: the thread holding it may plan, add and remove
+            pass
+        adder = threading.Thread(target=lambda: (zoo.add_adapter("b", "lora", r=4), added.set()))
+        adder.start()
+        assert not added.wait(0.3) and zoo.find_adapter("b") is None
+    adder.join(30)
+    assert added.is_set() and zoo.where("b") == "host"
 
 
 def test_a_plan_whose_slot_was_taken_is_planned_again():

@@ -19,11 +19,11 @@ from .engine import (
     EngineError,
     QueueFullError,
     RequestHandle,
-    Resolver,
     SamplingParams,
 )
+from .resolver import HostResolver, Resolver
 
 __all__ = [
-    "Engine", "SamplingParams", "Completion", "RequestHandle", "Resolver", "EngineError", "QueueFullError",
-    "EngineClosedError", "ContextLengthError", "AdapterLoadError", "ServeConfig",
+    "Engine", "SamplingParams", "Completion", "RequestHandle", "Resolver", "HostResolver", "EngineError",
+    "QueueFullError", "EngineClosedError", "ContextLengthError", "AdapterLoadError", "ServeConfig",
 ]

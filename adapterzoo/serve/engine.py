@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
-import math
 import queue
 import secrets
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
@@ -43,104 +40,25 @@ from ..errors import (  # noqa: F401  (their home is errors.py; importable from 
     AdapterLoadError, ContextLengthError, EngineClosedError, EngineError, MaxTokensError, QueueFullError,
     RequestFailedError,
 )
-from ..generate import SAMPLING_EPS, pad_token_id, sample_next
-from .cpu import ThreadGovernor
+from ..generate import find_stop, pad_token_id, sample_next
 from . import packed as packed_linear
+from .batch import Completion, Request, Room, RunningBatch  # noqa: F401 - Completion, Request: also from here
+from .cpu import ThreadGovernor
+from .resolver import HostResolver, Resolver
+from .sampling import (  # noqa: F401 - the HTTP layer, Ray and users import these from here too
+    MAX_LOGPROBS,
+    SamplingParams,
+    TokenLogprob,
+    apply_penalties,
+    token_logprob,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..zoo import Zoo
 
 log = logging.getLogger("adapterzoo.serve")
 
-MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's limit)
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. temperature 0 (the default) is greedy; so is any temperature below
-    `SAMPLING_EPS` (dividing logits by 1e-40 overflows them to inf)."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # also accepts one string, any sequence of strings, or None
-    ignore_eos: bool = False  # always generate max_tokens (benchmarks)
-    min_tokens: int = 0  # EOS and stop_token_ids cannot end the request before this many tokens
-    stop_token_ids: tuple[int, ...] = ()  # generating one of these ends the request (not in the text)
-    presence_penalty: float = 0.0  # OpenAI's: minus this for every token already generated
-    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often it was generated
-    repetition_penalty: float = 1.0  # HF's/vLLM's: over prompt and output, > 1 discourages repeats
-    logprobs: int | None = None  # record each chosen token's logprob and this many top alternatives
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
-            raise BatchError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature and math.isfinite(self.temperature)):
-            raise BatchError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not (0 < self.top_p <= 1):
-            raise BatchError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < 0:
-            raise BatchError(f"top_k must be >= 0, got {self.top_k!r}")
-        if not (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= max(self.max_tokens, 0)):
-            raise BatchError(
-                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and -2 <= value <= 2):
-                raise BatchError(f"{name} must be a number in [-2, 2], got {value!r}")
-        if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 2):
-            raise BatchError(f"repetition_penalty must be a number in (0, 2], got {self.repetition_penalty!r}")
-        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise BatchError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
-        object.__setattr__(self, "stop", tuple(s for s in stop if s))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < SAMPLING_EPS
-
-    @property
-    def penalised(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
-
-    @property
-    def plain(self) -> bool:
-        """Greedy with nothing to adjust or record: the batch's argmax is this row's token."""
-        return self.greedy and not self.penalised and not self.min_tokens and self.logprobs is None
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token: its log-probability under the model (raw logits, before temperature
-    and penalties, as vLLM reports by default) and the `logprobs` most likely alternatives."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass
-class Completion:
-    """What a finished request produced."""
-
-    id: str
-    adapter: str | None
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-    prompt_tokens: int
-    completion_tokens: int
-    ttft: float | None  # seconds from submit to the first token
-    latency: float  # seconds from submit to the end
-    error: BaseException | None = None
-    replica: str | None = None  # which Ray Serve replica produced it (None: this process)
-    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids (when asked for)
-
-
-_ids = itertools.count(1)
 
 
 class RequestHandle:
@@ -221,78 +139,9 @@ class RequestHandle:
         raise EngineError("stream ended without a result")  # pragma: no cover
 
 
-@dataclass(eq=False)
-class Request:
-    prompt_ids: list[int]
-    adapter: str | None
-    params: SamplingParams
-    tenant: str | None = None
-    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
-    # set by the engine
-    engine: "Engine | None" = None
-    submitted: float = 0.0
-    first_token_at: float | None = None
-    ready: Future | None = None  # resolves when the adapter is in host memory
-    virtual: int = 0  # virtual tokens (soft prompt) that enter the cache
-    prefix: int = 0  # prefix tokens (positions shift by this much)
-    tokens: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of text already sent as deltas
-    text: str = ""
-    generator: torch.Generator | None = None
-    handle: RequestHandle | None = None
-    acquired: bool = False
-    progressed: float = 0.0  # when it last made progress (joined, or got a token): the watchdog reads it
-    logprobs: list[TokenLogprob] | None = None
+class NullMetrics:
+    """Metrics that record nothing (an engine or tiers built without `ServeMetrics`)."""
 
-    @property
-    def cancelled(self) -> bool:
-        return self.handle is not None and self.handle.cancelled
-
-
-class Resolver:
-    """Where adapters come from. This one only knows the zoo's host memory; `Router` adds tiers."""
-
-    def __init__(self, zoo: "Zoo"):
-        self.zoo = zoo
-
-    def prepare(self, name: str, tenant: str | None = None) -> Future:
-        """A future that resolves (to None) once `name` is in the zoo, or fails with why not."""
-        f: Future = Future()
-        try:
-            self.zoo.get_adapter(name)
-            f.set_result(None)
-        except UnknownAdapterError as exc:
-            f.set_exception(exc)
-        return f
-
-    def check(self, name: str, tenant: str | None = None) -> None:
-        """Raise `UnknownAdapterError` now if `name` cannot be served."""
-        self.zoo.get_adapter(name)
-
-    def acquire(self, name: str) -> None:
-        """A request now uses `name` (it must not leave host memory until released)."""
-
-    def release(self, name: str) -> None:
-        """A request no longer uses `name`."""
-
-    def resident_limit(self, tenant: str | None) -> int | None:
-        """How many distinct adapters a tenant's running requests may hold in device slots."""
-        return None
-
-    def on_device(self, name: str) -> bool:
-        zoo = self.zoo
-        adapter = zoo.find_adapter(name)
-        pool = zoo.pools.get(adapter.pool_key) if adapter is not None else None
-        return pool is not None and pool.is_current(adapter)
-
-    def placed(self, names: Sequence[str], seconds: float) -> None:
-        """`names` were copied into device slots, taking `seconds` together."""
-
-    def attach(self, engine: "Engine") -> None:
-        """The engine that uses this resolver (for work that must run between its steps)."""
-
-
-class _NullMetrics:
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *a, **k: None
 
@@ -325,9 +174,9 @@ class Engine:
         self.max_queue_per_tenant = max_queue_per_tenant
         self.max_rows_per_tenant = max_rows_per_tenant
         self.stuck_after = stuck_after
-        self.resolver = resolver or Resolver(zoo)
+        self.resolver: Resolver = resolver or HostResolver(zoo)
         self.resolver.attach(self)
-        self.metrics = metrics or _NullMetrics()
+        self.metrics = metrics or NullMetrics()
         config = zoo.model.config
         self.context_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
         self.eos = self.tokenizer.eos_token_id
@@ -341,12 +190,7 @@ class Engine:
         self._closing = False
         self._stopped = False
         self._calls_closed = False  # the loop has left: `call_between_steps` runs calls inline
-        # the running batch (engine thread only)
-        self._rows: list[Request] = []
-        self._cache = None
-        self._mask: torch.Tensor | None = None  # (B, L): the mask of what the cache holds
-        self._next: torch.Tensor | None = None  # (B,): each row's last sampled token, fed next
-        self._plan = None
+        self._batch = RunningBatch()  # the rows decoding together (serve/batch.py)
         # every request taken from the queue and not yet finished (joining or running): whatever
         # goes wrong, each of them is ended (finished, failed or cancelled) and releases its adapter
         self._taken: set[Request] = set()
@@ -389,7 +233,7 @@ class Engine:
         if drain:
             deadline = None if timeout is None else time.monotonic() + timeout
             with self._cond:
-                while self._waiting or self._rows:
+                while self._waiting or self._batch.rows:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         break
@@ -407,9 +251,9 @@ class Engine:
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
         error = EngineClosedError(f"the server shut down before this request finished ({why}); retry it")
-        for r in [*waiting, *self._rows, *list(self._taken)]:
+        for r in [*waiting, *self._batch.rows, *list(self._taken)]:
             self._finish(r, "error", error)
-        self._reset_batch()
+        self._batch.reset()
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -423,7 +267,7 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         with self._cond:
-            return {"waiting": len(self._waiting), "running": len(self._rows), "steps": self.steps,
+            return {"waiting": len(self._waiting), "running": len(self._batch.rows), "steps": self.steps,
                     "tokens_generated": self.tokens_generated}
 
     # ------------------------------------------------------------------ the watchdog
@@ -434,7 +278,7 @@ class Engine:
         unhealthy while there are any."""
         now = time.monotonic()
         with self._cond:
-            taken = [*self._taken, *list(self._rows)]  # joining, and running (a snapshot of the rows)
+            taken = [*self._taken, *list(self._batch.rows)]  # joining, and running (a snapshot of the rows)
         return sorted({r.id for r in taken if not r.handle.done and now - r.progressed > self.stuck_after})
 
     def healthy(self) -> bool:
@@ -485,47 +329,18 @@ class Engine:
     ) -> list[RequestHandle]:
         """Queue several requests (the prompts and choices of one API call) all or none: a batch
         the queue cannot hold is refused whole, so no half of it sits in the queue."""
-        reqs = []
-        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-            ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-            self.check_ids(ids)
-            for t in p.stop_token_ids:
-                self.check_token(t, "stop_token_ids")
-            req = Request(ids, adapter, p, tenant)
-            if request_ids and request_ids[i]:
-                req.id = request_ids[i]
-            req.engine = self
-            req.submitted = time.monotonic()
-            req.handle = RequestHandle(req, loop)
-            if not p.greedy:
-                req.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else secrets.randbits(62))
-            if p.logprobs is not None:
-                req.logprobs = []
-            self._check_length(req)
-            reqs.append(req)
-        if adapter is not None:
-            self.resolver.check(adapter, tenant)
+        ids = list(request_ids or [None] * len(prompts))
+        reqs = [self._new_request(prompt, adapter, p, tenant, loop, rid)
+                for prompt, p, rid in zip(prompts, params, ids, strict=True)]
         with self._cond:
-            if self._closing:
-                raise EngineClosedError("the server is shutting down and takes no new requests")
-            # cancelled requests still in the queue (until the next step) take no room
-            live = [r for r in self._waiting if not r.cancelled]
-            if len(live) + len(reqs) > self.max_queue:
-                self.metrics.rejected("queue_full")
-                raise QueueFullError(f"too many requests are waiting ({len(live)}, the limit is {self.max_queue}; this "
-                                     f"call adds {len(reqs)}); retry later")
-            share = self.max_queue_per_tenant
-            mine = sum(1 for r in live if r.tenant == tenant)
-            if share is not None and mine + len(reqs) > share:
-                self.metrics.rejected("tenant_queue_full")
-                raise QueueFullError(f"your requests already fill your share of the queue ({mine} waiting, a tenant "
-                                     f"may have {share}; this call adds {len(reqs)}); retry later")
+            self._check_queue_room(len(reqs), tenant)
             try:
                 for req in reqs:
                     if adapter is not None:
                         self.resolver.acquire(adapter)
                         req.acquired = True
                         req.ready = self.resolver.prepare(adapter, tenant)
+                        _raise_if_unknown(req.ready)  # known not to exist: refused now (404), not queued
             except BaseException:
                 for req in reqs:
                     self._release(req)
@@ -541,6 +356,44 @@ class Engine:
             if req.ready is not None:
                 req.ready.add_done_callback(lambda _f: self._wake())
         return [r.handle for r in reqs]
+
+    def _new_request(self, prompt: str | Sequence[int], adapter: str | None, p: SamplingParams, tenant: str | None,
+                     loop: asyncio.AbstractEventLoop | None, request_id: str | None) -> Request:
+        """A checked request (its tokens in the vocabulary, prompt + max_tokens within the context),
+        not yet queued."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self.check_ids(ids)
+        for t in p.stop_token_ids:
+            self.check_token(t, "stop_token_ids")
+        req = Request(ids, adapter, p, tenant)
+        if request_id:
+            req.id = request_id
+        req.engine = self
+        req.submitted = time.monotonic()
+        req.handle = RequestHandle(req, loop)
+        if not p.greedy:
+            req.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else secrets.randbits(62))
+        if p.logprobs is not None:
+            req.logprobs = []
+        self._check_length(req)
+        return req
+
+    def _check_queue_room(self, adding: int, tenant: str | None) -> None:
+        """Raise unless the queue (and `tenant`'s share of it) can take `adding` more; under `_cond`."""
+        if self._closing:
+            raise EngineClosedError("the server is shutting down and takes no new requests")
+        # cancelled requests still in the queue (until the next step) take no room
+        live = [r for r in self._waiting if not r.cancelled]
+        if len(live) + adding > self.max_queue:
+            self.metrics.rejected("queue_full")
+            raise QueueFullError(f"too many requests are waiting ({len(live)}, the limit is {self.max_queue}; this "
+                                 f"call adds {adding}); retry later")
+        share = self.max_queue_per_tenant
+        mine = sum(1 for r in live if r.tenant == tenant)
+        if share is not None and mine + adding > share:
+            self.metrics.rejected("tenant_queue_full")
+            raise QueueFullError(f"your requests already fill your share of the queue ({mine} waiting, a tenant "
+                                 f"may have {share}; this call adds {adding}); retry later")
 
     def check_token(self, token: int, what: str = "prompt") -> None:
         if not (isinstance(token, int) and not isinstance(token, bool) and 0 <= token < self.vocab_size):
@@ -664,7 +517,7 @@ class Engine:
                     with self._cond:
                         if self._stopped:
                             break
-                        if not self._rows and not self._has_admissible():
+                        if not self._batch.rows and not self._has_admissible():
                             self._cond.wait(0.05)
                             continue
                     try:
@@ -676,9 +529,9 @@ class Engine:
                         log.exception("engine step failed; failing the requests it held")
                         error = RequestFailedError(f"the server failed while running this request "
                                                    f"({type(exc).__name__}); retry it")
-                        for req in [*self._rows, *list(self._taken)]:
+                        for req in [*self._batch.rows, *list(self._taken)]:
                             self._finish(req, "error", error)
-                        self._reset_batch()
+                        self._batch.reset()
             finally:
                 with self._cond:  # from here on, call_between_steps runs calls inline ...
                     self._calls_closed = True
@@ -704,45 +557,19 @@ class Engine:
         joiners = self._admit()
         if joiners:
             self._join(joiners)
-        if self._rows:
+        if self._batch.rows:
             self._decode()
         with self._cond:
             self.metrics.queue_depth(len(self._waiting))
-            self.metrics.running(len(self._rows))
+            self.metrics.running(len(self._batch.rows))
             self._cond.notify_all()  # wakes stop(drain=True)
 
     # -- leave
     def _drop_finished(self) -> None:
-        keep = [i for i, r in enumerate(self._rows) if not (r.cancelled or r.handle.done)]
-        for r in self._rows:
+        for r in self._batch.rows:
             if r.cancelled and not r.handle.done:
                 self._finish(r, "cancelled")
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._reset_batch()
-            return
-        self._rows = [self._rows[i] for i in keep]
-        idx = torch.tensor(keep, device=self._mask.device)
-        self._cache.batch_select_indices(idx)
-        self._mask = self._mask.index_select(0, idx)
-        self._next = self._next.index_select(0, idx)
-        self._trim()
-        self._plan = None
-
-    def _trim(self) -> None:
-        """Cut leading columns that no row attends to any more (they only cost time)."""
-        used = self._mask.any(0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        if first > 0:
-            self._mask = self._mask[:, first:]
-            for layer in self._cache.layers:
-                if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                    layer.keys = layer.keys[..., first:, :]
-                    layer.values = layer.values[..., first:, :]
-
-    def _reset_batch(self) -> None:
-        self._rows, self._cache, self._mask, self._next, self._plan = [], None, None, None, None
+        self._batch.keep([i for i, r in enumerate(self._batch.rows) if not r.handle.done])
 
     # -- join
     def _in_turn(self, waiting: list[Request]) -> list[Request]:
@@ -774,93 +601,79 @@ class Engine:
     def _admit(self) -> list[Request]:
         """Pick waiting requests that can join now, round-robin across tenants, skipping (not
         waiting behind) those whose adapter is still loading or whose limits are reached."""
-        zoo = self.zoo
         with self._cond:
             waiting = list(self._waiting)
         if not waiting:
             return []
-        pools: dict[tuple, set[str]] = {}
-        tenants: dict[str | None, set[str]] = {}
-        rows: collections.Counter[str | None] = collections.Counter(r.tenant for r in self._rows)
-        for r in self._rows:
-            if r.adapter is not None:
-                pools.setdefault(zoo.get_adapter(r.adapter).pool_key, set()).add(r.adapter)
-                tenants.setdefault(r.tenant, set()).add(r.adapter)
+        room = Room(self._batch.rows, lambda name: self.zoo.get_adapter(name).pool_key, max_rows=self.max_batch,
+                    max_rows_per_tenant=self.max_rows_per_tenant, slots=self.zoo.slots, budget=self.max_prefill_tokens)
         joiners: list[Request] = []
-        budget = self.max_prefill_tokens
-        taken: set[int] = set()
+        left: set[int] = set()  # ids of the requests that leave the queue: joiners, and those ended in it
         for req in self._in_turn(waiting):
             # requests that need no row leave the queue even when the batch is full, so that
             # they stop counting against max_queue
-            if req.cancelled:
-                taken.add(id(req))
-                self._finish(req, "cancelled")
-                continue
-            if req.ready is not None and req.ready.done() and req.ready.exception() is not None:
-                taken.add(id(req))
-                self._finish(req, "error", AdapterLoadError.wrap(req.adapter, req.ready.exception()))
-                continue
-            if len(self._rows) + len(joiners) >= self.max_batch:
-                continue  # the batch is full: only the cancelled and failed (above) can leave
-            if self.max_rows_per_tenant is not None and rows[req.tenant] >= self.max_rows_per_tenant:
-                continue  # the rest of the batch stays free for other tenants
-            if req.ready is not None and not req.ready.done():
-                continue
-            if req.adapter is not None:
-                adapter = zoo.find_adapter(req.adapter)
-                if adapter is None:  # unloaded between its load and now: fetch it again
-                    req.ready = self.resolver.prepare(req.adapter, req.tenant)
-                    req.ready.add_done_callback(lambda _f: self._wake())
-                    continue
-                req.virtual, req.prefix = adapter.prompt_length(), adapter.prefix_length()
-                used = req.virtual + req.prefix + len(req.prompt_ids)
-                if used + req.params.max_tokens > self.context_length:
-                    taken.add(id(req))
-                    self._finish(req, "error", ContextLengthError(
-                        f"the prompt has {len(req.prompt_ids)} tokens, adapter {req.adapter!r} adds "
-                        f"{req.virtual + req.prefix} virtual tokens and max_tokens is {req.params.max_tokens}: over "
-                        f"this model's context length of {self.context_length}"))
-                    continue
-                in_pool = pools.setdefault(adapter.pool_key, set())
-                if req.adapter not in in_pool and len(in_pool) >= zoo.slots:
-                    continue  # every slot of its pool is in use by the batch
-                mine = tenants.setdefault(req.tenant, set())
-                limit = self.resolver.resident_limit(req.tenant)
-                if req.adapter not in mine and limit is not None and len(mine) >= limit:
-                    continue  # the tenant holds as many slots as it may
-            cost = len(req.prompt_ids) + req.virtual
-            if joiners and cost > budget:
-                continue
-            budget -= cost
-            if req.adapter is not None:
-                in_pool.add(req.adapter)
-                mine.add(req.adapter)
-            joiners.append(req)
-            rows[req.tenant] += 1
-            self._served(req.tenant)
-            taken.add(id(req))
-        if taken:
+            if self._ended_in_queue(req):
+                left.add(id(req))
+            elif room.row_for(req.tenant) and self._may_join(req, room):
+                room.take(req, len(req.prompt_ids) + req.virtual)
+                joiners.append(req)
+                self._served(req.tenant)
+                left.add(id(req))
+            elif req.handle.done:  # its adapter's virtual tokens overflow the context: failed in `_may_join`
+                left.add(id(req))
+        if left:
             now = time.monotonic()
             with self._cond:
-                self._waiting = collections.deque(r for r in self._waiting if id(r) not in taken)
+                self._waiting = collections.deque(r for r in self._waiting if id(r) not in left)
                 for r in joiners:
                     r.progressed = now
                     self._taken.add(r)
         return joiners
 
+    def _ended_in_queue(self, req: Request) -> bool:
+        """Cancelled, or its adapter failed to load: ended here, with no row."""
+        if req.cancelled:
+            self._finish(req, "cancelled")
+            return True
+        if req.ready is not None and req.ready.done() and req.ready.exception() is not None:
+            self._finish(req, "error", AdapterLoadError.wrap(req.adapter, req.ready.exception()))
+            return True
+        return False
+
+    def _may_join(self, req: Request, room: Room) -> bool:
+        """Its adapter is in host memory, it fits the context with the adapter's virtual tokens (else
+        it fails now), a slot is free for it, and its prompt fits this step's prefill budget."""
+        if req.ready is not None and not req.ready.done():
+            return False
+        if req.adapter is not None:
+            if self.zoo.find_adapter(req.adapter) is None:  # unloaded between its load and now: fetch it again
+                req.ready = self.resolver.prepare(req.adapter, req.tenant)
+                req.ready.add_done_callback(lambda _f: self._wake())
+                return False
+            req.virtual, req.prefix = self.zoo.token_lengths(req.adapter)
+            if req.virtual + req.prefix + len(req.prompt_ids) + req.params.max_tokens > self.context_length:
+                self._finish(req, "error", ContextLengthError(
+                    f"the prompt has {len(req.prompt_ids)} tokens, adapter {req.adapter!r} adds "
+                    f"{req.virtual + req.prefix} virtual tokens and max_tokens is {req.params.max_tokens}: over "
+                    f"this model's context length of {self.context_length}"))
+                return False
+            if not room.slot_for(req.adapter, req.tenant, self.resolver.resident_limit(req.tenant)):
+                return False
+        return room.prefill_for(len(req.prompt_ids) + req.virtual)
+
     def _place(self, joiners: list[Request]) -> None:
         """Every adapter the batch will use into a slot, in one `zoo.plan` call so that all of
         them are pinned together (none evicts another that is in use)."""
-        names = sorted({r.adapter for r in [*self._rows, *joiners] if r.adapter is not None})
+        names = sorted({r.adapter for r in [*self._batch.rows, *joiners] if r.adapter is not None})
         if not names:
             return
-        new = [n for n in names if not self.resolver.on_device(n)]
+        new = [n for n in names if self.zoo.where(n) != "device"]
         if not new:
             return
         t0 = time.perf_counter()
         self.zoo.plan(names, training=False)
         self.resolver.placed(new, time.perf_counter() - t0)
-        self._plan = None
+        self._batch.plan = None
 
     def _join(self, joiners: list[Request]) -> None:
         """Place the joiners' adapters, prefill them and merge them into the batch. If that raises
@@ -924,48 +737,31 @@ class Engine:
         return zoo.forward(ids.to(zoo.device), mask.to(zoo.device), plan=plan, cache=cache, logits_to_keep=1)
 
     def _merge(self, rows: list[Request], cache, mask: torch.Tensor, nxt: torch.Tensor) -> None:
-        """Append rows (with their cache and mask) to the running batch, left-padding the side
-        with the shorter history: padded columns are masked zeros, so positions do not move."""
-        self._plan = None
         with self._cond:
             for r in rows:
-                self._taken.discard(r)  # from here on they are rows: `_rows` keeps them
-        if not self._rows:
-            self._rows, self._cache, self._mask, self._next = list(rows), cache, mask, nxt
-            self._trim()
-            return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        length = max(old_len, new_len)
-        pad = torch.nn.functional.pad
-        for mine, theirs in zip(self._cache.layers, cache.layers):
-            k_old, v_old, k_new, v_new = mine.keys, mine.values, theirs.keys, theirs.values
-            mine.keys = torch.cat([pad(k_old, (0, 0, length - old_len, 0)), pad(k_new, (0, 0, length - new_len, 0))], 0)
-            mine.values = torch.cat([pad(v_old, (0, 0, length - old_len, 0)), pad(v_new, (0, 0, length - new_len, 0))], 0)
-        self._mask = torch.cat([pad(self._mask, (length - old_len, 0)), pad(mask, (length - new_len, 0))], 0)
-        self._next = torch.cat([self._next, nxt], 0)
-        self._rows.extend(rows)
-        self._trim()
+                self._taken.discard(r)  # from here on they are rows: the batch keeps them
+        self._batch.merge(rows, cache, mask, nxt)
 
     # -- decode
     def _decode(self) -> None:
-        zoo = self.zoo
-        step_mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], 1)
+        zoo, batch = self.zoo, self._batch
+        step_mask = batch.step_mask()
         try:
-            if self._plan is None:
-                self._plan = zoo.plan([r.adapter for r in self._rows], training=False)
-            out = zoo.forward(self._next[:, None], step_mask, plan=self._plan, cache=self._cache)
+            if batch.plan is None:
+                batch.plan = zoo.plan([r.adapter for r in batch.rows], training=False)
+            out = zoo.forward(batch.next[:, None], step_mask, plan=batch.plan, cache=batch.cache)
         except Exception as exc:  # noqa: BLE001 - find whose adapter raised; fail only those rows
             self._isolate_decode_failure(exc)
             return
-        self._cache, self._mask = out.cache, step_mask
-        nxt = self._choose(self._rows, out.logits[:, -1])
+        batch.cache, batch.mask = out.cache, step_mask
+        nxt = self._choose(batch.rows, out.logits[:, -1])
         self.steps += 1
-        self.metrics.decode_step(len(self._rows))
-        for r, t in zip(self._rows, nxt):
+        self.metrics.decode_step(len(batch.rows))
+        for r, t in zip(batch.rows, nxt):
             if t is not None:
                 self._take(r, t)
         # a failed row feeds a pad token until the next step drops it
-        self._next = torch.tensor([self.pad if t is None else t for t in nxt], dtype=torch.long, device=zoo.device)
+        batch.next = torch.tensor([self.pad if t is None else t for t in nxt], dtype=torch.long, device=zoo.device)
 
     def _isolate_decode_failure(self, exc: Exception) -> None:
         """A decode forward raised. No token was taken, so the step can be run again exactly:
@@ -974,32 +770,28 @@ class Engine:
         next step. If none raises alone, the failure belongs to no adapter and every row fails."""
         import copy
 
-        width = self._mask.shape[1]
-        for layer in self._cache.layers:  # layers the failed forward reached hold one column more
-            if getattr(layer, "keys", None) is not None and layer.keys.numel() and layer.keys.shape[-2] > width:
-                layer.keys = layer.keys[..., :width, :]
-                layer.values = layer.values[..., :width, :]
-        self._plan = None
+        batch = self._batch
+        batch.undo_step()
         groups: dict[str | None, list[int]] = {}
-        for i, r in enumerate(self._rows):
+        for i, r in enumerate(batch.rows):
             groups.setdefault(r.adapter, []).append(i)
-        step_mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], 1)
+        step_mask = batch.step_mask()
         culprits = 0
         for adapter, rows in groups.items():
-            idx = torch.tensor(rows, device=self._mask.device)
-            cache = copy.deepcopy(self._cache)
+            idx = torch.tensor(rows, device=batch.mask.device)
+            cache = copy.deepcopy(batch.cache)
             cache.batch_select_indices(idx)
             try:
-                self.zoo.forward(self._next.index_select(0, idx)[:, None], step_mask.index_select(0, idx),
+                self.zoo.forward(batch.next.index_select(0, idx)[:, None], step_mask.index_select(0, idx),
                                  adapters=[adapter] * len(rows), cache=cache)
             except Exception as alone:  # noqa: BLE001
                 culprits += 1
                 log.warning("adapter %r failed in a decode step: %s", adapter, alone)
                 for i in rows:
-                    self._finish(self._rows[i], "error", _request_error(self._rows[i], alone, "decoding"))
+                    self._finish(batch.rows[i], "error", _request_error(batch.rows[i], alone, "decoding"))
         if not culprits:
             log.exception("a decode step failed, and no adapter fails alone", exc_info=exc)
-            for r in self._rows:
+            for r in batch.rows:
                 self._finish(r, "error", _request_error(r, exc, "decoding"))
 
     def _choose(self, rows: list[Request], logits: torch.Tensor) -> list[int | None]:
@@ -1079,7 +871,7 @@ class Engine:
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
         stops = req.params.stop
         if stops and len(req.tokens) >= req.params.min_tokens:
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            cut = find_stop(text, stops)
             if cut >= 0:
                 req.text = text[:cut]
                 self._finish(req, "stop")
@@ -1129,36 +921,17 @@ class Engine:
 
 
 
+def _raise_if_unknown(ready: Future) -> None:
+    """A resolver that already knows an adapter does not exist answers with a failed future."""
+    if ready.done() and isinstance(ready.exception(), UnknownAdapterError):
+        raise ready.exception()
+
+
 def _request_error(req: Request, exc: BaseException, stage: str) -> RequestFailedError:
     """What a request fails with when its own forward raised (named errors keep their words)."""
     what = f"adapter {req.adapter!r}" if req.adapter else "the base"
     detail = str(exc) if isinstance(exc, AdapterZooError) else f"{type(exc).__name__}: {exc}"
     return RequestFailedError(f"{what} failed during {stage} of this request: {detail}")
-
-
-def apply_penalties(scores: torch.Tensor, prompt: Sequence[int], output: Sequence[int],
-                    p: SamplingParams) -> torch.Tensor:
-    """vLLM's penalties on one row's scores: repetition over prompt and output tokens (a positive
-    score divided by it, a negative one multiplied), then frequency and presence over the output."""
-    scores = scores.clone()
-    if p.repetition_penalty != 1:
-        seen = torch.tensor(sorted({*prompt, *output}), dtype=torch.long, device=scores.device)
-        picked = scores[seen]
-        scores[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
-    if output and (p.frequency_penalty or p.presence_penalty):
-        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=scores.shape[-1]).to(scores)
-        scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(scores)
-    return scores
-
-
-def token_logprob(raw: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """The chosen token's log-probability under the raw scores, and the `top` most likely."""
-    logprobs = raw.float().log_softmax(-1)
-    alternatives: tuple[tuple[int, float], ...] = ()
-    if top:
-        values, ids = logprobs.topk(min(top, logprobs.shape[-1]))
-        alternatives = tuple(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:

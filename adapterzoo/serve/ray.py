@@ -249,15 +249,15 @@ class Ingress:
     """The HTTP entry. Wrapped by `serve.deployment(serve.ingress()(...))` in `build_app`."""
 
     def __init__(self, replicas, config: ServeConfig):
+        from .catalog import Catalog
         from .metrics import ServeMetrics
-        from .router import Router
         from .server import Server
         from .tenants import Tenants
 
         tenants = Tenants.from_keys_file(config.keys_file)
-        router = Router(None, adapters_dir=config.adapters_dir, registry_namespace=config.registry_namespace,
-                        tenants=tenants)
-        self.server = Server(RemoteEngine(replicas), router, tenants, ServeMetrics(), config)
+        catalog = Catalog(adapters_dir=config.adapters_dir, registry_namespace=config.registry_namespace,
+                          tenants=tenants)  # no base here: the replicas hold the tiers
+        self.server = Server(RemoteEngine(replicas), catalog, tenants, ServeMetrics(), config)
 
     def __serve_build_asgi_app__(self):
         from .http import create_app

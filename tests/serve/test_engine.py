@@ -9,7 +9,8 @@ import time
 import pytest
 
 from adapterzoo.serve import ContextLengthError, Engine, QueueFullError, SamplingParams
-from adapterzoo.serve.engine import Resolver, _safe_end
+from adapterzoo.serve.engine import _safe_end
+from adapterzoo.serve.resolver import HostResolver
 from adapterzoo.testing.models import tiny_zoo
 
 from .conftest import TYPE_NAMES, make_adapters
@@ -99,7 +100,7 @@ def test_cancel_frees_the_row_and_its_cache():
         deadline = time.monotonic() + 10
         while engine.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.stats()["running"] == 0 and engine._cache is None
+        assert engine.stats()["running"] == 0 and engine._batch.cache is None
 
 
 def test_queue_limit_and_context_length():
@@ -136,7 +137,7 @@ def test_more_distinct_adapters_than_slots():
     assert results == [solo(zoo, p, a, max_new_tokens=5) for p, a in jobs]
 
 
-class _Limited(Resolver):
+class _Limited(HostResolver):
     def resident_limit(self, tenant):
         return 1 if tenant == "small" else None
 
@@ -148,7 +149,7 @@ def test_tenant_resident_slot_limit():
     original = engine._decode
 
     def spy():
-        seen.append({r.adapter for r in engine._rows if r.tenant == "small"})
+        seen.append({r.adapter for r in engine._batch.rows if r.tenant == "small"})
         original()
 
     engine._decode = spy
@@ -237,10 +238,7 @@ def test_a_call_queued_as_the_loop_stops_still_runs():
     assert engine.call_between_steps(lambda: "inline").result(0) == "inline"  # stopped: runs inline
 
 
-class _BrokenLoads(Resolver):
-    def check(self, name, tenant=None):
-        pass
-
+class _BrokenLoads(HostResolver):
     def prepare(self, name, tenant=None):
         from concurrent.futures import Future
 
@@ -288,3 +286,54 @@ def test_a_request_that_fills_the_context_runs_to_max_tokens():
         for adapter, virtual in [(None, 0), ("prompt", 4), ("prefix", 3)]:
             done = engine.submit("hello", adapter, SamplingParams(max_tokens=n - virtual, ignore_eos=True)).result(60)
             assert done.finish_reason == "length" and done.completion_tokens == n - virtual, adapter
+
+
+def test_request_ids_come_from_no_process_wide_counter():
+    """Two engines (two replicas) never hand out the same id; a caller's own id is kept."""
+    zoo = zoo_for("llama")
+    first, second = Engine(zoo), Engine(zoo)
+    ids = [e.submit("hello", None, SamplingParams(max_tokens=1)).id for e in (first, second, first)]
+    assert len(set(ids)) == 3 and all(i.startswith("req-") for i in ids)
+    assert first.submit("hello", None, SamplingParams(max_tokens=1), request_id="mine").id == "mine"
+    for e in (first, second):
+        e.stop(drain=False)
+
+
+def test_an_adapter_the_resolver_knows_not_to_exist_is_refused_at_submit_and_holds_nothing():
+    from adapterzoo import UnknownAdapterError
+
+    zoo = zoo_for("llama")
+    engine = Engine(zoo)
+    with pytest.raises(UnknownAdapterError):
+        engine.submit("hello", "nope", SamplingParams(max_tokens=2))
+    assert engine.stats()["waiting"] == 0
+    engine.stop(drain=False)
+
+
+def test_zoo_generate_and_the_engine_cut_at_the_same_stop_string():
+    from adapterzoo.generate import find_stop
+
+    assert find_stop("a stop here, STOP there", ("STOP", "stop")) == 2
+    assert find_stop("nothing", ("x",)) == -1 and find_stop("", ()) == -1
+    zoo = zoo_for("llama")
+    full = solo(zoo, "hello", "lora", max_new_tokens=8)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    with Engine(zoo) as engine:
+        served = engine.generate("hello", "lora", max_tokens=8, stop=(stop,))
+    assert served == solo(zoo, "hello", "lora", max_new_tokens=8, stop=[stop]) == full[:find_stop(full, (stop,))]
+
+
+def test_room_books_rows_pool_slots_a_tenants_resident_slots_and_the_prefill_budget():
+    from adapterzoo.serve.batch import Request, Room
+
+    pool_of = {"a": ("lora",), "b": ("lora",), "c": ("lora",)}.get
+    running = [Request([1, 2], "a", SamplingParams(), tenant="t")]
+    room = Room(running, pool_of, max_rows=3, max_rows_per_tenant=2, slots=2, budget=5)
+    assert room.row_for("t") and room.slot_for("a", "t", 1) and room.slot_for("b", "u", None)
+    assert not room.slot_for("b", "t", 1)  # "t" already holds one adapter, its limit
+    assert room.prefill_for(100)  # the first joiner always fits the budget
+    room.take(Request([1, 2, 3, 4], "b", SamplingParams(), tenant="u"), 4)
+    assert not room.slot_for("c", "u", None) and room.slot_for("b", "t", None)  # the pool's 2 slots: a, b
+    assert not room.prefill_for(2) and room.prefill_for(1)
+    room.take(Request([1], None, SamplingParams(), tenant="t"), 1)
+    assert not room.row_for("u")  # three rows: the batch is full

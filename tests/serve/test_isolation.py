@@ -14,7 +14,8 @@ import torch
 from adapterzoo.errors import BatchError
 from adapterzoo.serve import Engine, SamplingParams
 from adapterzoo.serve import engine as engine_module
-from adapterzoo.serve.engine import RequestFailedError, Resolver
+from adapterzoo.serve.engine import RequestFailedError
+from adapterzoo.serve.resolver import HostResolver
 from adapterzoo.testing.models import tiny_zoo
 
 from .conftest import TYPE_NAMES, make_adapters
@@ -23,7 +24,7 @@ GOOD = [("hello", "lora"), ("abc ->", "houlsby"), ("the quick brown", "prefix"),
         ("1 2 3", "bitfit"), ("q", None)]
 
 
-class CountingResolver(Resolver):
+class CountingResolver(HostResolver):
     """The zoo's adapters, counting what requests hold: every acquire must be released."""
 
     def __init__(self, zoo):
