@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..adapter import check_name
 from ..errors import AdapterZooError, HubError, InvalidNameError, UnknownAdapterError
-from ..storage import CONFIG_FILE
+from ..formats import looks_like_adapter
 from .engine import Resolver
 from .tenants import Tenants
 
@@ -70,7 +70,7 @@ class Entry:
 
 
 def _is_adapter_folder(path: Path) -> bool:
-    return path.is_dir() and ((path / CONFIG_FILE).exists() or (path / "adapter_config.json").exists())
+    return looks_like_adapter(path)
 
 
 def _is_name(name: object) -> bool:
