@@ -130,13 +130,3 @@ def refuse_pickles(folder: Path, *, wanted: str = "safetensors", hint: str | Non
             f"{folder} holds pickle weights ({', '.join(pickles)}) and no {wanted}; adapterzoo refuses "
             f"pickle files because loading them can run arbitrary code. {hint}"
         )
-
-
-def __getattr__(name: str) -> Any:
-    """`CONFIG_FILE` and `WEIGHTS_FILE` (the native format's file names) moved to
-    adapterzoo.formats.native; plugins and scripts that import them from here keep working."""
-    if name in ("CONFIG_FILE", "WEIGHTS_FILE"):
-        from .formats import native
-
-        return getattr(native, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -69,8 +69,8 @@ def stored_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def converted_adapter(ctx: FormatContext, name: str, atype, convert: Callable[[], tuple[dict, dict]], *, folder: Path, what: str,
-                      metadata: dict[str, str], source_format: str) -> Adapter:
+def converted_adapter(ctx: FormatContext, name: str, atype, convert: Callable[[], tuple[dict, dict]], *,
+                      folder: Path, what: str, metadata: dict[str, str], source_format: str) -> Adapter:
     """The adapter a type's converter (`from_peft`, `from_adapterhub`) makes of a foreign folder,
     sized and checked as a native one is; a converter's refusal names the folder."""
     try:

@@ -133,7 +133,8 @@ def write(ctx: FormatContext, adapter: Adapter, folder: Path, *, metadata: dict 
         "name": adapter.name,
         "version": VERSION,
     }
-    _common.write_pair(folder, CONFIG_FILE, ah, WEIGHTS_FILE, state, _common.adapterzoo_metadata(ctx, adapter, metadata))
+    metadata = _common.adapterzoo_metadata(ctx, adapter, metadata)
+    _common.write_pair(folder, CONFIG_FILE, ah, WEIGHTS_FILE, state, metadata)
     return folder
 
 

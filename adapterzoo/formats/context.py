@@ -24,8 +24,8 @@ class FormatContext:
     """The base an adapter is read for (or written from), and the zoo's limits on adapters."""
 
     model: nn.Module  # the frozen base
-    fingerprint: "Fingerprint"
-    adapter_type: Callable[[str], "AdapterType"]  # a type's name -> the (shared) type object
+    fingerprint: Fingerprint
+    adapter_type: Callable[[str], AdapterType]  # a type's name -> the (shared) type object
     is_causal_lm: bool = True
     pool_limits: dict[str, int] = field(default_factory=dict)  # as Zoo(pool_limits=...)
     max_size: int = 256  # as Zoo(max_size=...)

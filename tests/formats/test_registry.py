@@ -101,11 +101,3 @@ def test_formats_import_nothing_from_the_zoo() -> None:
                 assert not (node.module is None and any(a.name == "zoo" for a in node.names)), path
             elif isinstance(node, ast.Import):
                 assert all(a.name != "adapterzoo.zoo" for a in node.names), path
-
-
-def test_the_native_file_names_still_import_from_storage() -> None:
-    """Plugins and scripts import them from adapterzoo.storage, where they used to live."""
-    from adapterzoo.formats import native
-    from adapterzoo.storage import CONFIG_FILE, WEIGHTS_FILE
-
-    assert (CONFIG_FILE, WEIGHTS_FILE) == (native.CONFIG_FILE, native.WEIGHTS_FILE)

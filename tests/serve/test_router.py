@@ -11,7 +11,7 @@ from adapterzoo.serve import AdapterLoadError, Engine, SamplingParams
 from adapterzoo.serve.metrics import ServeMetrics
 from adapterzoo.serve.router import Router
 from adapterzoo.serve.tenants import RateLimiter, Tenant, Tenants
-from adapterzoo.storage import WEIGHTS_FILE
+from adapterzoo.formats.native import WEIGHTS_FILE
 
 from .conftest import make_adapters
 
