@@ -11,10 +11,11 @@ Each format is one module of the same shape (as PEFT's `tuners/<method>/`):
     write(ctx, adapter, folder, *, metadata=None) -> Path
     card_facts(folder) -> dict   type, config, base fingerprint and metrics, for a model card
 
-`ctx` is a `FormatContext` (the base, its fingerprint and limits, and the adapter types), which
-`Zoo` builds; a format never sees the zoo itself. `Zoo.load_adapter` asks `detect_format` which
-format a folder holds and calls its `read`; `Zoo.save_adapter(..., format=...)` calls the
-`write` of `format_named(format)`; adapterzoo/hub.py takes file lists and card facts from here.
+`Format` (formats/context.py) spells that shape out as a Protocol. `ctx` is a `FormatContext`
+(the base, its fingerprint and limits, and the adapter types), which `Zoo` builds; a format never
+sees the zoo itself. `Zoo.load_adapter` asks `detect_format` which format a folder holds and
+calls its `read`; `Zoo.save_adapter(..., format=...)` calls the `write` of `format_named(format)`;
+adapterzoo/hub.py takes file lists and card facts from here.
 
 What one adapter type's tensors and config are called in a foreign format is the type's own
 business, in optional methods on its class:
@@ -34,22 +35,21 @@ See docs/formats.md for the exact contract and plugins/adapterzoo_lora/peft.py f
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 
 from ..errors import AdapterFileError, UnsupportedFormatError
 from ..storage import refuse_pickles
 from . import adapterhub, native, peft
-from .context import FormatContext
+from .context import Format, FormatContext
 
 # name -> format module; detection asks them in this order (native's own config file first)
-FORMATS: dict[str, ModuleType] = {f.NAME: f for f in (native, peft, adapterhub)}
+FORMATS: dict[str, Format] = {f.NAME: f for f in (native, peft, adapterhub)}
 # the files of every format: what a push replaces, so a repo never mixes two formats
 ALL_FILES = frozenset(name for fmt in FORMATS.values() for name in fmt.FILES)
 
-__all__ = ["ALL_FILES", "FORMATS", "FormatContext", "detect_format", "format_named", "looks_like_adapter"]
+__all__ = ["ALL_FILES", "FORMATS", "Format", "FormatContext", "detect_format", "format_named", "looks_like_adapter"]
 
 
-def format_named(name: str) -> ModuleType:
+def format_named(name: str) -> Format:
     """The format called `name`, or an `UnsupportedFormatError` listing the known ones."""
     try:
         return FORMATS[name]
@@ -60,7 +60,7 @@ def format_named(name: str) -> ModuleType:
         ) from None
 
 
-def detect_format(folder: Path) -> ModuleType:
+def detect_format(folder: Path) -> Format:
     """The format of the adapter saved in `folder`, from its files; an `AdapterFileError` that names
     every known format's files when none matches (and refuses a folder of pickle weights)."""
     folder = Path(folder)

@@ -4,6 +4,7 @@ is handed a FormatContext (the base and its limits), never the zoo."""
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import adapterzoo.formats
 from adapterzoo.errors import AdapterFileError, UnsupportedFormatError
-from adapterzoo.formats import FORMATS, FormatContext, detect_format, format_named, looks_like_adapter
+from adapterzoo.formats import FORMATS, Format, FormatContext, detect_format, format_named, looks_like_adapter
 from adapterzoo.testing.models import output, perturb, tiny_zoo
 
 IDS = torch.randint(4, 100, (1, 6), generator=torch.Generator().manual_seed(0))
@@ -59,13 +60,17 @@ def test_each_format_round_trips_write_then_detect_then_read(tmp_path: Path, nam
     assert facts["base_fingerprint"] == zoo.fingerprint.id and facts["metrics"] == {"acc": 0.5}
 
 
-def test_every_format_has_the_same_shape() -> None:
+def test_every_format_has_the_shape_the_format_protocol_names() -> None:
+    functions = [n for n, v in vars(Format).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert set(functions) == {"detect", "read", "write", "card_facts"}
     for name, fmt in FORMATS.items():
         assert fmt.NAME == name
+        assert all(hasattr(fmt, attribute) for attribute in Format.__annotations__), name
         assert fmt.CONFIG_FILE in fmt.FILES and fmt.WEIGHTS_FILE in fmt.FILES
         assert isinstance(fmt.DESCRIPTION, str) and isinstance(fmt.CARD_TAGS, tuple)
-        for function in ("detect", "read", "write", "card_facts"):
-            assert callable(getattr(fmt, function)), (name, function)
+        for function in functions:
+            own = list(inspect.signature(getattr(fmt, function)).parameters)
+            assert own == list(inspect.signature(getattr(Format, function)).parameters)[1:], (name, function)
 
 
 def test_detect_format_on_a_folder_without_an_adapter_names_every_known_format(tmp_path: Path) -> None:
