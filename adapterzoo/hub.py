@@ -37,8 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
 
 README = "README.md"
-# Files a push replaces: the adapter files of every format, so a repo never mixes two formats.
-ADAPTER_FILES = ALL_FILES
 FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
 
 
@@ -263,7 +261,7 @@ def adapter_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise AdapterFileError(f"{folder} is not a folder holding a saved adapter")
     root = folder.resolve()
-    present = [folder / name for name in sorted(ADAPTER_FILES) if os.path.lexists(folder / name)]
+    present = [folder / name for name in sorted(ALL_FILES) if os.path.lexists(folder / name)]
     for path in present:  # all of them before any is read, even to tell the format
         target = path.resolve()
         if not target.is_relative_to(root):
@@ -276,7 +274,7 @@ def adapter_files(folder: Path) -> list[Path]:
     names = detect_format(folder).FILES  # the files of its format; a push sends these and the README
     files = [path for path in present if path.name in names]
     if not files:
-        raise AdapterFileError(f"{folder} holds no adapter files ({', '.join(sorted(ADAPTER_FILES))})")
+        raise AdapterFileError(f"{folder} holds no adapter files ({', '.join(sorted(ALL_FILES))})")
     return files
 
 
@@ -311,7 +309,7 @@ def push_adapter_folder(
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         present = set(api.list_repo_files(repo_id, revision=branch))
         sending = {p.relative_to(folder).as_posix() for p in files}
-        operations: list = [CommitOperationDelete(path_in_repo=p) for p in sorted(present & ADAPTER_FILES - sending)]
+        operations: list = [CommitOperationDelete(path_in_repo=p) for p in sorted(present & ALL_FILES - sending)]
         card = render_model_card(repo_id, record).encode()
         with ExitStack() as opened:
             operations += [
