@@ -54,7 +54,8 @@ def plugins_command(as_json: bool) -> None:
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def ls(folder: Path) -> None:
     """List the adapters saved under FOLDER (one sub-folder each)."""
-    from .storage import CONFIG_FILE, read_json
+    from .formats.native import CONFIG_FILE
+    from .storage import read_json
 
     found = sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}")) + ([folder] if (folder / CONFIG_FILE).exists() else [])
     if not found:

@@ -93,8 +93,8 @@ PER_TASK = 2
 
 def run_demo(base: str = "smollm2", max_new_tokens: int = 16, specialists: str | Path | None = None) -> int:
     """Specialists solving their tasks next to the base failing them, "auto" rows, the checks."""
+    from .formats.native import CONFIG_FILE
     from .library import finished
-    from .storage import CONFIG_FILE
     from .tasks import get_task, instructed_examples, normalize
 
     console = Console()

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -31,20 +30,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import yaml
 
 from .errors import AdapterFileError, HubError
-from .formats import _common
-from .formats import adapterhub as ah_format
-from .formats import peft as peft_format
-from .storage import CONFIG_FILE, WEIGHTS_FILE, atomic_dir, detect_format, load_native, read_json
+from .formats import ALL_FILES, detect_format, format_named
+from .storage import atomic_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
 
-    from .zoo import Zoo
-
 README = "README.md"
-# Files a push replaces: the adapter files of every format, so a repo never mixes two formats.
-ADAPTER_FILES = {CONFIG_FILE, WEIGHTS_FILE, peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE, ah_format.CONFIG_FILE,
-                 ah_format.WEIGHTS_FILE, ah_format.HEAD_CONFIG_FILE, ah_format.HEAD_WEIGHTS_FILE}
 FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
 
 
@@ -159,9 +151,7 @@ def pull_adapter(repo_id: str, out_dir: str | os.PathLike, *, revision: str | No
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AdapterFileError(f"{out} exists and is not empty; pull into a new folder")
     source = download_adapter(repo_id, revision=revision, token=token, endpoint=endpoint)
-    fmt = detect_format(source)
-    if fmt == "native":
-        load_native(source)  # checksum and readability, before anything lands in out_dir
+    detect_format(source).card_facts(source)  # readable (native: its checksum) before anything lands in out_dir
     with atomic_dir(out, replace=False) as tmp:  # an empty out_dir gives way; one filled meanwhile is kept
         for path in sorted(source.rglob("*")):
             if path.is_file():
@@ -175,25 +165,9 @@ def pull_adapter(repo_id: str, out_dir: str | os.PathLike, *, revision: str | No
 
 
 def card_record(folder: Path) -> dict[str, Any]:
-    """What the model card says about the adapter saved in `folder` (any format)."""
-    fmt = detect_format(folder)
-    if fmt == "native":
-        record, _ = load_native(folder)
-        base = record.get("base") or {}
-        return {"format": fmt, "type": record["adapter_type"], "config": record["config"],
-                "base_fingerprint": base.get("id"), "metrics": (record.get("metadata") or {}).get("metrics") or {}}
-    layout = peft_format if fmt == "peft" else ah_format
-    config = read_json(folder / layout.CONFIG_FILE)
-    weights = folder / layout.WEIGHTS_FILE
-    meta = _common.safetensors_metadata(weights) if weights.exists() else {}
-    if fmt == "peft":
-        names = _common.types_claiming("peft_types", config.get("peft_type"))
-    else:
-        names = _common.types_claiming("adapterhub_architectures", ah_format.architecture(config))
-    base = _common.stored_base(meta)
-    return {"format": fmt, "type": meta.get(_common.META_TYPE) or (names[0] if names else "unknown"),
-            "config": config, "base_fingerprint": base.get("id"),
-            "metrics": _common.stored_metadata(meta).get("metrics") or {}}
+    """What the model card says about the adapter saved in `folder` (any format): format, type,
+    config, base fingerprint and metrics, from the format's `card_facts`."""
+    return detect_format(folder).card_facts(folder)
 
 
 def render_model_card(repo_id: str, record: dict[str, Any]) -> str:
@@ -201,8 +175,7 @@ def render_model_card(repo_id: str, record: dict[str, Any]) -> str:
     tags = ["adapterzoo", f"adapterzoo-type:{record['type']}"]
     if record.get("base_fingerprint"):
         tags.append(f"base-fingerprint:{record['base_fingerprint']}")
-    if record.get("format") == "peft":
-        tags.append("peft")
+    tags += format_named(record.get("format", "native")).CARD_TAGS
     front = {
         "library_name": "adapterzoo",
         "tags": tags,
@@ -278,16 +251,6 @@ def _upload_source(path: Path, files: ExitStack, *, speaks_xet: bool) -> str | B
     return files.enter_context(open(path, "rb"))
 
 
-# The files that make up a saved adapter, per format; a push sends these and the README it renders.
-FORMAT_FILES = {
-    "native": (CONFIG_FILE, WEIGHTS_FILE),
-    "peft": (peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE),
-    "adapterhub": (
-        ah_format.CONFIG_FILE, ah_format.WEIGHTS_FILE, ah_format.HEAD_CONFIG_FILE, ah_format.HEAD_WEIGHTS_FILE,
-    ),
-}
-
-
 def adapter_files(folder: Path) -> list[Path]:
     """The adapter's own files in `folder` (by its format), never anything else that lies there.
 
@@ -298,7 +261,7 @@ def adapter_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise AdapterFileError(f"{folder} is not a folder holding a saved adapter")
     root = folder.resolve()
-    present = [folder / name for name in sorted(ADAPTER_FILES) if os.path.lexists(folder / name)]
+    present = [folder / name for name in sorted(ALL_FILES) if os.path.lexists(folder / name)]
     for path in present:  # all of them before any is read, even to tell the format
         target = path.resolve()
         if not target.is_relative_to(root):
@@ -308,10 +271,10 @@ def adapter_files(folder: Path) -> list[Path]:
             )
         if not target.is_file():
             raise AdapterFileError(f"{path} is not a regular file")
-    names = FORMAT_FILES.get(detect_format(folder), ())
+    names = detect_format(folder).FILES  # the files of its format; a push sends these and the README
     files = [path for path in present if path.name in names]
     if not files:
-        raise AdapterFileError(f"{folder} holds no adapter files ({', '.join(sorted(ADAPTER_FILES))})")
+        raise AdapterFileError(f"{folder} holds no adapter files ({', '.join(sorted(ALL_FILES))})")
     return files
 
 
@@ -346,7 +309,7 @@ def push_adapter_folder(
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         present = set(api.list_repo_files(repo_id, revision=branch))
         sending = {p.relative_to(folder).as_posix() for p in files}
-        operations: list = [CommitOperationDelete(path_in_repo=p) for p in sorted(present & ADAPTER_FILES - sending)]
+        operations: list = [CommitOperationDelete(path_in_repo=p) for p in sorted(present & ALL_FILES - sending)]
         card = render_model_card(repo_id, record).encode()
         with ExitStack() as opened:
             operations += [
@@ -361,23 +324,3 @@ def push_adapter_folder(
             )  # fmt: skip
     except Exception as exc:  # noqa: BLE001
         raise hub_error(exc, "push to", repo_id, endpoint, branch) from exc
-
-
-def push_adapter(
-    zoo: "Zoo",
-    name: str,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    format: str = "native",
-    metadata: dict | None = None,
-) -> "CommitInfo":
-    """Save `name` from `zoo` to a temporary folder in `format` and push it (see push_adapter_folder)."""
-    with tempfile.TemporaryDirectory(prefix="adapterzoo-push-") as tmp:
-        folder = zoo.save_adapter(name, Path(tmp) / name, format=format, metadata=metadata)
-        return push_adapter_folder(folder, repo_id, private=private, token=token, endpoint=endpoint,
-                                   revision=revision, commit_message=commit_message)

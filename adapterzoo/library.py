@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import AdapterZooError
-from .storage import CONFIG_FILE, atomic_write, read_json
+from .formats.native import CONFIG_FILE
+from .storage import atomic_write, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from .zoo import Zoo

@@ -348,7 +348,8 @@ def routing_records(zoo: "Zoo") -> dict[str, dict[str, Any]]:
 def read_routing_record(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The routing record saved with the adapter in `folder` (None if it has none), read without
     loading its weights: a server routes among adapters still on disk."""
-    from .storage import CONFIG_FILE, read_json
+    from .formats.native import CONFIG_FILE
+    from .storage import read_json
 
     path = Path(folder) / CONFIG_FILE
     try:

@@ -21,16 +21,16 @@ import torch
 from torch import nn
 
 from . import plugins
-from .adapter import Adapter, adapter_from_state, check_name, check_sizes, new_adapter
-from .base import Fingerprint, check_fingerprint, fingerprint, freeze, load_base
+from .adapter import Adapter, check_name, check_sizes, new_adapter
+from .base import Fingerprint, fingerprint, freeze, load_base
 from .contract import check_adapter
 from .errors import AdapterExistsError, AdapterZooError, BatchError, InvalidConfigError, PoolFullError, UnknownAdapterError
-from .heads import HeadConfig, class_logits, new_head, pop_head
+from .formats import FormatContext, detect_format, format_named
+from .heads import HeadConfig, class_logits, new_head
 from .plan import BatchPlan, build_plan, fit_tokens, place_rows, virtual_columns
 from .pool import LivePool, SlotPool
 from .runtime import Runtime, active, prefix_columns
 from .sites import hidden_size
-from .storage import detect_format, load_native, save_native
 from .types import AdapterType
 
 
@@ -228,58 +228,23 @@ class Zoo:
 
             folder = download_adapter(str(source), revision=revision, token=token, endpoint=endpoint)
         fmt = detect_format(folder)
-        if fmt == "native":
-            return self._read_native(name, folder, ignore_base_mismatch)
-        from .formats import read_foreign
-
-        return read_foreign(self, name, folder, fmt, ignore_base_mismatch=ignore_base_mismatch)
+        return fmt.read(self._format_context(), name, folder, ignore_base_mismatch=ignore_base_mismatch)
 
     def add_loaded_adapter(self, adapter: Adapter) -> AdapterInfo:
         """Add an adapter from `read_adapter` (its name must be free)."""
         self._register(adapter)
         return self._info(adapter)
 
-    def _read_native(self, name: str, folder: Path, ignore_base_mismatch: bool) -> Adapter:
-        record, state = load_native(folder)
-        atype = self.adapter_type(record["adapter_type"])
-        cfg = atype.Config.from_dict(record["config"])
-        check_fingerprint(self.fingerprint, record.get("base"), f"adapter at {folder}", force=ignore_base_mismatch)
-        sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size, self.model)
-        head = pop_head(record, state, hidden_size(self.model), f"adapter at {folder}")
-        adapter = adapter_from_state(name, atype, cfg, self.model, sizes, state, f"adapter at {folder}")
-        adapter.metadata = dict(record.get("metadata", {}))
-        adapter.head = head
-        return adapter
+    def _format_context(self) -> FormatContext:
+        """What a file format may know of this zoo (adapterzoo/formats/): the base and the limits."""
+        return FormatContext(model=self.model, fingerprint=self.fingerprint, adapter_type=self.adapter_type,
+                             is_causal_lm=self.is_causal_lm, pool_limits=self.pool_limits, max_size=self.max_size)
 
     def save_adapter(self, name: str, path: str | os.PathLike, *, format: str = "native", metadata: dict | None = None) -> Path:
         """Save as safetensors + JSON (format="native"), or in PEFT's or AdapterHub's layout."""
         adapter = self.get_adapter(name)
-        folder = Path(path)
-        if format == "native":
-            record = {
-                "adapter_type": adapter.type_name,
-                "config": adapter.config.to_dict(),
-                "base": self.fingerprint.to_dict(),
-                "metadata": {**adapter.metadata, **(metadata or {})},
-                "name": name,
-            }
-            state = adapter.state_dict()
-            if adapter.head is not None:
-                record["head"] = adapter.head.config.to_dict()
-                state.update(adapter.head.state_dict())
-            save_native(folder, record, state)
-        else:
-            if adapter.head is not None:
-                from .errors import UnsupportedFormatError
-
-                raise UnsupportedFormatError(
-                    f"adapter {name!r} has a classification head, which the {format} format cannot hold; "
-                    "save it with format='native'"
-                )
-            from .formats import write_foreign
-
-            write_foreign(self, adapter, folder, format, metadata=metadata)
-        return folder
+        fmt = format_named(format)
+        return fmt.write(self._format_context(), adapter, Path(path), metadata=metadata)
 
     def push_to_hub(
         self,
@@ -296,12 +261,17 @@ class Zoo:
     ):
         """Push an adapter, with a model card, to the Hub or a registry (endpoint: argument, else HF_ENDPOINT).
 
-        Returns huggingface_hub's `CommitInfo`. See adapterzoo/hub.py.
+        Saves it to a temporary folder in `format`, then pushes that folder. Returns huggingface_hub's
+        `CommitInfo`. See adapterzoo/hub.py.
         """
-        from .hub import push_adapter
+        import tempfile
 
-        return push_adapter(self, name, repo_id, private=private, token=token, endpoint=endpoint, revision=revision,
-                            commit_message=commit_message, format=format, metadata=metadata)
+        from .hub import push_adapter_folder
+
+        with tempfile.TemporaryDirectory(prefix="adapterzoo-push-") as tmp:
+            folder = self.save_adapter(name, Path(tmp) / name, format=format, metadata=metadata)
+            return push_adapter_folder(folder, repo_id, private=private, token=token, endpoint=endpoint,
+                                       revision=revision, commit_message=commit_message)
 
     def merged_model(self, name: str) -> nn.Module:
         """A copy of the base with adapter `name` folded into its weights, for deploying one

@@ -35,8 +35,8 @@ from common import machine, save_json  # noqa: E402
 from adapterzoo import Zoo  # noqa: E402
 from adapterzoo.demo import SPECIALISTS  # noqa: E402
 from adapterzoo.library import exact_match, finished  # noqa: E402
+from adapterzoo.formats.native import CONFIG_FILE  # noqa: E402
 from adapterzoo.routing import BACKGROUND_PROMPTS, DEFAULT_ENCODER, route  # noqa: E402
-from adapterzoo.storage import CONFIG_FILE  # noqa: E402
 from adapterzoo.tasks import all_tasks, get_task, instructed_examples, routing_examples  # noqa: E402
 
 GENERAL_PROMPTS = [

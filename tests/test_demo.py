@@ -10,7 +10,7 @@ import pytest
 
 from adapterzoo.demo import SPECIALISTS, run_demo
 from adapterzoo.library import build_library, finished
-from adapterzoo.storage import CONFIG_FILE
+from adapterzoo.formats.native import CONFIG_FILE
 from adapterzoo.testing.models import char_tokenizer, tiny_model
 from adapterzoo.zoo import Zoo
 

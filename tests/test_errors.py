@@ -18,7 +18,7 @@ from adapterzoo import (
     AdapterExistsError, AdapterFileError, BaseMismatchError, BatchError, InvalidConfigError, InvalidNameError,
     PoolFullError, PoolLimitError, ShapeMismatchError, UnknownAdapterError, UnknownAdapterTypeError,
 )
-from adapterzoo.storage import CONFIG_FILE, WEIGHTS_FILE
+from adapterzoo.formats.native import CONFIG_FILE, WEIGHTS_FILE
 from adapterzoo.testing.models import output, perturb, tiny_zoo
 
 IDS = torch.randint(4, 100, (2, 5), generator=torch.Generator().manual_seed(0))

@@ -13,7 +13,8 @@ import torch
 from adapterzoo import Zoo
 from adapterzoo.hub import card_record
 from adapterzoo.library import TABLE_FILE, build_library, finished, select_tasks
-from adapterzoo.storage import CONFIG_FILE, WEIGHTS_FILE, read_json
+from adapterzoo.formats.native import CONFIG_FILE, WEIGHTS_FILE
+from adapterzoo.storage import read_json
 from adapterzoo.testing.models import char_tokenizer, tiny_model
 from tests.hub.conftest import _fresh_hf_cache, _online_hub_client_with_xet_on  # noqa: F401 - autouse fixtures
 from tests.registry.conftest import ALICE_TOKEN, registry, tokens_file  # noqa: F401 - fixtures

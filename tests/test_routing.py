@@ -253,7 +253,7 @@ def test_a_hostile_routing_record_on_disk_is_ignored_or_capped_never_slow_or_fat
     import json
     import time
 
-    from adapterzoo.storage import CONFIG_FILE
+    from adapterzoo.formats.native import CONFIG_FILE
 
     zoo.save_adapter("upper", tmp_path / "upper")
     config = tmp_path / "upper" / CONFIG_FILE

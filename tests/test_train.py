@@ -22,7 +22,7 @@ from adapterzoo import (
 )
 from adapterzoo.base import base_state_checksum
 from adapterzoo.errors import UnsupportedFormatError
-from adapterzoo.storage import CONFIG_FILE
+from adapterzoo.formats.native import CONFIG_FILE
 from adapterzoo.tasks import Example, LabeledExample
 from adapterzoo.testing.models import char_tokenizer, tiny_model
 from adapterzoo.training import CHECKPOINT_VERSION, TrainOptions, latest_checkpoint, lr_factor

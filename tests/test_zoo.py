@@ -9,7 +9,7 @@ import torch
 
 from adapterzoo import UnknownAdapterError, Zoo
 from adapterzoo.base import base_state_checksum
-from adapterzoo.storage import CONFIG_FILE, WEIGHTS_FILE
+from adapterzoo.formats.native import CONFIG_FILE, WEIGHTS_FILE
 from adapterzoo.testing.models import output, perturb, tiny_model, tiny_zoo
 
 IDS = torch.randint(4, 100, (3, 6), generator=torch.Generator().manual_seed(0))

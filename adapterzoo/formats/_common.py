@@ -13,6 +13,7 @@ from ..adapter import Adapter, adapter_from_state, check_sizes
 from ..base import check_fingerprint
 from ..errors import AdapterFileError, UnsupportedFormatError
 from ..storage import atomic_write, read_safetensors, refuse_pickles, tensors_to_bytes
+from .context import FormatContext
 
 # safetensors `__metadata__` keys adapterzoo adds to foreign files (strings only; other tools ignore them)
 META_BASE = "adapterzoo.base"
@@ -53,11 +54,11 @@ def stored_base(metadata: dict[str, str]) -> dict[str, Any]:
     return saved if isinstance(saved, dict) else {}
 
 
-def check_base(zoo, metadata: dict[str, str], what: str, *, force: bool) -> None:
+def check_base(ctx: FormatContext, metadata: dict[str, str], what: str, *, force: bool) -> None:
     """Check the base fingerprint adapterzoo stored in a foreign file (foreign tools store none)."""
     saved = stored_base(metadata)
     if {"architecture", "shapes", "weights"} <= set(saved):
-        check_fingerprint(zoo.fingerprint, saved, what, force=force)
+        check_fingerprint(ctx.fingerprint, saved, what, force=force)
 
 
 def stored_metadata(metadata: dict[str, str]) -> dict[str, Any]:
@@ -68,8 +69,8 @@ def stored_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def converted_adapter(zoo, name: str, atype, convert: Callable[[], tuple[dict, dict]], *, folder: Path, what: str,
-                      metadata: dict[str, str], source_format: str) -> Adapter:
+def converted_adapter(ctx: FormatContext, name: str, atype, convert: Callable[[], tuple[dict, dict]], *,
+                      folder: Path, what: str, metadata: dict[str, str], source_format: str) -> Adapter:
     """The adapter a type's converter (`from_peft`, `from_adapterhub`) makes of a foreign folder,
     sized and checked as a native one is; a converter's refusal names the folder."""
     try:
@@ -77,8 +78,8 @@ def converted_adapter(zoo, name: str, atype, convert: Callable[[], tuple[dict, d
     except UnsupportedFormatError as exc:
         raise UnsupportedFormatError(f"{exc} (in {folder})") from exc
     config = atype.Config.from_dict(config_values)
-    sizes = check_sizes(atype, config, zoo.pool_limits, zoo.max_size, zoo.model)
-    adapter = adapter_from_state(name, atype, config, zoo.model, sizes, flat, what)
+    sizes = check_sizes(atype, config, ctx.pool_limits, ctx.max_size, ctx.model)
+    adapter = adapter_from_state(name, atype, config, ctx.model, sizes, flat, what)
     adapter.metadata = {**stored_metadata(metadata), "source_format": source_format}
     return adapter
 
@@ -91,13 +92,31 @@ def write_pair(folder: Path, config_name: str, config: dict[str, Any], weights_n
     atomic_write(folder / config_name, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
 
-def adapterzoo_metadata(zoo, adapter, extra: dict | None = None) -> dict[str, str]:
+def refuse_head(adapter: Adapter, format_name: str) -> None:
+    """Foreign formats have no place for adapterzoo's classification heads (adapterzoo/heads.py)."""
+    if adapter.head is not None:
+        raise UnsupportedFormatError(
+            f"adapter {adapter.name!r} has a classification head, which the {format_name} format cannot hold; "
+            "save it with format='native'"
+        )
+
+
+def adapterzoo_metadata(ctx: FormatContext, adapter: Adapter, extra: dict | None = None) -> dict[str, str]:
     return {
         "format": "pt",
-        META_BASE: json.dumps(zoo.fingerprint.to_dict()),
+        META_BASE: json.dumps(ctx.fingerprint.to_dict()),
         META_TYPE: adapter.type_name,
         META_METADATA: json.dumps({**adapter.metadata, **(extra or {})}, default=str),
     }
+
+
+def foreign_card_facts(format_name: str, config: dict[str, Any], weights: Path, claimants: list[str]) -> dict[str, Any]:
+    """Model card facts of a foreign folder: the type adapterzoo wrote in the weights' metadata, else
+    the first installed type that claims the folder (`claimants`); the base and metrics likewise."""
+    meta = safetensors_metadata(weights) if weights.exists() else {}
+    base = stored_base(meta)
+    return {"format": format_name, "type": meta.get(META_TYPE) or (claimants[0] if claimants else "unknown"),
+            "config": config, "base_fingerprint": base.get("id"), "metrics": stored_metadata(meta).get("metrics") or {}}
 
 
 def types_claiming(attribute: str, value: str) -> list[str]:

@@ -17,27 +17,38 @@ which architecture, and the key mapping, is the type's business (`adapterhub_arc
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..adapter import Adapter
 from ..errors import AdapterFileError, BaseMismatchError, UnsupportedFormatError
 from ..storage import read_json, read_safetensors
 from . import _common
+from .context import FormatContext
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..adapter import Adapter
-    from ..zoo import Zoo
-
+NAME = "adapterhub"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 PICKLE_FILE = "pytorch_adapter.bin"
 HEAD_CONFIG_FILE = "head_config.json"
 HEAD_WEIGHTS_FILE = "model_head.safetensors"
+# every file of this format (the head files are optional, and only read); a push sends those present
+FILES = (CONFIG_FILE, WEIGHTS_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE)
+DESCRIPTION = f"{CONFIG_FILE} (with config and model_class) + {WEIGHTS_FILE}"  # how an error names the layout
+CARD_TAGS: tuple[str, ...] = ()  # model card tags beyond adapterzoo's own
 VERSION = "adapters.1.3.0"
 # the way out when a folder holds only pickles (`pytorch_adapter.bin`): adapterzoo never unpickles
 PICKLE_HINT = ("Save the adapter again with the adapters library's model.save_adapter(path, name, use_safetensors=True), "
                "where you trust the file.")
+
+
+def detect(folder: Path) -> bool:
+    config = folder / CONFIG_FILE
+    if not config.exists():
+        return False
+    ah = read_json(config)
+    return "config" in ah and "model_class" in ah or "hidden_size" in ah
 
 
 def architecture(ah: dict[str, Any]) -> str:
@@ -53,7 +64,8 @@ def check_fields(config: dict[str, Any], what: str, known: set[str], hints: dict
                          way_out="Retrain with the adapters library without it.")
 
 
-def read(zoo: "Zoo", name: str, folder: Path, *, ignore_base_mismatch: bool = False) -> "Adapter":
+def read(ctx: FormatContext, name: str, folder: Path, *, ignore_base_mismatch: bool = False) -> Adapter:
+    """An `Adapter` for `ctx`'s base from an AdapterHub folder, by the type that claims its architecture."""
     what = f"AdapterHub adapter at {folder}"
     ah = read_json(folder / CONFIG_FILE)
     arch = architecture(ah)
@@ -64,21 +76,21 @@ def read(zoo: "Zoo", name: str, folder: Path, *, ignore_base_mismatch: bool = Fa
             f"{what} is an AdapterHub {arch!r} adapter, which adapterzoo cannot load: the installed adapter types "
             f"read AdapterHub {readable} adapters. Install a plugin whose type maps {arch!r} (see docs/formats.md)."
         )
-    atype = zoo.adapter_type(names[0])
+    atype = ctx.adapter_type(names[0])
     state, metadata = _common.read_weights(folder / WEIGHTS_FILE, folder, pickle_hint=PICKLE_HINT)
-    _common.check_base(zoo, metadata, what, force=ignore_base_mismatch)
-    family = getattr(zoo.model.config, "model_type", None)
+    _common.check_base(ctx, metadata, what, force=ignore_base_mismatch)
+    family = getattr(ctx.model.config, "model_type", None)
     if not ignore_base_mismatch and ah.get("model_type") not in (None, family):
         raise BaseMismatchError(
             f"{what} was made for a {ah['model_type']} model, this base is {family}. Load it on a {ah['model_type']} "
             "base, or pass ignore_base_mismatch=True if you know the layouts agree."
         )
-    _check_head(zoo, folder, what)
-    return _common.converted_adapter(zoo, name, atype, lambda: atype.from_adapterhub(zoo.model, dict(ah), state),
-                                     folder=folder, what=what, metadata=metadata, source_format="adapterhub")
+    _check_head(ctx, folder, what)
+    return _common.converted_adapter(ctx, name, atype, lambda: atype.from_adapterhub(ctx.model, dict(ah), state),
+                                     folder=folder, what=what, metadata=metadata, source_format=NAME)
 
 
-def _check_head(zoo: "Zoo", folder: Path, what: str) -> None:
+def _check_head(ctx: FormatContext, folder: Path, what: str) -> None:
     """The base's own output layer saved alongside is fine; a trained prediction head is not."""
     if not (folder / HEAD_CONFIG_FILE).exists():
         return
@@ -92,7 +104,7 @@ def _check_head(zoo: "Zoo", folder: Path, what: str) -> None:
     weights = folder / HEAD_WEIGHTS_FILE
     if not weights.exists():
         return  # only a pickle copy of the static head, or none: nothing we would load anyway
-    params = zoo.model.state_dict()  # with tied weights (GPT-2's lm_head is its input embedding)
+    params = ctx.model.state_dict()  # with tied weights (GPT-2's lm_head is its input embedding)
     for key, tensor in read_safetensors(weights).items():
         mine = params.get(key)
         if mine is None or mine.shape != tensor.shape or not torch.allclose(mine.detach().float().cpu(), tensor.float(), atol=1e-6):
@@ -102,22 +114,32 @@ def _check_head(zoo: "Zoo", folder: Path, what: str) -> None:
             )
 
 
-def write(zoo: "Zoo", adapter: "Adapter", folder: Path, *, metadata: dict | None = None) -> Path:
+def write(ctx: FormatContext, adapter: Adapter, folder: Path, *, metadata: dict | None = None) -> Path:
+    """Write `adapter` in AdapterHub's layout (`metadata` joins the adapter's own, in the weights' metadata)."""
+    _common.refuse_head(adapter, NAME)
     atype = adapter.atype
     if getattr(atype, "to_adapterhub", None) is None:
         raise UnsupportedFormatError(
             f"adapter {adapter.name!r} is of type {atype.name!r}, which has no AdapterHub mapping (its class defines "
             "no to_adapterhub); save it with format='native' or 'peft'"
         )
-    config, state = atype.to_adapterhub(zoo.model, adapter.config, adapter.state_dict(), adapter.name)
+    config, state = atype.to_adapterhub(ctx.model, adapter.config, adapter.state_dict(), adapter.name)
     ah = {
         "config": config,
-        "hidden_size": zoo.model.get_input_embeddings().embedding_dim,
-        "model_class": type(zoo.model).__name__,
-        "model_name": getattr(zoo.model.config, "_name_or_path", None) or None,
-        "model_type": getattr(zoo.model.config, "model_type", None),
+        "hidden_size": ctx.model.get_input_embeddings().embedding_dim,
+        "model_class": type(ctx.model).__name__,
+        "model_name": getattr(ctx.model.config, "_name_or_path", None) or None,
+        "model_type": getattr(ctx.model.config, "model_type", None),
         "name": adapter.name,
         "version": VERSION,
     }
-    _common.write_pair(folder, CONFIG_FILE, ah, WEIGHTS_FILE, state, _common.adapterzoo_metadata(zoo, adapter, metadata))
+    metadata = _common.adapterzoo_metadata(ctx, adapter, metadata)
+    _common.write_pair(folder, CONFIG_FILE, ah, WEIGHTS_FILE, state, metadata)
     return folder
+
+
+def card_facts(folder: Path) -> dict[str, Any]:
+    """What a model card says about the AdapterHub adapter in `folder`: type, config, base, metrics."""
+    config = read_json(folder / CONFIG_FILE)
+    claimants = _common.types_claiming("adapterhub_architectures", architecture(config))
+    return _common.foreign_card_facts(NAME, config, folder / WEIGHTS_FILE, claimants)

@@ -14,21 +14,23 @@ it), so an adapterzoo-written PEFT folder still refuses the wrong base when load
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .. import plugins
+from ..adapter import Adapter
 from ..errors import UnsupportedFormatError
 from ..storage import read_json
 from . import _common
+from .context import FormatContext
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..adapter import Adapter
-    from ..zoo import Zoo
-
+NAME = "peft"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+FILES = (CONFIG_FILE, WEIGHTS_FILE)  # every file this format writes; a push sends these
+DESCRIPTION = f"{CONFIG_FILE} (with peft_type) + {WEIGHTS_FILE}"  # how an error names the layout
+CARD_TAGS = ("peft",)  # model card tags beyond adapterzoo's own: the Hub lists the repo as a PEFT adapter
 KEY_PREFIX = "base_model.model."
 # PEFT's prompt-learning methods save their tensors without the module-path prefix
 PROMPT_LEARNING = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE"}
@@ -41,7 +43,12 @@ COMMON_HINTS = {
 }
 
 
-def type_for(zoo: "Zoo", peft_type: Any, what: str, peft_config: dict[str, Any] | None = None):
+def detect(folder: Path) -> bool:
+    config = folder / CONFIG_FILE
+    return config.exists() and "peft_type" in read_json(config)
+
+
+def type_for(ctx: FormatContext, peft_type: Any, what: str, peft_config: dict[str, Any] | None = None):
     """The type that reads this PEFT folder. Several may claim one `peft_type` (DoRA is a LORA with
     `use_dora=True`): a type's optional `peft_when` ({field: value}, adapterzoo.types.PeftMapping)
     narrows its claim to folders whose config has those values, and wins over types without one."""
@@ -58,31 +65,34 @@ def type_for(zoo: "Zoo", peft_type: Any, what: str, peft_config: dict[str, Any] 
             f"read PEFT {readable}. Install a plugin whose type maps {peft_type} (see docs/formats.md), or "
             "merge the adapter into the base with PEFT (merge_and_unload) and load that as the base."
         )
-    return zoo.adapter_type(names[0])
+    return ctx.adapter_type(names[0])
 
 
-def read(zoo: "Zoo", name: str, folder: Path, *, ignore_base_mismatch: bool = False) -> "Adapter":
+def read(ctx: FormatContext, name: str, folder: Path, *, ignore_base_mismatch: bool = False) -> Adapter:
+    """An `Adapter` for `ctx`'s base from a PEFT folder, by the type that claims its `peft_type`."""
     what = f"PEFT adapter at {folder}"
     peft_config = read_json(folder / CONFIG_FILE)
-    atype = type_for(zoo, peft_config.get("peft_type"), what, peft_config)
+    atype = type_for(ctx, peft_config.get("peft_type"), what, peft_config)
     state, metadata = _common.read_weights(folder / WEIGHTS_FILE, folder)
-    _common.check_base(zoo, metadata, what, force=ignore_base_mismatch)
+    _common.check_base(ctx, metadata, what, force=ignore_base_mismatch)
     state = {k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k: v for k, v in state.items()}
-    return _common.converted_adapter(zoo, name, atype, lambda: atype.from_peft(zoo.model, dict(peft_config), state),
-                                     folder=folder, what=what, metadata=metadata, source_format="peft")
+    return _common.converted_adapter(ctx, name, atype, lambda: atype.from_peft(ctx.model, dict(peft_config), state),
+                                     folder=folder, what=what, metadata=metadata, source_format=NAME)
 
 
-def write(zoo: "Zoo", adapter: "Adapter", folder: Path, *, metadata: dict | None = None) -> Path:
+def write(ctx: FormatContext, adapter: Adapter, folder: Path, *, metadata: dict | None = None) -> Path:
+    """Write `adapter` in PEFT's layout (`metadata` joins the adapter's own, in the weights' metadata)."""
+    _common.refuse_head(adapter, NAME)
     atype = adapter.atype
     if getattr(atype, "to_peft", None) is None:
         raise UnsupportedFormatError(
             f"adapter {adapter.name!r} is of type {atype.name!r}, which has no PEFT mapping (its class defines no "
             "to_peft); save it with format='native', or give the type to_peft/from_peft (see docs/formats.md)"
         )
-    peft_config, state = atype.to_peft(zoo.model, adapter.config, adapter.state_dict())
+    peft_config, state = atype.to_peft(ctx.model, adapter.config, adapter.state_dict())
     peft_config = {
-        "base_model_name_or_path": base_model_name(zoo),
-        "task_type": "CAUSAL_LM" if zoo.is_causal_lm else "FEATURE_EXTRACTION",
+        "base_model_name_or_path": base_model_name(ctx),
+        "task_type": "CAUSAL_LM" if ctx.is_causal_lm else "FEATURE_EXTRACTION",
         "inference_mode": True,
         "revision": None,
         **peft_config,
@@ -90,11 +100,18 @@ def write(zoo: "Zoo", adapter: "Adapter", folder: Path, *, metadata: dict | None
     if peft_config["peft_type"] not in PROMPT_LEARNING:
         state = {KEY_PREFIX + k: v for k, v in state.items()}
     _common.write_pair(folder, CONFIG_FILE, peft_config, WEIGHTS_FILE, state,
-                       _common.adapterzoo_metadata(zoo, adapter, metadata))
+                       _common.adapterzoo_metadata(ctx, adapter, metadata))
     return folder
 
 
-def base_model_name(zoo: "Zoo") -> str:
+def card_facts(folder: Path) -> dict[str, Any]:
+    """What a model card says about the PEFT adapter in `folder`: type, config, base, metrics."""
+    config = read_json(folder / CONFIG_FILE)
+    claimants = _common.types_claiming("peft_types", config.get("peft_type"))
+    return _common.foreign_card_facts(NAME, config, folder / WEIGHTS_FILE, claimants)
+
+
+def base_model_name(ctx: FormatContext) -> str:
     """What `base_model_name_or_path` honestly is: the base's Hub id when it came from the Hub, else a
     sentence saying there is none and how to load the adapter.
 
@@ -103,7 +120,7 @@ def base_model_name(zoo: "Zoo") -> str:
     only (and would leak the path into a pushed repo). The sentence is not a valid repo id, so
     transformers refuses it at once, quoting it, and never goes to the network.
     """
-    name = str(getattr(zoo.model.config, "_name_or_path", None) or "")
+    name = str(getattr(ctx.model.config, "_name_or_path", None) or "")
     if name and not Path(name).expanduser().exists():
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -112,8 +129,8 @@ def base_model_name(zoo: "Zoo") -> str:
             return name
         except HFValidationError:
             pass
-    return (f"(no Hub id: adapterzoo saved this adapter from a {type(zoo.model).__name__} base built in memory or "
-            f"read from a local folder, fingerprint {zoo.fingerprint.id}; load that base yourself and use "
+    return (f"(no Hub id: adapterzoo saved this adapter from a {type(ctx.model).__name__} base built in memory or "
+            f"read from a local folder, fingerprint {ctx.fingerprint.id}; load that base yourself and use "
             "PeftModel.from_pretrained(base, this_folder))")
 
 

@@ -23,7 +23,7 @@ from typing import Iterable
 
 from ..adapter import check_name
 from ..errors import InvalidNameError
-from ..storage import CONFIG_FILE
+from ..formats import looks_like_adapter
 from .tenants import Tenants
 
 log = logging.getLogger("adapterzoo.serve")
@@ -55,8 +55,8 @@ class Entry:
 
 
 def is_adapter_folder(path: Path) -> bool:
-    """A saved adapter: native (adapterzoo's config file) or PEFT (adapter_config.json)."""
-    return path.is_dir() and ((path / CONFIG_FILE).exists() or (path / "adapter_config.json").exists())
+    """A saved adapter in any registered format (adapterzoo.formats)."""
+    return looks_like_adapter(path)
 
 
 def is_name(name: object) -> bool:

@@ -21,7 +21,7 @@ import pytest
 from adapterzoo import Zoo
 from adapterzoo.serve.http import build_server, redact_paths
 from adapterzoo.serve.tenants import Tenant, Tenants
-from adapterzoo.storage import WEIGHTS_FILE
+from adapterzoo.formats.native import WEIGHTS_FILE
 
 from .conftest import error, make_adapters, openai_client, post, running_app
 

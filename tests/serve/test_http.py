@@ -12,7 +12,7 @@ import pytest
 
 from adapterzoo import Zoo
 from adapterzoo.serve.http import render_chat
-from adapterzoo.storage import WEIGHTS_FILE
+from adapterzoo.formats.native import WEIGHTS_FILE
 
 from .conftest import make_adapters, start_serve, write_keys
 

@@ -12,7 +12,7 @@ from adapterzoo.serve.metrics import ServeMetrics
 from adapterzoo.serve.catalog import Catalog, Entry
 from adapterzoo.serve.tiers import Tiers
 from adapterzoo.serve.tenants import RateLimiter, Tenant, Tenants
-from adapterzoo.storage import WEIGHTS_FILE
+from adapterzoo.formats.native import WEIGHTS_FILE
 
 from .conftest import make_adapters
 

@@ -88,7 +88,7 @@ def test_the_projections_are_shared_frozen_and_never_saved(tmp_path):
     zoo.save_adapter("a", tmp_path / "a")
     from safetensors.torch import load_file
 
-    from adapterzoo.storage import WEIGHTS_FILE
+    from adapterzoo.formats.native import WEIGHTS_FILE
 
     assert not any("vera_A" in k or "vera_B" in k for k in load_file(tmp_path / "a" / WEIGHTS_FILE))
 
