@@ -5,7 +5,7 @@
         text = engine.generate("hello", adapter="sql", max_tokens=16)
 
 See docs/serving.md. A `ServeConfig` holds the options of `adapterzoo serve`; `server.build_server`
-builds engine + router + tenants from it, `http.create_app` the OpenAI-compatible app around them,
+builds engine + tiers + tenants from it, `http.create_app` the OpenAI-compatible app around them,
 `ray` the Ray Serve deployment; `http` and `ray` are imported on use (their dependencies are extras).
 """
 

@@ -19,10 +19,10 @@ from .schemas import not_found, read_body, redact_paths
 from .tenants import Tenant
 
 
-def path_labels(router) -> dict[str, str]:
+def path_labels(adapters) -> dict[str, str]:
     """The server's folders, and the role a tenant reads in an error message instead of each."""
     labels: dict[str, str] = {}
-    for folder, label in ((router.adapters_dir, "<adapters>"), (router.spill_dir, "<adapters>/.spill")):
+    for folder, label in ((adapters.adapters_dir, "<adapters>"), (adapters.spill_dir, "<adapters>/.spill")):
         if folder is not None:
             labels[str(folder)] = label
             labels[str(Path(folder).resolve())] = label
@@ -77,7 +77,7 @@ def adapter_for(state: State, model: str, tenant: Tenant) -> str | None:
         check_name(model)
     except InvalidNameError as exc:
         raise APIError(400, str(exc), param="model", code="invalid_value") from None
-    if not state.router.visible(model, tenant.name):
+    if not state.adapters.visible(model, tenant.name):
         raise not_found(model)
     return model
 
@@ -169,12 +169,12 @@ def route_auto(state: State, prompts: list, chat: bool, tenant: Tenant) -> str |
     if not isinstance(text, str) or not text.strip():
         raise APIError(400, "model 'auto' needs a text prompt to route (token ids or an empty prompt cannot be "
                             "routed); name the model instead", param="prompt", code="invalid_value")
-    zoo = getattr(state.router, "zoo", None)
+    zoo = getattr(state.adapters, "zoo", None)
     if zoo is None:
         raise APIError(501, "model 'auto' is not available on this deployment; name the model", type="server_error",
                        code="not_implemented")
     records = {}
-    for entry in state.router.models(tenant.name):
+    for entry in state.adapters.models(tenant.name):
         loaded = zoo.find_adapter(entry.name)
         record = (loaded.metadata.get(METADATA_KEY) if loaded is not None
                   else read_routing_record(entry.path) if entry.path is not None else None)

@@ -47,7 +47,7 @@ def run_serve(config: ServeConfig) -> None:
     from .http import create_app, serve
 
     server = server_from_config(config)
-    click.echo(f"serving {config.base_name!r} ({len(server.router.catalog)} adapters) on "
+    click.echo(f"serving {config.base_name!r} ({len(server.adapters.catalog)} adapters) on "
                f"http://{config.host}:{config.port}/v1", err=True)
     serve(create_app(server), host=config.host, port=config.port, log_level=config.log_level,
           drain_timeout=config.drain_timeout)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server (Starlette), in front of one `Engine` and its `Router`.
+"""The OpenAI-compatible HTTP server (Starlette), in front of one `Engine` and its adapter `Tiers`.
 
 Routes:
 
@@ -25,7 +25,7 @@ request waits for its first token (or its error) before answering, so errors kee
 code; a client that disconnects cancels its request, which frees its row and cache.
 
 The handlers are module-level functions that read `request.app.state`, which `create_app` fills
-from a `server.Server` (engine, router, tenants, metrics and its `config.ServeConfig`). Request
+from a `server.Server` (engine, adapter tiers, tenants, metrics and its `config.ServeConfig`). Request
 bodies and error answers are in `schemas.py`, the checks every route shares in `checks.py`, the
 answers of the generation routes (whole or streamed) in `streaming.py`.
 """
@@ -110,11 +110,11 @@ def create_app(server: Server, *, admin: bool = True) -> Starlette:
     app = Starlette(routes=_routes(), lifespan=_lifespan,
                     exception_handlers={404: _unknown_route, 405: _unknown_route})
     state = app.state
-    state.engine, state.router, state.tenants = server.engine, server.router, server.tenants
+    state.engine, state.adapters, state.tenants = server.engine, server.adapters, server.tenants
     state.metrics, state.config = server.metrics, server.config
     state.admin_routes = admin
     state.created = int(time.time())
-    state.path_labels = path_labels(server.router)
+    state.path_labels = path_labels(server.adapters)
     # characters are checked before tokenizing: a token is rarely over 32 characters, so a longer
     # prompt could never fit the context anyway
     context = getattr(server.engine, "context_length", None)
@@ -148,7 +148,7 @@ async def _lifespan(app: Starlette):
         yield
     finally:  # uvicorn stops accepting and waits for open requests first; then drain what is left
         await asyncio.to_thread(app.state.engine.stop, True, app.state.config.drain_timeout)
-        await asyncio.to_thread(app.state.router.close)
+        await asyncio.to_thread(app.state.adapters.close)
 
 
 async def _unknown_route(request: Request, exc: Exception) -> Response:
@@ -203,7 +203,7 @@ async def health(request: Request) -> Response:
     healthy = engine.healthy() if hasattr(engine, "healthy") else running
     status = "ok" if healthy else "stopping" if not running else "unhealthy"
     return JSONResponse({"status": status, "base": state.config.base_name, **engine.stats(), "stuck": len(stuck),
-                         "adapters": state.router.residency()}, status_code=200 if healthy else 503)
+                         "adapters": state.adapters.residency()}, status_code=200 if healthy else 503)
 
 
 @timed("/metrics")
@@ -218,8 +218,8 @@ async def list_models(request: Request) -> Response:
     state = request.app.state
     tenant = authenticate(request)
     data = [model_card(state, state.config.base_name, "adapterzoo")]
-    for entry in await asyncio.to_thread(state.router.models, tenant.name):
-        data.append(model_card(state, entry.name, state.router.owner(entry.name) or "public"))
+    for entry in await asyncio.to_thread(state.adapters.models, tenant.name):
+        data.append(model_card(state, entry.name, state.adapters.owner(entry.name) or "public"))
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -230,7 +230,7 @@ async def get_model(request: Request) -> Response:
     model = request.path_params["model"]
     if adapter_for(state, model, tenant) is None:
         return JSONResponse(model_card(state, model, "adapterzoo"))
-    return JSONResponse(model_card(state, model, state.router.owner(model) or "public"))
+    return JSONResponse(model_card(state, model, state.adapters.owner(model) or "public"))
 
 
 # ----------------------------------------------------------------------------- generation
@@ -354,10 +354,10 @@ async def detokenize(request: Request) -> Response:
 @timed("/admin/adapters")
 async def admin_list(request: Request) -> Response:
     require_admin(request)
-    router = request.app.state.router
-    await asyncio.to_thread(router.rescan)
-    return JSONResponse({"object": "list", "data": [router.describe(n) for n in sorted(router.catalog)],
-                         "residency": router.residency()})
+    tiers = request.app.state.adapters
+    await asyncio.to_thread(tiers.rescan)
+    return JSONResponse({"object": "list", "data": [tiers.describe(n) for n in sorted(tiers.catalog)],
+                         "residency": tiers.residency()})
 
 
 @timed("/admin/adapters")
@@ -366,7 +366,7 @@ async def admin_load(request: Request) -> Response:
     body = await read_json(request, LoadBody)
     await _admin_add(request.app.state, body.name, body.source, owner=body.owner, public=body.public,
                      revision=body.revision)
-    return JSONResponse(request.app.state.router.describe(body.name), status_code=201)
+    return JSONResponse(request.app.state.adapters.describe(body.name), status_code=201)
 
 
 @timed("/admin/adapters/{name}/unload")
@@ -374,7 +374,7 @@ async def admin_unload(request: Request) -> Response:
     require_admin(request)
     name = request.path_params["name"]
     try:
-        done = await asyncio.to_thread(request.app.state.router.unload, name)
+        done = await asyncio.to_thread(request.app.state.adapters.unload, name)
     except UnknownAdapterError as exc:
         raise APIError(404, str(exc), code="adapter_not_found") from None
     return JSONResponse({"id": name, "status": "unloaded" if done else "pending"}, status_code=200 if done else 202)
@@ -385,7 +385,7 @@ async def admin_delete(request: Request) -> Response:
     require_admin(request)
     name = request.path_params["name"]
     try:
-        done = await asyncio.to_thread(request.app.state.router.delete, name)
+        done = await asyncio.to_thread(request.app.state.adapters.delete, name)
     except UnknownAdapterError as exc:
         raise APIError(404, str(exc), code="adapter_not_found") from None
     return JSONResponse({"id": name, "deleted": True, "status": "deleted" if done else "pending"},
@@ -405,7 +405,7 @@ async def unload_lora_adapter(request: Request) -> Response:
     require_admin(request)
     body = await read_json(request, LoraUnloadBody)
     try:
-        await asyncio.to_thread(request.app.state.router.delete, body.lora_name)
+        await asyncio.to_thread(request.app.state.adapters.delete, body.lora_name)
     except UnknownAdapterError as exc:
         raise APIError(404, str(exc), param="lora_name", code="adapter_not_found") from None
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
@@ -418,11 +418,11 @@ async def _admin_add(state: State, name: str, source: str | None, **options: Any
                        param="name", code="invalid_value")
     if source is not None:
         try:
-            source = state.router.admin_source(source)
+            source = state.adapters.admin_source(source)
         except InvalidNameError as exc:
             raise APIError(400, str(exc), param="source", code="source_not_allowed") from None
     try:
-        await asyncio.to_thread(state.router.add, name, source, **options)
+        await asyncio.to_thread(state.adapters.add, name, source, **options)
     except Exception as exc:  # noqa: BLE001
         if isinstance(exc, UnknownAdapterError):
             raise APIError(404, str(exc), param="source", code="adapter_not_found") from None

@@ -9,7 +9,7 @@ Two deployments:
   each request goes to `ZooReplica.generate` through a handle with
   `multiplexed_model_id=<adapter>`, so Serve's model multiplexing sends it to a replica that has
   that adapter warm when there is one (best effort: Serve may pick another, which then loads it).
-- `ZooReplica` (N replicas): the base, a `Router` (device pools, host, disk, registry) and an
+- `ZooReplica` (N replicas): the base, its `Tiers` (device pools, host, disk, registry) and an
   `Engine` that mixes every adapter of every request in one continuous batch. `@serve.batch` is
   not used: it splits batches per multiplexed model id, and the whole point is to mix them.
 
@@ -93,20 +93,20 @@ def _completion(item: dict[str, Any]) -> Completion:
 class _Lease:
     """What `@serve.multiplexed` caches per adapter; dropping it moves the adapter to disk."""
 
-    def __init__(self, router, name: str):
-        self.router, self.name, self.released = router, name, False
+    def __init__(self, tiers, name: str):
+        self.tiers, self.name, self.released = tiers, name, False
 
     def __del__(self):  # Serve calls it on eviction, and Python again at collection
         if not self.released:
             self.released = True
             try:
-                self.router.unload(self.name)
+                self.tiers.unload(self.name)
             except Exception:  # noqa: BLE001 - already gone, or shutting down
                 pass
 
 
 class ZooReplica:
-    """One replica: base + pools + router + engine. Wrapped by `serve.deployment` in `build_app`."""
+    """One replica: base + pools + tiers + engine. Wrapped by `serve.deployment` in `build_app`."""
 
     def __init__(self, config: ServeConfig):
         import torch
@@ -125,8 +125,8 @@ class ZooReplica:
             self.replica = f"{socket.gethostname()}-{os.getpid()}"
 
     async def get_adapter(self, model_id: str) -> _Lease:
-        await asyncio.to_thread(self.server.router.load, model_id, 600)
-        return _Lease(self.server.router, model_id)
+        await asyncio.to_thread(self.server.adapters.load, model_id, 600)
+        return _Lease(self.server.adapters, model_id)
 
     async def generate(self, payload: dict[str, Any]):
         """Stream of dicts: {"kind": "delta", "text"} ..., then {"kind": "done", ...}."""
@@ -155,12 +155,12 @@ class ZooReplica:
             handle.cancel()
 
     def stats(self) -> dict[str, Any]:
-        return {"replica": self.replica, **self.server.engine.stats(), "adapters": self.server.router.residency()}
+        return {"replica": self.replica, **self.server.engine.stats(), "adapters": self.server.adapters.residency()}
 
     def __del__(self):
         try:
             self.server.engine.stop(drain=True, timeout=self.server.drain_timeout)
-            self.server.router.close()
+            self.server.adapters.close()
         except Exception:  # noqa: BLE001
             pass
 

@@ -3,7 +3,7 @@
 Every request is checked before any work: the body's size while it is read (`read_body`), its
 JSON depth and strings (`parse_json`), its types strictly (`"stream": "yes"` is a 400, not true)
 and its fields (`validate`: an unknown field is a 400, a typo is never ignored). Errors from the
-engine and the router become OpenAI-shaped answers in `api_error`; messages for tenants lose the
+engine and the tiers become OpenAI-shaped answers in `api_error`; messages for tenants lose the
 server's paths in `redact_paths`.
 """
 
@@ -54,7 +54,7 @@ def not_found(model: str) -> APIError:
 
 
 def api_error(exc: BaseException, param: str | None = None) -> APIError:
-    """The HTTP answer for an exception from the engine or the router."""
+    """The HTTP answer for an exception from the engine or the tiers."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, UnknownAdapterError):

@@ -1,4 +1,4 @@
-"""The parts of one server: engine + router + tenants + metrics around a `Zoo`, and its `ServeConfig`.
+"""The parts of one server: engine + adapter tiers + tenants + metrics around a `Zoo`, and its `ServeConfig`.
 
 `server_from_config` loads the base and builds them; the single-process server and every Ray
 replica build theirs this way. `http.create_app(server)` puts them behind the OpenAI-compatible
@@ -13,8 +13,9 @@ from typing import Any
 from .config import DTYPES, ServeConfig
 from .engine import Engine
 from .metrics import ServeMetrics
-from .router import Router
+from .catalog import Catalog
 from .tenants import Tenants
+from .tiers import Tiers
 
 
 @dataclass
@@ -22,7 +23,10 @@ class Server:
     """What the routes work with. The engine is a `ray.RemoteEngine` on a Ray ingress."""
 
     engine: Engine | Any
-    router: Router
+    #: where the adapters are: `Tiers` around the zoo, or a `Catalog` alone on a Ray ingress (whose
+    #: replicas hold the tiers). Both answer what the routes ask: visible, models, owner, rescan,
+    #: residency, close; the admin routes need `Tiers`.
+    adapters: Tiers | Catalog
     tenants: Tenants
     metrics: ServeMetrics
     config: ServeConfig
@@ -41,7 +45,7 @@ class Server:
 
 
 def build_server(zoo, config: ServeConfig | None = None, *, tenants: Tenants | None = None, **options: Any) -> Server:
-    """Engine + router + tenants + metrics around a loaded `Zoo`.
+    """Engine + tiers + tenants + metrics around a loaded `Zoo`.
 
     Give a `config`, or its fields as keywords (`base_name` names the base; `base` may be left
     out, the zoo is loaded already). `tenants` defaults to the config's keys file (none: open).
@@ -62,13 +66,13 @@ def build_server(zoo, config: ServeConfig | None = None, *, tenants: Tenants | N
         if max_rows_per_tenant is None:
             max_rows_per_tenant = max(1, config.max_batch - max(1, config.max_batch // 8))
     metrics = ServeMetrics()
-    router = Router(zoo, adapters_dir=config.adapters_dir, registry_endpoint=config.registry_endpoint,
-                    registry_token=config.registry_token, registry_namespace=config.registry_namespace,
-                    max_host=config.max_host, tenants=tenants, metrics=metrics)
-    engine = Engine(zoo, max_batch=config.max_batch, max_queue=config.max_queue, resolver=router, metrics=metrics,
+    tiers = Tiers(zoo, adapters_dir=config.adapters_dir, registry_endpoint=config.registry_endpoint,
+                  registry_token=config.registry_token, registry_namespace=config.registry_namespace,
+                  max_host=config.max_host, tenants=tenants, metrics=metrics)
+    engine = Engine(zoo, max_batch=config.max_batch, max_queue=config.max_queue, resolver=tiers, metrics=metrics,
                     max_queue_per_tenant=max_queue_per_tenant, max_rows_per_tenant=max_rows_per_tenant,
                     stuck_after=config.stuck_after)
-    return Server(engine, router, tenants, metrics, config)
+    return Server(engine, tiers, tenants, metrics, config)
 
 
 def load_zoo(config: ServeConfig):

@@ -163,7 +163,7 @@ def test_tenant_resident_slot_limit():
 
 def test_loading_never_pauses_decoding(monkeypatch, tmp_path):
     """An adapter that takes a second to read: the running request keeps decoding meanwhile."""
-    from adapterzoo.serve.router import Router
+    from adapterzoo.serve.tiers import Tiers
 
     zoo = tiny_zoo("llama")
     make_adapters(zoo, tmp_path, ["fast", "slow"])
@@ -176,7 +176,7 @@ def test_loading_never_pauses_decoding(monkeypatch, tmp_path):
         return read(name, source, **kw)
 
     monkeypatch.setattr(zoo, "read_adapter", slow_read)
-    router = Router(zoo, adapters_dir=tmp_path)
+    router = Tiers(zoo, adapters_dir=tmp_path)
     with Engine(zoo, resolver=router) as engine:
         slow = engine.submit("hello", "slow", SamplingParams(max_tokens=4))
         fast = engine.submit("abc ->", "fast", SamplingParams(max_tokens=20, stop=("\x00",)))
@@ -208,7 +208,7 @@ def test_sampling_params_normalise_stop():
 
 def test_a_call_queued_as_the_loop_stops_still_runs():
     """`call_between_steps` racing `stop()`: its put lands as late as it can (after the loop has
-    left, if nothing prevents it). The call must still run, or `Router._between_steps` waits
+    left, if nothing prevents it). The call must still run, or `Tiers._between` waits
     forever and shutdown hangs."""
     engine = Engine(zoo_for("llama")).start()
     thread, calls = engine._thread, engine._calls

@@ -175,7 +175,7 @@ def test_names_are_checked_as_names_before_any_lookup(served):
     assert len(set(answers[:2])) == 1  # the same answer whether the target exists or not
     names = {m.id for m in client.models.list()}
     assert not any("/" in n or ".." in n for n in names)
-    assert not any("/" in n or ".." in n for n in server.router.catalog)
+    assert not any("/" in n or ".." in n for n in server.adapters.catalog)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="globex-secret", prompt="x", max_tokens=2)
 

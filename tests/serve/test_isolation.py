@@ -214,14 +214,14 @@ def test_the_watchdog_reports_a_stuck_request_until_it_moves(zoo, monkeypatch, a
 def test_after_a_failed_request_its_adapter_unloads_at_once(zoo, tmp_path):
     """The issue's symptom: a failed request's adapter stayed "in use" for ever, so unloading it
     answered "pending" for ever and it could never be evicted."""
-    from adapterzoo.serve.router import Router
+    from adapterzoo.serve.tiers import Tiers
     from adapterzoo.serve.tenants import Tenant, Tenants
 
     with torch.no_grad():
         for t in zoo.get_adapter("bad").parameters():
             t.fill_(float("nan"))
     tenants = Tenants([Tenant("a"), Tenant("b")], public=["*"])
-    router = Router(zoo, spill_dir=tmp_path / "spill", tenants=tenants)
+    router = Tiers(zoo, spill_dir=tmp_path / "spill", tenants=tenants)
     with Engine(zoo, resolver=router) as engine:
         jobs = run_tenant_a(engine)
         wait_for_steps(engine, 2)

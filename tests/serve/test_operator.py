@@ -22,7 +22,7 @@ from adapterzoo.serve import Engine, SamplingParams
 from adapterzoo.serve.engine import EngineClosedError
 from adapterzoo.serve.http import Message, build_server, check_open_mode, render_chat
 from adapterzoo.serve.metrics import ServeMetrics
-from adapterzoo.serve.router import Router
+from adapterzoo.serve.tiers import Tiers
 from adapterzoo.serve.tenants import Tenants
 
 from .conftest import make_adapters, openai_client, running_app
@@ -40,24 +40,24 @@ def folder(tiny_base, tmp_path):
 def test_an_admin_delete_sticks_across_rescans_and_restarts(tiny_base, folder):
     adapters, reference = folder
     zoo = Zoo.from_pretrained(tiny_base, device="cpu")
-    router = Router(zoo, adapters_dir=adapters)
+    router = Tiers(zoo, adapters_dir=adapters)
     assert router.delete("a1") and "a1" not in router.catalog
     assert "a1" not in router.rescan() and not router.visible("a1", None)
     assert (adapters / "a1").is_dir()  # its files stay
     router.close()
-    again = Router(Zoo.from_pretrained(tiny_base, device="cpu"), adapters_dir=adapters)  # a restart
+    again = Tiers(Zoo.from_pretrained(tiny_base, device="cpu"), adapters_dir=adapters)  # a restart
     assert "a1" not in again.catalog and not again.visible("a1", None)
     again.add("a1")  # an explicit add lifts the tombstone
     assert again.visible("a1", None)
     again.close()
-    assert "a1" in Router(Zoo.from_pretrained(tiny_base, device="cpu"), adapters_dir=adapters).catalog
+    assert "a1" in Tiers(Zoo.from_pretrained(tiny_base, device="cpu"), adapters_dir=adapters).catalog
 
 
 def test_evictions_are_counted_exactly(tiny_base, folder):
     adapters, _ = folder
     zoo = Zoo.from_pretrained(tiny_base, device="cpu")
     metrics = ServeMetrics()
-    router = Router(zoo, adapters_dir=adapters, max_host=2, metrics=metrics)
+    router = Tiers(zoo, adapters_dir=adapters, max_host=2, metrics=metrics)
     with Engine(zoo, resolver=router, metrics=metrics) as engine:
         for _ in range(3):
             for name in NAMES:
@@ -75,11 +75,11 @@ def test_an_adapter_only_in_the_spill_folder_survives_a_restart(tiny_base, tmp_p
     zoo = Zoo.from_pretrained(tiny_base, device="cpu")
     make_adapters(zoo, None, ["m0", "m1"])
     expected = zoo.generate(["abc"], ["m0"], max_new_tokens=4)[0]
-    router = Router(zoo, adapters_dir=tmp_path / "adapters", max_host=1)  # spills m0 to adapters/.spill
+    router = Tiers(zoo, adapters_dir=tmp_path / "adapters", max_host=1)  # spills m0 to adapters/.spill
     router.close()
     assert (tmp_path / "adapters" / ".spill" / "m0").is_dir()
     fresh = Zoo.from_pretrained(tiny_base, device="cpu")
-    restarted = Router(fresh, adapters_dir=tmp_path / "adapters")
+    restarted = Tiers(fresh, adapters_dir=tmp_path / "adapters")
     assert "m0" in restarted.catalog
     with Engine(fresh, resolver=restarted) as engine:
         assert engine.generate("abc", "m0", max_tokens=4) == expected

@@ -237,11 +237,11 @@ def test_server_from_options(tiny_base, tmp_path):
     keys.write_text(json.dumps({"tenants": {"acme": {"keys": ["k"], "adapters": ["acme-*"]}}}))
     server = server_from_options(dict(base=str(tiny_base), base_name="tiny", slots=2, max_batch=3, max_queue=5,
                                       device="cpu", keys_file=keys, max_host=4, default_max_tokens=7, drain_timeout=9.0))
-    assert (server.engine.max_batch, server.engine.max_queue, server.router.max_host) == (3, 5, 4)
+    assert (server.engine.max_batch, server.engine.max_queue, server.adapters.max_host) == (3, 5, 4)
     assert (server.base_name, server.default_max_tokens, server.drain_timeout) == ("tiny", 7, 9.0)
-    assert server.tenants is server.router.tenants and server.tenants.owner_of("acme-1") == "acme"
+    assert server.tenants is server.adapters.tenants and server.tenants.owner_of("acme-1") == "acme"
     assert server.engine.zoo.slots == 2 and not server.engine.running
-    server.router.close()
+    server.adapters.close()
 
 
 def test_a_removed_folder_is_no_longer_served_unless_its_adapter_is_held(tiny_base, tmp_path):

@@ -105,7 +105,7 @@ def test_the_server_and_its_app_share_one_config(tiny_base):
         assert app.state.config is config and app.state.engine is server.engine and not app.state.admin_routes
         assert create_app(server).state.admin_routes  # each app has its own state; the server is not changed
     finally:
-        server.router.close()
+        server.adapters.close()
 
 
 def test_build_server_takes_a_config_or_its_fields_not_both():
@@ -138,7 +138,7 @@ def test_a_ray_replica_and_the_ingress_build_from_the_pickled_config(tiny_base):
         assert replica.stats()["replica"]
     finally:
         replica.server.engine.stop(drain=False)
-        replica.server.router.close()
+        replica.server.adapters.close()
     ingress = Ingress(None, sent)
     assert isinstance(ingress.server.engine, RemoteEngine) and ingress.server.config == config
     client = TestClient(ingress.__serve_build_asgi_app__())
