@@ -155,7 +155,9 @@ def resolve_shape(shape: Shape, sizes: dict[str, int], where: str = "") -> tuple
     return tuple(out)
 
 
-def expected_shapes(atype: AdapterType, model: nn.Module, config: AdapterConfig, sizes: dict[str, int]) -> dict[str, dict[str, tuple[int, ...]]]:
+def expected_shapes(
+    atype: AdapterType, model: nn.Module, config: AdapterConfig, sizes: dict[str, int]
+) -> dict[str, dict[str, tuple[int, ...]]]:
     """site -> tensor name -> shape, for an adapter of `config` with the given (true or bucket) sizes."""
     modules = dict(model.named_modules())
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -164,13 +166,16 @@ def expected_shapes(atype: AdapterType, model: nn.Module, config: AdapterConfig,
             near = [p for p in modules if p.endswith(site.rsplit(".", 1)[-1])][:3]
             raise PluginError(
                 f"adapter type {atype.name!r}: sites() returned {site!r}, which is not a module of this "
-                f"{type(model).__name__}" + (f" (similar: {', '.join(near)})" if near else "") +
-                "; return paths from model.named_modules() (adapterzoo.sites helps)"
+                f"{type(model).__name__}"
+                + (f" (similar: {', '.join(near)})" if near else "")
+                + "; return paths from model.named_modules() (adapterzoo.sites helps)"
             )
         spec = atype.tensors(model, site, modules[site], config)
         if not isinstance(spec, dict):
-            raise PluginError(f"adapter type {atype.name!r} at site {site!r}: tensors() must return a dict "
-                              f"{{name: shape}}, got {type(spec).__name__}")
+            raise PluginError(
+                f"adapter type {atype.name!r} at site {site!r}: tensors() must return a dict "
+                f"{{name: shape}}, got {type(spec).__name__}"
+            )
         where = f"adapter type {atype.name!r} at site {site!r}"
         shapes[site] = {k: resolve_shape(s, sizes, f"{where}, tensor {k!r}") for k, s in spec.items()}
     return shapes
@@ -180,7 +185,7 @@ def expected_shapes(atype: AdapterType, model: nn.Module, config: AdapterConfig,
 _SHARED: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
-def attach_shared(adapter: "Adapter", model: nn.Module) -> None:
+def attach_shared(adapter: Adapter, model: nn.Module) -> None:
     """Give `adapter` its type's shared tensors (made once per type, seed and shapes)."""
     atype, config = adapter.atype, adapter.config
     adapter.shared, adapter.shared_seed = shared_tensors(atype, model, config, adapter.sizes)
@@ -188,7 +193,9 @@ def attach_shared(adapter: "Adapter", model: nn.Module) -> None:
     adapter.shared_pool_shapes = {k: resolve_shape(s, adapter.bucket) for k, s in spec.items()}
 
 
-def shared_tensors(atype: AdapterType, model: nn.Module, config: AdapterConfig, sizes: dict[str, int]) -> tuple[dict[str, torch.Tensor], int]:
+def shared_tensors(
+    atype: AdapterType, model: nn.Module, config: AdapterConfig, sizes: dict[str, int]
+) -> tuple[dict[str, torch.Tensor], int]:
     """The type's shared tensors for this config (true sizes, float32, CPU, frozen) and their seed."""
     spec = atype.shared_tensors(model, config)
     if not spec:
@@ -208,8 +215,13 @@ def shared_tensors(atype: AdapterType, model: nn.Module, config: AdapterConfig, 
     return _SHARED[key], seed
 
 
-def check_sizes(atype: AdapterType, config: AdapterConfig, limits: dict[str, int], default_limit: int,
-                model: nn.Module | None = None) -> dict[str, int]:
+def check_sizes(
+    atype: AdapterType,
+    config: AdapterConfig,
+    limits: dict[str, int],
+    default_limit: int,
+    model: nn.Module | None = None,
+) -> dict[str, int]:
     sizes = call_sizes(atype, config, model)
     if not isinstance(sizes, dict):
         raise PluginError(f"adapter type {atype.name!r}: sizes() must return a dict {{name: int}}, got {sizes!r}")
@@ -225,7 +237,9 @@ def check_sizes(atype: AdapterType, config: AdapterConfig, limits: dict[str, int
     return sizes
 
 
-def new_adapter(name: str, atype: AdapterType, config: AdapterConfig, model: nn.Module, sizes: dict[str, int], seed: int) -> Adapter:
+def new_adapter(
+    name: str, atype: AdapterType, config: AdapterConfig, model: nn.Module, sizes: dict[str, int], seed: int
+) -> Adapter:
     """A freshly initialised adapter (true shapes, float32, CPU)."""
     generator = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
@@ -245,7 +259,13 @@ def new_adapter(name: str, atype: AdapterType, config: AdapterConfig, model: nn.
 
 
 def adapter_from_state(
-    name: str, atype: AdapterType, config: AdapterConfig, model: nn.Module, sizes: dict[str, int], state: dict[str, torch.Tensor], what: str
+    name: str,
+    atype: AdapterType,
+    config: AdapterConfig,
+    model: nn.Module,
+    sizes: dict[str, int],
+    state: dict[str, torch.Tensor],
+    what: str,
 ) -> Adapter:
     """An adapter from flat `{site}.{tensor}` tensors, checking every name and shape first."""
     expected = expected_shapes(atype, model, config, sizes)

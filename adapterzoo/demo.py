@@ -25,8 +25,14 @@ from .base import base_state_checksum
 from .zoo import Zoo
 
 PROMPTS = [
-    "The capital of France is", "def fibonacci(n):", "Water boils at", "My favourite colour is",
-    "The three primary colours are", "Once upon a time", "1, 2, 3, 4,", "The opposite of hot is",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at",
+    "My favourite colour is",
+    "The three primary colours are",
+    "Once upon a time",
+    "1, 2, 3, 4,",
+    "The opposite of hot is",
 ]
 
 
@@ -41,8 +47,10 @@ def run_types_demo(base: str = "smollm2", max_new_tokens: int = 16) -> int:
     console = Console()
     t0 = time.perf_counter()
     zoo = Zoo.from_pretrained(base)
-    console.print(f"base {base!r} loaded in {time.perf_counter() - t0:.1f}s on {zoo.device} ({zoo.dtype}); "
-                  f"fingerprint {zoo.fingerprint.id}")
+    console.print(
+        f"base {base!r} loaded in {time.perf_counter() - t0:.1f}s on {zoo.device} ({zoo.dtype}); "
+        f"fingerprint {zoo.fingerprint.id}"
+    )
     checksum = base_state_checksum(zoo.model)
     names: list[str | None] = []
     for i, type_name in enumerate(sorted(plugins.adapter_types())):
@@ -77,7 +85,9 @@ def run_types_demo(base: str = "smollm2", max_new_tokens: int = 16) -> int:
         same = alone == text
         ok &= same
         table.add_row(str(i), name or "-", prompt, repr(text), "yes" if same else f"NO: {alone!r}")
-    console.print(f"one mixed generate ({len(names)} rows x {max_new_tokens} tokens in {elapsed:.1f}s, greedy, KV cache):")
+    console.print(
+        f"one mixed generate ({len(names)} rows x {max_new_tokens} tokens in {elapsed:.1f}s, greedy, KV cache):"
+    )
     console.print(table)
     unchanged = base_state_checksum(zoo.model) == checksum
     console.print(f"base unchanged: {unchanged}; every row equals its solo run: {ok}")
@@ -107,8 +117,10 @@ def run_demo(base: str = "smollm2", max_new_tokens: int = 16, specialists: str |
     zoo = Zoo.from_pretrained(base, device="cpu", slots=max(16, len(saved)))
     for path in saved:
         zoo.load_adapter(path.name, path)
-    console.print(f"base {base!r} and {len(saved)} specialists loaded in {time.perf_counter() - t0:.1f}s; "
-                  f"fingerprint {zoo.fingerprint.id}")
+    console.print(
+        f"base {base!r} and {len(saved)} specialists loaded in {time.perf_counter() - t0:.1f}s; "
+        f"fingerprint {zoo.fingerprint.id}"
+    )
     checksum = base_state_checksum(zoo.model)
 
     # Held-out inputs, with instructions worded differently from training (tasks.HELD_OUT phrasings).
@@ -118,28 +130,40 @@ def run_demo(base: str = "smollm2", max_new_tokens: int = 16, specialists: str |
     solved = [(n, ex) for n in names for ex in tests[n][:PER_TASK]]
     routed = [(n, tests[n][PER_TASK]) for n in names]
     prompts = [ex.prompt for _, ex in solved] * 2 + [ex.prompt for _, ex in routed] + CHAT_PROMPTS
-    adapters: list[str | None] = ([n for n, _ in solved] + [None] * len(solved)
-                                  + ["auto"] * (len(routed) + len(CHAT_PROMPTS)))
+    adapters: list[str | None] = (
+        [n for n, _ in solved] + [None] * len(solved) + ["auto"] * (len(routed) + len(CHAT_PROMPTS))
+    )
     first_auto = 2 * len(solved)
     decisions = zoo.route(prompts[first_auto:])
 
     t1 = time.perf_counter()
     texts = zoo.generate(prompts, adapters, max_new_tokens=max_new_tokens, stop=["\n"])
     elapsed = time.perf_counter() - t1
-    console.print(f"one mixed generate: {len(prompts)} rows ({len(names)} specialists x {PER_TASK} held-out inputs, "
-                  f"the bare base on the same inputs, {len(routed) + len(CHAT_PROMPTS)} rows with adapters='auto') "
-                  f"in {elapsed:.1f}s, greedy, KV cache")
+    console.print(
+        f"one mixed generate: {len(prompts)} rows ({len(names)} specialists x {PER_TASK} held-out inputs, "
+        f"the bare base on the same inputs, {len(routed) + len(CHAT_PROMPTS)} rows with adapters='auto') "
+        f"in {elapsed:.1f}s, greedy, KV cache"
+    )
 
     right = [normalize(texts[i]) == ex.expected for i, (_, ex) in enumerate(solved)]
     base_right = [normalize(texts[len(solved) + i]) == ex.expected for i, (_, ex) in enumerate(solved)]
-    table = Table("specialist", "first held-out prompt", "specialist answer", "base answer",
-                  f"right of {PER_TASK}: specialist / base")
+    table = Table(
+        "specialist",
+        "first held-out prompt",
+        "specialist answer",
+        "base answer",
+        f"right of {PER_TASK}: specialist / base",
+    )
     for k, name in enumerate(names):
         i = k * PER_TASK
         expected = solved[i][1].expected
-        table.add_row(name, solved[i][1].prompt, _mark(normalize(texts[i]), expected),
-                      _mark(normalize(texts[len(solved) + i]), expected),
-                      f"{sum(right[i:i + PER_TASK])} / {sum(base_right[i:i + PER_TASK])}")
+        table.add_row(
+            name,
+            solved[i][1].prompt,
+            _mark(normalize(texts[i]), expected),
+            _mark(normalize(texts[len(solved) + i]), expected),
+            f"{sum(right[i : i + PER_TASK])} / {sum(base_right[i : i + PER_TASK])}",
+        )
     console.print(table)
     console.print(f"specialists right on {sum(right)}/{len(right)} rows; the base on {sum(base_right)}/{len(right)}")
 
@@ -153,8 +177,9 @@ def run_demo(base: str = "smollm2", max_new_tokens: int = 16, specialists: str |
             answer = _mark(normalize(texts[row]), routed[k][1].expected)
         else:
             answer = texts[row].strip()[:40]
-        table.add_row(prompts[row], target or "(the base)", decision.adapter or "(the base)", f"{decision.score:.2f}",
-                      answer)
+        table.add_row(
+            prompts[row], target or "(the base)", decision.adapter or "(the base)", f"{decision.score:.2f}", answer
+        )
     console.print(table)
     console.print(f"adapters='auto' chose the right one for {named_right}/{len(decisions)} prompts")
 
@@ -165,8 +190,9 @@ def run_demo(base: str = "smollm2", max_new_tokens: int = 16, specialists: str |
             ok = False
             console.print(f"row {i} ({adapter or 'base'}) differs from its solo run: {texts[i]!r} vs {alone!r}")
     unchanged = base_state_checksum(zoo.model) == checksum
-    console.print(f"every row equals its solo run: {ok}; base unchanged: {unchanged}; "
-                  f"total {time.perf_counter() - t0:.1f}s")
+    console.print(
+        f"every row equals its solo run: {ok}; base unchanged: {unchanged}; total {time.perf_counter() - t0:.1f}s"
+    )
     return 0 if ok and unchanged else 1
 
 

@@ -135,8 +135,15 @@ class APIError(AdapterZooError):
     """An answer of the OpenAI-compatible server: an HTTP status and OpenAI's error fields
     (`{"error": {"message", "type", "param", "code"}}`). Raised by its routes; each leaves as JSON."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers

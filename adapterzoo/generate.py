@@ -8,7 +8,8 @@ values, written into the cache at prefill; delta types act at every step. Finish
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,8 +28,8 @@ def encode_left_padded(tokenizer, prompts: Sequence[str], device) -> tuple[torch
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, x in enumerate(ids):
-        input_ids[i, width - len(x):] = torch.tensor(x)
-        mask[i, width - len(x):] = 1
+        input_ids[i, width - len(x) :] = torch.tensor(x)
+        mask[i, width - len(x) :] = 1
     return input_ids.to(device), mask.to(device)
 
 
@@ -44,7 +45,15 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def sample_next(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Greedy argmax, or sampling with temperature, top-k and top-p (nucleus) filtering."""
     if not do_sample or temperature < SAMPLING_EPS:
         return logits.argmax(-1)
@@ -64,7 +73,7 @@ def sample_next(logits: torch.Tensor, *, do_sample: bool, temperature: float, to
 
 @torch.inference_mode()
 def generate(
-    zoo: "Zoo",
+    zoo: Zoo,
     prompts: Sequence[str],
     adapters: Sequence[str | None] | None = None,
     *,
@@ -107,7 +116,14 @@ def generate(
     for _ in range(max_new_tokens):
         out = zoo.forward(step_ids, mask, plan=plan, cache=cache)
         cache, mask = out.cache, out.attention_mask
-        nxt = sample_next(out.logits[:, -1], do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        nxt = sample_next(
+            out.logits[:, -1],
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
         nxt = torch.where(done.to(nxt.device), torch.full_like(nxt, pad), nxt)
         for i, t in enumerate(nxt.tolist()):
             if done[i]:

@@ -28,8 +28,9 @@ average, as sentence-transformers does for MiniLM), "cls" (the first real token:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -65,7 +66,7 @@ class HeadConfig:
             self.labels = labels
 
     @classmethod
-    def parse(cls, value: Any) -> "HeadConfig":
+    def parse(cls, value: Any) -> HeadConfig:
         """From a HeadConfig, a dict (`{"num_labels": 4, "pooling": "mean"}`) or an int (num_labels)."""
         if isinstance(value, HeadConfig):
             return value
@@ -112,11 +113,13 @@ def new_head(config: HeadConfig, hidden: int, generator: torch.Generator) -> Hea
 
 def pop_head(record: dict[str, Any], state: dict[str, torch.Tensor], hidden: int, what: str) -> Head | None:
     """The head saved in a native record (removing its tensors from `state`), or None."""
-    tensors = {k[len(PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(PREFIX)]}
+    tensors = {k[len(PREFIX) :]: state.pop(k) for k in [k for k in state if k.startswith(PREFIX)]}
     spec = record.get("head")
     if spec is None:
         if tensors:
-            raise ShapeMismatchError(f"{what} has head tensors ({', '.join(sorted(tensors))}) but no head in its config")
+            raise ShapeMismatchError(
+                f"{what} has head tensors ({', '.join(sorted(tensors))}) but no head in its config"
+            )
         return None
     config = HeadConfig.parse(spec)
     want = {"weight": (config.num_labels, hidden), "bias": (config.num_labels,)}
@@ -130,7 +133,7 @@ def pop_head(record: dict[str, Any], state: dict[str, torch.Tensor], hidden: int
         return Head(config, {k: t.detach().to(torch.float32).clone() for k, t in tensors.items()})
 
 
-def class_logits(rows: Sequence["Adapter | None"], hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+def class_logits(rows: Sequence[Adapter | None], hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
     """(B, max num_labels) float32 logits, row i through `rows[i]`'s head; None if no row has one.
 
     `hidden` (B, T, d) is the base's last hidden state at the caller's tokens, `mask` (B, T) the
@@ -161,8 +164,9 @@ def class_logits(rows: Sequence["Adapter | None"], hidden: torch.Tensor, mask: t
     for h in heads:
         k = h.num_labels
         weights.append(torch.nn.functional.pad(h.tensors["weight"].to(device, torch.float32), (0, 0, 0, width - k)))
-        biases.append(torch.nn.functional.pad(h.tensors["bias"].to(device, torch.float32), (0, width - k),
-                                              value=float("-inf")))
+        biases.append(
+            torch.nn.functional.pad(h.tensors["bias"].to(device, torch.float32), (0, width - k), value=float("-inf"))
+        )
     W, b = torch.stack(weights), torch.stack(biases)  # (H + 1, K, d), (H + 1, K)
     idx = torch.tensor(index, device=device)
     pooled = pool(hidden.float(), mask.to(device), pooling)  # (B, d)

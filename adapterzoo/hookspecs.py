@@ -19,7 +19,7 @@ What an adapter type class must provide is documented on `adapterzoo.types.Adapt
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

@@ -24,8 +24,8 @@ import re
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -67,7 +67,9 @@ def _where(endpoint: str | None) -> str:
     return endpoint or constants.ENDPOINT
 
 
-def hub_error(exc: BaseException, action: str, repo_id: str, endpoint: str | None, revision: str | None = None) -> HubError:
+def hub_error(
+    exc: BaseException, action: str, repo_id: str, endpoint: str | None, revision: str | None = None
+) -> HubError:
     """A `HubError` saying what failed and what to do, from a huggingface_hub (or httpx) error."""
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -81,17 +83,24 @@ def hub_error(exc: BaseException, action: str, repo_id: str, endpoint: str | Non
     if isinstance(exc, RevisionNotFoundError):
         why = f"revision {revision!r} does not exist in {repo_id} at {where}; check the branch name or commit id"
     elif isinstance(exc, RepositoryNotFoundError):
-        why = (f"repo {repo_id} was not found at {where}, or it is private and the token given cannot read it; "
-               "check the id, and pass token=... (or set HF_TOKEN) with read access")
+        why = (
+            f"repo {repo_id} was not found at {where}, or it is private and the token given cannot read it; "
+            "check the id, and pass token=... (or set HF_TOKEN) with read access"
+        )
     elif status == 401:
         why = f"{where} refused the token (401 Unauthorized); pass a valid token=... or set HF_TOKEN"
     elif status == 403:
-        why = (f"the token given may not write to {repo_id} at {where} (403 Forbidden); use a token with write "
-               "access to that namespace, or push to your own namespace")
+        why = (
+            f"the token given may not write to {repo_id} at {where} (403 Forbidden); use a token with write "
+            "access to that namespace, or push to your own namespace"
+        )
     elif isinstance(exc, HfHubHTTPError):
         why = f"{where} answered {status}: {exc}"
     elif isinstance(exc, LocalEntryNotFoundError):
-        why = f"{repo_id} could not be downloaded from {where} and is not fully in the cache ({exc}); check the connection and try again"
+        why = (
+            f"{repo_id} could not be downloaded from {where} and is not fully in the cache ({exc}); "
+            "check the connection and try again"
+        )
     else:
         why = f"{type(exc).__name__}: {exc}. Nothing broken was kept; try again"
     return HubError(f"could not {action} {repo_id}: {why}")
@@ -140,8 +149,14 @@ def download_adapter(
     return Path(path)
 
 
-def pull_adapter(repo_id: str, out_dir: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
-                 endpoint: str | None = None) -> Path:
+def pull_adapter(
+    repo_id: str,
+    out_dir: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+) -> Path:
     """Download `repo_id` and copy its files to `out_dir` (a plain folder), checking them first.
 
     The copy is made in a temporary folder beside `out_dir` and renamed into place, so `out_dir`
@@ -180,30 +195,50 @@ def render_model_card(repo_id: str, record: dict[str, Any]) -> str:
         "library_name": "adapterzoo",
         "tags": tags,
         "adapterzoo": {
-            "type": record["type"], "format": record.get("format", "native"),
-            "base_fingerprint": record.get("base_fingerprint"), "config": record["config"],
+            "type": record["type"],
+            "format": record.get("format", "native"),
+            "base_fingerprint": record.get("base_fingerprint"),
+            "config": record["config"],
             "metrics": record.get("metrics") or {},
         },
     }
     name = repo_id.split("/")[-1]
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
-        f"# {name}", "",
+        "---",
+        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
         f"An **{record['type']}** adapter for [adapterzoo](https://pypi.org/project/adapterzoo/) "
-        f"({record.get('format', 'native')} format).", "",
-        "| | |", "| --- | --- |",
+        f"({record.get('format', 'native')} format).",
+        "",
+        "| | |",
+        "| --- | --- |",
         f"| type | `{record['type']}` |",
-        f"| base fingerprint | `{record.get('base_fingerprint') or 'unknown'}` |", "",
-        "## Config", "", "```json", json.dumps(record["config"], indent=2, sort_keys=True, default=str), "```", "",
+        f"| base fingerprint | `{record.get('base_fingerprint') or 'unknown'}` |",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(record["config"], indent=2, sort_keys=True, default=str),
+        "```",
+        "",
     ]
     metrics = record.get("metrics") or {}
     if metrics:
         lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {key} | {value} |" for key, value in metrics.items()] + [""]
     lines += [
-        "## Use", "", "```python", "from adapterzoo import Zoo", "",
+        "## Use",
+        "",
+        "```python",
+        "from adapterzoo import Zoo",
+        "",
         "zoo = Zoo.from_pretrained(...)  # the base this adapter was made for (see its fingerprint)",
-        f'zoo.load_adapter("{name}", "{repo_id}")', "```", "",
+        f'zoo.load_adapter("{name}", "{repo_id}")',
+        "```",
+        "",
     ]
     return "\n".join(lines)
 
@@ -287,7 +322,7 @@ def push_adapter_folder(
     endpoint: str | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
-) -> "CommitInfo":
+) -> CommitInfo:
     """Push a saved adapter folder (any format) to `repo_id`, with a model card, in one commit.
 
     The repo is created if needed (`private` applies then; an existing repo keeps its visibility),

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterZooError
 from .formats.native import CONFIG_FILE
@@ -80,15 +81,16 @@ def finished(folder: Path) -> dict[str, Any] | None:
     return metrics if "exact_match" in metrics and "base_exact_match" in metrics else None
 
 
-def exact_match(zoo: "Zoo", rows: Sequence[tuple[str | None, Any, list]], *, batch_size: int = 32) -> list[float]:
+def exact_match(zoo: Zoo, rows: Sequence[tuple[str | None, Any, list]], *, batch_size: int = 32) -> list[float]:
     """Exact match of each (adapter, task, examples), every row of every adapter in shared mixed batches."""
     flat = [(k, name, ex) for k, (name, _, exs) in enumerate(rows) for ex in exs]
     longest = max(len(zoo.tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for _, _, ex in flat)
     outputs: list[str] = []
     for start in range(0, len(flat), batch_size):
-        chunk = flat[start:start + batch_size]
-        outputs += zoo.generate([ex.prompt for _, _, ex in chunk], [name for _, name, _ in chunk],
-                                max_new_tokens=longest + 2, stop=["\n"])
+        chunk = flat[start : start + batch_size]
+        outputs += zoo.generate(
+            [ex.prompt for _, _, ex in chunk], [name for _, name, _ in chunk], max_new_tokens=longest + 2, stop=["\n"]
+        )
     scores = []
     for k, (_, task, exs) in enumerate(rows):
         mine = [out for (j, _, _), out in zip(flat, outputs) if j == k]
@@ -97,7 +99,7 @@ def exact_match(zoo: "Zoo", rows: Sequence[tuple[str | None, Any, list]], *, bat
 
 
 def build_library(
-    zoo: "Zoo",
+    zoo: Zoo,
     tasks: Sequence[str],
     out: str | Path,
     *,
@@ -125,11 +127,17 @@ def build_library(
     for t in tasks:
         if t not in todo and t not in table:
             metrics = finished(out / t)
-            table[t] = LibraryEntry(t, metrics["exact_match"], metrics["base_exact_match"], metrics.get("n_test", 0),
-                                    metrics.get("steps", 0), metrics.get("seconds", 0.0))
+            table[t] = LibraryEntry(
+                t,
+                metrics["exact_match"],
+                metrics["base_exact_match"],
+                metrics.get("n_test", 0),
+                metrics.get("steps", 0),
+                metrics.get("seconds", 0.0),
+            )
     if len(todo) < len(tasks):
         echo(f"{len(tasks) - len(todo)} of {len(tasks)} tasks already built in {out}; resuming with {len(todo)}")
-    groups = [todo[i:i + group_size] for i in range(0, len(todo), group_size)]
+    groups = [todo[i : i + group_size] for i in range(0, len(todo), group_size)]
     for g, group in enumerate(groups, 1):
         echo(f"group {g}/{len(groups)}: training {', '.join(group)} together ({steps} steps x {batch_size} rows each)")
         for name in group:
@@ -139,9 +147,18 @@ def build_library(
         train = [instructed_examples(t, steps * batch_size, "train", seed=seed) for t in group]
         checkpoints = out / ".checkpoints" / group[0]
         start = time.perf_counter()
-        zoo.train(list(group), train, max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                  checkpoint_dir=checkpoints, checkpoint_every=max(1, steps // 4), resume=checkpoints.exists(),
-                  progress=progress)
+        zoo.train(
+            list(group),
+            train,
+            max_steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            checkpoint_dir=checkpoints,
+            checkpoint_every=max(1, steps // 4),
+            resume=checkpoints.exists(),
+            progress=progress,
+        )
         seconds = time.perf_counter() - start
         tests = [instructed_examples(t, n_test, "test", seed=seed, held_out=True) for t in group]
         rows = [(name, get_task(name), exs) for name, exs in zip(group, tests)]
@@ -151,11 +168,20 @@ def build_library(
             entry = LibraryEntry(name, scores[k], scores[len(group) + k], n_test, steps, round(seconds, 1))
             zoo.add_routing_examples(name, routing_examples(name, MAX_EXAMPLES, seed=seed))
             task = get_task(name)
-            metadata = {"task": name, "description": task.description,
-                        "metrics": {"task": name, "exact_match": entry.exact_match,
-                                    "base_exact_match": entry.base_exact_match, "n_test": n_test,
-                                    "eval": "greedy exact match, held-out inputs, paraphrased instructions",
-                                    "steps": steps, "batch_size": batch_size, "seconds": entry.seconds}}
+            metadata = {
+                "task": name,
+                "description": task.description,
+                "metrics": {
+                    "task": name,
+                    "exact_match": entry.exact_match,
+                    "base_exact_match": entry.base_exact_match,
+                    "n_test": n_test,
+                    "eval": "greedy exact match, held-out inputs, paraphrased instructions",
+                    "steps": steps,
+                    "batch_size": batch_size,
+                    "seconds": entry.seconds,
+                },
+            }
             save_final(zoo, name, out / name, metadata)
             table[name] = entry
             echo(f"  {name:16} exact match {entry.exact_match:.2f} (base {entry.base_exact_match:.2f})")
@@ -173,12 +199,26 @@ def summary(entries: Sequence[LibraryEntry]) -> dict[str, float]:
         return {}
     ours = [e.exact_match for e in entries]
     base = [e.base_exact_match for e in entries]
-    return {"tasks": len(entries), "min": min(ours), "median": statistics.median(ours), "max": max(ours),
-            "base_min": min(base), "base_median": statistics.median(base), "base_max": max(base)}
+    return {
+        "tasks": len(entries),
+        "min": min(ours),
+        "median": statistics.median(ours),
+        "max": max(ours),
+        "base_min": min(base),
+        "base_median": statistics.median(base),
+        "base_max": max(base),
+    }
 
 
-def push_library(out: str | Path, org: str, *, endpoint: str | None = None, token: str | None = None,
-                 tasks: Sequence[str] | None = None, echo: Callable[[str], None] = print) -> list[str]:
+def push_library(
+    out: str | Path,
+    org: str,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    tasks: Sequence[str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> list[str]:
     """Push every finished adapter under `out` to `ORG/<task>` (one commit each, with its card)."""
     from .hub import push_adapter_folder
 
@@ -188,8 +228,9 @@ def push_library(out: str | Path, org: str, *, endpoint: str | None = None, toke
     for name in names:
         if finished(out / name) is None:
             continue
-        info = push_adapter_folder(out / name, f"{org}/{name}", endpoint=endpoint, token=token,
-                                   commit_message=f"adapterzoo library: {name}")
+        info = push_adapter_folder(
+            out / name, f"{org}/{name}", endpoint=endpoint, token=token, commit_message=f"adapterzoo library: {name}"
+        )
         echo(f"pushed {name} to {org}/{name}: {info.oid}")
         pushed.append(f"{org}/{name}")
     return pushed

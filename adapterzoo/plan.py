@@ -38,7 +38,7 @@ class SlotWeights(dict):
     trainer's or a prefill's batch) are folded into one matrix per run.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], use: "PoolUse", site: str | None = None, module=None):
+    def __init__(self, tensors: dict[str, torch.Tensor], use: PoolUse, site: str | None = None, module=None):
         super().__init__(variant=use.pool.variant)
         self._pool = {**tensors, **use.pool.constants}
         self._use = use
@@ -73,8 +73,9 @@ class SlotWeights(dict):
         if T == 1 and W.is_contiguous():
             index, offsets = use.bag_index(fan_in, x.device)
             table = W.view(-1, W.shape[-1])  # row (slot * in + k) is W[slot][k, :]
-            out = torch.nn.functional.embedding_bag(index, table, offsets, mode="sum",
-                                                    per_sample_weights=x.reshape(-1).to(table.dtype))
+            out = torch.nn.functional.embedding_bag(
+                index, table, offsets, mode="sum", per_sample_weights=x.reshape(-1).to(table.dtype)
+            )
             return out[:, None, :]
         if use.run_slots is not None:  # runs of g rows with one slot: (runs, g*T, in) @ (runs, in, out)
             runs = len(use.run_slots)
@@ -179,7 +180,9 @@ class BatchPlan:
         return all(pool.stamps[slot] == stamp for pool, slot, stamp in self.residents)
 
 
-def build_plan(assignments: list[tuple[object, int, int] | None], device: torch.device, training: bool = False) -> BatchPlan:
+def build_plan(
+    assignments: list[tuple[object, int, int] | None], device: torch.device, training: bool = False
+) -> BatchPlan:
     """`assignments[row]` is (pool, slot, virtual length) or None for "no adapter"."""
     batch = len(assignments)
     plan = BatchPlan(batch_size=batch, training=training)

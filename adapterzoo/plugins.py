@@ -88,7 +88,8 @@ def load_entry_points() -> None:
                     f"adapterzoo plugin {ep.name!r} (from {project or 'an unnamed distribution'}) failed to load: "
                     f"{type(exc).__name__}: {exc}. Its adapter types are unavailable; fix or reinstall it "
                     f"(pip install -U {project or '<plugin>'}), or skip it with ADAPTERZOO_DISABLE_PLUGINS={ep.name}",
-                    PluginLoadWarning, stacklevel=2,
+                    PluginLoadWarning,
+                    stacklevel=2,
                 )
                 continue
             pm.register(plugin, name=ep.name)
@@ -117,8 +118,9 @@ def adapter_types() -> dict[str, TypeInfo]:
         try:
             impl.function(register=registered.append)
         except Exception as exc:  # a bug in the plugin's hook: name the plugin, not just the exception
-            raise PluginError(f"plugin {impl.plugin_name!r}: register_adapter_types raised "
-                              f"{type(exc).__name__}: {exc}; {way_out}") from exc
+            raise PluginError(
+                f"plugin {impl.plugin_name!r}: register_adapter_types raised {type(exc).__name__}: {exc}; {way_out}"
+            ) from exc
         dist = _distributions.get(id(impl.plugin))
         for cls in registered:
             try:

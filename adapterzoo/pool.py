@@ -39,8 +39,10 @@ def _padded(src: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def pooled_shared(adapter: Adapter, bucket: dict[str, int], device, dtype) -> dict[str, torch.Tensor]:
     """The adapter type's shared tensors zero-padded to the pool's sizes, on the pool's device."""
-    return {name: _padded(t, adapter.shared_pool_shapes[name]).to(device=device, dtype=dtype)
-            for name, t in adapter.shared.items()}
+    return {
+        name: _padded(t, adapter.shared_pool_shapes[name]).to(device=device, dtype=dtype)
+        for name, t in adapter.shared.items()
+    }
 
 
 def derived_tensors(atype, site: str, module, tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
@@ -50,15 +52,20 @@ def derived_tensors(atype, site: str, module, tensors: dict[str, torch.Tensor], 
     except PluginError:
         raise
     except Exception as exc:
-        raise PluginError(f"adapter type {atype.name!r} at site {site!r}: derive() raised "
-                          f"{type(exc).__name__}: {exc}") from exc
+        raise PluginError(
+            f"adapter type {atype.name!r} at site {site!r}: derive() raised {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(derived, dict) or not all(isinstance(v, torch.Tensor) for v in derived.values()):
-        raise PluginError(f"adapter type {atype.name!r} at site {site!r}: derive() must return a dict of "
-                          f"tensors, got {type(derived).__name__}")
+        raise PluginError(
+            f"adapter type {atype.name!r} at site {site!r}: derive() must return a dict of "
+            f"tensors, got {type(derived).__name__}"
+        )
     clash = set(derived) & set(tensors)
     if clash:
-        raise PluginError(f"adapter type {atype.name!r} at site {site!r}: derive() returned {sorted(clash)}, "
-                          "which are names of its own tensors; give derived tensors names of their own")
+        raise PluginError(
+            f"adapter type {atype.name!r} at site {site!r}: derive() returned {sorted(clash)}, "
+            "which are names of its own tensors; give derived tensors names of their own"
+        )
     return derived
 
 
@@ -74,7 +81,16 @@ def _pool_shapes_agree(atype, site: str, name: str, have: tuple, want: tuple) ->
 class SlotPool:
     """Device-resident slots for adapters of one type and one size bucket, with LRU eviction."""
 
-    def __init__(self, atype, variant: str, bucket: dict[str, int], capacity: int, model, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        atype,
+        variant: str,
+        bucket: dict[str, int],
+        capacity: int,
+        model,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.atype = atype
         self.variant = variant
         self.bucket = dict(bucket)
@@ -180,13 +196,14 @@ class SlotPool:
                     self.constants[key] = torch.zeros(self.capacity + 1, device=self.device, dtype=self.dtype)
                 self.constants[key][slot] = value
 
-
     def _write_derived(self, slot: int, adapter: Adapter, shapes: dict[str, dict[str, tuple[int, ...]]]) -> None:
         """The adapter's derived tensors at each of its sites, from its own tensors padded to the
         pool's shapes in float32 (then stored in the pool's dtype)."""
         for site, site_shapes in shapes.items():
-            own = {k: _padded(adapter.tensors[site][k].detach().to(self.device, torch.float32), s)
-                   for k, s in site_shapes.items()}
+            own = {
+                k: _padded(adapter.tensors[site][k].detach().to(self.device, torch.float32), s)
+                for k, s in site_shapes.items()
+            }
             derived = derived_tensors(self.atype, site, self._modules[site], own, adapter.config)
             for key, value in derived.items():
                 table = self.tensors[site].get(key)
@@ -253,7 +270,9 @@ class LivePool:
             if site not in shapes:
                 per_adapter.append(None)
                 continue
-            own = {k: _padded(adapter.tensors[site][k].to(self.device, torch.float32), s) for k, s in shapes[site].items()}
+            own = {
+                k: _padded(adapter.tensors[site][k].to(self.device, torch.float32), s) for k, s in shapes[site].items()
+            }
             per_adapter.append(derived_tensors(self.atype, site, module, own, adapter.config))
         first = next(d for d in per_adapter if d is not None)
         stacked = {}

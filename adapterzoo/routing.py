@@ -39,9 +39,10 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -75,16 +76,31 @@ ARROW_MARGIN = 0.02
 #: General prompts that fit no specialist: the centre of the feature space, and the base's side of
 #: the vote. Benchmarks measure the fallback rate on *other* general prompts (benchmarks/routing.py).
 BACKGROUND_PROMPTS: tuple[str, ...] = (
-    "What is the capital of France?", "Tell me a joke about cats.", "How do I bake bread at home?",
-    "Write a short poem about the sea.", "What's the weather usually like in spring?",
-    "Explain photosynthesis in simple terms.", "Who wrote Pride and Prejudice?",
-    "Give me three tips for better sleep.", "What is a good name for a puppy?",
-    "How far away is the moon?", "Summarize the plot of Hamlet.", "Why is the sky blue?",
-    "Recommend a book for a long flight.", "How do I make a cup of tea?", "What does a CPU do?",
-    "Hello! How are you today?", "Translate 'good morning' into Spanish.", "What is 2 plus 2?",
-    "Describe a sunset over the mountains.", "What are the rules of chess?",
-    "def add(a, b):", "SELECT name FROM users WHERE", "Dear hiring manager, I am writing to",
-    "The history of the Roman Empire", "List some healthy breakfast ideas.",
+    "What is the capital of France?",
+    "Tell me a joke about cats.",
+    "How do I bake bread at home?",
+    "Write a short poem about the sea.",
+    "What's the weather usually like in spring?",
+    "Explain photosynthesis in simple terms.",
+    "Who wrote Pride and Prejudice?",
+    "Give me three tips for better sleep.",
+    "What is a good name for a puppy?",
+    "How far away is the moon?",
+    "Summarize the plot of Hamlet.",
+    "Why is the sky blue?",
+    "Recommend a book for a long flight.",
+    "How do I make a cup of tea?",
+    "What does a CPU do?",
+    "Hello! How are you today?",
+    "Translate 'good morning' into Spanish.",
+    "What is 2 plus 2?",
+    "Describe a sunset over the mountains.",
+    "What are the rules of chess?",
+    "def add(a, b):",
+    "SELECT name FROM users WHERE",
+    "Dear hiring manager, I am writing to",
+    "The history of the Roman Empire",
+    "List some healthy breakfast ideas.",
 )
 
 
@@ -111,7 +127,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise AdapterZooError(f"cannot find the layer stack of this {type(model).__name__}; routing needs one")
 
 
-def default_layer(zoo: "Zoo") -> int:
+def default_layer(zoo: Zoo) -> int:
     """How many decoder layers the router runs by default: none (0), the input embeddings alone.
 
     Measured on SmolLM2 with paraphrased instructions (benchmarks/routing.py, docs/routing.md):
@@ -132,7 +148,7 @@ class _Stop(Exception):
 
 
 @torch.inference_mode()
-def prompt_features(zoo: "Zoo", prompts: Sequence[str], layer: int | None = None, batch_size: int = 64) -> torch.Tensor:
+def prompt_features(zoo: Zoo, prompts: Sequence[str], layer: int | None = None, batch_size: int = 64) -> torch.Tensor:
     """(len(prompts), 2 * hidden) float32: per prompt, the mean over its tokens of the input
     embeddings (the words, numbers included) and of the base's hidden state after `layer` layers
     (their meaning in context), side by side; no adapter. Only those layers run.
@@ -160,10 +176,12 @@ def prompt_features(zoo: "Zoo", prompts: Sequence[str], layer: int | None = None
 
     chunks = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = encode_left_padded(zoo.tokenizer, prompts[start:start + batch_size], zoo.device)
+        ids, mask = encode_left_padded(zoo.tokenizer, prompts[start : start + batch_size], zoo.device)
         embedded.clear()
-        handles = [zoo.model.get_input_embeddings().register_forward_hook(keep_embeddings),
-                   last.register_forward_hook(stop)]
+        handles = [
+            zoo.model.get_input_embeddings().register_forward_hook(keep_embeddings),
+            last.register_forward_hook(stop),
+        ]
         try:
             zoo.forward(ids, mask, [None] * len(ids))
             raise AdapterZooError("the base ran to the end without reaching its routing layer")
@@ -191,8 +209,10 @@ class SentenceEncoder:
         try:
             folder = resolve_source(SENTENCE_ENCODER)
         except AdapterZooError as exc:
-            raise AdapterZooError(f"routing's sentence encoder is missing ({exc}); or route on the base's own "
-                                  "features with encoder='base'") from None
+            raise AdapterZooError(
+                f"routing's sentence encoder is missing ({exc}); or route on the base's own "
+                "features with encoder='base'"
+            ) from None
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder).to(device).eval()
         self.device = device
@@ -201,8 +221,13 @@ class SentenceEncoder:
     def __call__(self, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         chunks = []
         for start in range(0, len(prompts), batch_size):
-            batch = self.tokenizer(list(prompts[start:start + batch_size]), padding=True, truncation=True,
-                                   max_length=SENTENCE_TOKENS, return_tensors="pt").to(self.device)
+            batch = self.tokenizer(
+                list(prompts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=SENTENCE_TOKENS,
+                return_tensors="pt",
+            ).to(self.device)
             hidden = self.model(**batch).last_hidden_state.float()
             weights = batch["attention_mask"][..., None].to(hidden.dtype)
             chunks.append(_unit((hidden * weights).sum(1) / weights.sum(1)).cpu())
@@ -221,7 +246,7 @@ class FeatureSpace:
         return FEATURES[self.encoder]
 
 
-def feature_space(zoo: "Zoo", encoder: str | None = None, layer: int | None = None) -> FeatureSpace:
+def feature_space(zoo: Zoo, encoder: str | None = None, layer: int | None = None) -> FeatureSpace:
     """The space `route` and `add_routing_examples` use. `layer` alone means the base encoder (it is
     how many base layers run); neither means `DEFAULT_ENCODER`."""
     if encoder is None:
@@ -239,7 +264,7 @@ def feature_space(zoo: "Zoo", encoder: str | None = None, layer: int | None = No
     return FeatureSpace("base", layer)
 
 
-def features(zoo: "Zoo", prompts: Sequence[str], space: FeatureSpace) -> torch.Tensor:
+def features(zoo: Zoo, prompts: Sequence[str], space: FeatureSpace) -> torch.Tensor:
     """(len(prompts), d) features of `prompts` in `space`, before centring."""
     if space.encoder == "base":
         return prompt_features(zoo, prompts, space.layer)
@@ -250,8 +275,9 @@ def features(zoo: "Zoo", prompts: Sequence[str], space: FeatureSpace) -> torch.T
     return cache.sentence(prompts)
 
 
-def add_routing_examples(zoo: "Zoo", name: str, prompts: Sequence[str], *, encoder: str | None = None,
-                         layer: int | None = None) -> dict[str, Any]:
+def add_routing_examples(
+    zoo: Zoo, name: str, prompts: Sequence[str], *, encoder: str | None = None, layer: int | None = None
+) -> dict[str, Any]:
     """Store routing prototypes for adapter `name`: up to MAX_EXAMPLES prompts it should answer
     (e.g. its training prompts) and their features, in its metadata (saved with it)."""
     adapter = zoo.get_adapter(name)
@@ -260,8 +286,15 @@ def add_routing_examples(zoo: "Zoo", name: str, prompts: Sequence[str], *, encod
         raise BatchError(f"add_routing_examples({name!r}) needs at least one non-empty prompt")
     space = feature_space(zoo, encoder, layer)
     feats = features(zoo, prompts, space)
-    record = {"examples": list(prompts), "encoder": space.encoder, "layer": space.layer, "base": zoo.fingerprint.id,
-              "kind": space.kind, "shape": list(feats.shape), "features": _pack(feats)}
+    record = {
+        "examples": list(prompts),
+        "encoder": space.encoder,
+        "layer": space.layer,
+        "base": zoo.fingerprint.id,
+        "kind": space.kind,
+        "shape": list(feats.shape),
+        "features": _pack(feats),
+    }
     adapter.metadata = {**adapter.metadata, METADATA_KEY: record}
     return record
 
@@ -307,17 +340,17 @@ class _Cache:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_caches: "weakref.WeakKeyDictionary[Any, _Cache]" = weakref.WeakKeyDictionary()
+_caches: weakref.WeakKeyDictionary[Any, _Cache] = weakref.WeakKeyDictionary()
 _caches_lock = threading.Lock()
 
 
-def forget(zoo: "Zoo") -> None:
+def forget(zoo: Zoo) -> None:
     """Drop the router's cached features for `zoo` (after adapters change)."""
     with _caches_lock:
         _caches.pop(zoo, None)
 
 
-def _cache(zoo: "Zoo") -> _Cache:
+def _cache(zoo: Zoo) -> _Cache:
     with _caches_lock:
         cache = _caches.get(zoo)
         key = tuple((n, id(zoo.find_adapter(n))) for n in zoo.adapter_names())
@@ -328,7 +361,7 @@ def _cache(zoo: "Zoo") -> _Cache:
         return cache
 
 
-def routable(zoo: "Zoo", method: str = "prototype") -> list[str]:
+def routable(zoo: Zoo, method: str = "prototype") -> list[str]:
     """The adapters the router may choose: those with routing examples (prototype) or LoRAs (arrow)."""
     names = []
     for name in zoo.adapter_names():
@@ -340,7 +373,7 @@ def routable(zoo: "Zoo", method: str = "prototype") -> list[str]:
     return names
 
 
-def routing_records(zoo: "Zoo") -> dict[str, dict[str, Any]]:
+def routing_records(zoo: Zoo) -> dict[str, dict[str, Any]]:
     """name -> routing record (examples, features, layer, base) of every routable adapter in `zoo`."""
     return {name: zoo.find_adapter(name).metadata[METADATA_KEY] for name in routable(zoo)}
 
@@ -373,7 +406,7 @@ def read_routing_record(folder: str | os.PathLike) -> dict[str, Any] | None:
 _disk_records: dict[str, tuple[int, dict[str, Any] | None]] = {}
 
 
-def _features(zoo: "Zoo", cache: _Cache, name: str, record: dict[str, Any], space: FeatureSpace) -> torch.Tensor:
+def _features(zoo: Zoo, cache: _Cache, name: str, record: dict[str, Any], space: FeatureSpace) -> torch.Tensor:
     # A record comes from a file anyone may have written: only a list of strings counts, at most
     # MAX_EXAMPLES of them, each cut to MAX_EXAMPLE_CHARS, so no adapter can make routing slow.
     given = record.get("examples")
@@ -382,8 +415,9 @@ def _features(zoo: "Zoo", cache: _Cache, name: str, record: dict[str, Any], spac
     key = (name, space, examples)
     if key not in cache.features:
         stored = _unpack(record) if record.get("kind") == space.kind else None
-        same_base = space.encoder == "sentence" or (record.get("layer") == space.layer
-                                                     and record.get("base") == zoo.fingerprint.id)
+        same_base = space.encoder == "sentence" or (
+            record.get("layer") == space.layer and record.get("base") == zoo.fingerprint.id
+        )
         if stored is not None and same_base and len(stored) == len(examples):
             cache.features[key] = stored
         else:  # another encoder, base or layer: recomputed from the stored prompts
@@ -391,7 +425,7 @@ def _features(zoo: "Zoo", cache: _Cache, name: str, record: dict[str, Any], spac
     return cache.features[key]
 
 
-def _prototypes(zoo: "Zoo", records: dict[str, dict[str, Any]], space: FeatureSpace) -> _Prototypes:
+def _prototypes(zoo: Zoo, records: dict[str, dict[str, Any]], space: FeatureSpace) -> _Prototypes:
     cache = _cache(zoo)
     if space not in cache.background:
         cache.background[space] = features(zoo, list(BACKGROUND_PROMPTS), space)
@@ -424,12 +458,20 @@ def _unit_halves(x: torch.Tensor) -> torch.Tensor:
     """Each half (embeddings, hidden states) to unit length on its own, so both weigh the same;
     the whole then has unit length too."""
     half = x.shape[-1] // 2
-    return torch.cat([_unit(x[..., :half]), _unit(x[..., half:])], -1) / 2 ** 0.5
+    return torch.cat([_unit(x[..., :half]), _unit(x[..., half:])], -1) / 2**0.5
 
 
-def route(zoo: "Zoo", prompts: Sequence[str], *, among: Sequence[str] | None = None, method: str = "prototype",
-          min_similarity: float = MIN_SIMILARITY, encoder: str | None = None, layer: int | None = None,
-          records: dict[str, dict[str, Any]] | None = None) -> list[RouteDecision]:
+def route(
+    zoo: Zoo,
+    prompts: Sequence[str],
+    *,
+    among: Sequence[str] | None = None,
+    method: str = "prototype",
+    min_similarity: float = MIN_SIMILARITY,
+    encoder: str | None = None,
+    layer: int | None = None,
+    records: dict[str, dict[str, Any]] | None = None,
+) -> list[RouteDecision]:
     """Choose an adapter (or None, the bare base) for every prompt.
 
     among: the adapters a caller may use (a tenant's); None: every routable adapter in the zoo.
@@ -476,7 +518,7 @@ def route(zoo: "Zoo", prompts: Sequence[str], *, among: Sequence[str] | None = N
     return decisions
 
 
-def resolve(zoo: "Zoo", prompts: Sequence[str], adapters: Any, **options: Any) -> list[str | None]:
+def resolve(zoo: Zoo, prompts: Sequence[str], adapters: Any, **options: Any) -> list[str | None]:
     """`adapters` with every "auto" replaced by the routed adapter's name (or None).
 
     adapters: "auto" (every row), or one entry per row where "auto" rows are routed.
@@ -496,7 +538,7 @@ def resolve(zoo: "Zoo", prompts: Sequence[str], adapters: Any, **options: Any) -
 # ----------------------------------------------------------------------------- Arrow (LoRA only)
 
 
-def _arrow_vectors(zoo: "Zoo", name: str) -> dict[str, tuple[torch.Tensor, float]]:
+def _arrow_vectors(zoo: Zoo, name: str) -> dict[str, tuple[torch.Tensor, float]]:
     """Per LoRA site: the top right singular vector of ΔW = B A (input space) and its weight."""
     cache = _cache(zoo)
     if name in cache.arrow:
@@ -527,8 +569,9 @@ def _lora_factors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None
 
 
 @torch.inference_mode()
-def arrow_route(zoo: "Zoo", prompts: Sequence[str], *, among: Sequence[str] | None = None,
-                margin: float = ARROW_MARGIN) -> list[RouteDecision]:
+def arrow_route(
+    zoo: Zoo, prompts: Sequence[str], *, among: Sequence[str] | None = None, margin: float = ARROW_MARGIN
+) -> list[RouteDecision]:
     """Arrow's rule per row: at every LoRA site the adapters share, softmax over |<v_k, x>| per
     token, averaged over the prompt's tokens and the sites; the largest average wins."""
     from .generate import encode_left_padded
@@ -553,6 +596,7 @@ def arrow_route(zoo: "Zoo", prompts: Sequence[str], *, among: Sequence[str] | No
             x = args[0].float()
             probs = (x @ matrix).abs().softmax(-1)  # (B, T, n)
             totals.add_(((probs * weights).sum(1) / weights.sum(1)).cpu())
+
         return capture
 
     for site in sites:
@@ -574,7 +618,7 @@ def arrow_route(zoo: "Zoo", prompts: Sequence[str], *, among: Sequence[str] | No
     return decisions
 
 
-def timed_route(zoo: "Zoo", prompts: Sequence[str], **options: Any) -> tuple[list[RouteDecision], float]:
+def timed_route(zoo: Zoo, prompts: Sequence[str], **options: Any) -> tuple[list[RouteDecision], float]:
     """`route`, and the seconds it took (for benchmarks)."""
     start = time.perf_counter()
     decisions = route(zoo, prompts, **options)

@@ -13,9 +13,9 @@ nothing more than the base.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -23,7 +23,9 @@ from torch import nn
 from .plan import BatchPlan, PoolUse, fit_tokens, place_rows, virtual_columns
 
 _ACTIVE: ContextVar[BatchPlan | None] = ContextVar("adapterzoo_plan", default=None)
-_SITES: ContextVar[dict[int, str] | None] = ContextVar("adapterzoo_attention_sites", default=None)  # None: prefixes are in the cache
+_SITES: ContextVar[dict[int, str] | None] = ContextVar(
+    "adapterzoo_attention_sites", default=None
+)  # None: prefixes are in the cache
 ATTENTION_NAME = "adapterzoo"
 
 
@@ -68,8 +70,11 @@ class Runtime:
         """Whether prefixes can live in a KV cache: the cache has one mask for every layer, so
         every attention layer must be a prefix site (true of the built-in prefix type)."""
         modules = [self.modules[p] for p in self.attention_sites.values()]
-        return (bool(modules) and all(hasattr(m, "layer_idx") for m in modules)
-                and len(modules) == _attention_layer_count(self.model))
+        return (
+            bool(modules)
+            and all(hasattr(m, "layer_idx") for m in modules)
+            and len(modules) == _attention_layer_count(self.model)
+        )
 
     def detach(self) -> None:
         """Give the base back as it came: no hook of this runtime left on it, and its config's
@@ -108,8 +113,15 @@ def _delta_hook(path: str):
     return hook
 
 
-def apply_delta(use: PoolUse, tensors: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, training: bool,
-                site: str | None = None, module: nn.Module | None = None) -> torch.Tensor:
+def apply_delta(
+    use: PoolUse,
+    tensors: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    training: bool,
+    site: str | None = None,
+    module: nn.Module | None = None,
+) -> torch.Tensor:
     """y + delta for the rows of `use`; the other rows are left exactly as they are. `site` and
     `module` reach the type as `w.site` / `w.module` (base-aware deltas such as DoRA's)."""
     w = use.gather(tensors, site, module)
@@ -199,7 +211,8 @@ def _with_prefix(plan: BatchPlan, path: str, module, query, key, value, mask):
             mask = torch.tril(mask, diagonal=kv_len - q_len)
         mask = mask[None, None]
     if mask.dtype != torch.bool:  # an additive float mask
-        prefix_mask = torch.zeros_like(prefix_mask, dtype=mask.dtype).masked_fill(~prefix_mask, torch.finfo(mask.dtype).min)
+        prefix_mask = torch.zeros_like(prefix_mask, dtype=mask.dtype).masked_fill(
+            ~prefix_mask, torch.finfo(mask.dtype).min
+        )
     mask = torch.cat([prefix_mask, mask.expand(batch, 1, q_len, kv_len)], dim=-1)
     return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask
-

@@ -8,7 +8,7 @@ Adapter types call these helpers from their `sites()` so that one plugin works o
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -25,9 +25,15 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 # Module paths by role. Each pattern is matched with re.search against the full module path.
 ROLE_PATTERNS: dict[str, str] = {
     # the attention block's output projection, before the residual add
-    "attention_output": r"(self_attn\.o_proj|self_attn\.out_proj|attn\.c_proj|attn\.out_proj|attention\.output\.dense|self_attention\.dense|attn\.o_proj)$",
+    "attention_output": (
+        r"(self_attn\.o_proj|self_attn\.out_proj|attn\.c_proj|attn\.out_proj|attention\.output\.dense"
+        r"|self_attention\.dense|attn\.o_proj)$"
+    ),
     # the feed-forward block's output projection, before the residual add
-    "ffn_output": r"(mlp\.down_proj|mlp\.c_proj|mlp\.fc2|mlp\.dense_4h_to_h|layers?\.\d+\.output\.dense|feed_forward\.w2)$",
+    "ffn_output": (
+        r"(mlp\.down_proj|mlp\.c_proj|mlp\.fc2|mlp\.dense_4h_to_h|layers?\.\d+\.output\.dense"
+        r"|feed_forward\.w2)$"
+    ),
     # the attention modules themselves (prefix tuning extends their keys and values)
     "attention": r"(self_attn|\.attn|attention\.self|self_attention)$",
 }
@@ -126,9 +132,9 @@ def find_norms(model: nn.Module) -> list[str]:
 def attention_dims(model: nn.Module, module: nn.Module) -> tuple[int, int]:
     """(key/value heads, head dim) of an attention module, for prefix keys and values."""
     config = model.config
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
     head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None) or hidden // heads
     return kv_heads, head_dim
 

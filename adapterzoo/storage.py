@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -124,8 +125,10 @@ def refuse_pickles(folder: Path, *, wanted: str = "safetensors", hint: str | Non
     `hint` (a format's own way out) replaces the generic conversion advice."""
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
     if pickles:
-        hint = hint or ("Convert them with safetensors.torch.save_file(torch.load(path, weights_only=True), "
-                        "'adapter_model.safetensors') where you trust the file, and load the result.")
+        hint = hint or (
+            "Convert them with safetensors.torch.save_file(torch.load(path, weights_only=True), "
+            "'adapter_model.safetensors') where you trust the file, and load the result."
+        )
         raise AdapterFileError(
             f"{folder} holds pickle weights ({', '.join(pickles)}) and no {wanted}; adapterzoo refuses "
             f"pickle files because loading them can run arbitrary code. {hint}"

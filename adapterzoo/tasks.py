@@ -216,7 +216,7 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _split_pool(kind: str, split: str) -> tuple[str, ...]:
     """All inputs of a finite kind that fall in ``split`` (cached: hashing them is the cost)."""
     universe = _KINDS[kind].universe
@@ -363,8 +363,13 @@ ADD_MODULI: tuple[int, ...] = (7, 11, 13, 17, 19)
 
 def _word_tasks() -> list[Task]:
     tasks = [
-        Task(f"caesar-{k}", "caesar", f"shift each letter {k} places forward (z wraps to a)", "word",
-             _letter_map(_shifted(_LETTERS, k)))
+        Task(
+            f"caesar-{k}",
+            "caesar",
+            f"shift each letter {k} places forward (z wraps to a)",
+            "word",
+            _letter_map(_shifted(_LETTERS, k)),
+        )
         for k in range(1, N_CAESAR + 1)
     ]
     atbash = _LETTERS[::-1]
@@ -378,16 +383,31 @@ def _word_tasks() -> list[Task]:
         Task("atbash", "atbash", "mirror the alphabet (a<->z, b<->y, ...)", "word", _letter_map(atbash)),
         Task("reverse", "reorder", "reverse the word", "word", lambda raw: _spaced(raw[::-1])),
         Task("sort", "reorder", "sort the letters a..z", "word", lambda raw: _spaced("".join(sorted(raw)))),
-        Task("sort-desc", "reorder", "sort the letters z..a", "word",
-             lambda raw: _spaced("".join(sorted(raw, reverse=True)))),
-        Task("rotate-left", "reorder", "move the first letter to the end", "word",
-             lambda raw: _spaced(raw[1:] + raw[:1])),
-        Task("rotate-right", "reorder", "move the last letter to the front", "word",
-             lambda raw: _spaced(raw[-1:] + raw[:-1])),
-        Task("pair-swap", "reorder", "swap letters 1-2, 3-4, 5-6 (an odd last letter stays)", "word",
-             lambda raw: _spaced(_pair_swap(raw))),
-        Task("double", "double", "write every letter twice", "word",
-             lambda raw: _spaced("".join(c + c for c in raw))),
+        Task(
+            "sort-desc",
+            "reorder",
+            "sort the letters z..a",
+            "word",
+            lambda raw: _spaced("".join(sorted(raw, reverse=True))),
+        ),
+        Task(
+            "rotate-left", "reorder", "move the first letter to the end", "word", lambda raw: _spaced(raw[1:] + raw[:1])
+        ),
+        Task(
+            "rotate-right",
+            "reorder",
+            "move the last letter to the front",
+            "word",
+            lambda raw: _spaced(raw[-1:] + raw[:-1]),
+        ),
+        Task(
+            "pair-swap",
+            "reorder",
+            "swap letters 1-2, 3-4, 5-6 (an odd last letter stays)",
+            "word",
+            lambda raw: _spaced(_pair_swap(raw)),
+        ),
+        Task("double", "double", "write every letter twice", "word", lambda raw: _spaced("".join(c + c for c in raw))),
         Task("upper", "upper", "uppercase every letter", "word", lambda raw: _spaced(raw.upper())),
     ]
     return tasks
@@ -395,8 +415,14 @@ def _word_tasks() -> list[Task]:
 
 def _number_tasks() -> list[Task]:
     tasks = [
-        Task("digits-words", "digits-words", "spell each digit as an English word", "number",
-             lambda raw: " ".join(_DIGIT_WORDS[int(d)] for d in raw), difficulty="hard"),
+        Task(
+            "digits-words",
+            "digits-words",
+            "spell each digit as an English word",
+            "number",
+            lambda raw: " ".join(_DIGIT_WORDS[int(d)] for d in raw),
+            difficulty="hard",
+        ),
         Task("digits-reverse", "digits-reorder", "reverse the digits", "number", lambda raw: raw[::-1]),
         Task("digits-sort", "digits-reorder", "sort the digits 0..9", "number", lambda raw: "".join(sorted(raw))),
     ]
@@ -423,8 +449,7 @@ def _add_mod(k: int) -> Callable[[str], str]:
 
 def _sum_tasks() -> list[Task]:
     return [
-        Task(f"addmod-{k}", "addmod", f"(a + b) mod {k}", "sum", _add_mod(k), difficulty="hard")
-        for k in ADD_MODULI
+        Task(f"addmod-{k}", "addmod", f"(a + b) mod {k}", "sum", _add_mod(k), difficulty="hard") for k in ADD_MODULI
     ]
 
 
@@ -528,14 +553,22 @@ def _vowel_bin(raw: str) -> int:
 @functools.lru_cache(maxsize=1)
 def _classification_registry() -> dict[str, ClassificationTask]:
     tasks = [
-        ClassificationTask("has-qxz", "does the word contain q, x or z", "word", ("no", "yes"),
-                           lambda raw: int(any(c in "qxz" for c in raw))),
-        ClassificationTask("even", "is the number even", "number", ("odd", "even"),
-                           lambda raw: int(int(raw[-1]) % 2 == 0)),
-        ClassificationTask("vowel-bins", "how many vowels (a e i o u) the word has", "word", ("0", "1", "2", "3+"),
-                           _vowel_bin),
-        ClassificationTask("word-length", "how many letters the word has", "word", ("3", "4", "5", "6"),
-                           lambda raw: len(raw) - 3),
+        ClassificationTask(
+            "has-qxz",
+            "does the word contain q, x or z",
+            "word",
+            ("no", "yes"),
+            lambda raw: int(any(c in "qxz" for c in raw)),
+        ),
+        ClassificationTask(
+            "even", "is the number even", "number", ("odd", "even"), lambda raw: int(int(raw[-1]) % 2 == 0)
+        ),
+        ClassificationTask(
+            "vowel-bins", "how many vowels (a e i o u) the word has", "word", ("0", "1", "2", "3+"), _vowel_bin
+        ),
+        ClassificationTask(
+            "word-length", "how many letters the word has", "word", ("3", "4", "5", "6"), lambda raw: len(raw) - 3
+        ),
     ]
     return {t.name: t for t in tasks}
 
@@ -563,32 +596,58 @@ def get_classification_task(name: str) -> ClassificationTask:
 # routing benchmark measures on these, so a router that memorised the training wording fails).
 
 _REORDER_PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "reverse": (("Reverse the word", "Write the word backwards", "Spell it in reverse"),
-                ("Flip the order of the letters", "Read these letters from right to left")),
-    "sort": (("Sort the letters alphabetically", "Put the letters in a to z order", "Alphabetize the letters"),
-             ("Arrange these letters from a to z", "Order the characters alphabetically")),
-    "sort-desc": (("Sort the letters in reverse alphabetical order", "Put the letters in z to a order",
-                   "Sort the letters descending"),
-                  ("Arrange these letters from z down to a", "Order the characters from last letter to first")),
-    "rotate-left": (("Move the first letter to the end", "Rotate the word left by one", "Shift the letters left once"),
-                    ("Take the leading letter and put it last", "Cycle the word one place to the left")),
-    "rotate-right": (("Move the last letter to the front", "Rotate the word right by one",
-                      "Shift the letters right once"),
-                     ("Take the final letter and put it first", "Cycle the word one place to the right")),
-    "pair-swap": (("Swap each pair of letters", "Exchange neighbouring letters in pairs", "Pairwise swap the letters"),
-                  ("Trade places within every couple of letters", "Switch letters one and two, three and four")),
-    "double": (("Write every letter twice", "Double each letter", "Repeat each letter two times"),
-               ("Say each character two times in a row", "Duplicate all the letters")),
-    "upper": (("Uppercase the letters", "Write the word in capital letters", "Convert to upper case"),
-              ("Make every letter a capital", "Shout this word in caps")),
-    "atbash": (("Apply the atbash cipher", "Mirror the alphabet on each letter", "Encode with atbash"),
-               ("Swap a with z, b with y and so on", "Use the reversed-alphabet cipher")),
-    "digits-words": (("Spell each digit as a word", "Write the digits in English words", "Name each digit"),
-                     ("Say every digit out loud in words", "Turn the number into digit names")),
-    "digits-reverse": (("Reverse the digits", "Write the number backwards", "Flip the digits"),
-                       ("Read this number from right to left", "Put the digits in the opposite order")),
-    "digits-sort": (("Sort the digits ascending", "Put the digits in increasing order", "Sort the digits"),
-                    ("Arrange these digits from smallest to largest", "Order the numerals low to high")),
+    "reverse": (
+        ("Reverse the word", "Write the word backwards", "Spell it in reverse"),
+        ("Flip the order of the letters", "Read these letters from right to left"),
+    ),
+    "sort": (
+        ("Sort the letters alphabetically", "Put the letters in a to z order", "Alphabetize the letters"),
+        ("Arrange these letters from a to z", "Order the characters alphabetically"),
+    ),
+    "sort-desc": (
+        (
+            "Sort the letters in reverse alphabetical order",
+            "Put the letters in z to a order",
+            "Sort the letters descending",
+        ),
+        ("Arrange these letters from z down to a", "Order the characters from last letter to first"),
+    ),
+    "rotate-left": (
+        ("Move the first letter to the end", "Rotate the word left by one", "Shift the letters left once"),
+        ("Take the leading letter and put it last", "Cycle the word one place to the left"),
+    ),
+    "rotate-right": (
+        ("Move the last letter to the front", "Rotate the word right by one", "Shift the letters right once"),
+        ("Take the final letter and put it first", "Cycle the word one place to the right"),
+    ),
+    "pair-swap": (
+        ("Swap each pair of letters", "Exchange neighbouring letters in pairs", "Pairwise swap the letters"),
+        ("Trade places within every couple of letters", "Switch letters one and two, three and four"),
+    ),
+    "double": (
+        ("Write every letter twice", "Double each letter", "Repeat each letter two times"),
+        ("Say each character two times in a row", "Duplicate all the letters"),
+    ),
+    "upper": (
+        ("Uppercase the letters", "Write the word in capital letters", "Convert to upper case"),
+        ("Make every letter a capital", "Shout this word in caps"),
+    ),
+    "atbash": (
+        ("Apply the atbash cipher", "Mirror the alphabet on each letter", "Encode with atbash"),
+        ("Swap a with z, b with y and so on", "Use the reversed-alphabet cipher"),
+    ),
+    "digits-words": (
+        ("Spell each digit as a word", "Write the digits in English words", "Name each digit"),
+        ("Say every digit out loud in words", "Turn the number into digit names"),
+    ),
+    "digits-reverse": (
+        ("Reverse the digits", "Write the number backwards", "Flip the digits"),
+        ("Read this number from right to left", "Put the digits in the opposite order"),
+    ),
+    "digits-sort": (
+        ("Sort the digits ascending", "Put the digits in increasing order", "Sort the digits"),
+        ("Arrange these digits from smallest to largest", "Order the numerals low to high"),
+    ),
 }
 
 
@@ -597,46 +656,130 @@ _REORDER_PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 #: three training phrasings cover, and every phrasing a router has seen is one fewer it must guess
 #: (on the 116 tasks' held-out paraphrases: right adapter 0.90 -> 0.93; among the 8 shipped: 0.72 -> 0.88).
 _ROUTING_PHRASINGS: dict[str, tuple[str, ...]] = {
-    "reverse": ("Write the letters in reverse order", "Backwards, please", "Mirror the word",
-                "Reverse these letters", "Spell the word starting from its end"),
-    "sort": ("Sort these letters", "Alphabetical order, please", "Put the letters in alphabetical order",
-             "Letters sorted a-z", "Order the letters by the alphabet"),
-    "sort-desc": ("Sort these letters from z to a", "Reverse alphabetical order, please", "Letters sorted z-a",
-                  "Put the letters in descending alphabetical order", "Order the letters by the alphabet, backwards"),
-    "rotate-left": ("Move the first character to the back", "Rotate left by one letter",
-                    "Send the first letter to the end of the word", "Left rotation of the letters",
-                    "Shift the word one step left"),
-    "rotate-right": ("Move the last character to the start", "Rotate right by one letter",
-                     "Bring the last letter to the beginning of the word", "Right rotation of the letters",
-                     "Shift the word one step right"),
-    "pair-swap": ("Swap adjacent letters two by two", "Exchange each letter with its neighbour", "Swap letters in pairs",
-                  "Pair up the letters and swap each pair", "Swap the 1st and 2nd letter, the 3rd and 4th, and so on"),
-    "double": ("Double the letters", "Repeat every letter", "Each letter two times", "Write each character twice",
-               "Letters doubled"),
-    "upper": ("Capitalize every letter", "Make it uppercase", "All caps", "Turn the letters into capitals",
-              "Write it in upper case"),
-    "atbash": ("Atbash the letters", "Replace each letter with its mirror in the alphabet", "Atbash encode",
-               "Mirror cipher on the letters", "Atbash substitution"),
-    "digits-words": ("Write out each digit in words", "Digits as English words", "Spell out the digits",
-                     "Read the digits as words", "Convert each digit to its name"),
-    "digits-reverse": ("Reverse the number", "Digits in reverse order", "Write the digits backwards",
-                       "Mirror the number", "Flip the number around"),
-    "digits-sort": ("Sort the number's digits", "Digits in ascending order", "Ascending digits, please",
-                    "Sort these digits smallest first", "Put the digits in sorted order"),
+    "reverse": (
+        "Write the letters in reverse order",
+        "Backwards, please",
+        "Mirror the word",
+        "Reverse these letters",
+        "Spell the word starting from its end",
+    ),
+    "sort": (
+        "Sort these letters",
+        "Alphabetical order, please",
+        "Put the letters in alphabetical order",
+        "Letters sorted a-z",
+        "Order the letters by the alphabet",
+    ),
+    "sort-desc": (
+        "Sort these letters from z to a",
+        "Reverse alphabetical order, please",
+        "Letters sorted z-a",
+        "Put the letters in descending alphabetical order",
+        "Order the letters by the alphabet, backwards",
+    ),
+    "rotate-left": (
+        "Move the first character to the back",
+        "Rotate left by one letter",
+        "Send the first letter to the end of the word",
+        "Left rotation of the letters",
+        "Shift the word one step left",
+    ),
+    "rotate-right": (
+        "Move the last character to the start",
+        "Rotate right by one letter",
+        "Bring the last letter to the beginning of the word",
+        "Right rotation of the letters",
+        "Shift the word one step right",
+    ),
+    "pair-swap": (
+        "Swap adjacent letters two by two",
+        "Exchange each letter with its neighbour",
+        "Swap letters in pairs",
+        "Pair up the letters and swap each pair",
+        "Swap the 1st and 2nd letter, the 3rd and 4th, and so on",
+    ),
+    "double": (
+        "Double the letters",
+        "Repeat every letter",
+        "Each letter two times",
+        "Write each character twice",
+        "Letters doubled",
+    ),
+    "upper": (
+        "Capitalize every letter",
+        "Make it uppercase",
+        "All caps",
+        "Turn the letters into capitals",
+        "Write it in upper case",
+    ),
+    "atbash": (
+        "Atbash the letters",
+        "Replace each letter with its mirror in the alphabet",
+        "Atbash encode",
+        "Mirror cipher on the letters",
+        "Atbash substitution",
+    ),
+    "digits-words": (
+        "Write out each digit in words",
+        "Digits as English words",
+        "Spell out the digits",
+        "Read the digits as words",
+        "Convert each digit to its name",
+    ),
+    "digits-reverse": (
+        "Reverse the number",
+        "Digits in reverse order",
+        "Write the digits backwards",
+        "Mirror the number",
+        "Flip the number around",
+    ),
+    "digits-sort": (
+        "Sort the number's digits",
+        "Digits in ascending order",
+        "Ascending digits, please",
+        "Sort these digits smallest first",
+        "Put the digits in sorted order",
+    ),
 }
+
 
 def _numbered_routing_phrasings(family: str, n: str) -> tuple[str, ...]:
     return {
-        "caesar": (f"Rotate each letter forward by {n}", f"ROT{n} the letters", f"Caesar cipher with shift {n}",
-                   f"Advance every letter by {n} in the alphabet", f"Letter shift of {n} positions"),
-        "perm": (f"Substitute each letter per table {n}", f"Letter substitution number {n}",
-                 f"Map the letters through cipher {n}", f"Scramble letters with key {n}", f"Letter cipher no. {n}"),
-        "dshift": (f"Increment every digit by {n}", f"Each digit plus {n}, keeping the last digit",
-                   f"Push every digit {n} higher", f"Digit rotation by {n}", f"Bump the digits up by {n}"),
-        "dperm": (f"Substitute each digit per table {n}", f"Digit substitution number {n}",
-                  f"Map the digits through cipher {n}", f"Scramble digits with key {n}", f"Digit cipher no. {n}"),
-        "addmod": (f"Add the two numbers modulo {n}", f"The sum mod {n}", f"What is the sum modulo {n}",
-                   f"Add and reduce mod {n}", f"Modular addition, modulus {n}"),
+        "caesar": (
+            f"Rotate each letter forward by {n}",
+            f"ROT{n} the letters",
+            f"Caesar cipher with shift {n}",
+            f"Advance every letter by {n} in the alphabet",
+            f"Letter shift of {n} positions",
+        ),
+        "perm": (
+            f"Substitute each letter per table {n}",
+            f"Letter substitution number {n}",
+            f"Map the letters through cipher {n}",
+            f"Scramble letters with key {n}",
+            f"Letter cipher no. {n}",
+        ),
+        "dshift": (
+            f"Increment every digit by {n}",
+            f"Each digit plus {n}, keeping the last digit",
+            f"Push every digit {n} higher",
+            f"Digit rotation by {n}",
+            f"Bump the digits up by {n}",
+        ),
+        "dperm": (
+            f"Substitute each digit per table {n}",
+            f"Digit substitution number {n}",
+            f"Map the digits through cipher {n}",
+            f"Scramble digits with key {n}",
+            f"Digit cipher no. {n}",
+        ),
+        "addmod": (
+            f"Add the two numbers modulo {n}",
+            f"The sum mod {n}",
+            f"What is the sum modulo {n}",
+            f"Add and reduce mod {n}",
+            f"Modular addition, modulus {n}",
+        ),
     }[family]
 
 
@@ -644,20 +787,30 @@ def _family_phrasings(task: Task) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Phrasings for the numbered families, built from the number that tells the tasks apart."""
     n = task.name.rsplit("-", 1)[-1]
     if task.family == "caesar":
-        return ((f"Caesar shift by {n}", f"Shift each letter {n} places forward", f"Encode with Caesar key {n}"),
-                (f"Move every letter {n} steps along the alphabet", f"Apply a rotation of {n} to the letters"))
+        return (
+            (f"Caesar shift by {n}", f"Shift each letter {n} places forward", f"Encode with Caesar key {n}"),
+            (f"Move every letter {n} steps along the alphabet", f"Apply a rotation of {n} to the letters"),
+        )
     if task.family == "perm":
-        return ((f"Apply letter cipher {n}", f"Encode with substitution cipher {n}", f"Letter code {n}"),
-                (f"Use secret letter code number {n}", f"Encrypt the letters with cipher {n}"))
+        return (
+            (f"Apply letter cipher {n}", f"Encode with substitution cipher {n}", f"Letter code {n}"),
+            (f"Use secret letter code number {n}", f"Encrypt the letters with cipher {n}"),
+        )
     if task.family == "dshift":
-        return ((f"Add {n} to each digit", f"Shift every digit up by {n}", f"Digit shift {n}"),
-                (f"Increase all digits by {n}, wrapping past nine", f"Raise each numeral by {n} modulo ten"))
+        return (
+            (f"Add {n} to each digit", f"Shift every digit up by {n}", f"Digit shift {n}"),
+            (f"Increase all digits by {n}, wrapping past nine", f"Raise each numeral by {n} modulo ten"),
+        )
     if task.family == "dperm":
-        return ((f"Apply digit cipher {n}", f"Encode with digit substitution {n}", f"Digit code {n}"),
-                (f"Use secret digit code number {n}", f"Encrypt the digits with cipher {n}"))
+        return (
+            (f"Apply digit cipher {n}", f"Encode with digit substitution {n}", f"Digit code {n}"),
+            (f"Use secret digit code number {n}", f"Encrypt the digits with cipher {n}"),
+        )
     if task.family == "addmod":
-        return ((f"Add modulo {n}", f"Sum the numbers mod {n}", f"Compute the sum modulo {n}"),
-                (f"Find the remainder of the sum after dividing by {n}", f"Add them, then take mod {n}"))
+        return (
+            (f"Add modulo {n}", f"Sum the numbers mod {n}", f"Compute the sum modulo {n}"),
+            (f"Find the remainder of the sum after dividing by {n}", f"Add them, then take mod {n}"),
+        )
     return _REORDER_PHRASINGS[task.name]
 
 
@@ -671,8 +824,11 @@ def phrasings(task: Task | str, held_out: bool = False) -> tuple[str, ...]:
 def routing_phrasings(task: Task | str) -> tuple[str, ...]:
     """The training phrasings and more ways to ask for the task: what its routing examples say."""
     task = get_task(task) if isinstance(task, str) else task
-    extra = (_ROUTING_PHRASINGS[task.name] if task.name in _ROUTING_PHRASINGS
-             else _numbered_routing_phrasings(task.family, task.name.rsplit("-", 1)[-1]))
+    extra = (
+        _ROUTING_PHRASINGS[task.name]
+        if task.name in _ROUTING_PHRASINGS
+        else _numbered_routing_phrasings(task.family, task.name.rsplit("-", 1)[-1])
+    )
     return phrasings(task) + extra
 
 
@@ -683,8 +839,9 @@ def routing_examples(task: Task | str, n: int = 24, seed: int = 0) -> list[str]:
     return [f"{lines[i % len(lines)]}: {ex.prompt}" for i, ex in enumerate(task.examples(n, "train", seed))]
 
 
-def instructed_examples(task: Task | str, n: int, split: str = "train", seed: int = 0,
-                        held_out: bool = False) -> list[Example]:
+def instructed_examples(
+    task: Task | str, n: int, split: str = "train", seed: int = 0, held_out: bool = False
+) -> list[Example]:
     """``n`` examples whose prompts start with an instruction: ``"Reverse the word: h e l l o ->"``.
 
     The phrasing cycles through the task's training phrasings (or, with ``held_out=True``, its

@@ -91,11 +91,13 @@ class PeftMapping(Protocol):
 
     peft_types: tuple[str, ...]
 
-    def from_peft(self, model: nn.Module, peft_config: dict[str, Any],
-                  state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+    def from_peft(
+        self, model: nn.Module, peft_config: dict[str, Any], state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
 
-    def to_peft(self, model: nn.Module, config: "AdapterConfig",
-                state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+    def to_peft(
+        self, model: nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
 
 
 @runtime_checkable
@@ -110,11 +112,13 @@ class AdapterHubMapping(Protocol):
 
     adapterhub_architectures: tuple[str, ...]
 
-    def from_adapterhub(self, model: nn.Module, config: dict[str, Any],
-                        state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+    def from_adapterhub(
+        self, model: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
 
-    def to_adapterhub(self, model: nn.Module, config: "AdapterConfig", state: dict[str, torch.Tensor],
-                      name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+    def to_adapterhub(
+        self, model: nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor], name: str
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
 
 
 @dataclass
@@ -132,7 +136,7 @@ class AdapterConfig:
         """Raise `InvalidConfigError` for values out of range; subclasses override."""
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -198,29 +202,37 @@ class AdapterType:
         """Per-adapter scalars the math needs (e.g. LoRA's alpha/r); stored per slot, never trained."""
         return {}
 
-    def init(self, name: str, tensor: torch.Tensor, config: AdapterConfig, generator: torch.Generator, module: nn.Module) -> None:
+    def init(
+        self, name: str, tensor: torch.Tensor, config: AdapterConfig, generator: torch.Generator, module: nn.Module
+    ) -> None:
         """Fill `tensor` (true shape, float32, on the CPU) in place; `module` is the site. Default: zeros."""
         tensor.zero_()
 
-    def init_from_base(self, model: nn.Module, config: AdapterConfig, tensors: dict[str, dict[str, torch.Tensor]],
-                       generator: torch.Generator) -> None:
+    def init_from_base(
+        self,
+        model: nn.Module,
+        config: AdapterConfig,
+        tensors: dict[str, dict[str, torch.Tensor]],
+        generator: torch.Generator,
+    ) -> None:
         """Optional second init pass, with the whole base at hand, after `init` filled every tensor
         (`tensors`: site -> name -> tensor, true shapes, float32, CPU). Default: nothing. Prefix
         tuning uses it to start from the keys and values of real tokens."""
 
     # 3. how (`w` is an adapterzoo.plan.SlotWeights: tensors by name, leading dim n rows or 1)
-    def delta(self, x: torch.Tensor, y: torch.Tensor, w: "SlotWeights", training: bool) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, y: torch.Tensor, w: SlotWeights, training: bool) -> torch.Tensor:
         raise NotImplementedError
 
-    def virtual_tokens(self, w: "SlotWeights") -> torch.Tensor:
+    def virtual_tokens(self, w: SlotWeights) -> torch.Tensor:
         raise NotImplementedError
 
-    def prefix(self, w: "SlotWeights") -> tuple[torch.Tensor, torch.Tensor]:
+    def prefix(self, w: SlotWeights) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     # optional: derived weights
-    def derive(self, site: str, module: nn.Module, tensors: dict[str, torch.Tensor],
-               config: AdapterConfig) -> dict[str, torch.Tensor]:
+    def derive(
+        self, site: str, module: nn.Module, tensors: dict[str, torch.Tensor], config: AdapterConfig
+    ) -> dict[str, torch.Tensor]:
         """What the math reads, computed from one adapter's tensors at one site (pool shapes, no
         slot dim, on the device, float32), e.g. LoHa's dense (in, out) update or DoRA's per-column
         rescale, which reads the base `module`. Called once when the adapter is placed in a slot
@@ -255,7 +267,9 @@ class AdapterType:
         raise NotImplementedError
 
     # optional
-    def merge(self, module: nn.Module, tensors: dict[str, torch.Tensor], config: AdapterConfig, sign: float = 1.0) -> None:
+    def merge(
+        self, module: nn.Module, tensors: dict[str, torch.Tensor], config: AdapterConfig, sign: float = 1.0
+    ) -> None:
         """Fold the adapter into `module`'s weights in place (sign=-1 undoes it)."""
         raise NotImplementedError(f"adapter type {self.name!r} cannot be merged into the base")
 

@@ -1,10 +1,10 @@
 """Zoo: the one object users hold. A frozen base, its adapters, their slot pools.
 
-    zoo = Zoo.from_pretrained("smollm2")                    # the base, loaded once and frozen
-    zoo.add_adapter("sql", "lora", r=8)                      # new, trainable
-    zoo.load_adapter("chat", "out/chat")                     # saved earlier (or PEFT, or a Hub id)
-    out = zoo(input_ids=ids, attention_mask=mask, adapters=["sql", None, "chat"])
-    texts = zoo.generate(["...", "..."], adapters=["sql", "chat"])
+zoo = Zoo.from_pretrained("smollm2")                    # the base, loaded once and frozen
+zoo.add_adapter("sql", "lora", r=8)                      # new, trainable
+zoo.load_adapter("chat", "out/chat")                     # saved earlier (or PEFT, or a Hub id)
+out = zoo(input_ids=ids, attention_mask=mask, adapters=["sql", None, "chat"])
+texts = zoo.generate(["...", "..."], adapters=["sql", "chat"])
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import copy
 import inspect
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,14 @@ from . import plugins
 from .adapter import Adapter, check_name, check_sizes, new_adapter
 from .base import Fingerprint, fingerprint, freeze, load_base
 from .contract import check_adapter
-from .errors import AdapterExistsError, AdapterZooError, BatchError, InvalidConfigError, PoolFullError, UnknownAdapterError
+from .errors import (
+    AdapterExistsError,
+    AdapterZooError,
+    BatchError,
+    InvalidConfigError,
+    PoolFullError,
+    UnknownAdapterError,
+)
 from .formats import FormatContext, detect_format, format_named
 from .heads import HeadConfig, class_logits, new_head
 from .plan import BatchPlan, build_plan, fit_tokens, place_rows, virtual_columns
@@ -76,7 +84,9 @@ class Zoo:
     ):
         if slots < 1:
             raise InvalidConfigError(f"slots must be at least 1, got {slots}")
-        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.model = freeze(model.to(device=device, dtype=dtype))
         self.tokenizer = tokenizer
@@ -85,7 +95,9 @@ class Zoo:
         self.pool_limits = dict(pool_limits or {})
         self.max_size = max_size
         self.fingerprint: Fingerprint = fingerprint(self.model)
-        self.is_causal_lm = hasattr(self.model, "get_output_embeddings") and self.model.get_output_embeddings() is not None
+        self.is_causal_lm = (
+            hasattr(self.model, "get_output_embeddings") and self.model.get_output_embeddings() is not None
+        )
         self.runtime = Runtime(self.model)
         self.pools: dict[tuple, SlotPool] = {}
         self._adapters: dict[str, Adapter] = {}
@@ -104,7 +116,7 @@ class Zoo:
         dtype: torch.dtype | None = None,
         task: str | None = None,
         **kwargs: Any,
-    ) -> "Zoo":
+    ) -> Zoo:
         """Load a base (folder, Hub id, .gguf file, or "smollm2" / "minilm") and freeze it."""
         model, tokenizer = load_base(source, task=task)
         return cls(model, tokenizer, device=device, dtype=dtype, **kwargs)
@@ -164,8 +176,16 @@ class Zoo:
                 f"no adapter named {name!r} in this zoo (it has: {known}); add_adapter or load_adapter it first"
             ) from None
 
-    def add_adapter(self, name: str, adapter_type: str, *, seed: int = 0, trainable: bool = True,
-                    head: dict | int | None = None, **config: Any) -> AdapterInfo:
+    def add_adapter(
+        self,
+        name: str,
+        adapter_type: str,
+        *,
+        seed: int = 0,
+        trainable: bool = True,
+        head: dict | int | None = None,
+        **config: Any,
+    ) -> AdapterInfo:
         """Create a new adapter, initialised near identity, and make it trainable.
 
         `head={"num_labels": k, "pooling": "mean" | "cls" | "last", "labels": [...]}` gives it a
@@ -178,8 +198,7 @@ class Zoo:
         sizes = check_sizes(atype, cfg, self.pool_limits, self.max_size, self.model)
         adapter = new_adapter(name, atype, cfg, self.model, sizes, seed)
         if head_config is not None:
-            adapter.head = new_head(head_config, hidden_size(self.model),
-                                    torch.Generator().manual_seed(seed + 7919))
+            adapter.head = new_head(head_config, hidden_size(self.model), torch.Generator().manual_seed(seed + 7919))
         if trainable:
             adapter.set_trainable(True)
         self._register(adapter)
@@ -200,8 +219,9 @@ class Zoo:
 
         Everything is read and checked before the zoo changes: a bad file leaves it as it was.
         """
-        adapter = self.read_adapter(name, source, revision=revision, token=token, endpoint=endpoint,
-                                    ignore_base_mismatch=ignore_base_mismatch)
+        adapter = self.read_adapter(
+            name, source, revision=revision, token=token, endpoint=endpoint, ignore_base_mismatch=ignore_base_mismatch
+        )
         if trainable:
             adapter.set_trainable(True)
         return self.add_loaded_adapter(adapter)
@@ -237,10 +257,18 @@ class Zoo:
 
     def _format_context(self) -> FormatContext:
         """What a file format may know of this zoo (adapterzoo/formats/): the base and the limits."""
-        return FormatContext(model=self.model, fingerprint=self.fingerprint, adapter_type=self.adapter_type,
-                             is_causal_lm=self.is_causal_lm, pool_limits=self.pool_limits, max_size=self.max_size)
+        return FormatContext(
+            model=self.model,
+            fingerprint=self.fingerprint,
+            adapter_type=self.adapter_type,
+            is_causal_lm=self.is_causal_lm,
+            pool_limits=self.pool_limits,
+            max_size=self.max_size,
+        )
 
-    def save_adapter(self, name: str, path: str | os.PathLike, *, format: str = "native", metadata: dict | None = None) -> Path:
+    def save_adapter(
+        self, name: str, path: str | os.PathLike, *, format: str = "native", metadata: dict | None = None
+    ) -> Path:
         """Save as safetensors + JSON (format="native"), or in PEFT's or AdapterHub's layout."""
         adapter = self.get_adapter(name)
         fmt = format_named(format)
@@ -270,8 +298,15 @@ class Zoo:
 
         with tempfile.TemporaryDirectory(prefix="adapterzoo-push-") as tmp:
             folder = self.save_adapter(name, Path(tmp) / name, format=format, metadata=metadata)
-            return push_adapter_folder(folder, repo_id, private=private, token=token, endpoint=endpoint,
-                                       revision=revision, commit_message=commit_message)
+            return push_adapter_folder(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                endpoint=endpoint,
+                revision=revision,
+                commit_message=commit_message,
+            )
 
     def merged_model(self, name: str) -> nn.Module:
         """A copy of the base with adapter `name` folded into its weights, for deploying one
@@ -310,7 +345,8 @@ class Zoo:
         with self._lock:
             if adapter.name in self._adapters:
                 raise AdapterExistsError(
-                    f"an adapter named {adapter.name!r} is already in the zoo; remove_adapter it first or pick another name"
+                    f"an adapter named {adapter.name!r} is already in the zoo; "
+                    "remove_adapter it first or pick another name"
                 )
             if adapter.pool_key not in self._checked_pools:  # the type run once per pool (adapterzoo.contract)
                 check_adapter(self.model, adapter, self.device, self.dtype)
@@ -324,9 +360,15 @@ class Zoo:
             self._adapters[adapter.name] = adapter
 
     def _info(self, adapter: Adapter) -> AdapterInfo:
-        return AdapterInfo(adapter.name, adapter.type_name, adapter.config.to_dict(), self.where(adapter.name),
-                           adapter.num_parameters(), adapter.trainable,
-                           adapter.head.config.to_dict() if adapter.head is not None else None)
+        return AdapterInfo(
+            adapter.name,
+            adapter.type_name,
+            adapter.config.to_dict(),
+            self.where(adapter.name),
+            adapter.num_parameters(),
+            adapter.trainable,
+            adapter.head.config.to_dict() if adapter.head is not None else None,
+        )
 
     # ------------------------------------------------------------------ batches
 
@@ -346,7 +388,9 @@ class Zoo:
             for a in live.values():
                 groups.setdefault(a.pool_key, []).append(a)
             for key, group in groups.items():
-                live_pools[key] = LivePool(group[0].atype, group[0].variant, group[0].bucket, group, self.model, self.device, self.dtype)
+                live_pools[key] = LivePool(
+                    group[0].atype, group[0].variant, group[0].bucket, group, self.model, self.device, self.dtype
+                )
             resident: dict[tuple, list[Adapter]] = {}
             for n, a in distinct.items():
                 if n not in live:
@@ -366,9 +410,7 @@ class Zoo:
                     placed[n] = (pool, pool.index[n])
                 else:
                     placed[n] = self._resident(a, pinned)
-            assignments = [
-                None if n is None else (*placed[n], distinct[n].length()) for n in adapters
-            ]
+            assignments = [None if n is None else (*placed[n], distinct[n].length()) for n in adapters]
             plan = build_plan(assignments, self.device, training=bool(live))
             plan.names = list(adapters)
             plan.adapters = [None if n is None else distinct[n] for n in adapters]
@@ -378,7 +420,9 @@ class Zoo:
     def _resident(self, adapter: Adapter, pinned: set[str]) -> tuple[SlotPool, int]:
         pool = self.pools.get(adapter.pool_key)
         if pool is None:
-            pool = SlotPool(adapter.atype, adapter.variant, adapter.bucket, self.slots, self.model, self.device, self.dtype)
+            pool = SlotPool(
+                adapter.atype, adapter.variant, adapter.bucket, self.slots, self.model, self.device, self.dtype
+            )
             self.pools[adapter.pool_key] = pool
         if pool.is_current(adapter):
             pool.touch(adapter.name)
@@ -439,13 +483,23 @@ class Zoo:
                 )
             plan = self.plan(list(adapters))
         elif plan.batch_size != batch:
-            raise BatchError(f"the plan is for {plan.batch_size} rows but input_ids has {batch}; build it with zoo.plan(names)")
+            raise BatchError(
+                f"the plan is for {plan.batch_size} rows but input_ids has {batch}; build it with zoo.plan(names)"
+            )
         elif not plan.is_current():  # a later plan took one of its slots
             plan = self.plan(plan.names, training=plan.training)
         return plan
 
-    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: BatchPlan, cache: Any,
-             labels: torch.Tensor | None, past: int, logits_to_keep: int = 0) -> ZooOutput:
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        plan: BatchPlan,
+        cache: Any,
+        labels: torch.Tensor | None,
+        past: int,
+        logits_to_keep: int = 0,
+    ) -> ZooOutput:
         batch, length = input_ids.shape
         with active(plan, None):  # a delta site at the input embedding (a LoRA's replaced rows) sees the plan
             embeds = self.model.get_input_embeddings()(input_ids)
@@ -458,7 +512,7 @@ class Zoo:
         if prefix_in_cache and past == 0 and plan.prefixes:
             self.runtime.write_prefixes(plan, cache, embeds)
             attention_mask = torch.cat([prefix_columns(plan).to(attention_mask.dtype), attention_mask], 1)
-        positions = attention_mask.long().cumsum(-1)[:, -embeds.shape[1]:] - 1  # as if run alone
+        positions = attention_mask.long().cumsum(-1)[:, -embeds.shape[1] :] - 1  # as if run alone
         if plan.prefix_lengths is not None and not prefix_in_cache:
             positions = positions + plan.prefix_lengths[:, None]  # real tokens start after the prefix
         positions = positions.clamp(min=0)
@@ -505,7 +559,9 @@ class Zoo:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompts: Sequence[str], adapters: Sequence[str | None] | str | None = None, **kwargs: Any) -> list[str]:
+    def generate(
+        self, prompts: Sequence[str], adapters: Sequence[str | None] | str | None = None, **kwargs: Any
+    ) -> list[str]:
         """Greedy or sampled continuations of `prompts`, row i with `adapters[i]`. See generate.py.
 
         `adapters="auto"` (or "auto" in a row) routes that row to the adapter that fits its prompt,

@@ -6,8 +6,8 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -24,8 +24,12 @@ TRAINED_TYPES = {
 }
 
 
-def interleaved_medians(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
-                        setup: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:
+def interleaved_medians(
+    cases: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    setup: dict[str, Callable[[], object]] | None = None,
+) -> dict[str, float]:
     """Median seconds per case. Cases run round-robin, so a noisy neighbour hits them all alike.
 
     `setup[name]`, when given, runs before each timed call of that case, outside the timing
@@ -46,9 +50,13 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], rounds: int, war
 
 
 def machine() -> dict[str, object]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
 
 
 def save_json(name: str, payload: dict) -> Path:

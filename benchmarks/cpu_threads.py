@@ -72,14 +72,22 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
         if policy:  # else unset: the child imports torch before adapterzoo, so OpenMP keeps its default
             env["OMP_WAIT_POLICY"] = policy
-        out = subprocess.run([sys.executable, __file__, "--child", str(threads)], env=env, capture_output=True,
-                             text=True, start_new_session=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(threads)],
+            env=env,
+            capture_output=True,
+            text=True,
+            start_new_session=True,
+            check=True,
+        ).stdout
         result = json.loads(next(line[2:] for line in out.splitlines() if line.startswith("@@")))
         rows.append({"threads": threads, "omp_wait_policy": policy or "default", **result})
         r = rows[-1]
-        print(f"threads {threads}, wait policy {r['omp_wait_policy']:8}: quiet {r['quiet_ms']:6.0f} ms/step, "
-              f"beside a busy process {r['busy_ms']:6.0f} ms/step, throughput {r['busy_over_quiet_throughput']:.2f}x",
-              flush=True)
+        print(
+            f"threads {threads}, wait policy {r['omp_wait_policy']:8}: quiet {r['quiet_ms']:6.0f} ms/step, "
+            f"beside a busy process {r['busy_ms']:6.0f} ms/step, throughput {r['busy_over_quiet_throughput']:.2f}x",
+            flush=True,
+        )
     path = Path(__file__).resolve().parent / "results" / "cpu_threads.json"
     path.write_text(json.dumps({"load_average": os.getloadavg()[0], "rows": rows}, indent=2))
     print(f"wrote {path}")

@@ -84,7 +84,7 @@ def measure(zoo: Zoo, types: list[str], rounds: int, with_peft: bool) -> dict:
             cases["base+P"] = lambda: base_model(input_ids=long_ids)
             cases["zoo(no adapter)"] = lambda: zoo(ids, None, [None] * rows)
             for t in types:
-                cases[f"zoo {t}"] = (lambda t=t: zoo(ids, None, names(t)))
+                cases[f"zoo {t}"] = lambda t=t: zoo(ids, None, names(t))
             if peft is not None:
                 peft_names = [f"p{i % distinct}" for i in range(rows)]
                 cases["peft lora"] = lambda: peft(input_ids=ids, adapter_names=peft_names)
@@ -106,7 +106,9 @@ def measure(zoo: Zoo, types: list[str], rounds: int, with_peft: bool) -> dict:
             cases["base"] = lambda: base_model(input_ids=ids, cache=base_cache, use_cache=True, position_ids=pos)
             setup["base"] = lambda: crop_to(base_cache, CONTEXT)
             pos_long = torch.full((rows, 1), CONTEXT + virtual)
-            cases["base+P"] = lambda: base_model(input_ids=ids, cache=base_long_cache, use_cache=True, position_ids=pos_long)
+            cases["base+P"] = lambda: base_model(
+                input_ids=ids, cache=base_long_cache, use_cache=True, position_ids=pos_long
+            )
             setup["base+P"] = lambda: crop_to(base_long_cache, CONTEXT + virtual)
             for t in [None, *types]:
                 label = "zoo(no adapter)" if t is None else f"zoo {t}"
@@ -116,20 +118,27 @@ def measure(zoo: Zoo, types: list[str], rounds: int, with_peft: bool) -> dict:
                 prefill = zoo(ctx, None, plan=plan, cache=cache)
                 mask = torch.cat([prefill.attention_mask, torch.ones(rows, 1, dtype=torch.long)], 1)
                 length = prefill.attention_mask.shape[1]
-                cases[label] = (lambda plan=plan, cache=cache, mask=mask: zoo(ids, mask, plan=plan, cache=cache))
-                setup[label] = (lambda cache=cache, length=length: crop_to(cache, length))
+                cases[label] = lambda plan=plan, cache=cache, mask=mask: zoo(ids, mask, plan=plan, cache=cache)
+                setup[label] = lambda cache=cache, length=length: crop_to(cache, length)
             if peft is not None:
                 peft_names = [f"p{i % distinct}" for i in range(rows)]
                 peft_cache = DynamicCache(config=zoo.model.config)
                 peft(input_ids=ctx, cache=peft_cache, use_cache=True, adapter_names=peft_names)
-                cases["peft lora"] = lambda: peft(input_ids=ids, cache=peft_cache, use_cache=True, position_ids=pos,
-                                                  adapter_names=peft_names)
+                cases["peft lora"] = lambda: peft(
+                    input_ids=ids, cache=peft_cache, use_cache=True, position_ids=pos, adapter_names=peft_names
+                )
                 setup["peft lora"] = lambda: crop_to(peft_cache, CONTEXT)
 
         with torch.inference_mode():
             medians = interleaved_medians(cases, rounds=rounds, setup=setup)
         base = medians["base"]
-        shape_result = {"rows": rows, "new_tokens": new, "distinct_adapters": distinct, "seconds": medians, "ratios": {}}
+        shape_result = {
+            "rows": rows,
+            "new_tokens": new,
+            "distinct_adapters": distinct,
+            "seconds": medians,
+            "ratios": {},
+        }
         print(f"\n{shape}: {rows} rows x {new} tokens, {distinct} distinct adapters (median of {rounds})")
         print(f"  {'case':22} {'seconds':>9} {'vs base':>8} {'vs base+P':>10} {'vs PEFT':>8}")
         for name, secs in medians.items():
@@ -173,8 +182,13 @@ def main() -> None:
     types = [t for t in args.types.split(",") if t]
     zoo = build_zoo(types, max(s[2] for s in SHAPES.values()))
     results = measure(zoo, types, args.rounds, not args.no_peft)
-    payload = {"machine": machine(), "base": "SmolLM2-135M-Instruct (float32)", "types": {t: TYPES[t] for t in types},
-               "shapes": results, "command": "python benchmarks/mixed_batch.py " + " ".join(sys.argv[1:])}
+    payload = {
+        "machine": machine(),
+        "base": "SmolLM2-135M-Instruct (float32)",
+        "types": {t: TYPES[t] for t in types},
+        "shapes": results,
+        "command": "python benchmarks/mixed_batch.py " + " ".join(sys.argv[1:]),
+    }
     json_path = save_json("mixed_batch", payload)
     plot(results, json_path.with_suffix(".png"))
     print(f"\nwrote {json_path} and {json_path.with_suffix('.png')}")

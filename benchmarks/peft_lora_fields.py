@@ -79,9 +79,19 @@ def main() -> None:
     print(f"\n{'kind':<14}{'parameters':>12}{'pool MiB':>10}   (slots={args.slots})")
     for kind, m in memory.items():
         print(f"{kind:<14}{m['parameters']:>12,}{m['pool_mib']:>10}")
-    path = save_json("peft_lora_fields", {"machine": machine(), "rounds": args.rounds, "slots": args.slots,
-                                          "rows": ROWS, "tokens": TOKENS, "distinct": DISTINCT,
-                                          "seconds": seconds, "memory": memory})
+    path = save_json(
+        "peft_lora_fields",
+        {
+            "machine": machine(),
+            "rounds": args.rounds,
+            "slots": args.slots,
+            "rows": ROWS,
+            "tokens": TOKENS,
+            "distinct": DISTINCT,
+            "seconds": seconds,
+            "memory": memory,
+        },
+    )
     print(f"\nwrote {path}")
 
 

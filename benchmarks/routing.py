@@ -34,26 +34,52 @@ from common import machine, save_json  # noqa: E402
 
 from adapterzoo import Zoo  # noqa: E402
 from adapterzoo.demo import SPECIALISTS  # noqa: E402
-from adapterzoo.library import exact_match, finished  # noqa: E402
 from adapterzoo.formats.native import CONFIG_FILE  # noqa: E402
+from adapterzoo.library import exact_match, finished  # noqa: E402
 from adapterzoo.routing import BACKGROUND_PROMPTS, DEFAULT_ENCODER, route  # noqa: E402
 from adapterzoo.tasks import all_tasks, get_task, instructed_examples, routing_examples  # noqa: E402
 
 GENERAL_PROMPTS = [
-    "What should I cook for dinner tonight?", "How do airplanes stay in the air?", "Tell me about the Eiffel Tower.",
-    "Can you help me write an email to my boss?", "What is the meaning of life?", "Who painted the Mona Lisa?",
-    "How many legs does a spider have?", "What's a fun weekend activity for kids?", "Explain how vaccines work.",
-    "Write a haiku about autumn leaves.", "What is the difference between a virus and a bacterium?",
-    "How do I change a flat tire?", "Give me a motivational quote.", "What are black holes?",
-    "Suggest a movie for a rainy evening.", "How does the stock market work?", "What language is spoken in Brazil?",
-    "Why do cats purr?", "How can I learn to play the guitar?", "What is the tallest mountain in the world?",
-    "Plan a three-day trip to Rome.", "What is machine learning?", "How do I keep my houseplants alive?",
-    "Describe the taste of a mango.", "What year did the first moon landing happen?", "Is coffee bad for you?",
-    "How do I say thank you in Japanese?", "What causes thunderstorms?", "Write a limerick about a dog.",
-    "What's the best way to study for an exam?", "import numpy as np", "The quarterly report shows that",
-    "Once upon a time in a small village,", "Please summarize this article for me.", "What is your favourite food?",
-    "How do magnets work?", "Recommend some podcasts about history.", "What are the symptoms of the flu?",
-    "Convert 10 miles to kilometers.", "Good evening! What can you do?",
+    "What should I cook for dinner tonight?",
+    "How do airplanes stay in the air?",
+    "Tell me about the Eiffel Tower.",
+    "Can you help me write an email to my boss?",
+    "What is the meaning of life?",
+    "Who painted the Mona Lisa?",
+    "How many legs does a spider have?",
+    "What's a fun weekend activity for kids?",
+    "Explain how vaccines work.",
+    "Write a haiku about autumn leaves.",
+    "What is the difference between a virus and a bacterium?",
+    "How do I change a flat tire?",
+    "Give me a motivational quote.",
+    "What are black holes?",
+    "Suggest a movie for a rainy evening.",
+    "How does the stock market work?",
+    "What language is spoken in Brazil?",
+    "Why do cats purr?",
+    "How can I learn to play the guitar?",
+    "What is the tallest mountain in the world?",
+    "Plan a three-day trip to Rome.",
+    "What is machine learning?",
+    "How do I keep my houseplants alive?",
+    "Describe the taste of a mango.",
+    "What year did the first moon landing happen?",
+    "Is coffee bad for you?",
+    "How do I say thank you in Japanese?",
+    "What causes thunderstorms?",
+    "Write a limerick about a dog.",
+    "What's the best way to study for an exam?",
+    "import numpy as np",
+    "The quarterly report shows that",
+    "Once upon a time in a small village,",
+    "Please summarize this article for me.",
+    "What is your favourite food?",
+    "How do magnets work?",
+    "Recommend some podcasts about history.",
+    "What are the symptoms of the flu?",
+    "Convert 10 miles to kilometers.",
+    "Good evening! What can you do?",
 ]
 
 
@@ -72,8 +98,10 @@ def trained(zoo: Zoo, tasks: dict, n: int, layer: int | None) -> dict:
     data = {name: instructed_examples(task, n, "test", seed=5, held_out=True) for name, task in tasks.items()}
     prompts = [ex.prompt for name in names for ex in data[name]]
     truth = [name for name in names for _ in data[name]]
-    rows = {"oracle": [(name, tasks[name], data[name]) for name in names],
-            "base": [(None, tasks[name], data[name]) for name in names]}
+    rows = {
+        "oracle": [(name, tasks[name], data[name]) for name in names],
+        "base": [(None, tasks[name], data[name]) for name in names],
+    }
     result = {"adapters": names, "n_per_task": n}
     for method in ("prototype", "arrow"):
         start = time.perf_counter()
@@ -84,7 +112,7 @@ def trained(zoo: Zoo, tasks: dict, n: int, layer: int | None) -> dict:
         result[f"{method}_fell_back"] = sum(c is None for c in chosen) / len(truth)
         # routed rows: each example with the adapter its router chose (or the base)
         per = {}
-        for (c, name), ex in zip(zip(chosen, truth), [ex for name in names for ex in data[name]]):
+        for (c, name), ex in zip(zip(chosen, truth), [ex for task in names for ex in data[task]]):
             per.setdefault((c, name), []).append(ex)
         rows[method] = [(c, tasks[name], exs) for (c, name), exs in per.items()]
     scores = {}
@@ -115,11 +143,16 @@ def at_scale(base: str, size: int, n: int, layer: int | None) -> dict:
     chosen = [d.adapter for d in route(zoo, prompts, layer=layer)]
     wrong_family = sum(c is not None and get_task(c).family != get_task(t).family for c, t in zip(chosen, truth))
     general = [d.adapter for d in route(zoo, GENERAL_PROMPTS, layer=layer)]
-    return {"adapters": size, "n_per_task": n, "layer": layer, "prototype_seconds": round(setup, 1),
-            "right_adapter": sum(c == t for c, t in zip(chosen, truth)) / len(truth),
-            "fell_back": sum(c is None for c in chosen) / len(truth),
-            "wrong_family": wrong_family / len(truth),
-            "general_fallback": sum(c is None for c in general) / len(general)}
+    return {
+        "adapters": size,
+        "n_per_task": n,
+        "layer": layer,
+        "prototype_seconds": round(setup, 1),
+        "right_adapter": sum(c == t for c, t in zip(chosen, truth)) / len(truth),
+        "fell_back": sum(c is None for c in chosen) / len(truth),
+        "wrong_family": wrong_family / len(truth),
+        "general_fallback": sum(c is None for c in general) / len(general),
+    }
 
 
 def _spread(size: int) -> list[str]:
@@ -148,8 +181,13 @@ def cost(zoo: Zoo, prompts: list[str], rounds: int, max_new_tokens: int, layer: 
         route_s.append(t1 - t0)
         request_s.append(t2 - t1)
     r, q = statistics.median(route_s), statistics.median(request_s)
-    return {"rounds": rounds, "max_new_tokens": max_new_tokens, "route_ms": round(r * 1000, 2),
-            "request_ms": round(q * 1000, 1), "routing_share": r / (r + q)}
+    return {
+        "rounds": rounds,
+        "max_new_tokens": max_new_tokens,
+        "route_ms": round(r * 1000, 2),
+        "request_ms": round(q * 1000, 1),
+        "routing_share": r / (r + q),
+    }
 
 
 def main() -> None:
@@ -158,8 +196,12 @@ def main() -> None:
     parser.add_argument("--library", type=Path, default=SPECIALISTS)
     parser.add_argument("--n", type=int, default=20, help="held-out inputs per task")
     parser.add_argument("--scale", default="", help="comma-separated adapter counts for routing at scale (32,116)")
-    parser.add_argument("--layer", type=int, default=None,
-                        help="base layers the router runs (default: routing.default_layer; 0: embeddings only)")
+    parser.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="base layers the router runs (default: routing.default_layer; 0: embeddings only)",
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -173,11 +215,14 @@ def main() -> None:
     results["layer"] = args.layer
     results["encoder"] = "base" if args.layer is not None else DEFAULT_ENCODER
     results["trained"] = t = trained(zoo, tasks, args.n, args.layer)
-    general = {"prototype": [d.adapter for d in route(zoo, GENERAL_PROMPTS, layer=args.layer)],
-               "arrow": [d.adapter for d in route(zoo, GENERAL_PROMPTS, method="arrow")]}
+    general = {
+        "prototype": [d.adapter for d in route(zoo, GENERAL_PROMPTS, layer=args.layer)],
+        "arrow": [d.adapter for d in route(zoo, GENERAL_PROMPTS, method="arrow")],
+    }
     results["general_fallback"] = {m: sum(c is None for c in g) / len(g) for m, g in general.items()}
-    prompts = [ex.prompt for task in tasks.values()
-               for ex in instructed_examples(task, 2, "test", seed=9, held_out=True)]
+    prompts = [
+        ex.prompt for task in tasks.values() for ex in instructed_examples(task, 2, "test", seed=9, held_out=True)
+    ]
     results["cost"] = c = cost(zoo, prompts + GENERAL_PROMPTS[:5], args.rounds, 16, args.layer)
     results["scale"] = []
     for size in [int(s) for s in args.scale.split(",") if s]:
@@ -185,24 +230,32 @@ def main() -> None:
         results["scale"].append(at_scale(args.base, size, max(2, args.n // 4), args.layer))
 
     layer = "default" if args.layer is None else args.layer
-    print(f"\n{len(tasks)} trained specialists, {args.n} held-out inputs each, paraphrased instructions, "
-          f"encoder {results['encoder']}, router layer {layer}:\n")
+    print(
+        f"\n{len(tasks)} trained specialists, {args.n} held-out inputs each, paraphrased instructions, "
+        f"encoder {results['encoder']}, router layer {layer}:\n"
+    )
     print("| router | right adapter | exact match | vs oracle | fell back on task prompts | general prompts to base |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| oracle (named) | 1.00 | {t['oracle_exact_match']:.3f} | 1.00 | - | - |")
     base_share = t["base_exact_match"] / max(t["oracle_exact_match"], 1e-9)
     print(f"| bare base | - | {t['base_exact_match']:.3f} | {base_share:.2f} | - | - |")
     for m in ("prototype", "arrow"):
-        print(f"| {m} | {t[m + '_right_adapter']:.3f} | {t[m + '_exact_match']:.3f} | {t[m + '_vs_oracle']:.3f} | "
-              f"{t[m + '_fell_back']:.3f} | {results['general_fallback'][m]:.3f} |")
-    print(f"\nrouting cost (prototype, 1 prompt): median {c['route_ms']} ms vs the request's {c['request_ms']} ms "
-          f"(16 new tokens): {100 * c['routing_share']:.1f}% of the request's time ({c['rounds']} interleaved rounds)")
+        print(
+            f"| {m} | {t[m + '_right_adapter']:.3f} | {t[m + '_exact_match']:.3f} | {t[m + '_vs_oracle']:.3f} | "
+            f"{t[m + '_fell_back']:.3f} | {results['general_fallback'][m]:.3f} |"
+        )
+    print(
+        f"\nrouting cost (prototype, 1 prompt): median {c['route_ms']} ms vs the request's {c['request_ms']} ms "
+        f"(16 new tokens): {100 * c['routing_share']:.1f}% of the request's time ({c['rounds']} interleaved rounds)"
+    )
     if results["scale"]:
         print("\n| adapters | right adapter (prototype) | fell back | wrong family | general prompts to base |")
         print("|---:|---:|---:|---:|---:|")
         for s in results["scale"]:
-            print(f"| {s['adapters']} | {s['right_adapter']:.3f} | {s['fell_back']:.3f} | {s['wrong_family']:.3f} | "
-                  f"{s['general_fallback']:.3f} |")
+            print(
+                f"| {s['adapters']} | {s['right_adapter']:.3f} | {s['fell_back']:.3f} | {s['wrong_family']:.3f} | "
+                f"{s['general_fallback']:.3f} |"
+            )
     suffix = "" if args.layer is None else f"_layer{args.layer}"
     print(f"\nwrote {save_json('routing' + suffix, results)}")
 

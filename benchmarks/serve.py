@@ -18,7 +18,8 @@ Throughput is generated tokens per second of wall time; time to first token (TTF
 from the burst's start (for static batching, when the request's batch produced its first token).
 Reports medians over rounds; writes benchmarks/results/serve.{json,png}.
 
-    python benchmarks/serve.py [--requests 48] [--adapters 100] [--max-tokens 16] [--batch 16] [--rounds 3] [--threads 1]
+    python benchmarks/serve.py [--requests 48] [--adapters 100] [--max-tokens 16] [--batch 16] [--rounds 3] \
+        [--threads 1]
 
 Two more scenarios, each against the HTTP server (in-process uvicorn), rounds interleaved:
 
@@ -50,14 +51,24 @@ from adapterzoo import Zoo  # noqa: E402
 from adapterzoo.serve import Engine, SamplingParams  # noqa: E402
 
 PROMPTS = [
-    "The capital of France is", "def fibonacci(n):", "Water boils at", "My favourite colour is",
-    "The three primary colours are", "Once upon a time, in a small village,", "1, 2, 3, 4,", "The opposite of hot is",
-    "Translate to French: good morning", "A haiku about the sea:", "SELECT name FROM users WHERE", "The best way to learn is",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at",
+    "My favourite colour is",
+    "The three primary colours are",
+    "Once upon a time, in a small village,",
+    "1, 2, 3, 4,",
+    "The opposite of hot is",
+    "Translate to French: good morning",
+    "A haiku about the sea:",
+    "SELECT name FROM users WHERE",
+    "The best way to learn is",
 ]
 
 
-def workload(n: int, adapters: int, max_tokens: int = 16, fixed_length: bool = False,
-             seed: int = 0) -> list[tuple[str, str, int]]:
+def workload(
+    n: int, adapters: int, max_tokens: int = 16, fixed_length: bool = False, seed: int = 0
+) -> list[tuple[str, str, int]]:
     """(prompt, adapter, new tokens wanted) per request."""
     rng = random.Random(seed)
     names = [f"a{i}" for i in range(adapters)]
@@ -107,14 +118,20 @@ def run_zoo(zoo: Zoo, jobs, batch: int, with_adapters: bool) -> dict:
     engine = Engine(zoo, max_batch=batch, max_queue=len(jobs) + 1).start()
     try:
         t0 = time.perf_counter()
-        handles = [engine.submit(p, a if with_adapters else None, SamplingParams(max_tokens=n, ignore_eos=True))
-                   for p, a, n in jobs]
+        handles = [
+            engine.submit(p, a if with_adapters else None, SamplingParams(max_tokens=n, ignore_eos=True))
+            for p, a, n in jobs
+        ]
         results = [h.result(3600) for h in handles]
         wall = time.perf_counter() - t0
     finally:
         engine.stop()
-    return {"wall": wall, "tokens": sum(r.completion_tokens for r in results), "ttft": [r.ttft for r in results],
-            "texts": [r.text for r in results]}
+    return {
+        "wall": wall,
+        "tokens": sum(r.completion_tokens for r in results),
+        "ttft": [r.ttft for r in results],
+        "texts": [r.text for r in results],
+    }
 
 
 def _hf_generate(model, tok, prompts, wanted: list[int], **kwargs):
@@ -124,9 +141,16 @@ def _hf_generate(model, tok, prompts, wanted: list[int], **kwargs):
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     first = FirstToken()
     steps = max(wanted)
-    out = model.generate(**enc, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                         pad_token_id=tok.pad_token_id, logits_processor=LogitsProcessorList([first]), **kwargs)
-    new = out[:, enc["input_ids"].shape[1]:]
+    out = model.generate(
+        **enc,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        logits_processor=LogitsProcessorList([first]),
+        **kwargs,
+    )
+    new = out[:, enc["input_ids"].shape[1] :]
     texts = [tok.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, wanted)]
     return texts, first.at, sum(wanted)
 
@@ -136,7 +160,7 @@ def run_static(model, tok, jobs, batch: int, mixed: bool | None) -> dict:
     t0 = time.perf_counter()
     ttft, texts, tokens = [0.0] * len(jobs), [""] * len(jobs), 0
     for start in range(0, len(jobs), batch):
-        chunk = jobs[start:start + batch]
+        chunk = jobs[start : start + batch]
         kwargs = {"adapter_names": [a for _, a, _ in chunk]} if mixed else {}
         out, first, n = _hf_generate(model, tok, [p for p, _, _ in chunk], [w for _, _, w in chunk], **kwargs)
         tokens += n
@@ -155,7 +179,7 @@ def run_set_adapter(peft, tok, jobs, batch: int) -> dict:
     for name, idx in groups.items():
         peft.set_adapter(name)
         for start in range(0, len(idx), batch):
-            part = idx[start:start + batch]
+            part = idx[start : start + batch]
             out, first, n = _hf_generate(peft, tok, [jobs[i][0] for i in part], [jobs[i][2] for i in part])
             tokens += n
             for i, text in zip(part, out):
@@ -176,18 +200,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fixed-length", action="store_true", help="every request asks for exactly --max-tokens")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for every system (1 is steadier on a CPU shared with other jobs)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for every system (1 is steadier on a CPU shared with other jobs)",
+    )
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--scenario", choices=["throughput", "mixed-types", "fairness"], default="throughput",
-                    help="throughput: engine vs HF/PEFT (above); mixed-types: all six types vs base-only over HTTP; "
-                         "fairness: a 4-token request during another tenant's 256-prompt flood")
+    ap.add_argument(
+        "--scenario",
+        choices=["throughput", "mixed-types", "fairness"],
+        default="throughput",
+        help="throughput: engine vs HF/PEFT (above); mixed-types: all six types vs base-only over HTTP; "
+        "fairness: a 4-token request during another tenant's 256-prompt flood",
+    )
     ap.add_argument("--clients", type=int, default=16, help="mixed-types: closed-loop HTTP clients")
     ap.add_argument("--per-client", type=int, default=2, help="mixed-types: requests per client per round")
     ap.add_argument("--per-type", action="store_true", help="mixed-types: also each type alone")
     ap.add_argument("--samples", type=int, default=3, help="fairness: 4-token requests per phase (median)")
-    ap.add_argument("--no-shares", action="store_true",
-                    help="fairness: no queue or row shares (as before them), to compare")
+    ap.add_argument(
+        "--no-shares", action="store_true", help="fairness: no queue or row shares (as before them), to compare"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,10 +238,12 @@ def main(argv: list[str] | None = None) -> dict:
     tok = copy.deepcopy(zoo.tokenizer)
     tok.padding_side = "left"
     jobs = workload(args.requests, args.adapters, args.max_tokens, args.fixed_length)
-    print(f"built base + {args.adapters} adapters (zoo and PEFT) in {time.perf_counter() - t_build:.0f}s; "
-          f"{args.requests} requests over {len({a for _, a, _ in jobs})} distinct adapters, "
-          f"{min(n for *_, n in jobs)}-{max(n for *_, n in jobs)} new tokens each, "
-          f"batch {args.batch}, {args.rounds} rounds")
+    print(
+        f"built base + {args.adapters} adapters (zoo and PEFT) in {time.perf_counter() - t_build:.0f}s; "
+        f"{args.requests} requests over {len({a for _, a, _ in jobs})} distinct adapters, "
+        f"{min(n for *_, n in jobs)}-{max(n for *_, n in jobs)} new tokens each, "
+        f"batch {args.batch}, {args.rounds} rounds"
+    )
     systems = {
         "zoo": lambda: run_zoo(zoo, jobs, args.batch, True),
         "zoo (base)": lambda: run_zoo(zoo, jobs, args.batch, False),
@@ -223,7 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
             for name, fn in systems.items():
                 runs[name].append(fn())
                 last = runs[name][-1]
-                print(f"  round {r + 1} {name:17} {last['tokens'] / last['wall']:7.1f} tok/s  wall {last['wall']:.1f}s", flush=True)
+                print(
+                    f"  round {r + 1} {name:17} {last['tokens'] / last['wall']:7.1f} tok/s  wall {last['wall']:.1f}s",
+                    flush=True,
+                )
     summary = {}
     for name, rs in runs.items():
         summary[name] = {
@@ -249,9 +287,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"zoo / PEFT set_adapter:              {ratios['zoo_over_peft_set_adapter']:.2f}x")
     print(f"zoo / PEFT mixed adapter_names:      {ratios['zoo_over_peft_mixed']:.2f}x")
     print(f"same text as PEFT mixed (greedy):    {agree:.0%} of requests")
-    payload = {"config": vars(args), "distinct_adapters": len({a for _, a, _ in jobs}), "machine": machine(),
-               "summary": summary, "ratios": ratios, "agreement_with_peft": agree,
-               "command": "python benchmarks/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    payload = {
+        "config": vars(args),
+        "distinct_adapters": len({a for _, a, _ in jobs}),
+        "machine": machine(),
+        "summary": summary,
+        "ratios": ratios,
+        "agreement_with_peft": agree,
+        "command": "python benchmarks/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     path = save_json("serve", payload)
     print(f"wrote {path}")
     if not args.no_plot:
@@ -329,8 +373,16 @@ def closed_loop(url: str, names: list[str | None], clients: int, per_client: int
     def client(plan):
         with httpx.Client(base_url=url, timeout=600) as http:
             for prompt, name in plan:
-                r = http.post("/v1/completions", json={"model": name or "smollm2", "prompt": prompt, "temperature": 0,
-                                                       "max_tokens": max_tokens, "ignore_eos": True})
+                r = http.post(
+                    "/v1/completions",
+                    json={
+                        "model": name or "smollm2",
+                        "prompt": prompt,
+                        "temperature": 0,
+                        "max_tokens": max_tokens,
+                        "ignore_eos": True,
+                    },
+                )
                 if r.status_code != 200:
                     errors.append(r.text)
                     continue
@@ -399,10 +451,20 @@ def fairness(args) -> dict:
     tenants = Tenants.from_dict({"tenants": {"flood": {"keys": ["k-flood"]}, "small": {"keys": ["k-small"]}}})
     shares = {} if not args.no_shares else {"max_rows_per_tenant": args.batch, "max_queue_per_tenant": 1024}
     server = build_server(zoo, base_name="smollm2", tenants=tenants, max_batch=args.batch, max_queue=1024, **shares)
-    body = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
-            "ignore_eos": True}
-    flood_body = {"model": "smollm2", "prompt": PROMPTS * (256 // len(PROMPTS)) + PROMPTS[:256 % len(PROMPTS)],
-                  "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": "smollm2",
+        "prompt": "The capital of France is",
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    flood_body = {
+        "model": "smollm2",
+        "prompt": PROMPTS * (256 // len(PROMPTS)) + PROMPTS[: 256 % len(PROMPTS)],
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
     def small(http) -> float:
         t0 = time.perf_counter()
@@ -414,15 +476,18 @@ def fairness(args) -> dict:
     idle, flooded = [], []
     with running_app(server) as url, httpx.Client(base_url=url, timeout=600) as http:
         port = int(url.rsplit(":", 1)[1])
-        flood_request = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k-flood\r\n"
-                         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload
+        flood_request = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k-flood\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
         small(http)  # warm-up
         for r in range(args.rounds):
             idle.append(statistics.median(small(http) for _ in range(args.samples)))
             stop = threading.Event()
             sockets: list[socket.socket] = []
 
-            def flood():  # raw sockets: shutting one down is a disconnect, which cancels the flood at once
+            # raw sockets: shutting one down is a disconnect, which cancels the flood at once
+            def flood(stop=stop, sockets=sockets):
                 while not stop.is_set():
                     sock = socket.create_connection(("127.0.0.1", port))
                     sockets.append(sock)
@@ -449,11 +514,16 @@ def fairness(args) -> dict:
             flooder.join()
             while server.engine.stats()["running"] or server.engine.stats()["waiting"]:
                 time.sleep(0.05)  # the flood's rows leave before the next idle measurement
-            print(f"  round {r + 1}: 4-token request idle {idle[-1]:.2f}s, during the flood {flooded[-1]:.2f}s", flush=True)
+            print(
+                f"  round {r + 1}: 4-token request idle {idle[-1]:.2f}s, during the flood {flooded[-1]:.2f}s",
+                flush=True,
+            )
     result = {"idle_s": statistics.median(idle), "flooded_s": statistics.median(flooded)}
     result["ratio"] = result["flooded_s"] / result["idle_s"]
-    print(f"\n4-token request: idle {result['idle_s']:.2f}s, during a 256-prompt flood {result['flooded_s']:.2f}s "
-          f"({result['ratio']:.2f}x; aim < 2x)")
+    print(
+        f"\n4-token request: idle {result['idle_s']:.2f}s, during a 256-prompt flood {result['flooded_s']:.2f}s "
+        f"({result['ratio']:.2f}x; aim < 2x)"
+    )
     return result
 
 

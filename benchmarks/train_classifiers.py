@@ -57,31 +57,63 @@ def main() -> None:
         zoo.add_adapter(name, type_name, seed=i, head=head, **TYPES[type_name])
         before = score_task(zoo, [name], task, test)[name]  # a new adapter and its untrained head
         start = time.perf_counter()
-        report = zoo.train(name, train, eval_examples=val, max_steps=args.steps, batch_size=args.batch_size,
-                           lr=args.lr, eval_every=max(1, args.steps // 5), progress=not args.quiet)
+        report = zoo.train(
+            name,
+            train,
+            eval_examples=val,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            eval_every=max(1, args.steps // 5),
+            progress=not args.quiet,
+        )
         seconds = time.perf_counter() - start
         r = report[name]
-        rows[type_name] = {"adapter": name, "parameters": zoo.get_adapter(name).num_parameters(), "lr": r.lr,
-                           "before": before,
-                           "steps": r.steps, "seconds": round(seconds, 1), "tokens_per_s": round(r.tokens_per_s, 1),
-                           "val_best": r.best_eval, "final_train_loss": r.final_train_loss, "history": r.history}
+        rows[type_name] = {
+            "adapter": name,
+            "parameters": zoo.get_adapter(name).num_parameters(),
+            "lr": r.lr,
+            "before": before,
+            "steps": r.steps,
+            "seconds": round(seconds, 1),
+            "tokens_per_s": round(r.tokens_per_s, 1),
+            "val_best": r.best_eval,
+            "final_train_loss": r.final_train_loss,
+            "history": r.history,
+        }
         names.append(name)
-        print(f"{type_name:12} {rows[type_name]['parameters']:>8,} params (head included)  lr {r.lr:g}  "
-              f"{r.steps} steps in {seconds:.0f}s  val accuracy {r.best_eval:.3f}", flush=True)
+        print(
+            f"{type_name:12} {rows[type_name]['parameters']:>8,} params (head included)  lr {r.lr:g}  "
+            f"{r.steps} steps in {seconds:.0f}s  val accuracy {r.best_eval:.3f}",
+            flush=True,
+        )
     scores = score_task(zoo, names, task, test)  # every adapter, every test input: one mixed batch at a time
     for type_name, name in zip(types, names):
         rows[type_name]["test_accuracy"] = scores[name]
     chance = 1 / len(task.labels)
-    print(f"\n{args.task} ({len(task.labels)} balanced classes, chance {chance:.2f}), test accuracy on {len(test)} "
-          "inputs, all adapters scored in mixed batches:")
-    print("\n| type | params (with head) | lr | steps (batch %d) | time | before | trained |" % args.batch_size)
+    print(
+        f"\n{args.task} ({len(task.labels)} balanced classes, chance {chance:.2f}), test accuracy on {len(test)} "
+        "inputs, all adapters scored in mixed batches:"
+    )
+    print(f"\n| type | params (with head) | lr | steps (batch {args.batch_size}) | time | before | trained |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for type_name, r in rows.items():
-        print(f"| {type_name} | {r['parameters']:,} | {r['lr']:g} | {r['steps']} | {r['seconds']:.0f} s | "
-              f"{r['before']:.2f} | **{r['test_accuracy']:.2f}** |")
-    payload = {"machine": machine(), "base": args.base, "task": args.task, "labels": list(task.labels), "chance": chance,
-               "pooling": args.pooling, "batch_size": args.batch_size, "n_test": len(test), "types": rows,
-               "command": "python benchmarks/train_classifiers.py " + " ".join(sys.argv[1:])}
+        print(
+            f"| {type_name} | {r['parameters']:,} | {r['lr']:g} | {r['steps']} | {r['seconds']:.0f} s | "
+            f"{r['before']:.2f} | **{r['test_accuracy']:.2f}** |"
+        )
+    payload = {
+        "machine": machine(),
+        "base": args.base,
+        "task": args.task,
+        "labels": list(task.labels),
+        "chance": chance,
+        "pooling": args.pooling,
+        "batch_size": args.batch_size,
+        "n_test": len(test),
+        "types": rows,
+        "command": "python benchmarks/train_classifiers.py " + " ".join(sys.argv[1:]),
+    }
     path = save_json("train_classifiers", payload)
     import matplotlib
 

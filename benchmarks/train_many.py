@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TRAINED_TYPES as TYPES, machine, save_json  # noqa: E402
+from common import TRAINED_TYPES as TYPES  # noqa: E402
+from common import machine, save_json
 
 from adapterzoo import Zoo  # noqa: E402
 from adapterzoo.tasks import all_tasks  # noqa: E402
@@ -86,15 +87,30 @@ def main() -> None:
                 if mode == "together":
                     joint = state
                 else:
-                    for (a, xs), (b, ys) in zip(joint.items(), state.items()):
+                    for (_a, xs), (_b, ys) in zip(joint.items(), state.items()):
                         diff = max(diff, max(float((x - y).abs().max()) for x, y in zip(xs, ys)))
         together, alone = statistics.median(times["together"]), statistics.median(times["one_by_one"])
-        results[n] = {"together_s": together, "one_by_one_s": alone, "speedup": alone / together,
-                      "max_abs_diff": diff, "times": times}
-        print(f"N={n:3}: together {together:7.1f}s  one by one {alone:7.1f}s  speedup {alone / together:5.2f}x  "
-              f"max |difference| {diff:.1e}", flush=True)
-    payload = {"machine": machine(), "base": args.base, "types": types, "steps": args.steps, "batch_per_adapter": args.batch,
-               "results": results, "command": "python benchmarks/train_many.py " + " ".join(sys.argv[1:])}
+        results[n] = {
+            "together_s": together,
+            "one_by_one_s": alone,
+            "speedup": alone / together,
+            "max_abs_diff": diff,
+            "times": times,
+        }
+        print(
+            f"N={n:3}: together {together:7.1f}s  one by one {alone:7.1f}s  speedup {alone / together:5.2f}x  "
+            f"max |difference| {diff:.1e}",
+            flush=True,
+        )
+    payload = {
+        "machine": machine(),
+        "base": args.base,
+        "types": types,
+        "steps": args.steps,
+        "batch_per_adapter": args.batch,
+        "results": results,
+        "command": "python benchmarks/train_many.py " + " ".join(sys.argv[1:]),
+    }
     path = save_json(args.out, payload)
     plot(results, path.with_suffix(".png"), args)
     print(f"wrote {path} and {path.with_suffix('.png')}")
@@ -111,8 +127,14 @@ def plot(results: dict, path: Path, args) -> None:
     ax.plot(ns, [results[n]["one_by_one_s"] for n in ns], "o-", color="#c55", label="one after another")
     ax.plot(ns, [results[n]["together_s"] for n in ns], "o-", color="#37a", label="all at once (one mixed batch)")
     for n in ns:
-        ax.annotate(f"{results[n]['speedup']:.1f}x", (n, results[n]["together_s"]), textcoords="offset points",
-                    xytext=(0, -14), ha="center", fontsize=8)
+        ax.annotate(
+            f"{results[n]['speedup']:.1f}x",
+            (n, results[n]["together_s"]),
+            textcoords="offset points",
+            xytext=(0, -14),
+            ha="center",
+            fontsize=8,
+        )
     ax.set_xlabel("adapters trained")
     ax.set_ylabel("wall time (s)")
     ax.set_title(f"{args.steps} steps x {args.batch} rows per adapter, SmolLM2-135M (CPU)")

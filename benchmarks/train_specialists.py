@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, TRAINED_TYPES as TYPES, machine, save_json  # noqa: E402
+from common import RESULTS, machine, save_json  # noqa: E402
+from common import TRAINED_TYPES as TYPES
 
 from adapterzoo import Zoo  # noqa: E402
 from adapterzoo.tasks import get_task  # noqa: E402
@@ -57,22 +58,40 @@ def train_types(zoo: Zoo, args) -> dict:
             last[0] = now
 
         start = time.perf_counter()
-        report = zoo.train(name, train, eval_examples=val, max_steps=args.steps, batch_size=args.batch_size,
-                           eval_every=args.eval_every, progress=not args.quiet, on_step=tick)
+        report = zoo.train(
+            name,
+            train,
+            eval_examples=val,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            eval_every=args.eval_every,
+            progress=not args.quiet,
+            on_step=tick,
+        )
         seconds = time.perf_counter() - start
         r = report[name]
         trained = score_task(zoo, [name], task, test)[name]
         rows[type_name] = {
-            "adapter": name, "config": TYPES[type_name], "parameters": zoo.get_adapter(name).num_parameters(),
-            "lr": r.lr, "steps": r.steps, "seconds": round(seconds, 1),
+            "adapter": name,
+            "config": TYPES[type_name],
+            "parameters": zoo.get_adapter(name).num_parameters(),
+            "lr": r.lr,
+            "steps": r.steps,
+            "seconds": round(seconds, 1),
             "median_step_s": round(statistics.median(step_times[1:] or step_times), 3),
-            "tokens_per_s": round(r.tokens_per_s, 1), "final_train_loss": r.final_train_loss,
-            "val_best": r.best_eval, "val_best_step": r.best_step, "base": base, "trained": trained,
+            "tokens_per_s": round(r.tokens_per_s, 1),
+            "final_train_loss": r.final_train_loss,
+            "val_best": r.best_eval,
+            "val_best_step": r.best_step,
+            "base": base,
+            "trained": trained,
             "history": r.history,
         }
-        print(f"{type_name:12} {rows[type_name]['parameters']:>9,} params  lr {r.lr:g}  {r.steps} steps in "
-              f"{seconds:.0f}s (median {rows[type_name]['median_step_s']}s/step)  base {base:.3f} -> {trained:.3f}",
-              flush=True)
+        print(
+            f"{type_name:12} {rows[type_name]['parameters']:>9,} params  lr {r.lr:g}  {r.steps} steps in "
+            f"{seconds:.0f}s (median {rows[type_name]['median_step_s']}s/step)  base {base:.3f} -> {trained:.3f}",
+            flush=True,
+        )
     return {"task": args.task, "batch_size": args.batch_size, "n_test": len(test), "base": base, "types": rows}
 
 
@@ -84,11 +103,20 @@ def routing(zoo: Zoo, args) -> dict:
     data = [t.examples(args.routing_steps * args.routing_batch, "train", seed=1) for t in tasks]
     val = [t.examples(args.n_val, "val", seed=1) for t in tasks]
     start = time.perf_counter()
-    report = zoo.train(names, data, eval_examples=val, max_steps=args.routing_steps, batch_size=args.routing_batch,
-                       progress=not args.quiet)
+    report = zoo.train(
+        names,
+        data,
+        eval_examples=val,
+        max_steps=args.routing_steps,
+        batch_size=args.routing_batch,
+        progress=not args.quiet,
+    )
     seconds = time.perf_counter() - start
-    print(f"\nrouting: {len(names)} LoRA specialists trained at once, {args.routing_steps} steps of "
-          f"{len(names)} x {args.routing_batch} rows, in {seconds:.0f}s", flush=True)
+    print(
+        f"\nrouting: {len(names)} LoRA specialists trained at once, {args.routing_steps} steps of "
+        f"{len(names)} x {args.routing_batch} rows, in {seconds:.0f}s",
+        flush=True,
+    )
     matrix = []
     base_row = []
     for task in tasks:  # one task at a time; every specialist (and the base) on its test inputs, mixed
@@ -100,33 +128,55 @@ def routing(zoo: Zoo, args) -> dict:
     by_adapter = [[matrix[j][k] for j in range(len(tasks))] for k in range(len(names))]
     diagonal = [by_adapter[k][k] for k in range(len(names))]
     off = [by_adapter[k][j] for k in range(len(names)) for j in range(len(tasks)) if j != k]
-    print(f"diagonal mean {statistics.mean(diagonal):.3f} (min {min(diagonal):.3f}); off-diagonal mean "
-          f"{statistics.mean(off):.3f} (max {max(off):.3f}); base mean {statistics.mean(base_row):.3f}", flush=True)
-    return {"tasks": args.routing_tasks, "adapters": names, "steps": args.routing_steps,
-            "batch_per_adapter": args.routing_batch, "seconds": round(seconds, 1), "n_test": args.n_routing_test,
-            "matrix": by_adapter, "base": base_row, "diagonal_mean": statistics.mean(diagonal),
-            "off_diagonal_mean": statistics.mean(off), "off_diagonal_max": max(off),
-            "val_best": {n: report[n].best_eval for n in names}}
+    print(
+        f"diagonal mean {statistics.mean(diagonal):.3f} (min {min(diagonal):.3f}); off-diagonal mean "
+        f"{statistics.mean(off):.3f} (max {max(off):.3f}); base mean {statistics.mean(base_row):.3f}",
+        flush=True,
+    )
+    return {
+        "tasks": args.routing_tasks,
+        "adapters": names,
+        "steps": args.routing_steps,
+        "batch_per_adapter": args.routing_batch,
+        "seconds": round(seconds, 1),
+        "n_test": args.n_routing_test,
+        "matrix": by_adapter,
+        "base": base_row,
+        "diagonal_mean": statistics.mean(diagonal),
+        "off_diagonal_mean": statistics.mean(off),
+        "off_diagonal_max": max(off),
+        "val_best": {n: report[n].best_eval for n in names},
+    }
 
 
 def markdown(results: dict) -> str:
     lines = []
     if "types" in results:
         t = results["types"]
-        lines += [f"Task `{t['task']}` (SmolLM2-135M-Instruct, float32, this CPU), exact match on {t['n_test']} "
-                  "held-out test inputs:", "",
-                  "| type | trainable params | lr | steps (batch %d) | time | base | trained |" % t["batch_size"],
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"Task `{t['task']}` (SmolLM2-135M-Instruct, float32, this CPU), exact match on {t['n_test']} "
+            "held-out test inputs:",
+            "",
+            f"| type | trainable params | lr | steps (batch {t['batch_size']}) | time | base | trained |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for type_name, r in t["types"].items():
-            lines.append(f"| {type_name} | {r['parameters']:,} | {r['lr']:g} | {r['steps']} | {r['seconds']:.0f} s | "
-                         f"{r['base']:.2f} | **{r['trained']:.2f}** |")
+            lines.append(
+                f"| {type_name} | {r['parameters']:,} | {r['lr']:g} | {r['steps']} | {r['seconds']:.0f} s | "
+                f"{r['base']:.2f} | **{r['trained']:.2f}** |"
+            )
     if "routing" in results:
         r = results["routing"]
         short = [n.removeprefix("r-") for n in r["adapters"]]
-        lines += ["", f"Routing: {len(short)} LoRA specialists trained at once in one mixed batch "
-                      f"({r['steps']} steps of {len(short)} x {r['batch_per_adapter']} rows, {r['seconds']:.0f} s); "
-                      f"exact match of specialist (row) on task (column), {r['n_test']} test inputs each:", "",
-                  "| specialist \\ task | " + " | ".join(short) + " |", "|---|" + "---:|" * len(short)]
+        lines += [
+            "",
+            f"Routing: {len(short)} LoRA specialists trained at once in one mixed batch "
+            f"({r['steps']} steps of {len(short)} x {r['batch_per_adapter']} rows, {r['seconds']:.0f} s); "
+            f"exact match of specialist (row) on task (column), {r['n_test']} test inputs each:",
+            "",
+            "| specialist \\ task | " + " | ".join(short) + " |",
+            "|---|" + "---:|" * len(short),
+        ]
         for k, name in enumerate(short):
             cells = [f"**{v:.2f}**" if j == k else f"{v:.2f}" for j, v in enumerate(r["matrix"][k])]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -149,7 +199,9 @@ def plot(results: dict) -> list[Path]:
         ax.bar([x - 0.2 for x in xs], [t["types"][n]["base"] for n in names], 0.4, label="bare base", color="#999")
         ax.bar([x + 0.2 for x in xs], [t["types"][n]["trained"] for n in names], 0.4, label="trained", color="#37a")
         for x, n in zip(xs, names):
-            ax.text(x + 0.2, t["types"][n]["trained"] + 0.02, f"{t['types'][n]['trained']:.2f}", ha="center", fontsize=8)
+            ax.text(
+                x + 0.2, t["types"][n]["trained"] + 0.02, f"{t['types'][n]['trained']:.2f}", ha="center", fontsize=8
+            )
         ax.set_xticks(list(xs), names)
         ax.set_ylim(0, 1.1)
         ax.set_ylabel("exact match (test)")
@@ -206,8 +258,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     zoo = Zoo.from_pretrained(args.base, device="cpu", dtype=torch.float32, slots=16)
-    results: dict = {"machine": machine(), "base": args.base,
-                     "command": "python benchmarks/train_specialists.py " + " ".join(sys.argv[1:])}
+    results: dict = {
+        "machine": machine(),
+        "base": args.base,
+        "command": "python benchmarks/train_specialists.py " + " ".join(sys.argv[1:]),
+    }
     previous = RESULTS / "train_specialists.json"
     if previous.exists() and (args.skip_types or args.skip_routing):  # keep the part not re-run
         import json

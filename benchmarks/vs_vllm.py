@@ -49,9 +49,17 @@ PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 MARK = "@@vs_vllm "  # the worker's replies start with this (vLLM logs to the same stdout)
 
 PROMPTS = [
-    "The capital of France is", "def fibonacci(n):", "Water boils at", "My favourite colour is",
-    "The three primary colours are", "Once upon a time, in a small village,", "1, 2, 3, 4,", "The opposite of hot is",
-    "Translate to French: good morning", "A haiku about the sea:", "SELECT name FROM users WHERE",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at",
+    "My favourite colour is",
+    "The three primary colours are",
+    "Once upon a time, in a small village,",
+    "1, 2, 3, 4,",
+    "The opposite of hot is",
+    "Translate to French: good morning",
+    "A haiku about the sea:",
+    "SELECT name FROM users WHERE",
     "The best way to learn is",
 ]
 # ~512-token prompts: this paragraph repeated and cut at 512 tokens, each opened by a short prompt
@@ -91,7 +99,7 @@ def workload(tokenizer, n: int, adapters: int, long: bool = False, seed: int = 0
     for a in chosen:
         ids = tokenizer(rng.choice(PROMPTS), add_special_tokens=False)["input_ids"]
         if long:
-            ids = (filler[: 512 - len(ids)] + ids)
+            ids = filler[: 512 - len(ids)] + ids
         jobs.append((ids, a, rng.randint(8, 56)))
     return jobs
 
@@ -115,8 +123,18 @@ def vllm_worker(folder: str, adapters_dir: str, batch: int, max_model_len: int, 
     from vllm.lora.request import LoRARequest
 
     extra = {"gpu_memory_utilization": 0.3} if device == "cuda" else {}
-    llm = LLM(model=folder, dtype=dtype, enable_lora=True, max_loras=16, max_lora_rank=8, max_cpu_loras=64,
-              max_num_seqs=batch, max_model_len=max_model_len, disable_log_stats=False, **extra)
+    llm = LLM(
+        model=folder,
+        dtype=dtype,
+        enable_lora=True,
+        max_loras=16,
+        max_lora_rank=8,
+        max_cpu_loras=64,
+        max_num_seqs=batch,
+        max_model_len=max_model_len,
+        disable_log_stats=False,
+        **extra,
+    )
     print(MARK + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         msg = json.loads(line)
@@ -129,12 +147,22 @@ def vllm_worker(folder: str, adapters_dir: str, batch: int, max_model_len: int, 
         t0 = time.time()
         outs = llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
         wall = time.time() - t0
-        ttft = [o.metrics.arrival_time + o.metrics.first_token_latency - t0 if o.metrics else float("nan")
-                for o in outs]
-        print(MARK + json.dumps({
-            "wall": wall, "tokens": sum(len(o.outputs[0].token_ids) for o in outs), "ttft": ttft,
-            "texts": [o.outputs[0].text for o in outs], "ids": [list(o.outputs[0].token_ids) for o in outs],
-        }), flush=True)
+        ttft = [
+            o.metrics.arrival_time + o.metrics.first_token_latency - t0 if o.metrics else float("nan") for o in outs
+        ]
+        print(
+            MARK
+            + json.dumps(
+                {
+                    "wall": wall,
+                    "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+                    "ttft": ttft,
+                    "texts": [o.outputs[0].text for o in outs],
+                    "ids": [list(o.outputs[0].token_ids) for o in outs],
+                }
+            ),
+            flush=True,
+        )
 
 
 class VLLM:
@@ -147,17 +175,37 @@ class VLLM:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
         self.log = log.open("a")
         self.proc = subprocess.Popen(
-            [str(python), __file__, "--worker", "--folder", str(folder), "--adapters-dir", str(adapters_dir),
-             "--batch", str(batch), "--max-model-len", str(max_model_len), "--dtype", args.dtype,
-             "--device", args.device],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=str(ROOT),
-            start_new_session=True)  # its own process group: vLLM's engine processes outlive a killed parent
+            [
+                str(python),
+                __file__,
+                "--worker",
+                "--folder",
+                str(folder),
+                "--adapters-dir",
+                str(adapters_dir),
+                "--batch",
+                str(batch),
+                "--max-model-len",
+                str(max_model_len),
+                "--dtype",
+                args.dtype,
+                "--device",
+                args.device,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            cwd=str(ROOT),
+            start_new_session=True,
+        )  # its own process group: vLLM's engine processes outlive a killed parent
         self._reply()  # ready
 
     def _reply(self) -> dict:
         for line in self.proc.stdout:
             if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
+                return json.loads(line[len(MARK) :])
             self.log.write(line)
         raise SystemExit(f"the vLLM worker exited (code {self.proc.wait()}); see {self.log.name}")
 
@@ -206,8 +254,10 @@ def run_ours(zoo, jobs, batch: int, names: list[str] | None) -> dict:
     engine = Engine(zoo, max_batch=batch, max_queue=len(jobs) + 1).start()
     try:
         t0 = time.perf_counter()
-        handles = [engine.submit(ids, names[a] if names else None, SamplingParams(max_tokens=n, ignore_eos=True))
-                   for ids, a, n in jobs]
+        handles = [
+            engine.submit(ids, names[a] if names else None, SamplingParams(max_tokens=n, ignore_eos=True))
+            for ids, a, n in jobs
+        ]
         results = [h.result(3600) for h in handles]
         wall = time.perf_counter() - t0
         threads = {n: round(s, 1) for n, s in sorted(engine.threads.seconds_at.items())}
@@ -216,8 +266,14 @@ def run_ours(zoo, jobs, batch: int, names: list[str] | None) -> dict:
     failed = [r.error for r in results if r.error is not None]
     if failed:
         raise SystemExit(f"{len(failed)} requests failed, the first: {failed[0]}")
-    return {"wall": wall, "tokens": sum(r.completion_tokens for r in results), "ttft": [r.ttft for r in results],
-            "texts": [r.text for r in results], "ids": [list(r.token_ids) for r in results], "threads": threads}
+    return {
+        "wall": wall,
+        "tokens": sum(r.completion_tokens for r in results),
+        "ttft": [r.ttft for r in results],
+        "texts": [r.text for r in results],
+        "ids": [list(r.token_ids) for r in results],
+        "threads": threads,
+    }
 
 
 class Neighbour:
@@ -259,15 +315,18 @@ def summarise(runs: list[dict]) -> dict:
         "wall_s": statistics.median(r["wall"] for r in runs),
         "ttft_p50_s": statistics.median(pct(r["ttft"], 0.5) for r in runs),
         "ttft_p99_s": statistics.median(pct(r["ttft"], 0.99) for r in runs),
-        "tokens": runs[0]["tokens"], "rounds": len(runs),
+        "tokens": runs[0]["tokens"],
+        "rounds": len(runs),
         **({"threads_seconds": [r["threads"] for r in runs]} if "threads" in runs[0] else {}),
     }
 
 
 def agreement(ours: dict, theirs: dict) -> dict:
     n = len(ours["texts"])
-    return {"text": sum(a == b for a, b in zip(ours["texts"], theirs["texts"])) / n,
-            "token_ids": sum(a == b for a, b in zip(ours["ids"], theirs["ids"])) / n}
+    return {
+        "text": sum(a == b for a, b in zip(ours["texts"], theirs["texts"])) / n,
+        "token_ids": sum(a == b for a, b in zip(ours["ids"], theirs["ids"])) / n,
+    }
 
 
 def run_shape(name: str, args, zoo, tokenizer, folder: Path, adapters_dir: Path, type_names: dict) -> dict:
@@ -278,12 +337,14 @@ def run_shape(name: str, args, zoo, tokenizer, folder: Path, adapters_dir: Path,
     lora = [f"a{i}" for i in range(args.adapters)]
     cases = [c for c in args.cases if c in ("lora", "base") or (name == "main" and c not in ("lora", "base"))]
     rounds = args.rounds if name == "main" else args.shape_rounds
-    print(f"\n[{name}] batch {batch}, {len(jobs)} requests, prompts {min(len(j[0]) for j in jobs)}-"
-          f"{max(len(j[0]) for j in jobs)} tokens, {rounds} rounds, cases {','.join(cases)}", flush=True)
+    print(
+        f"\n[{name}] batch {batch}, {len(jobs)} requests, prompts {min(len(j[0]) for j in jobs)}-"
+        f"{max(len(j[0]) for j in jobs)} tokens, {rounds} rounds, cases {','.join(cases)}",
+        flush=True,
+    )
     t = time.perf_counter()
     log = Path(tempfile.gettempdir()) / "vs_vllm_worker.log"
-    vllm = VLLM(folder, adapters_dir, batch, 1024 if long else 512, log, args) \
-        if not args.ours_only else None
+    vllm = VLLM(folder, adapters_dir, batch, 1024 if long else 512, log, args) if not args.ours_only else None
     print(f"  vLLM worker up in {time.perf_counter() - t:.0f}s (load average {load_average()})", flush=True)
     noisy_jobs = jobs[:16]
     systems: dict[str, callable] = {}
@@ -295,8 +356,9 @@ def run_shape(name: str, args, zoo, tokenizer, folder: Path, adapters_dir: Path,
                 systems[f"vllm {case}"] = lambda lora=case == "lora": vllm.run(jobs, lora)
         elif case == "noisy":
             for quiet in ("quiet", "noisy"):
-                systems[f"ours lora {quiet}"] = \
-                    lambda q=quiet: _maybe_noisy(q, lambda: run_ours(zoo, noisy_jobs, batch, lora))
+                systems[f"ours lora {quiet}"] = lambda q=quiet: _maybe_noisy(
+                    q, lambda: run_ours(zoo, noisy_jobs, batch, lora)
+                )
                 if vllm:
                     systems[f"vllm lora {quiet}"] = lambda q=quiet: _maybe_noisy(q, lambda: vllm.run(noisy_jobs, True))
         else:
@@ -315,30 +377,39 @@ def run_shape(name: str, args, zoo, tokenizer, folder: Path, adapters_dir: Path,
                 loads.append(load_average())
                 out = fn()
                 runs[s].append(out)
-                print(f"  round {r + 1} {s:22} {out['tokens'] / out['wall']:7.1f} tok/s  wall {out['wall']:5.1f}s  "
-                      f"load {loads[-1]}" + (f"  threads:seconds {out['threads']}" if "threads" in out else ""),
-                      flush=True)
+                print(
+                    f"  round {r + 1} {s:22} {out['tokens'] / out['wall']:7.1f} tok/s  wall {out['wall']:5.1f}s  "
+                    f"load {loads[-1]}" + (f"  threads:seconds {out['threads']}" if "threads" in out else ""),
+                    flush=True,
+                )
     finally:
         if vllm:
             vllm.close()
     summary = {s: summarise(rs) for s, rs in runs.items()}
-    result = {"batch": batch, "requests": len(jobs), "summary": summary,
-              "load_average_median": statistics.median(loads)}
+    result = {
+        "batch": batch,
+        "requests": len(jobs),
+        "summary": summary,
+        "load_average_median": statistics.median(loads),
+    }
     ratios, same = {}, {}
     for case in ("lora", "base"):
         if f"vllm {case}" in summary:
-            ratios[f"{case}_ours_over_vllm"] = (summary[f"ours {case}"]["tokens_per_s"]
-                                                / summary[f"vllm {case}"]["tokens_per_s"])
+            ratios[f"{case}_ours_over_vllm"] = (
+                summary[f"ours {case}"]["tokens_per_s"] / summary[f"vllm {case}"]["tokens_per_s"]
+            )
             same[case] = agreement(runs[f"ours {case}"][0], runs[f"vllm {case}"][0])
     if "ours base" in summary:
         for case in list(OTHER_TYPES) + ["lora"]:
             if f"ours {case}" in summary:
-                ratios[f"ours_base_over_ours_{case}"] = (summary["ours base"]["tokens_per_s"]
-                                                         / summary[f"ours {case}"]["tokens_per_s"])
+                ratios[f"ours_base_over_ours_{case}"] = (
+                    summary["ours base"]["tokens_per_s"] / summary[f"ours {case}"]["tokens_per_s"]
+                )
     for who in ("ours", "vllm"):
         if f"{who} lora noisy" in summary:
-            ratios[f"{who}_noisy_over_quiet"] = (summary[f"{who} lora noisy"]["tokens_per_s"]
-                                                 / summary[f"{who} lora quiet"]["tokens_per_s"])
+            ratios[f"{who}_noisy_over_quiet"] = (
+                summary[f"{who} lora noisy"]["tokens_per_s"] / summary[f"{who} lora quiet"]["tokens_per_s"]
+            )
     result["ratios"], result["same_greedy_as_vllm"] = ratios, same
     print(f"  {'system':22} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9}")
     for s, m in summary.items():
@@ -362,11 +433,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def markdown(payload: dict) -> str:
     """The README's table from a result file: tokens/s (TTFT p50 / p99) per case and shape."""
+
     def cell(m: dict | None) -> str:
         return "-" if m is None else f"{m['tokens_per_s']:.0f} ({m['ttft_p50_s']:.1f} / {m['ttft_p99_s']:.1f} s)"
 
-    lines = ["| shape | case | vLLM-cpu tok/s (TTFT p50 / p99) | adapterzoo tok/s (TTFT p50 / p99) | ours / vLLM |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        "| shape | case | vLLM-cpu tok/s (TTFT p50 / p99) | adapterzoo tok/s (TTFT p50 / p99) | ours / vLLM |",
+        "|---|---|---:|---:|---:|",
+    ]
     for shape, r in sorted(payload["shapes"].items(), key=lambda kv: list(SHAPES).index(kv[0])):
         summary, ratios = r["summary"], r["ratios"]
         label = f"{shape} (batch {r['batch']}, {r['requests']} requests)"
@@ -374,17 +448,25 @@ def markdown(payload: dict) -> str:
             ours, theirs = summary.get(f"ours {case}"), summary.get(f"vllm {case}")
             if ours is None:
                 continue
-            ratio = f"**{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x**" if theirs else \
-                f"{ratios.get(f'ours_base_over_ours_{case}', 0):.2f}x base/{case}"
+            ratio = (
+                f"**{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x**"
+                if theirs
+                else f"{ratios.get(f'ours_base_over_ours_{case}', 0):.2f}x base/{case}"
+            )
             lines.append(f"| {label} | {case} | {cell(theirs)} | {cell(ours)} | {ratio} |")
         for who, name in (("vllm", "vLLM"), ("ours", "adapterzoo")):
             if f"{who}_noisy_over_quiet" in ratios:
-                lines.append(f"| {label} | 16 LoRA requests beside a busy process | | | {name}: "
-                             f"{ratios[f'{who}_noisy_over_quiet']:.2f}x of quiet |")
+                lines.append(
+                    f"| {label} | 16 LoRA requests beside a busy process | | | {name}: "
+                    f"{ratios[f'{who}_noisy_over_quiet']:.2f}x of quiet |"
+                )
         same = r.get("same_greedy_as_vllm", {})
         if same:
-            lines.append(f"| {label} | greedy text equal to vLLM's | | | " + ", ".join(
-                f"{case} {same[case]['text']:.0%}" for case in sorted(same, reverse=True)) + " |")
+            lines.append(
+                f"| {label} | greedy text equal to vLLM's | | | "
+                + ", ".join(f"{case} {same[case]['text']:.0%}" for case in sorted(same, reverse=True))
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -396,8 +478,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the main shape (medians over these)")
     ap.add_argument("--shape-rounds", type=int, default=1, help="rounds of each larger shape")
     ap.add_argument("--type-rounds", type=int, default=2, help="rounds (of --rounds) that also run the other types")
-    ap.add_argument("--cases", default="lora,base,noisy," + ",".join(OTHER_TYPES),
-                    help="lora, base, noisy and the other built-in types (ours only); comma-separated")
+    ap.add_argument(
+        "--cases",
+        default="lora,base,noisy," + ",".join(OTHER_TYPES),
+        help="lora, base, noisy and the other built-in types (ours only); comma-separated",
+    )
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {','.join(SHAPES)}")
     ap.add_argument("--ours-only", action="store_true", help="skip vLLM (no .venv-peers needed)")
     ap.add_argument("--out", default="vs_vllm", help="result file name in benchmarks/results/")
@@ -419,18 +504,19 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     args.cases = [c for c in args.cases.split(",") if c]
     shapes = [s for s in args.shapes.split(",") if s]
-    unknown = [c for c in args.cases if c not in ("lora", "base", "noisy", *OTHER_TYPES)] + \
-        [s for s in shapes if s not in SHAPES]
+    unknown = [c for c in args.cases if c not in ("lora", "base", "noisy", *OTHER_TYPES)] + [
+        s for s in shapes if s not in SHAPES
+    ]
     if unknown:
         ap.error(f"unknown case or shape: {', '.join(unknown)}")
 
     own_session()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `adapterzoo serve` does (docs/serving.md, "On the CPU")
+    import torch
+
     from adapterzoo import Zoo
     from adapterzoo.base import gguf_as_safetensors, resolve_source
-
-    import torch
 
     t0 = time.perf_counter()
     folder = gguf_as_safetensors(Path(resolve_source("smollm2")))  # the cached safetensors copy of SmolLM2
@@ -447,15 +533,23 @@ def main(argv: list[str] | None = None) -> dict:
                 type_names[t] = [f"{t}-{i}" for i in range(args.adapters)]
                 for i, name in enumerate(type_names[t]):
                     zoo.add_adapter(name, t, seed=i, trainable=False, **OTHER_TYPES[t])
-        print(f"base and {args.adapters} adapters per type ready in {time.perf_counter() - t0:.0f}s; "
-              f"torch threads {torch.get_num_threads()}, load average {load_average()}", flush=True)
+        print(
+            f"base and {args.adapters} adapters per type ready in {time.perf_counter() - t0:.0f}s; "
+            f"torch threads {torch.get_num_threads()}, load average {load_average()}",
+            flush=True,
+        )
         results = {s: run_shape(s, args, zoo, zoo.tokenizer, folder, adapters_dir, type_names) for s in shapes}
     from common import machine, save_json  # noqa: E402 - benchmarks/ is on sys.path as the script's folder
 
     command = ".venv/bin/python benchmarks/vs_vllm.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    payload = {"command": command.strip(), "machine": machine() | {"cpus": len(os.sched_getaffinity(0))},
-               "config": {k: v for k, v in vars(args).items() if k not in ("worker", "folder", "adapters_dir")},
-               "started_unix": started, "seconds": round(time.time() - started), "shapes": results}
+    payload = {
+        "command": command.strip(),
+        "machine": machine() | {"cpus": len(os.sched_getaffinity(0))},
+        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "folder", "adapters_dir")},
+        "started_unix": started,
+        "seconds": round(time.time() - started),
+        "shapes": results,
+    }
     print(f"\nwrote {save_json(args.out, payload)} ({payload['seconds']}s)\n")
     print(markdown(payload))
     return payload

@@ -39,8 +39,14 @@ def test_minilm_is_a_bert_encoder(minilm):
     assert out.last_hidden_state.shape[-1] == 384
 
 
-ALL_TYPES = [("lora", {"init_lora_weights": False}), ("houlsby", {}), ("bitfit", {}), ("adapterbias", {}),
-             ("prefix", {"num_virtual_tokens": 4}), ("soft_prompt", {"num_virtual_tokens": 4})]
+ALL_TYPES = [
+    ("lora", {"init_lora_weights": False}),
+    ("houlsby", {}),
+    ("bitfit", {}),
+    ("adapterbias", {}),
+    ("prefix", {"num_virtual_tokens": 4}),
+    ("soft_prompt", {"num_virtual_tokens": 4}),
+]
 
 
 @pytest.mark.parametrize("which", ["smollm2", "minilm"])
@@ -55,8 +61,15 @@ def test_every_type_mixed_on_a_real_base(which, request):
             perturb(zoo, name, scale=0.05, seed=i)
         names.append(name)
     names.append(None)
-    texts = ["The capital of France is", "def f(x):", "Water boils at 100", "Hi", "one two three four",
-             "The opposite of hot", "A"]
+    texts = [
+        "The capital of France is",
+        "def f(x):",
+        "Water boils at 100",
+        "Hi",
+        "one two three four",
+        "The opposite of hot",
+        "A",
+    ]
     zoo.tokenizer.padding_side = "left"
     enc = zoo.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
@@ -67,7 +80,9 @@ def test_every_type_mixed_on_a_real_base(which, request):
             # SmolLM2's logits reach ~30 in magnitude: 1e-4 relative to that scale is float32 summation noise
             # through 30 layers (tiny models in tests/test_mixed_batch.py agree to 1e-4 absolute)
             scale = max(1.0, float(solo.abs().max()))
-            torch.testing.assert_close(mixed[i, real], solo, atol=1e-4 * scale, rtol=1e-4, msg=f"{which} row {i} {name}")
+            torch.testing.assert_close(
+                mixed[i, real], solo, atol=1e-4 * scale, rtol=1e-4, msg=f"{which} row {i} {name}"
+            )
     assert base_state_checksum(zoo.model) == before
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from adapterzoo.demo import SPECIALISTS, run_demo
-from adapterzoo.library import build_library, finished
 from adapterzoo.formats.native import CONFIG_FILE
+from adapterzoo.library import build_library, finished
 from adapterzoo.testing.models import char_tokenizer, tiny_model
 from adapterzoo.zoo import Zoo
 
@@ -35,8 +35,9 @@ def tiny_base_and_library(tmp_path_factory):
     tiny_model("llama").save_pretrained(root / "base")
     char_tokenizer().save_pretrained(root / "base")
     zoo = Zoo.from_pretrained(root / "base", device="cpu")
-    build_library(zoo, ["reverse", "upper", "digits-sort"], root / "lib", steps=2, batch_size=2, n_test=2,
-                  progress=False)
+    build_library(
+        zoo, ["reverse", "upper", "digits-sort"], root / "lib", steps=2, batch_size=2, n_test=2, progress=False
+    )
     return root / "base", root / "lib"
 
 

@@ -15,8 +15,17 @@ from safetensors.torch import save_file
 
 import adapterzoo
 from adapterzoo import (
-    AdapterExistsError, AdapterFileError, BaseMismatchError, BatchError, InvalidConfigError, InvalidNameError,
-    PoolFullError, PoolLimitError, ShapeMismatchError, UnknownAdapterError, UnknownAdapterTypeError,
+    AdapterExistsError,
+    AdapterFileError,
+    BaseMismatchError,
+    BatchError,
+    InvalidConfigError,
+    InvalidNameError,
+    PoolFullError,
+    PoolLimitError,
+    ShapeMismatchError,
+    UnknownAdapterError,
+    UnknownAdapterTypeError,
 )
 from adapterzoo.formats.native import CONFIG_FILE, WEIGHTS_FILE
 from adapterzoo.testing.models import output, perturb, tiny_zoo
@@ -43,8 +52,10 @@ def saved(zoo, tmp_path):
 def snapshot(zoo):
     with torch.inference_mode():
         out = output(zoo(IDS, None, ["good", None])).clone()
-    pools = {key: (dict(p.lru), {s: {k: t.clone() for k, t in ts.items()} for s, ts in p.tensors.items()})
-             for key, p in zoo.pools.items()}
+    pools = {
+        key: (dict(p.lru), {s: {k: t.clone() for k, t in ts.items()} for s, ts in p.tensors.items()})
+        for key, p in zoo.pools.items()
+    }
     return zoo.adapters, pools, out
 
 
@@ -134,8 +145,13 @@ def test_adapter_for_another_base(zoo, tmp_path):
     other = tiny_zoo("llama", seed=7)  # same architecture, other weights
     other.add_adapter("theirs", "lora", r=4)
     other.save_adapter("theirs", tmp_path / "theirs")
-    message = check(zoo, BaseMismatchError, lambda: zoo.load_adapter("x", tmp_path / "theirs"),
-                    "another base", "ignore_base_mismatch=True")
+    message = check(
+        zoo,
+        BaseMismatchError,
+        lambda: zoo.load_adapter("x", tmp_path / "theirs"),
+        "another base",
+        "ignore_base_mismatch=True",
+    )
     assert other.fingerprint.id in message and zoo.fingerprint.id in message
     zoo.load_adapter("x", tmp_path / "theirs", ignore_base_mismatch=True)  # the explicit override
     assert "x" in zoo.adapters
@@ -224,15 +240,19 @@ def _exception_classes() -> dict[str, list[tuple[str, str]]]:
             if isinstance(node, ast.ClassDef):
                 bases = [ast.unparse(b).rsplit(".", 1)[-1] for b in node.bases]
                 classes.append((str(path.relative_to(PACKAGE.parent)), node.name, bases))
-    builtin = {n for n, v in vars(builtins).items()
-               if isinstance(v, type) and issubclass(v, BaseException) and not issubclass(v, Warning)}
+    builtin = {
+        n
+        for n, v in vars(builtins).items()
+        if isinstance(v, type) and issubclass(v, BaseException) and not issubclass(v, Warning)
+    }
     found: dict[str, list[tuple[str, str]]] = {}
     grew = True
     while grew:
         grew = False
         for file, name, bases in classes:
-            if (file, name) not in {(f, n) for n, rows in found.items() for f, _ in rows} and \
-                    any(b in builtin or b in found for b in bases):
+            if (file, name) not in {(f, n) for n, rows in found.items() for f, _ in rows} and any(
+                b in builtin or b in found for b in bases
+            ):
                 found.setdefault(name, []).append((file, ", ".join(bases)))
                 grew = True
     return found
@@ -247,8 +267,12 @@ def test_every_exception_class_in_adapterzoo_lives_in_errors_py():
             if file == "adapterzoo/errors.py":
                 continue
             if name.startswith("_"):
-                others = [p for p in PACKAGE.rglob("*.py") if str(p.relative_to(PACKAGE.parent)) != file
-                          and re.search(rf"\b{re.escape(name)}\b", p.read_text())]
+                others = [
+                    p
+                    for p in PACKAGE.rglob("*.py")
+                    if str(p.relative_to(PACKAGE.parent)) != file
+                    and re.search(rf"\b{re.escape(name)}\b", p.read_text())
+                ]
                 leaked += [f"{name} ({file}) is named in {p.relative_to(PACKAGE.parent)}" for p in others]
             else:
                 misplaced.append(f"{file}: class {name}({bases})")
@@ -270,8 +294,15 @@ def test_moved_errors_are_still_importable_from_their_old_modules():
     from adapterzoo.serve import engine
     from adapterzoo.tasks import UnknownTaskError, get_task
 
-    for name in ["EngineError", "QueueFullError", "EngineClosedError", "ContextLengthError", "MaxTokensError",
-                 "RequestFailedError", "AdapterLoadError"]:
+    for name in [
+        "EngineError",
+        "QueueFullError",
+        "EngineClosedError",
+        "ContextLengthError",
+        "MaxTokensError",
+        "RequestFailedError",
+        "AdapterLoadError",
+    ]:
         assert getattr(engine, name) is getattr(errors, name) is getattr(adapterzoo, name)
     with pytest.raises(adapterzoo.AdapterZooError) as info:
         get_task("reverze")

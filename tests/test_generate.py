@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from adapterzoo import BatchError
-from adapterzoo.testing.models import ONE_OF_EACH as TYPES, perturb, tiny_zoo
+from adapterzoo.testing.models import ONE_OF_EACH as TYPES
+from adapterzoo.testing.models import perturb, tiny_zoo
 
 PROMPTS = ["abc ->", "hello", "x", "the quick brown", "1 2 3", "zz top", "q"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zoo_for(family):
     zoo = tiny_zoo(family)
     for i, (name, (type_name, config)) in enumerate(TYPES.items()):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from adapterzoo import Zoo
+from adapterzoo.formats.native import CONFIG_FILE, WEIGHTS_FILE
 from adapterzoo.hub import card_record
 from adapterzoo.library import TABLE_FILE, build_library, finished, select_tasks
-from adapterzoo.formats.native import CONFIG_FILE, WEIGHTS_FILE
 from adapterzoo.storage import read_json
 from adapterzoo.testing.models import char_tokenizer, tiny_model
 from tests.hub.conftest import _fresh_hf_cache, _online_hub_client_with_xet_on  # noqa: F401 - autouse fixtures
@@ -116,8 +116,25 @@ def cli(*args):
 
 
 def test_cli_builds_and_prints_the_score_table(tiny_base, tmp_path):
-    result = cli("library", "build", "--base", tiny_base, "--tasks", "reverse,upper", "--out", tmp_path / "lib",
-                 "--steps", 2, "--batch-size", 2, "--n-test", 2, "--threads", 1, "--quiet")
+    result = cli(
+        "library",
+        "build",
+        "--base",
+        tiny_base,
+        "--tasks",
+        "reverse,upper",
+        "--out",
+        tmp_path / "lib",
+        "--steps",
+        2,
+        "--batch-size",
+        2,
+        "--n-test",
+        2,
+        "--threads",
+        1,
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert "exact match" in result.output and "2 tasks in" in result.output and "median" in result.output
     assert finished(tmp_path / "lib" / "upper") is not None
@@ -132,9 +149,29 @@ def test_cli_names_an_unknown_task_and_a_bad_count(tiny_base, tmp_path):
 
 def test_cli_push_publishes_every_adapter_with_its_card(tiny_base, tmp_path, registry):  # noqa: F811
     out = tmp_path / "lib"
-    result = cli("library", "build", "--base", tiny_base, "--tasks", "upper,digits-reverse", "--out", out,
-                 "--steps", 2, "--batch-size", 2, "--n-test", 2, "--quiet",
-                 "--push", "alice", "--endpoint", registry.url, "--token", ALICE_TOKEN)
+    result = cli(
+        "library",
+        "build",
+        "--base",
+        tiny_base,
+        "--tasks",
+        "upper,digits-reverse",
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--batch-size",
+        2,
+        "--n-test",
+        2,
+        "--quiet",
+        "--push",
+        "alice",
+        "--endpoint",
+        registry.url,
+        "--token",
+        ALICE_TOKEN,
+    )
     assert result.exit_code == 0, result.output
     assert "pushed 2 adapters to alice" in result.output
     api = huggingface_hub.HfApi(endpoint=registry.url, token=ALICE_TOKEN)
@@ -144,8 +181,10 @@ def test_cli_push_publishes_every_adapter_with_its_card(tiny_base, tmp_path, reg
         assert "exact_match" in text and "base_exact_match" in text and task in text
         pulled = Zoo(tiny_model("llama"), char_tokenizer(), device="cpu")
         pulled.load_adapter(task, f"alice/{task}", endpoint=registry.url, token=ALICE_TOKEN)
-        assert torch.equal(next(iter(pulled.find_adapter(task).parameters())).float(),
-                           next(iter(_saved(out / task).find_adapter(task).parameters())).float())
+        assert torch.equal(
+            next(iter(pulled.find_adapter(task).parameters())).float(),
+            next(iter(_saved(out / task).find_adapter(task).parameters())).float(),
+        )
 
 
 def _saved(folder: Path) -> Zoo:

@@ -12,14 +12,17 @@ from adapterzoo.testing.models import output, perturb, tiny_zoo
 IDS = torch.randint(4, 100, (2, 6), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("family,type_name,config", [
-    ("llama", "lora", {"init_lora_weights": False}),
-    ("gpt2", "lora", {"init_lora_weights": False, "use_rslora": True, "r": 4}),
-    ("bert", "lora", {"init_lora_weights": False, "target_modules": "all-linear"}),
-    ("gpt2", "bitfit", {}),
-    ("bert", "bitfit", {}),
-    ("llama", "bitfit", {"include_norms": False}),  # Llama's linears have no bias: merging adds one
-])
+@pytest.mark.parametrize(
+    "family,type_name,config",
+    [
+        ("llama", "lora", {"init_lora_weights": False}),
+        ("gpt2", "lora", {"init_lora_weights": False, "use_rslora": True, "r": 4}),
+        ("bert", "lora", {"init_lora_weights": False, "target_modules": "all-linear"}),
+        ("gpt2", "bitfit", {}),
+        ("bert", "bitfit", {}),
+        ("llama", "bitfit", {"include_norms": False}),  # Llama's linears have no bias: merging adds one
+    ],
+)
 def test_merged_model_equals_the_adapter_in_the_zoo(family, type_name, config):
     zoo = tiny_zoo(family)
     zoo.add_adapter("a", type_name, **config)

@@ -30,7 +30,7 @@ ADAPTERS = {
 NAMES = [*ADAPTERS, None]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zoo_for(family: str):
     zoo = tiny_zoo(family, slots=4)
     for i, (name, (type_name, config)) in enumerate(ADAPTERS.items()):

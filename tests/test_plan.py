@@ -15,7 +15,9 @@ def fake_pool(slots: int = 6, fan_in: int = 5, fan_out: int = 3):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(slots, fan_in, fan_out, generator=g)
     W[0] = 0  # slot 0: no adapter
-    return types.SimpleNamespace(atype=types.SimpleNamespace(kind="delta", facts=KINDS["delta"]), constants={}, variant="", shared={}), W
+    return types.SimpleNamespace(
+        atype=types.SimpleNamespace(kind="delta", facts=KINDS["delta"]), constants={}, variant="", shared={}
+    ), W
 
 
 @pytest.mark.parametrize("slots", [[3, 3, 3, 3], [1, 4, 2, 5], [2, 2, 5, 5, 1, 1], [1, 1, 1, 2, 2, 2], [4, 1, 1, 4]])
@@ -41,8 +43,16 @@ def test_plan_marks_runs_and_shared_slots():
     assert plan.deltas[0].slots == 2 and plan.deltas[0].rows.tolist() == [0, 2]
 
 
-@pytest.mark.parametrize("slots,runs", [([1, 1, 2, 2], [1, 2]), ([1, 2, 3], None), ([1, 1, 1], None),
-                                        ([1, 1, 2, 2, 2], None), ([1, 1, 2, 2, 1, 1], [1, 2, 1])])
+@pytest.mark.parametrize(
+    "slots,runs",
+    [
+        ([1, 1, 2, 2], [1, 2]),
+        ([1, 2, 3], None),
+        ([1, 1, 1], None),
+        ([1, 1, 2, 2, 2], None),
+        ([1, 1, 2, 2, 1, 1], [1, 2, 1]),
+    ],
+)
 def test_equal_runs(slots, runs):
     assert _equal_runs(slots) == runs
 

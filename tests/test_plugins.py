@@ -154,8 +154,21 @@ def _run(cmd, env, cwd=ROOT, timeout=600):
 def ia3_site(tmp_path_factory):
     """examples/adapterzoo-ia3 installed for real (its own distribution and entry point)."""
     target = tmp_path_factory.mktemp("ia3-site")
-    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-          str(ROOT / "examples" / "adapterzoo-ia3")], dict(os.environ))
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT / "examples" / "adapterzoo-ia3"),
+        ],
+        dict(os.environ),
+    )
     assert (target / "adapterzoo_ia3").is_dir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]))
     return env
@@ -189,7 +202,10 @@ def test_third_party_plugin_in_a_mixed_batch(ia3_site):
 
 def test_third_party_plugin_passes_the_conformance_suite(ia3_site):
     env = dict(ia3_site, ADAPTERZOO_CONFORMANCE_TYPES="ia3")
-    out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "adapterzoo.testing.conformance"], env)
+    out = _run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "adapterzoo.testing.conformance"],
+        env,
+    )
     assert re.search(r"\b16 passed\b", out), out[-500:]  # 5 checks x 3 bases + the decode smoke check
 
 
@@ -213,8 +229,14 @@ def broken_site(tmp_path):
 
 
 def test_a_plugin_that_fails_to_import_is_a_named_warning_and_the_cli_still_runs(broken_site):
-    helped = subprocess.run([sys.executable, "-m", "adapterzoo.cli", "--help"], env=broken_site, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    helped = subprocess.run(
+        [sys.executable, "-m", "adapterzoo.cli", "--help"],
+        env=broken_site,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert helped.returncode == 0, helped.stderr[-2000:]
     assert "Usage" in helped.stdout
     assert "'broken'" in helped.stderr and "adapterzoo-broken" in helped.stderr
@@ -230,8 +252,14 @@ def test_a_plugin_that_fails_to_import_is_a_named_warning_and_the_cli_still_runs
 
 def test_disabling_a_broken_plugin_silences_its_warning(broken_site):
     env = dict(broken_site, ADAPTERZOO_DISABLE_PLUGINS="broken")
-    result = subprocess.run([sys.executable, "-m", "adapterzoo.cli", "plugins", "--json"], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "adapterzoo.cli", "plugins", "--json"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and "broken" not in result.stderr and "broken" not in result.stdout
 
 
@@ -240,6 +268,9 @@ def test_a_plugin_hook_that_raises_is_a_plugin_error_naming_it_and_the_way_out()
         raise RuntimeError("boom")
 
     with registered("raising-plugin", register_adapter_types=register_adapter_types):
-        with pytest.raises(PluginError, match=r"plugin 'raising-plugin'.*RuntimeError: boom.*"
-                                              r"ADAPTERZOO_DISABLE_PLUGINS=raising-plugin"):
+        with pytest.raises(
+            PluginError,
+            match=r"plugin 'raising-plugin'.*RuntimeError: boom.*"
+            r"ADAPTERZOO_DISABLE_PLUGINS=raising-plugin",
+        ):
             plugins.adapter_types()

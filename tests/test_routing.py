@@ -60,8 +60,10 @@ def test_the_sentence_encoder_routes_paraphrased_instructions_better_than_the_ba
     for task in TASKS:
         prompts += [ex.prompt for ex in instructed_examples(task, 8, "test", seed=3, held_out=True)]
         truth += [task] * 8
-    right = {encoder: sum(d.adapter == t for d, t in zip(zoo.route(prompts, encoder=encoder), truth))
-             for encoder in ("sentence", "base")}
+    right = {
+        encoder: sum(d.adapter == t for d, t in zip(zoo.route(prompts, encoder=encoder), truth))
+        for encoder in ("sentence", "base")
+    }
     assert right["sentence"] >= 0.75 * len(prompts) and right["sentence"] > right["base"], right
 
 
@@ -132,11 +134,14 @@ def test_routing_prototypes_travel_with_the_saved_adapter(zoo, tmp_path):
     prompts = held_out("reverse") + held_out("digits-sort")
     for encoder in ("sentence", "base"):
         assert [d.adapter for d in fresh.route(prompts, encoder=encoder)] == [
-            d.adapter for d in zoo.route(prompts, encoder=encoder)]
+            d.adapter for d in zoo.route(prompts, encoder=encoder)
+        ]
 
 
-@pytest.mark.parametrize("damage", [{"layer": 2}, {"features": "not base64!"}, {"kind": "another/v9"},
-                                    {"shape": [1, 3]}, {"base": "another-base"}])
+@pytest.mark.parametrize(
+    "damage",
+    [{"layer": 2}, {"features": "not base64!"}, {"kind": "another/v9"}, {"shape": [1, 3]}, {"base": "another-base"}],
+)
 def test_stale_or_damaged_prototypes_are_recomputed_from_their_stored_prompts(zoo, tmp_path, damage):
     zoo.save_adapter("upper", tmp_path / "upper")
     fresh = tiny_zoo("llama")
@@ -149,8 +154,10 @@ def test_stale_or_damaged_prototypes_are_recomputed_from_their_stored_prompts(zo
 def test_routing_runs_only_the_first_layers_of_the_base(zoo):
     layers = routing.decoder_layers(zoo.model)
     calls = [0] * len(layers)
-    handles = [layer.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
-               for i, layer in enumerate(layers)]
+    handles = [
+        layer.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(layers)
+    ]
     try:
         feats = routing.prompt_features(zoo, held_out("upper", 2), layer=1)
     finally:
@@ -193,8 +200,10 @@ def site_inputs(zoo, prompt: str) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     modules = dict(zoo.model.named_modules())
     sites = list(zoo.find_adapter("a").tensors)
-    handles = [modules[s].register_forward_hook(lambda m, args, out, s=s: seen.__setitem__(s, args[0][0].mean(0)))
-               for s in sites]
+    handles = [
+        modules[s].register_forward_hook(lambda m, args, out, s=s: seen.__setitem__(s, args[0][0].mean(0)))
+        for s in sites
+    ]
     ids = torch.tensor([zoo.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     try:
         with torch.no_grad():

@@ -13,10 +13,12 @@ from adapterzoo.tasks import instructed_examples
 from adapterzoo.testing.models import perturb, tiny_zoo
 from tests.serve.conftest import save_base, serve_factory, write_keys  # noqa: F401 - fixture
 
-KEYS = {"tenants": {
-    "acme": {"keys": ["k-acme"], "adapters": ["reverse", "upper", "digits-sort"]},
-    "beta": {"keys": ["k-beta"], "adapters": ["digits-sort"]},
-}}
+KEYS = {
+    "tenants": {
+        "acme": {"keys": ["k-acme"], "adapters": ["reverse", "upper", "digits-sort"]},
+        "beta": {"keys": ["k-beta"], "adapters": ["digits-sort"]},
+    }
+}
 
 
 def prompt(task: str, i: int = 0) -> str:
@@ -42,8 +44,9 @@ def test_auto_answers_with_the_specialist_that_fits_and_names_it(library, serve_
     server = serve_factory(base, "--adapters", str(root / "adapters"), "--keys", str(root / "keys.json"))
     client = server.client("k-acme")
     for task in ("reverse", "upper", "digits-sort"):
-        raw = client.completions.with_raw_response.create(model="auto", prompt=prompt(task), max_tokens=4,
-                                                          temperature=0)
+        raw = client.completions.with_raw_response.create(
+            model="auto", prompt=prompt(task), max_tokens=4, temperature=0
+        )
         completion = raw.parse()
         assert completion.model == task and raw.headers["x-adapterzoo-adapter"] == task
         named = client.completions.create(model=task, prompt=prompt(task), max_tokens=4, temperature=0)
@@ -53,7 +56,8 @@ def test_auto_answers_with_the_specialist_that_fits_and_names_it(library, serve_
     raw = client.completions.with_raw_response.create(model="auto", prompt="Why is the sky blue?", max_tokens=4)
     assert raw.parse().model == "tiny" and raw.headers["x-adapterzoo-adapter"] == "tiny"
     chat = client.chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": prompt("upper")}], max_tokens=4)
+        model="auto", messages=[{"role": "user", "content": prompt("upper")}], max_tokens=4
+    )
     assert chat.parse().model == "upper" and chat.headers["x-adapterzoo-adapter"] == "upper"
 
     # a tenant routes only among the adapters it may use

@@ -171,9 +171,7 @@ def test_same_seed_same_examples_different_seed_different_examples() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_splits_are_disjoint(kind: str) -> None:
-    by_split = {
-        split: {raw for seed in range(3) for raw in sample_inputs(kind, 200, split, seed)} for split in SPLITS
-    }
+    by_split = {split: {raw for seed in range(3) for raw in sample_inputs(kind, 200, split, seed)} for split in SPLITS}
     for a, b in itertools.combinations(SPLITS, 2):
         assert not by_split[a] & by_split[b], (a, b)
     for split, raws in by_split.items():

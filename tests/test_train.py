@@ -17,7 +17,12 @@ import pytest
 import torch
 
 from adapterzoo import (
-    AdapterFileError, InvalidConfigError, ShapeMismatchError, TrainingDivergedError, TrainingError, UnknownAdapterError,
+    AdapterFileError,
+    InvalidConfigError,
+    ShapeMismatchError,
+    TrainingDivergedError,
+    TrainingError,
+    UnknownAdapterError,
     Zoo,
 )
 from adapterzoo.base import base_state_checksum
@@ -105,8 +110,13 @@ def test_lora_learns_a_mapping_and_only_its_tensors_change():
 
 # (lr, fraction of the first loss the last must be under); virtual tokens have little grip on a
 # random 2-layer, 32-wide model (its attention is near uniform), so they are held to less
-LOWERS = {"houlsby": (3e-2, 0.6), "bitfit": (3e-2, 0.6), "adapterbias": (3e-2, 0.6), "prefix": (0.1, 0.6),
-          "soft_prompt": (0.1, 0.9)}
+LOWERS = {
+    "houlsby": (3e-2, 0.6),
+    "bitfit": (3e-2, 0.6),
+    "adapterbias": (3e-2, 0.6),
+    "prefix": (0.1, 0.6),
+    "soft_prompt": (0.1, 0.9),
+}
 
 
 @pytest.mark.parametrize("type_name", list(LOWERS))
@@ -152,7 +162,9 @@ def _mixed_run(together: bool):
     for i, t in enumerate(MIXED):
         zoo.add_adapter(f"{t}-x", t, seed=i, **TYPES[t])
         # different sizes, so adapters run out of data at different steps and drop out
-        data[f"{t}-x"] = first_letter_examples(10 + 4 * i, seed=i) if i % 2 else const_examples(t[:2], 10 + 4 * i, seed=i)
+        data[f"{t}-x"] = (
+            first_letter_examples(10 + 4 * i, seed=i) if i % 2 else const_examples(t[:2], 10 + 4 * i, seed=i)
+        )
     options = dict(epochs=2, lr=1e-2, batch_size=4, grad_accum=2, seed=[3, 1, 4, 1, 5, 9], **QUIET)
     if together:
         report = zoo.train(list(data), list(data.values()), **options)
@@ -185,8 +197,13 @@ def test_many_at_once_examples_as_a_dict_and_per_adapter_lr():
     zoo = learnable_zoo()
     zoo.add_adapter("a", "lora", r=2)
     zoo.add_adapter("b", "bitfit")
-    report = zoo.train(["a", "b"], {"b": const_examples("b", 8), "a": const_examples("a", 8)},
-                       lr={"a": 1e-3, "b": 2e-2}, max_steps=2, **QUIET)
+    report = zoo.train(
+        ["a", "b"],
+        {"b": const_examples("b", 8), "a": const_examples("a", 8)},
+        lr={"a": 1e-3, "b": 2e-2},
+        max_steps=2,
+        **QUIET,
+    )
     assert report["a"].lr == 1e-3 and report["b"].lr == 2e-2 and report.steps == 2
 
 
@@ -196,9 +213,12 @@ def test_many_at_once_examples_as_a_dict_and_per_adapter_lr():
 def _resumable(zoo: Zoo):
     zoo.add_adapter("l", "lora", seed=1, **TYPES["lora"])
     zoo.add_adapter("p", "prefix", seed=2, num_virtual_tokens=2)
-    return (["l", "p"], [first_letter_examples(24, 0), const_examples("pp", 20, 1)],
-            dict(max_steps=8, lr=1e-2, batch_size=4, grad_accum=2, eval_every=3, checkpoint_every=2, **QUIET),
-            [first_letter_examples(6, 9), const_examples("pp", 6, 9)])
+    return (
+        ["l", "p"],
+        [first_letter_examples(24, 0), const_examples("pp", 20, 1)],
+        dict(max_steps=8, lr=1e-2, batch_size=4, grad_accum=2, eval_every=3, checkpoint_every=2, **QUIET),
+        [first_letter_examples(6, 9), const_examples("pp", 6, 9)],
+    )
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -242,7 +262,9 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     other = learnable_zoo()
     other.add_adapter("l", "lora", r=2)
     with pytest.raises(TrainingError, match="different training run"):
-        other.train("l", const_examples("a", 8), max_steps=2, batch_size=4, checkpoint_dir=tmp_path, resume=True, **QUIET)
+        other.train(
+            "l", const_examples("a", 8), max_steps=2, batch_size=4, checkpoint_dir=tmp_path, resume=True, **QUIET
+        )
 
 
 def test_resume_refuses_other_examples_of_the_same_count(tmp_path):
@@ -264,8 +286,17 @@ def test_resume_refuses_other_examples_of_the_same_count(tmp_path):
 def _resume_with_weight_decay(folder, weight_decay: float) -> list[torch.Tensor]:
     zoo = learnable_zoo()
     zoo.add_adapter("l", "lora", seed=1, **TYPES["lora"])
-    zoo.train("l", const_examples("a", 16), max_steps=6, lr=1e-2, batch_size=4, checkpoint_dir=folder, resume=True,
-              weight_decay=weight_decay, **QUIET)
+    zoo.train(
+        "l",
+        const_examples("a", 16),
+        max_steps=6,
+        lr=1e-2,
+        batch_size=4,
+        checkpoint_dir=folder,
+        resume=True,
+        weight_decay=weight_decay,
+        **QUIET,
+    )
     return state(zoo, "l")
 
 
@@ -284,8 +315,18 @@ def test_resume_applies_the_resuming_calls_weight_decay(tmp_path):
     zoo = learnable_zoo()
     zoo.add_adapter("l", "lora", seed=1, **TYPES["lora"])
     with pytest.raises(Stop):
-        zoo.train("l", const_examples("a", 16), max_steps=6, lr=1e-2, batch_size=4, checkpoint_dir=tmp_path / "a",
-                  checkpoint_every=1, weight_decay=0.0, on_step=crash, **QUIET)
+        zoo.train(
+            "l",
+            const_examples("a", 16),
+            max_steps=6,
+            lr=1e-2,
+            batch_size=4,
+            checkpoint_dir=tmp_path / "a",
+            checkpoint_every=1,
+            weight_decay=0.0,
+            on_step=crash,
+            **QUIET,
+        )
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     plain = _resume_with_weight_decay(tmp_path / "a", 0.0)
     decayed = _resume_with_weight_decay(tmp_path / "b", 50.0)
@@ -330,8 +371,19 @@ def test_early_stopping_restores_the_best_state():
     def keep(info):
         seen[info.step] = state(zoo, "a")
 
-    report = zoo.train("a", noise[:32], eval_examples=noise[32:], max_steps=50, eval_every=2, patience=2,
-                       eval_metric="loss", lr=0.3, batch_size=8, on_step=keep, **QUIET)
+    report = zoo.train(
+        "a",
+        noise[:32],
+        eval_examples=noise[32:],
+        max_steps=50,
+        eval_every=2,
+        patience=2,
+        eval_metric="loss",
+        lr=0.3,
+        batch_size=8,
+        on_step=keep,
+        **QUIET,
+    )
     r = report["a"]
     assert r.stopped_early and r.steps < 50
     assert r.best_step is not None and r.best_step < r.steps
@@ -383,8 +435,15 @@ def test_save_to_writes_only_at_the_end(tmp_path):
     zoo.add_adapter("a", "lora", r=2)
     zoo.add_adapter("b", "prefix", num_virtual_tokens=2)
     seen = []
-    zoo.train(["a", "b"], [const_examples("a", 8), const_examples("b", 8)], max_steps=3, save_to=tmp_path / "out",
-              on_step=lambda info: seen.append((tmp_path / "out").exists()), metadata={"task": "demo"}, **QUIET)
+    zoo.train(
+        ["a", "b"],
+        [const_examples("a", 8), const_examples("b", 8)],
+        max_steps=3,
+        save_to=tmp_path / "out",
+        on_step=lambda info: seen.append((tmp_path / "out").exists()),
+        metadata={"task": "demo"},
+        **QUIET,
+    )
     assert seen == [False, False, False]
     record = json.loads((tmp_path / "out" / "a" / CONFIG_FILE).read_text())
     assert record["metadata"]["training"]["steps"] == 3 and record["metadata"]["task"] == "demo"
@@ -402,8 +461,18 @@ def test_an_update_that_overflows_is_caught_at_its_own_step(tmp_path):
     before = state(zoo, "a")
     out = tmp_path / "final"
     with pytest.raises(TrainingDivergedError) as info:  # decay by (1 - lr * wd) = -1e40 overflows float32 at once
-        zoo.train("a", const_examples("ok", 8), max_steps=3, lr=1e20, weight_decay=1e20, warmup=0, save_to=out,
-                  checkpoint_dir=tmp_path / "ck", checkpoint_every=1, **QUIET)
+        zoo.train(
+            "a",
+            const_examples("ok", 8),
+            max_steps=3,
+            lr=1e20,
+            weight_decay=1e20,
+            warmup=0,
+            save_to=out,
+            checkpoint_dir=tmp_path / "ck",
+            checkpoint_every=1,
+            **QUIET,
+        )
     message = str(info.value)
     assert "parameters of 'a' became nan/inf at step 1" in message and "after step 0" in message
     assert not out.exists() and not list(tmp_path.glob(".final*"))
@@ -472,12 +541,21 @@ BAD = [
     ("wrong keys", lambda z: z.train("a", [{"question": "q", "answer": "a"}], **QUIET), TrainingError, "'prompt'"),
     ("empty answer", lambda z: z.train("a", [("p ->", "")], **QUIET), TrainingError, "empty answer"),
     ("not strings", lambda z: z.train("a", [("p ->", 3)], **QUIET), TrainingError, "two strings"),
-    ("label out of range", lambda z: z.train("c", [("abc", 1), ("abd", 3)], **QUIET), TrainingError, "outside the 3 classes"),
+    (
+        "label out of range",
+        lambda z: z.train("c", [("abc", 1), ("abd", 3)], **QUIET),
+        TrainingError,
+        "outside the 3 classes",
+    ),
     ("label not an int", lambda z: z.train("c", [("abc", 1.5)], **QUIET), TrainingError, "label 1.5"),
     ("too long", lambda z: z.train("a", [("x" * 300, " y")], **QUIET), TrainingError, "positions this base allows"),
     ("unknown adapter", lambda z: z.train("nope", [("p", " a")], **QUIET), UnknownAdapterError, "nope"),
-    ("another type", lambda z: z.train("a", [("p", " a")], adapter_type="houlsby", **QUIET), TrainingError,
-     "lora adapter, not houlsby"),
+    (
+        "another type",
+        lambda z: z.train("a", [("p", " a")], adapter_type="houlsby", **QUIET),
+        TrainingError,
+        "lora adapter, not houlsby",
+    ),
     ("bad lr", lambda z: z.train("a", [("p", " a")], lr=-1, **QUIET), TrainingError, "learning rate"),
     ("nan lr", lambda z: z.train("a", [("p", " a")], lr=float("nan"), **QUIET), TrainingError, "learning rate"),
     ("bad batch", lambda z: z.train("a", [("p", " a")], batch_size=0, **QUIET), TrainingError, "batch_size"),
@@ -486,8 +564,12 @@ BAD = [
     ("resume alone", lambda z: z.train("a", [("p", " a")], resume=True, **QUIET), TrainingError, "checkpoint_dir"),
     ("twice", lambda z: z.train(["a", "a"], [[("p", " a")], [("p", " a")]], **QUIET), TrainingError, "twice"),
     ("count", lambda z: z.train(["a", "c"], [[("p", " a")]], **QUIET), TrainingError, "1 entries for 2 adapters"),
-    ("bad eval", lambda z: z.train("a", [("p", " a")], eval_examples=[("p", "")], **QUIET), TrainingError,
-     "eval_examples[0]"),
+    (
+        "bad eval",
+        lambda z: z.train("a", [("p", " a")], eval_examples=[("p", "")], **QUIET),
+        TrainingError,
+        "eval_examples[0]",
+    ),
 ]
 
 
@@ -548,7 +630,7 @@ def test_mixed_heads_in_one_batch_equal_each_row_alone():
     for i, name in enumerate(names[:3]):
         L = int(enc["attention_mask"][i].sum())
         with torch.inference_mode():
-            alone = zoo(enc["input_ids"][i:i + 1, :L], None, [name]).class_logits
+            alone = zoo(enc["input_ids"][i : i + 1, :L], None, [name]).class_logits
         k = alone.shape[1]
         torch.testing.assert_close(mixed[i, :k], alone[0], atol=1e-5, rtol=1e-4)
     assert zoo.adapters["four"].head["num_labels"] == 4 and zoo.adapters["plain"].head is None
@@ -593,7 +675,7 @@ def test_head_is_saved_loaded_and_swapped_with_its_adapter(tmp_path):
 def vowel_examples(n: int, seed: int) -> list[LabeledExample]:
     """Label = does the word contain an 'a' (2 classes): trivially learnable from tokens."""
     out = []
-    for i, w in enumerate(words(n, seed, letters="abcdefghij")):
+    for w in words(n, seed, letters="abcdefghij"):
         out.append(LabeledExample(" ".join(w), int("a" in w)))
     return out
 
@@ -606,8 +688,9 @@ def test_a_classifier_learns_on_a_tiny_bert_and_mixes_with_another():
     train = vowel_examples(96, 0)
     held = vowel_examples(32, 1)
     length = [(" ".join(w[: 1 + i % 3]), i % 3) for i, w in enumerate(words(48, 2))]
-    report = zoo.train(["has-a", "len"], [train, length], eval_examples=[held, length[:16]], epochs=15, lr=3e-2,
-                       batch_size=16, **QUIET)
+    report = zoo.train(
+        ["has-a", "len"], [train, length], eval_examples=[held, length[:16]], epochs=15, lr=3e-2, batch_size=16, **QUIET
+    )
     assert report["has-a"].metric == "accuracy"
     assert report["has-a"].best_eval >= 0.85, report["has-a"].history
     assert report["len"].best_eval >= 0.6
@@ -676,10 +759,36 @@ def test_cli_tasks_lists_every_task_with_an_example():
 
 def test_cli_train_then_eval(tiny_bases, tmp_path):
     out = tmp_path / "caesar"
-    result = cli("train", "--base", tiny_bases / "llama", "--type", "lora", "--task", "caesar-1", "--out", out,
-                 "--steps", 4, "--batch-size", 4, "--n-train", 16, "--n-eval", 4, "--lr", 1e-2, "--quiet",
-                 "-c", "r=4", "-c", 'target_modules=["q_proj","v_proj"]', "--checkpoint-dir", tmp_path / "ck",
-                 "--checkpoint-every", 2)
+    result = cli(
+        "train",
+        "--base",
+        tiny_bases / "llama",
+        "--type",
+        "lora",
+        "--task",
+        "caesar-1",
+        "--out",
+        out,
+        "--steps",
+        4,
+        "--batch-size",
+        4,
+        "--n-train",
+        16,
+        "--n-eval",
+        4,
+        "--lr",
+        1e-2,
+        "--quiet",
+        "-c",
+        "r=4",
+        "-c",
+        'target_modules=["q_proj","v_proj"]',
+        "--checkpoint-dir",
+        tmp_path / "ck",
+        "--checkpoint-every",
+        2,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 4 and summary["type"] == "lora" and summary["metric"] == "exact_match"
@@ -695,18 +804,52 @@ def test_cli_train_then_eval(tiny_bases, tmp_path):
     assert bare.exit_code == 0 and "base: exact_match on caesar-1" in bare.output
 
     # continuing a saved adapter of another type is refused, and nothing is written
-    wrong = cli("train", "--base", tiny_bases / "llama", "--type", "houlsby", "--task", "caesar-1", "--init-from", out,
-                "--out", tmp_path / "wrong", "--steps", 1, "--quiet")
+    wrong = cli(
+        "train",
+        "--base",
+        tiny_bases / "llama",
+        "--type",
+        "houlsby",
+        "--task",
+        "caesar-1",
+        "--init-from",
+        out,
+        "--out",
+        tmp_path / "wrong",
+        "--steps",
+        1,
+        "--quiet",
+    )
     assert wrong.exit_code != 0 and "lora adapter, not houlsby" in wrong.output
     assert not (tmp_path / "wrong").exists()
-    unknown = cli("train", "--base", tiny_bases / "llama", "--type", "lora", "--task", "caesar-99", "--out", tmp_path / "x")
+    unknown = cli(
+        "train", "--base", tiny_bases / "llama", "--type", "lora", "--task", "caesar-99", "--out", tmp_path / "x"
+    )
     assert unknown.exit_code != 0 and "caesar-" in unknown.output
 
 
 def test_cli_trains_a_classifier_on_an_encoder(tiny_bases, tmp_path):
     out = tmp_path / "even"
-    result = cli("train", "--base", tiny_bases / "bert", "--type", "bitfit", "--task", "even", "--out", out,
-                 "--steps", 3, "--batch-size", 8, "--n-train", 24, "--n-eval", 8, "--quiet")
+    result = cli(
+        "train",
+        "--base",
+        tiny_bases / "bert",
+        "--type",
+        "bitfit",
+        "--task",
+        "even",
+        "--out",
+        out,
+        "--steps",
+        3,
+        "--batch-size",
+        8,
+        "--n-train",
+        24,
+        "--n-eval",
+        8,
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["metric"] == "accuracy"
     assert json.loads((out / CONFIG_FILE).read_text())["head"]["labels"] == ["odd", "even"]
@@ -794,20 +937,44 @@ def test_a_checkpoint_keeps_its_version_1_layout(tmp_path):
     zoo = learnable_zoo()
     zoo.add_adapter("a", "lora", r=2)
     examples = const_examples("ok", 8)
-    zoo.train("a", examples[:6], eval_examples=examples[6:], max_steps=2, batch_size=4, eval_every=1,
-              checkpoint_dir=tmp_path, **QUIET)
+    zoo.train(
+        "a",
+        examples[:6],
+        eval_examples=examples[6:],
+        max_steps=2,
+        batch_size=4,
+        eval_every=1,
+        checkpoint_dir=tmp_path,
+        **QUIET,
+    )
     path = latest_checkpoint(tmp_path)
     assert path == tmp_path / "step-00000002" and (tmp_path / "LATEST").read_text() == "step-00000002"
     record = json.loads((path / "trainer.json").read_text())
     assert CHECKPOINT_VERSION == 1 and record["version"] == 1 and record["step"] == 2
     assert sorted(record) == ["jobs", "signature", "step", "version"]
     assert sorted(record["signature"]) == ["adapters", "batch_size", "grad_accum"]
-    assert sorted(record["signature"]["adapters"][0]) == ["config", "examples", "examples_sha256", "name",
-                                                          "parameters", "seed", "type"]
+    assert sorted(record["signature"]["adapters"][0]) == [
+        "config",
+        "examples",
+        "examples_sha256",
+        "name",
+        "parameters",
+        "seed",
+        "type",
+    ]
     job = record["jobs"][0]
     assert sorted(job) == ["active", "bad_evals", "name", "non_tensor_state", "param_groups", "report", "step"]
-    assert sorted(job["report"]) == ["best_eval", "best_step", "examples", "final_eval_loss", "final_train_loss",
-                                     "history", "seconds", "stopped_early", "tokens"]
+    assert sorted(job["report"]) == [
+        "best_eval",
+        "best_step",
+        "examples",
+        "final_eval_loss",
+        "final_train_loss",
+        "history",
+        "seconds",
+        "stopped_early",
+        "tokens",
+    ]
     with safe_open(str(path / "state.safetensors"), "pt") as f:
         keys = set(f.keys())
     n = len(zoo.get_adapter("a").parameters())

@@ -4,8 +4,9 @@ the search for the adapter type that claims a foreign name, and config-field che
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -21,7 +22,9 @@ META_TYPE = "adapterzoo.type"
 META_METADATA = "adapterzoo.metadata"
 
 
-def read_weights(path: Path, folder: Path, *, pickle_hint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_weights(
+    path: Path, folder: Path, *, pickle_hint: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, safetensors metadata) of `path`; a folder with only pickles gets the pickle refusal
     (with `pickle_hint`, the format's own way out, if given)."""
     if not path.exists():
@@ -69,8 +72,17 @@ def stored_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def converted_adapter(ctx: FormatContext, name: str, atype, convert: Callable[[], tuple[dict, dict]], *,
-                      folder: Path, what: str, metadata: dict[str, str], source_format: str) -> Adapter:
+def converted_adapter(
+    ctx: FormatContext,
+    name: str,
+    atype,
+    convert: Callable[[], tuple[dict, dict]],
+    *,
+    folder: Path,
+    what: str,
+    metadata: dict[str, str],
+    source_format: str,
+) -> Adapter:
     """The adapter a type's converter (`from_peft`, `from_adapterhub`) makes of a foreign folder,
     sized and checked as a native one is; a converter's refusal names the folder."""
     try:
@@ -84,8 +96,14 @@ def converted_adapter(ctx: FormatContext, name: str, atype, convert: Callable[[]
     return adapter
 
 
-def write_pair(folder: Path, config_name: str, config: dict[str, Any], weights_name: str,
-               state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_pair(
+    folder: Path,
+    config_name: str,
+    config: dict[str, Any],
+    weights_name: str,
+    state: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+) -> None:
     """Weights first, config last, each atomically (as the native format does)."""
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / weights_name, tensors_to_bytes({k: v.float() for k, v in state.items()}, metadata=metadata))
@@ -115,15 +133,22 @@ def foreign_card_facts(format_name: str, config: dict[str, Any], weights: Path, 
     the first installed type that claims the folder (`claimants`); the base and metrics likewise."""
     meta = safetensors_metadata(weights) if weights.exists() else {}
     base = stored_base(meta)
-    return {"format": format_name, "type": meta.get(META_TYPE) or (claimants[0] if claimants else "unknown"),
-            "config": config, "base_fingerprint": base.get("id"), "metrics": stored_metadata(meta).get("metrics") or {}}
+    return {
+        "format": format_name,
+        "type": meta.get(META_TYPE) or (claimants[0] if claimants else "unknown"),
+        "config": config,
+        "base_fingerprint": base.get("id"),
+        "metrics": stored_metadata(meta).get("metrics") or {},
+    }
 
 
 def types_claiming(attribute: str, value: str) -> list[str]:
     """Names of the installed adapter types whose class lists `value` in `attribute`."""
     from .. import plugins
 
-    return sorted(n for n, info in plugins.adapter_types().items() if value in (getattr(info.cls, attribute, None) or ()))
+    return sorted(
+        n for n, info in plugins.adapter_types().items() if value in (getattr(info.cls, attribute, None) or ())
+    )
 
 
 def claimed(attribute: str) -> list[str]:
@@ -134,10 +159,17 @@ def claimed(attribute: str) -> list[str]:
 
 def is_empty(value: Any) -> bool:
     """A config value that switches nothing on: None, False, "", "none", {}, []."""
-    return value is None or value is False or value == "none" or (isinstance(value, (str, list, tuple, dict, set)) and not value)
+    return (
+        value is None
+        or value is False
+        or value == "none"
+        or (isinstance(value, (str, list, tuple, dict, set)) and not value)
+    )
 
 
-def check_fields(config: dict[str, Any], *, what: str, known: Iterable[str], hints: dict[str, str], way_out: str) -> None:
+def check_fields(
+    config: dict[str, Any], *, what: str, known: Iterable[str], hints: dict[str, str], way_out: str
+) -> None:
     """Refuse every field outside `known` whose value switches something on.
 
     Foreign formats grow new options every release; an option we do not know changes the math in

@@ -39,8 +39,10 @@ DESCRIPTION = f"{CONFIG_FILE} (with config and model_class) + {WEIGHTS_FILE}"  #
 CARD_TAGS: tuple[str, ...] = ()  # model card tags beyond adapterzoo's own
 VERSION = "adapters.1.3.0"
 # the way out when a folder holds only pickles (`pytorch_adapter.bin`): adapterzoo never unpickles
-PICKLE_HINT = ("Save the adapter again with the adapters library's model.save_adapter(path, name, use_safetensors=True), "
-               "where you trust the file.")
+PICKLE_HINT = (
+    "Save the adapter again with the adapters library's model.save_adapter(path, name, use_safetensors=True), "
+    "where you trust the file."
+)
 
 
 def detect(folder: Path) -> bool:
@@ -60,8 +62,9 @@ def architecture(ah: dict[str, Any]) -> str:
 
 def check_fields(config: dict[str, Any], what: str, known: set[str], hints: dict[str, str]) -> None:
     """For a type's `from_adapterhub`: refuse every field that is switched on and not in `known`."""
-    _common.check_fields(config, what=what, known=known, hints=hints,
-                         way_out="Retrain with the adapters library without it.")
+    _common.check_fields(
+        config, what=what, known=known, hints=hints, way_out="Retrain with the adapters library without it."
+    )
 
 
 def read(ctx: FormatContext, name: str, folder: Path, *, ignore_base_mismatch: bool = False) -> Adapter:
@@ -86,8 +89,16 @@ def read(ctx: FormatContext, name: str, folder: Path, *, ignore_base_mismatch: b
             "base, or pass ignore_base_mismatch=True if you know the layouts agree."
         )
     _check_head(ctx, folder, what)
-    return _common.converted_adapter(ctx, name, atype, lambda: atype.from_adapterhub(ctx.model, dict(ah), state),
-                                     folder=folder, what=what, metadata=metadata, source_format=NAME)
+    return _common.converted_adapter(
+        ctx,
+        name,
+        atype,
+        lambda: atype.from_adapterhub(ctx.model, dict(ah), state),
+        folder=folder,
+        what=what,
+        metadata=metadata,
+        source_format=NAME,
+    )
 
 
 def _check_head(ctx: FormatContext, folder: Path, what: str) -> None:
@@ -107,7 +118,11 @@ def _check_head(ctx: FormatContext, folder: Path, what: str) -> None:
     params = ctx.model.state_dict()  # with tied weights (GPT-2's lm_head is its input embedding)
     for key, tensor in read_safetensors(weights).items():
         mine = params.get(key)
-        if mine is None or mine.shape != tensor.shape or not torch.allclose(mine.detach().float().cpu(), tensor.float(), atol=1e-6):
+        if (
+            mine is None
+            or mine.shape != tensor.shape
+            or not torch.allclose(mine.detach().float().cpu(), tensor.float(), atol=1e-6)
+        ):
             raise UnsupportedFormatError(
                 f"{what}: its head weights ({HEAD_WEIGHTS_FILE}: {key}) differ from this base's, so the head was "
                 "trained; adapterzoo cannot change the shared base's output layer"

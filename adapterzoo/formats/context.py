@@ -9,9 +9,10 @@ type by name. Nothing else of the zoo (its adapters, pools, lock) is a format's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 

@@ -77,16 +77,24 @@ def card_facts(folder: Path) -> dict[str, Any]:
     checks the weights against the config's checksum, so a broken folder is never published."""
     record, _ = read_files(folder)
     base = record.get("base") or {}
-    return {"format": NAME, "type": record["adapter_type"], "config": record["config"],
-            "base_fingerprint": base.get("id"), "metrics": (record.get("metadata") or {}).get("metrics") or {}}
+    return {
+        "format": NAME,
+        "type": record["adapter_type"],
+        "config": record["config"],
+        "base_fingerprint": base.get("id"),
+        "metrics": (record.get("metadata") or {}).get("metrics") or {},
+    }
 
 
 def write_files(folder: Path, record: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     """Write weights then config; `record` is the JSON config without the weights checksum."""
     folder.mkdir(parents=True, exist_ok=True)
     data = tensors_to_bytes(state, metadata={"format": "adapterzoo", "adapter_type": record["adapter_type"]})
-    record = dict(record, format_version=FORMAT_VERSION, weights={
-        "file": WEIGHTS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    record = dict(
+        record,
+        format_version=FORMAT_VERSION,
+        weights={"file": WEIGHTS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
+    )
     atomic_write(folder / WEIGHTS_FILE, data)
     atomic_write(folder / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
 

@@ -35,7 +35,15 @@ KEY_PREFIX = "base_model.model."
 # PEFT's prompt-learning methods save their tensors without the module-path prefix
 PROMPT_LEARNING = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE"}
 # Fields every PEFT config has that change nothing in the math
-COMMON_FIELDS = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
+COMMON_FIELDS = {
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+}
 COMMON_HINTS = {
     "modules_to_save": "PEFT saves full trained copies of these modules, which would replace layers of the base "
     "that every other adapter shares. Merge the adapter into the base with PEFT "
@@ -75,9 +83,17 @@ def read(ctx: FormatContext, name: str, folder: Path, *, ignore_base_mismatch: b
     atype = type_for(ctx, peft_config.get("peft_type"), what, peft_config)
     state, metadata = _common.read_weights(folder / WEIGHTS_FILE, folder)
     _common.check_base(ctx, metadata, what, force=ignore_base_mismatch)
-    state = {k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k: v for k, v in state.items()}
-    return _common.converted_adapter(ctx, name, atype, lambda: atype.from_peft(ctx.model, dict(peft_config), state),
-                                     folder=folder, what=what, metadata=metadata, source_format=NAME)
+    state = {k[len(KEY_PREFIX) :] if k.startswith(KEY_PREFIX) else k: v for k, v in state.items()}
+    return _common.converted_adapter(
+        ctx,
+        name,
+        atype,
+        lambda: atype.from_peft(ctx.model, dict(peft_config), state),
+        folder=folder,
+        what=what,
+        metadata=metadata,
+        source_format=NAME,
+    )
 
 
 def write(ctx: FormatContext, adapter: Adapter, folder: Path, *, metadata: dict | None = None) -> Path:
@@ -99,8 +115,9 @@ def write(ctx: FormatContext, adapter: Adapter, folder: Path, *, metadata: dict 
     }
     if peft_config["peft_type"] not in PROMPT_LEARNING:
         state = {KEY_PREFIX + k: v for k, v in state.items()}
-    _common.write_pair(folder, CONFIG_FILE, peft_config, WEIGHTS_FILE, state,
-                       _common.adapterzoo_metadata(ctx, adapter, metadata))
+    _common.write_pair(
+        folder, CONFIG_FILE, peft_config, WEIGHTS_FILE, state, _common.adapterzoo_metadata(ctx, adapter, metadata)
+    )
     return folder
 
 
@@ -129,16 +146,22 @@ def base_model_name(ctx: FormatContext) -> str:
             return name
         except HFValidationError:
             pass
-    return (f"(no Hub id: adapterzoo saved this adapter from a {type(ctx.model).__name__} base built in memory or "
-            f"read from a local folder, fingerprint {ctx.fingerprint.id}; load that base yourself and use "
-            "PeftModel.from_pretrained(base, this_folder))")
+    return (
+        f"(no Hub id: adapterzoo saved this adapter from a {type(ctx.model).__name__} base built in memory or "
+        f"read from a local folder, fingerprint {ctx.fingerprint.id}; load that base yourself and use "
+        "PeftModel.from_pretrained(base, this_folder))"
+    )
 
 
 def check_fields(peft_config: dict[str, Any], what: str, known: set[str], hints: dict[str, str]) -> None:
     """For a type's `from_peft`: refuse every field that is switched on and not in `known`."""
     _common.check_fields(
-        peft_config, what=what, known=known | COMMON_FIELDS, hints={**COMMON_HINTS, **hints},
-        way_out="Retrain without it, or merge the adapter into the base with PEFT (merge_and_unload) and load that as the base.",
+        peft_config,
+        what=what,
+        known=known | COMMON_FIELDS,
+        hints={**COMMON_HINTS, **hints},
+        way_out="Retrain without it, or merge the adapter into the base with PEFT (merge_and_unload) "
+        "and load that as the base.",
     )
 
 
@@ -151,8 +174,9 @@ def single_submodule(peft_config: dict[str, Any], what: str) -> None:
         )
 
 
-def prompt_embeddings(peft_config: dict[str, Any], state: dict[str, torch.Tensor], what: str,
-                      known: set[str]) -> tuple[torch.Tensor, int]:
+def prompt_embeddings(
+    peft_config: dict[str, Any], state: dict[str, torch.Tensor], what: str, known: set[str]
+) -> tuple[torch.Tensor, int]:
     """The one tensor PEFT's prompt-learning methods save (`prompt_embeddings`, (P, ...)) and P,
     after checking the config fields: what prefix tuning and prompt tuning read alike."""
     check_fields(peft_config, what, known, {})

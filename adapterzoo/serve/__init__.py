@@ -24,6 +24,16 @@ from .engine import (
 from .resolver import HostResolver, Resolver
 
 __all__ = [
-    "Engine", "SamplingParams", "Completion", "RequestHandle", "Resolver", "HostResolver", "EngineError",
-    "QueueFullError", "EngineClosedError", "ContextLengthError", "AdapterLoadError", "ServeConfig",
+    "Engine",
+    "SamplingParams",
+    "Completion",
+    "RequestHandle",
+    "Resolver",
+    "HostResolver",
+    "EngineError",
+    "QueueFullError",
+    "EngineClosedError",
+    "ContextLengthError",
+    "AdapterLoadError",
+    "ServeConfig",
 ]

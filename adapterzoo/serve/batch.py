@@ -43,7 +43,6 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids (when asked for)
 
 
-
 @dataclass(eq=False)
 class Request:
     """One request from submit to its end: what it asked, and how far it got."""
@@ -54,7 +53,7 @@ class Request:
     tenant: str | None = None
     id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")  # unique across engines and replicas
     # set by the engine
-    engine: "Engine | None" = None
+    engine: Engine | None = None
     submitted: float = 0.0
     first_token_at: float | None = None
     ready: Future | None = None  # resolves when the adapter is in host memory
@@ -64,7 +63,7 @@ class Request:
     sent: int = 0  # characters of text already sent as deltas
     text: str = ""
     generator: torch.Generator | None = None
-    handle: "RequestHandle | None" = None
+    handle: RequestHandle | None = None
     acquired: bool = False
     progressed: float = 0.0  # when it last made progress (joined, or got a token): the watchdog reads it
     logprobs: list[TokenLogprob] | None = None
@@ -72,7 +71,6 @@ class Request:
     @property
     def cancelled(self) -> bool:
         return self.handle is not None and self.handle.cancelled
-
 
 
 class RunningBatch:
@@ -122,7 +120,9 @@ class RunningBatch:
         for mine, theirs in zip(self.cache.layers, cache.layers):
             k_old, v_old, k_new, v_new = mine.keys, mine.values, theirs.keys, theirs.values
             mine.keys = torch.cat([pad(k_old, (0, 0, length - old_len, 0)), pad(k_new, (0, 0, length - new_len, 0))], 0)
-            mine.values = torch.cat([pad(v_old, (0, 0, length - old_len, 0)), pad(v_new, (0, 0, length - new_len, 0))], 0)
+            mine.values = torch.cat(
+                [pad(v_old, (0, 0, length - old_len, 0)), pad(v_new, (0, 0, length - new_len, 0))], 0
+            )
         self.mask = torch.cat([pad(self.mask, (length - old_len, 0)), pad(mask, (length - new_len, 0))], 0)
         self.next = torch.cat([self.next, nxt], 0)
         self.rows.extend(rows)
@@ -161,8 +161,9 @@ class Room:
     `slots` of each slot pool, a tenant's resident-slot limit (distinct adapters its rows hold),
     and `budget` prompt tokens prefilled together (the first joiner always fits it)."""
 
-    def __init__(self, rows: list[Request], pool_of, *, max_rows: int, max_rows_per_tenant: int | None,
-                 slots: int, budget: int):
+    def __init__(
+        self, rows: list[Request], pool_of, *, max_rows: int, max_rows_per_tenant: int | None, slots: int, budget: int
+    ):
         self.pool_of = pool_of  # adapter name -> its slot pool's key
         self.max_rows, self.max_rows_per_tenant, self.slots, self.budget = max_rows, max_rows_per_tenant, slots, budget
         self.used = len(rows)

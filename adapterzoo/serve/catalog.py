@@ -16,10 +16,9 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from ..adapter import check_name
 from ..errors import InvalidNameError
@@ -148,8 +147,15 @@ class Catalog(MutableMapping[str, Entry]):
             if name in self.tombstones:
                 return None
             entry = self._entries.get(name)
-            if (entry is not None and entry.path is not None and not entry.repo and not entry.pending
-                    and self.held is not None and not self.held(name) and not entry.path.exists()):
+            if (
+                entry is not None
+                and entry.path is not None
+                and not entry.repo
+                and not entry.pending
+                and self.held is not None
+                and not self.held(name)
+                and not entry.path.exists()
+            ):
                 del self._entries[name]  # its folder was removed: no longer served (nor listed)
                 entry = None
             if entry is None and self.adapters_dir is not None and is_adapter_folder(self.adapters_dir / name):

@@ -45,9 +45,12 @@ def authenticate(request: Request) -> Tenant:
     tenant = request.app.state.tenants.authenticate(key)
     if tenant is None:
         if not key:
-            raise APIError(401, "You didn't provide an API key. You need to provide your API key in an Authorization "
-                                "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                           code="invalid_api_key")
+            raise APIError(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an Authorization "
+                "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                code="invalid_api_key",
+            )
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
     return tenant
 
@@ -55,8 +58,13 @@ def authenticate(request: Request) -> Tenant:
 def require_admin(request: Request) -> Tenant:
     """The caller of an admin route: an admin's key, on a server that has the admin routes."""
     if not request.app.state.admin_routes:
-        raise APIError(501, "The admin routes are not available on a Ray Serve deployment; restart the deployment "
-                            "with a changed adapters folder instead.", type="server_error", code="not_implemented")
+        raise APIError(
+            501,
+            "The admin routes are not available on a Ray Serve deployment; restart the deployment "
+            "with a changed adapters folder instead.",
+            type="server_error",
+            code="not_implemented",
+        )
     return require_admin_key(request)
 
 
@@ -89,12 +97,21 @@ def rate_limit(state: State, tenant: Tenant, cost: int = 1) -> None:
     state.metrics.rejected("rate_limit")
     burst = tenant.burst or max(1.0, tenant.rps or 1)
     if cost > burst:
-        raise APIError(429, f"This request has {cost} prompts and choices, over tenant {tenant.name!r}'s burst of "
-                            f"{burst:g}; send at most {int(burst)} per request.", type="requests",
-                       code="rate_limit_exceeded", headers={"Retry-After": "1"})
-    raise APIError(429, f"Rate limit reached for tenant {tenant.name!r} ({tenant.rps:g} prompts per second); "
-                        "retry after a moment.", type="requests", code="rate_limit_exceeded",
-                   headers={"Retry-After": "1"})
+        raise APIError(
+            429,
+            f"This request has {cost} prompts and choices, over tenant {tenant.name!r}'s burst of "
+            f"{burst:g}; send at most {int(burst)} per request.",
+            type="requests",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
+    raise APIError(
+        429,
+        f"Rate limit reached for tenant {tenant.name!r} ({tenant.rps:g} prompts per second); retry after a moment.",
+        type="requests",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def read_json(request: Request, model: type[BaseModel]) -> Any:
@@ -108,9 +125,13 @@ def check_call_size(engine, rows: int) -> None:
     limits = [getattr(engine, "max_queue", None), getattr(engine, "max_queue_per_tenant", None)]
     most = min((m for m in limits if m), default=None)
     if most is not None and rows > most:
-        raise APIError(400, f"This call asks for {rows} completions (prompts x n); this server queues at most "
-                            f"{most} per call. Send fewer prompts or a smaller n per request.", param="n",
-                       code="invalid_value")
+        raise APIError(
+            400,
+            f"This call asks for {rows} completions (prompts x n); this server queues at most "
+            f"{most} per call. Send fewer prompts or a smaller n per request.",
+            param="n",
+            code="invalid_value",
+        )
 
 
 def check_prompt_sizes(state: State, prompts: list, chat: bool) -> None:
@@ -125,22 +146,35 @@ def check_prompt_sizes(state: State, prompts: list, chat: bool) -> None:
             size = len(prompt)
         else:
             if context and len(prompt) >= context:
-                raise APIError(400, f"The prompt has {len(prompt)} tokens, but this model's context length is "
-                                    f"{context}; shorten the prompt.", param="prompt", code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"The prompt has {len(prompt)} tokens, but this model's context length is "
+                    f"{context}; shorten the prompt.",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
             continue
         if size > state.max_prompt_chars:
-            raise APIError(400, f"The prompt has {size} characters; this server takes at most "
-                                f"{state.max_prompt_chars} before tokenizing (more could not fit the context). "
-                                "Shorten the prompt.", param="messages" if chat else "prompt",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"The prompt has {size} characters; this server takes at most "
+                f"{state.max_prompt_chars} before tokenizing (more could not fit the context). "
+                "Shorten the prompt.",
+                param="messages" if chat else "prompt",
+                code="context_length_exceeded",
+            )
 
 
 def tokenizer_of(engine):
     """The base's tokenizer (501 where this process has none: a Ray Serve ingress)."""
     tokenizer = getattr(engine, "tokenizer", None)
     if tokenizer is None:
-        raise APIError(501, "This route needs the base's tokenizer, which the Ray Serve ingress does not load.",
-                       type="server_error", code="not_implemented")
+        raise APIError(
+            501,
+            "This route needs the base's tokenizer, which the Ray Serve ingress does not load.",
+            type="server_error",
+            code="not_implemented",
+        )
     return tokenizer
 
 
@@ -159,25 +193,43 @@ def route_auto(state: State, prompts: list, chat: bool, tenant: Tenant) -> str |
     from ..routing import METADATA_KEY, read_routing_record, route
 
     if len(prompts) != 1:
-        raise APIError(400, "model 'auto' routes one prompt per request; send the prompts in separate requests, "
-                            "or name the model", param="prompt", code="invalid_value")
+        raise APIError(
+            400,
+            "model 'auto' routes one prompt per request; send the prompts in separate requests, or name the model",
+            param="prompt",
+            code="invalid_value",
+        )
     if chat:
         said = [m.get("content") for m in prompts[0] if m.get("role") == "user"]
         text = said[-1] if said else ""
     else:
         text = prompts[0]
     if not isinstance(text, str) or not text.strip():
-        raise APIError(400, "model 'auto' needs a text prompt to route (token ids or an empty prompt cannot be "
-                            "routed); name the model instead", param="prompt", code="invalid_value")
+        raise APIError(
+            400,
+            "model 'auto' needs a text prompt to route (token ids or an empty prompt cannot be "
+            "routed); name the model instead",
+            param="prompt",
+            code="invalid_value",
+        )
     zoo = getattr(state.adapters, "zoo", None)
     if zoo is None:
-        raise APIError(501, "model 'auto' is not available on this deployment; name the model", type="server_error",
-                       code="not_implemented")
+        raise APIError(
+            501,
+            "model 'auto' is not available on this deployment; name the model",
+            type="server_error",
+            code="not_implemented",
+        )
     records = {}
     for entry in state.adapters.models(tenant.name):
         loaded = zoo.find_adapter(entry.name)
-        record = (loaded.metadata.get(METADATA_KEY) if loaded is not None
-                  else read_routing_record(entry.path) if entry.path is not None else None)
+        record = (
+            loaded.metadata.get(METADATA_KEY)
+            if loaded is not None
+            else read_routing_record(entry.path)
+            if entry.path is not None
+            else None
+        )
         if isinstance(record, dict):
             records[entry.name] = record
     return route(zoo, [text], records=records)[0].adapter if records else None

@@ -18,8 +18,10 @@ def server_from_options(options: ServeConfig | Mapping[str, Any]) -> Server:
 
 
 def run_serve(config: ServeConfig) -> None:
-    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if config.keys_file is not None:  # fail before loading the base
         from .tenants import Tenants
 
@@ -39,7 +41,8 @@ def run_serve(config: ServeConfig) -> None:
             from ray import serve as _serve  # noqa: F401
         except ImportError:
             raise click.ClickException(
-                "--ray needs Ray Serve, which is not installed: pip install 'adapterzoo[ray]'") from None
+                "--ray needs Ray Serve, which is not installed: pip install 'adapterzoo[ray]'"
+            ) from None
         from .ray import run_ray
 
         run_ray(config)
@@ -47,7 +50,15 @@ def run_serve(config: ServeConfig) -> None:
     from .http import create_app, serve
 
     server = server_from_config(config)
-    click.echo(f"serving {config.base_name!r} ({len(server.adapters.catalog)} adapters) on "
-               f"http://{config.host}:{config.port}/v1", err=True)
-    serve(create_app(server), host=config.host, port=config.port, log_level=config.log_level,
-          drain_timeout=config.drain_timeout)
+    click.echo(
+        f"serving {config.base_name!r} ({len(server.adapters.catalog)} adapters) on "
+        f"http://{config.host}:{config.port}/v1",
+        err=True,
+    )
+    serve(
+        create_app(server),
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        drain_timeout=config.drain_timeout,
+    )

@@ -22,15 +22,29 @@ MAX_BODY_BYTES = 4 * 2**20  # default request body limit (--max-body-bytes)
 BODY_TIMEOUT = 30.0  # default seconds for a whole request body to arrive (--body-timeout)
 
 #: --dtype's names (and their short forms) -> torch dtype names
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 #: fields whose flag is not `--` + the field name with dashes
-FLAGS = {"base": "BASE", "base_name": "--name", "adapters_dir": "--adapters", "keys_file": "--keys",
-         "default_max_tokens": "--max-tokens", "registry_endpoint": "--registry", "open_access": "--open",
-         # no flag: set these where a ServeConfig is built in Python
-         "max_queue_per_tenant": "max_queue_per_tenant", "max_rows_per_tenant": "max_rows_per_tenant",
-         "threads": "threads"}
+FLAGS = {
+    "base": "BASE",
+    "base_name": "--name",
+    "adapters_dir": "--adapters",
+    "keys_file": "--keys",
+    "default_max_tokens": "--max-tokens",
+    "registry_endpoint": "--registry",
+    "open_access": "--open",
+    # no flag: set these where a ServeConfig is built in Python
+    "max_queue_per_tenant": "max_queue_per_tenant",
+    "max_rows_per_tenant": "max_rows_per_tenant",
+    "threads": "threads",
+}
 
 
 def flag(name: str) -> str:
@@ -84,8 +98,10 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, str) or not self.base:
-            raise InvalidConfigError("BASE is missing: give the base model as a folder or a Hub id, "
-                                     "e.g. adapterzoo serve HuggingFaceTB/SmolLM2-135M")
+            raise InvalidConfigError(
+                "BASE is missing: give the base model as a folder or a Hub id, "
+                "e.g. adapterzoo serve HuggingFaceTB/SmolLM2-135M"
+            )
         for name in ("adapters_dir", "keys_file"):  # a str from Python callers, a Path from the CLI
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
@@ -95,27 +111,44 @@ class ServeConfig:
         self._check()
 
     def _check(self) -> None:
-        at_least = {"port": 0, "slots": 1, "max_batch": 1, "max_queue": 1, "max_host": 0, "max_queue_per_tenant": 1,
-                    "max_rows_per_tenant": 1, "default_max_tokens": 1, "max_body_bytes": 1, "max_prompt_chars": 1,
-                    "replicas": 1, "models_per_replica": 1, "threads": 1}
+        at_least = {
+            "port": 0,
+            "slots": 1,
+            "max_batch": 1,
+            "max_queue": 1,
+            "max_host": 0,
+            "max_queue_per_tenant": 1,
+            "max_rows_per_tenant": 1,
+            "default_max_tokens": 1,
+            "max_body_bytes": 1,
+            "max_prompt_chars": 1,
+            "replicas": 1,
+            "models_per_replica": 1,
+            "threads": 1,
+        }
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is None and name in _OPTIONAL:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise InvalidConfigError(f"{flag(name)} must be a whole number of at least {low} (got {value!r}); "
-                                         f"give {flag(name)} {max(low, 1)} or more.")
+                raise InvalidConfigError(
+                    f"{flag(name)} must be a whole number of at least {low} (got {value!r}); "
+                    f"give {flag(name)} {max(low, 1)} or more."
+                )
         if self.port > 65535:
             raise InvalidConfigError(f"--port must be at most 65535 (got {self.port}); give a free TCP port.")
         for name, positive in (("stuck_after", True), ("body_timeout", True), ("drain_timeout", False)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (positive and value == 0):
                 bound = "over 0" if positive else "0 or more"
-                raise InvalidConfigError(f"{flag(name)} must be a number of seconds {bound} (got {value!r}); "
-                                         f"e.g. {flag(name)} 30.")
+                raise InvalidConfigError(
+                    f"{flag(name)} must be a number of seconds {bound} (got {value!r}); e.g. {flag(name)} 30."
+                )
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise InvalidConfigError(f"--dtype {self.dtype!r} is not a dtype this server loads; give one of "
-                                     f"{', '.join(sorted(set(DTYPES.values())))}, or leave it out.")
+            raise InvalidConfigError(
+                f"--dtype {self.dtype!r} is not a dtype this server loads; give one of "
+                f"{', '.join(sorted(set(DTYPES.values())))}, or leave it out."
+            )
         if not self.base_name:
             raise InvalidConfigError("--name is empty; give the base's model id, or leave --name out.")
 

@@ -30,15 +30,23 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import AdapterZooError, BatchError, UnknownAdapterError
 from ..errors import (  # noqa: F401  (their home is errors.py; importable from here as before)
-    AdapterLoadError, ContextLengthError, EngineClosedError, EngineError, MaxTokensError, QueueFullError,
+    AdapterLoadError,
+    AdapterZooError,
+    BatchError,
+    ContextLengthError,
+    EngineClosedError,
+    EngineError,
+    MaxTokensError,
+    QueueFullError,
     RequestFailedError,
+    UnknownAdapterError,
 )
 from ..generate import find_stop, pad_token_id, sample_next
 from . import packed as packed_linear
@@ -59,8 +67,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("adapterzoo.serve")
 
 
-
-
 class RequestHandle:
     """One submitted request: iterate its text deltas, wait for its result, or cancel it.
 
@@ -68,7 +74,7 @@ class RequestHandle:
     `aresult`), fed from the engine thread with `call_soon_threadsafe`.
     """
 
-    def __init__(self, request: "Request", loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None):
         self.request = request
         self.id = request.id
         self._cond = threading.Condition()
@@ -114,7 +120,7 @@ class RequestHandle:
         i = 0
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: len(self._events) > i)
+                self._cond.wait_for(lambda i=i: len(self._events) > i)
                 kind, value = self._events[i]
             i += 1
             if kind == "delta":
@@ -151,7 +157,7 @@ class Engine:
 
     def __init__(
         self,
-        zoo: "Zoo",
+        zoo: Zoo,
         *,
         max_batch: int = 32,
         max_queue: int = 256,
@@ -178,7 +184,9 @@ class Engine:
         self.resolver.attach(self)
         self.metrics = metrics or NullMetrics()
         config = zoo.model.config
-        self.context_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+        self.context_length = int(
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+        )
         self.eos = self.tokenizer.eos_token_id
         self.pad = pad_token_id(self.tokenizer)
         self.vocab_size = int(zoo.model.get_input_embeddings().num_embeddings)
@@ -201,7 +209,7 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             self._calls_closed = False
             # a new thread gets OpenMP's default team size whatever torch.get_num_threads() says there;
@@ -213,7 +221,9 @@ class Engine:
                 packed_linear.pack_linears(self.zoo.model)  # serve/packed.py: ~20% off a decode step
             self._thread = threading.Thread(target=self._loop, name="adapterzoo-engine", daemon=True)
             self._thread.start()
-            threading.Thread(target=self._watchdog, args=(self._thread,), name="adapterzoo-watchdog", daemon=True).start()
+            threading.Thread(
+                target=self._watchdog, args=(self._thread,), name="adapterzoo-watchdog", daemon=True
+            ).start()
         return self
 
     def stop(self, drain: bool = True, timeout: float | None = 30.0) -> None:
@@ -255,7 +265,7 @@ class Engine:
             self._finish(r, "error", error)
         self._batch.reset()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -267,8 +277,12 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         with self._cond:
-            return {"waiting": len(self._waiting), "running": len(self._batch.rows), "steps": self.steps,
-                    "tokens_generated": self.tokens_generated}
+            return {
+                "waiting": len(self._waiting),
+                "running": len(self._batch.rows),
+                "steps": self.steps,
+                "tokens_generated": self.tokens_generated,
+            }
 
     # ------------------------------------------------------------------ the watchdog
 
@@ -293,7 +307,9 @@ class Engine:
             stuck = self.stuck()
             self.metrics.stuck(len(stuck))
             for rid in set(stuck) - self._reported_stuck:
-                log.error("request %s made no progress for over %.0fs: the engine step may be hung", rid, self.stuck_after)
+                log.error(
+                    "request %s made no progress for over %.0fs: the engine step may be hung", rid, self.stuck_after
+                )
             self._reported_stuck = set(stuck)
             time.sleep(period)
 
@@ -314,8 +330,9 @@ class Engine:
     ) -> RequestHandle:
         """Queue a request; returns at once. Raises `QueueFullError`, `EngineClosedError`,
         `UnknownAdapterError` or `ContextLengthError` for a request that cannot be taken."""
-        return self.submit_many([prompt], adapter, [params or SamplingParams()], tenant=tenant, loop=loop,
-                                request_ids=[request_id])[0]
+        return self.submit_many(
+            [prompt], adapter, [params or SamplingParams()], tenant=tenant, loop=loop, request_ids=[request_id]
+        )[0]
 
     def submit_many(
         self,
@@ -330,8 +347,10 @@ class Engine:
         """Queue several requests (the prompts and choices of one API call) all or none: a batch
         the queue cannot hold is refused whole, so no half of it sits in the queue."""
         ids = list(request_ids or [None] * len(prompts))
-        reqs = [self._new_request(prompt, adapter, p, tenant, loop, rid)
-                for prompt, p, rid in zip(prompts, params, ids, strict=True)]
+        reqs = [
+            self._new_request(prompt, adapter, p, tenant, loop, rid)
+            for prompt, p, rid in zip(prompts, params, ids, strict=True)
+        ]
         with self._cond:
             self._check_queue_room(len(reqs), tenant)
             try:
@@ -357,8 +376,15 @@ class Engine:
                 req.ready.add_done_callback(lambda _f: self._wake())
         return [r.handle for r in reqs]
 
-    def _new_request(self, prompt: str | Sequence[int], adapter: str | None, p: SamplingParams, tenant: str | None,
-                     loop: asyncio.AbstractEventLoop | None, request_id: str | None) -> Request:
+    def _new_request(
+        self,
+        prompt: str | Sequence[int],
+        adapter: str | None,
+        p: SamplingParams,
+        tenant: str | None,
+        loop: asyncio.AbstractEventLoop | None,
+        request_id: str | None,
+    ) -> Request:
         """A checked request (its tokens in the vocabulary, prompt + max_tokens within the context),
         not yet queued."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -386,19 +412,25 @@ class Engine:
         live = [r for r in self._waiting if not r.cancelled]
         if len(live) + adding > self.max_queue:
             self.metrics.rejected("queue_full")
-            raise QueueFullError(f"too many requests are waiting ({len(live)}, the limit is {self.max_queue}; this "
-                                 f"call adds {adding}); retry later")
+            raise QueueFullError(
+                f"too many requests are waiting ({len(live)}, the limit is {self.max_queue}; this "
+                f"call adds {adding}); retry later"
+            )
         share = self.max_queue_per_tenant
         mine = sum(1 for r in live if r.tenant == tenant)
         if share is not None and mine + adding > share:
             self.metrics.rejected("tenant_queue_full")
-            raise QueueFullError(f"your requests already fill your share of the queue ({mine} waiting, a tenant "
-                                 f"may have {share}; this call adds {adding}); retry later")
+            raise QueueFullError(
+                f"your requests already fill your share of the queue ({mine} waiting, a tenant "
+                f"may have {share}; this call adds {adding}); retry later"
+            )
 
     def check_token(self, token: int, what: str = "prompt") -> None:
         if not (isinstance(token, int) and not isinstance(token, bool) and 0 <= token < self.vocab_size):
-            raise BatchError(f"{what} has token id {token!r}, outside this model's vocabulary [0, {self.vocab_size}); "
-                             "use ids from /tokenize")
+            raise BatchError(
+                f"{what} has token id {token!r}, outside this model's vocabulary [0, {self.vocab_size}); "
+                "use ids from /tokenize"
+            )
 
     def check_ids(self, ids: Sequence[int]) -> None:
         """Token ids must be in the vocabulary (an id past it would fail every row prefilled with it)."""
@@ -423,12 +455,20 @@ class Engine:
         """What the HTTP layer calls: a prompt (text or token ids) or chat `messages` (rendered with
         the base's chat template); `max_tokens=None` means what is left of the context, capped at
         `chat_max_tokens`. Raises like `submit`."""
-        return self.submit_call([messages if messages is not None else prompt], adapter, chat=messages is not None,
-                                max_tokens=max_tokens, chat_max_tokens=chat_max_tokens, sampling=sampling,
-                                tenant=tenant, loop=loop)[0]
+        return self.submit_call(
+            [messages if messages is not None else prompt],
+            adapter,
+            chat=messages is not None,
+            max_tokens=max_tokens,
+            chat_max_tokens=chat_max_tokens,
+            sampling=sampling,
+            tenant=tenant,
+            loop=loop,
+        )[0]
 
-    def prompt_ids(self, prompt: str | Sequence[int] | None = None,
-                   messages: list[dict[str, str]] | None = None) -> list[int]:
+    def prompt_ids(
+        self, prompt: str | Sequence[int] | None = None, messages: list[dict[str, str]] | None = None
+    ) -> list[int]:
         """A prompt's token ids: text is tokenized, chat `messages` rendered with the template first."""
         if messages is not None:
             prompt = render_chat(self.tokenizer, messages)
@@ -437,10 +477,20 @@ class Engine:
             raise BatchError("The prompt is empty: give at least one token.")
         return ids
 
-    def submit_call(self, prompts: Sequence[Any], adapter: str | None = None, *, chat: bool = False,
-                    max_tokens: int | None = None, chat_max_tokens: int = 512, sampling: dict[str, Any] | None = None,
-                    n: int = 1, tenant: str | None = None, loop: asyncio.AbstractEventLoop | None = None,
-                    request_id: str | None = None) -> list[RequestHandle]:
+    def submit_call(
+        self,
+        prompts: Sequence[Any],
+        adapter: str | None = None,
+        *,
+        chat: bool = False,
+        max_tokens: int | None = None,
+        chat_max_tokens: int = 512,
+        sampling: dict[str, Any] | None = None,
+        n: int = 1,
+        tenant: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        request_id: str | None = None,
+    ) -> list[RequestHandle]:
         """One API call: every prompt (text, token ids, or chat messages when `chat`) times `n`
         choices, queued all or none. Choice j of a seeded call samples with `seed + j`, so each
         equals a solo run with that seed. Tokenizes: call it off the event loop."""
@@ -451,15 +501,20 @@ class Engine:
             if limit is None:
                 limit = max(1, min(chat_max_tokens, self.context_length - len(ids)))
             if limit > self.context_length:
-                raise MaxTokensError(f"max_tokens is {limit}, over this model's context length of {self.context_length}")
+                raise MaxTokensError(
+                    f"max_tokens is {limit}, over this model's context length of {self.context_length}"
+                )
             for j in range(n):
                 options = dict(sampling or {})
                 if j and options.get("seed") is not None:
                     options["seed"] = (options["seed"] + j) % 2**63
                 items.append(ids)
                 params.append(SamplingParams(max_tokens=limit, **options))
-        ids = [None] * len(items) if not request_id else [request_id if len(items) == 1 else f"{request_id}-{i}"
-                                                           for i in range(len(items))]
+        ids = (
+            [None] * len(items)
+            if not request_id
+            else [request_id if len(items) == 1 else f"{request_id}-{i}" for i in range(len(items))]
+        )
         return self.submit_many(items, adapter, params, tenant=tenant, loop=loop, request_ids=ids)
 
     def generate(self, prompt: str, adapter: str | None = None, timeout: float | None = None, **params: Any) -> str:
@@ -490,8 +545,9 @@ class Engine:
         or sees the queue closed and runs inline, never left in a queue nobody reads."""
         f: Future = Future()
         with self._cond:
-            queued = (self._thread is not None and not self._calls_closed
-                      and threading.current_thread() is not self._thread)
+            queued = (
+                self._thread is not None and not self._calls_closed and threading.current_thread() is not self._thread
+            )
             if queued:
                 self._calls.put((fn, f))
                 self._cond.notify_all()
@@ -527,8 +583,9 @@ class Engine:
                         # per-request failures are handled inside the step; reaching here is a bug
                         # in the engine itself: every request it had taken ends (none hangs for ever)
                         log.exception("engine step failed; failing the requests it held")
-                        error = RequestFailedError(f"the server failed while running this request "
-                                                   f"({type(exc).__name__}); retry it")
+                        error = RequestFailedError(
+                            f"the server failed while running this request ({type(exc).__name__}); retry it"
+                        )
                         for req in [*self._batch.rows, *list(self._taken)]:
                             self._finish(req, "error", error)
                         self._batch.reset()
@@ -605,8 +662,14 @@ class Engine:
             waiting = list(self._waiting)
         if not waiting:
             return []
-        room = Room(self._batch.rows, lambda name: self.zoo.get_adapter(name).pool_key, max_rows=self.max_batch,
-                    max_rows_per_tenant=self.max_rows_per_tenant, slots=self.zoo.slots, budget=self.max_prefill_tokens)
+        room = Room(
+            self._batch.rows,
+            lambda name: self.zoo.get_adapter(name).pool_key,
+            max_rows=self.max_batch,
+            max_rows_per_tenant=self.max_rows_per_tenant,
+            slots=self.zoo.slots,
+            budget=self.max_prefill_tokens,
+        )
         joiners: list[Request] = []
         left: set[int] = set()  # ids of the requests that leave the queue: joiners, and those ended in it
         for req in self._in_turn(waiting):
@@ -652,10 +715,15 @@ class Engine:
                 return False
             req.virtual, req.prefix = self.zoo.token_lengths(req.adapter)
             if req.virtual + req.prefix + len(req.prompt_ids) + req.params.max_tokens > self.context_length:
-                self._finish(req, "error", ContextLengthError(
-                    f"the prompt has {len(req.prompt_ids)} tokens, adapter {req.adapter!r} adds "
-                    f"{req.virtual + req.prefix} virtual tokens and max_tokens is {req.params.max_tokens}: over "
-                    f"this model's context length of {self.context_length}"))
+                self._finish(
+                    req,
+                    "error",
+                    ContextLengthError(
+                        f"the prompt has {len(req.prompt_ids)} tokens, adapter {req.adapter!r} adds "
+                        f"{req.virtual + req.prefix} virtual tokens and max_tokens is {req.params.max_tokens}: over "
+                        f"this model's context length of {self.context_length}"
+                    ),
+                )
                 return False
             if not room.slot_for(req.adapter, req.tenant, self.resolver.resident_limit(req.tenant)):
                 return False
@@ -729,8 +797,8 @@ class Engine:
         ids = torch.full((len(joiners), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(joiners), width), dtype=torch.long)
         for i, r in enumerate(joiners):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
         plan = zoo.plan([r.adapter for r in joiners], training=False)
         cache = DynamicCache(config=zoo.model.config)
         # only the last position's logits are sampled: skip the vocabulary projection of the others
@@ -782,8 +850,12 @@ class Engine:
             cache = copy.deepcopy(batch.cache)
             cache.batch_select_indices(idx)
             try:
-                self.zoo.forward(batch.next.index_select(0, idx)[:, None], step_mask.index_select(0, idx),
-                                 adapters=[adapter] * len(rows), cache=cache)
+                self.zoo.forward(
+                    batch.next.index_select(0, idx)[:, None],
+                    step_mask.index_select(0, idx),
+                    adapters=[adapter] * len(rows),
+                    cache=cache,
+                )
             except Exception as alone:  # noqa: BLE001
                 culprits += 1
                 log.warning("adapter %r failed in a decode step: %s", adapter, alone)
@@ -809,11 +881,17 @@ class Engine:
                     raise RequestFailedError(
                         f"the model produced NaN or infinite scores for this request"
                         f"{f' with adapter {r.adapter!r}' if r.adapter else ''}; the adapter's weights may be "
-                        "corrupt (check them for NaN/inf), or the request's values out of range")
+                        "corrupt (check them for NaN/inf), or the request's values out of range"
+                    )
                 out.append(greedy[i] if r.params.plain else self._choose_one(r, logits[i]))
             except Exception as exc:  # noqa: BLE001 - this row alone fails
-                self._finish(r, "error", exc if isinstance(exc, RequestFailedError) else
-                             RequestFailedError(f"sampling failed for this request: {type(exc).__name__}: {exc}"))
+                self._finish(
+                    r,
+                    "error",
+                    exc
+                    if isinstance(exc, RequestFailedError)
+                    else RequestFailedError(f"sampling failed for this request: {type(exc).__name__}: {exc}"),
+                )
                 out.append(None)
         return out
 
@@ -833,8 +911,16 @@ class Engine:
         if p.greedy:
             token = int(scores.argmax())
         else:
-            token = int(sample_next(scores[None], do_sample=True, temperature=p.temperature, top_k=p.top_k,
-                                    top_p=p.top_p, generator=req.generator)[0])
+            token = int(
+                sample_next(
+                    scores[None],
+                    do_sample=True,
+                    temperature=p.temperature,
+                    top_k=p.top_k,
+                    top_p=p.top_p,
+                    generator=req.generator,
+                )[0]
+            )
         if req.logprobs is not None:
             req.logprobs.append(token_logprob(raw, token, p.logprobs or 0))
         return token
@@ -884,7 +970,7 @@ class Engine:
             return False
         safe = _safe_end(text, stops)
         if safe > req.sent:
-            req.handle._push("delta", text[req.sent:safe])
+            req.handle._push("delta", text[req.sent : safe])
             req.sent = safe
         return True
 
@@ -897,17 +983,24 @@ class Engine:
         self._release(req)
         now = time.monotonic()
         if req.sent < len(req.text) and reason != "error":
-            req.handle._push("delta", req.text[req.sent:])
+            req.handle._push("delta", req.text[req.sent :])
             req.sent = len(req.text)
         logprobs = None
         if req.logprobs is not None:
             # the EOS or stop id that ended the request was scored but is not in token_ids
-            logprobs = list(req.logprobs[:len(req.tokens)])
+            logprobs = list(req.logprobs[: len(req.tokens)])
         done = Completion(
-            id=req.id, adapter=req.adapter, text=req.text, token_ids=list(req.tokens), finish_reason=reason,
-            prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.tokens),
+            id=req.id,
+            adapter=req.adapter,
+            text=req.text,
+            token_ids=list(req.tokens),
+            finish_reason=reason,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.tokens),
             ttft=None if req.first_token_at is None else req.first_token_at - req.submitted,
-            latency=now - req.submitted, error=error, logprobs=logprobs,
+            latency=now - req.submitted,
+            error=error,
+            logprobs=logprobs,
         )
         try:
             self.metrics.finished(done)
@@ -918,7 +1011,6 @@ class Engine:
         if req.acquired:
             req.acquired = False
             self.resolver.release(req.adapter)
-
 
 
 def _raise_if_unknown(ready: Future) -> None:
@@ -950,7 +1042,7 @@ def _safe_end(text: str, stops: Sequence[str]) -> int:
     hold = 0
     for s in stops:
         for k in range(min(len(s) - 1, end), 0, -1):
-            if text[end - k:end] == s[:k]:
+            if text[end - k : end] == s[:k]:
                 hold = max(hold, k)
                 break
     return end - hold

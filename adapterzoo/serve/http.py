@@ -107,8 +107,7 @@ ADMIN_ROUTES = ("/admin", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 def create_app(server: Server, *, admin: bool = True) -> Starlette:
     """The ASGI app around `server`'s parts. `admin=False` (Ray Serve's ingress, where adapters
     live in the replicas) answers 501 on the admin routes."""
-    app = Starlette(routes=_routes(), lifespan=_lifespan,
-                    exception_handlers={404: _unknown_route, 405: _unknown_route})
+    app = Starlette(routes=_routes(), lifespan=_lifespan, exception_handlers={404: _unknown_route, 405: _unknown_route})
     state = app.state
     state.engine, state.adapters, state.tenants = server.engine, server.adapters, server.tenants
     state.metrics, state.config = server.metrics, server.config
@@ -154,8 +153,13 @@ async def _lifespan(app: Starlette):
 async def _unknown_route(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 404)
     message = "Unknown route" if status == 404 else "Method not allowed"
-    return error_response(APIError(status, f"{message}: {request.method} {request.url.path}",
-                                   code="not_found" if status == 404 else "method_not_allowed"))
+    return error_response(
+        APIError(
+            status,
+            f"{message}: {request.method} {request.url.path}",
+            code="not_found" if status == 404 else "method_not_allowed",
+        )
+    )
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -202,8 +206,16 @@ async def health(request: Request) -> Response:
     running = engine.running
     healthy = engine.healthy() if hasattr(engine, "healthy") else running
     status = "ok" if healthy else "stopping" if not running else "unhealthy"
-    return JSONResponse({"status": status, "base": state.config.base_name, **engine.stats(), "stuck": len(stuck),
-                         "adapters": state.adapters.residency()}, status_code=200 if healthy else 503)
+    return JSONResponse(
+        {
+            "status": status,
+            "base": state.config.base_name,
+            **engine.stats(),
+            "stuck": len(stuck),
+            "adapters": state.adapters.residency(),
+        },
+        status_code=200 if healthy else 503,
+    )
 
 
 @timed("/metrics")
@@ -268,16 +280,35 @@ async def _generate(request: Request, chat: bool) -> Response:
     loop = asyncio.get_running_loop()
     try:  # tokenizing (and rendering the chat template) runs off the event loop
         handles = await asyncio.to_thread(
-            state.engine.submit_call, prompts, adapter, chat=chat, max_tokens=max_tokens,
-            chat_max_tokens=CHAT_MAX_TOKENS, sampling=body.sampling(), n=body.n, tenant=tenant.name, loop=loop,
-            request_id=request.state.request_id)
+            state.engine.submit_call,
+            prompts,
+            adapter,
+            chat=chat,
+            max_tokens=max_tokens,
+            chat_max_tokens=CHAT_MAX_TOKENS,
+            sampling=body.sampling(),
+            n=body.n,
+            tenant=tenant.name,
+            loop=loop,
+            request_id=request.state.request_id,
+        )
     except BaseException as exc:
         raise api_error(exc, param) from None
-    reply = Reply(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], body.model, chat, body.n,
-                  token_text=partial(token_text, state.engine))
+    reply = Reply(
+        ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+        body.model,
+        chat,
+        body.n,
+        token_text=partial(token_text, state.engine),
+    )
     if body.stream:  # `created`: when the first events are in
-        return await stream(handles, reply, include_usage=bool((body.stream_options or {}).get("include_usage")),
-                            param=param, redact=partial(redact, state))
+        return await stream(
+            handles,
+            reply,
+            include_usage=bool((body.stream_options or {}).get("include_usage")),
+            param=param,
+            redact=partial(redact, state),
+        )
     results = await wait_or_disconnect(request, handles)
     if results is None:
         return Response(status_code=499)
@@ -318,14 +349,19 @@ async def tokenize(request: Request) -> Response:
     def encode() -> list[int]:
         text = prompt
         if chat:
-            text = (render_chat(tokenizer, prompt) if body.add_generation_prompt else
-                    tokenizer.apply_chat_template(prompt, tokenize=False) if getattr(tokenizer, "chat_template", None)
-                    else "".join(f"{m['role']}: {m['content']}\n" for m in prompt))
+            text = (
+                render_chat(tokenizer, prompt)
+                if body.add_generation_prompt
+                else tokenizer.apply_chat_template(prompt, tokenize=False)
+                if getattr(tokenizer, "chat_template", None)
+                else "".join(f"{m['role']}: {m['content']}\n" for m in prompt)
+            )
         return tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"]
 
     ids = await asyncio.to_thread(encode)
-    return JSONResponse({"count": len(ids), "max_model_len": state.engine.context_length, "tokens": ids,
-                         "token_strs": None})
+    return JSONResponse(
+        {"count": len(ids), "max_model_len": state.engine.context_length, "tokens": ids, "token_strs": None}
+    )
 
 
 @timed("/detokenize")
@@ -337,8 +373,9 @@ async def detokenize(request: Request) -> Response:
     rate_limit(state, tenant)
     tokenizer, engine = tokenizer_of(state.engine), state.engine
     if len(body.tokens) > engine.context_length * 4:
-        raise APIError(400, f"At most {engine.context_length * 4} tokens per call.", param="tokens",
-                       code="invalid_value")
+        raise APIError(
+            400, f"At most {engine.context_length * 4} tokens per call.", param="tokens", code="invalid_value"
+        )
     for t in body.tokens:
         try:
             engine.check_token(t, "tokens")
@@ -356,16 +393,18 @@ async def admin_list(request: Request) -> Response:
     require_admin(request)
     tiers = request.app.state.adapters
     await asyncio.to_thread(tiers.rescan)
-    return JSONResponse({"object": "list", "data": [tiers.describe(n) for n in sorted(tiers.catalog)],
-                         "residency": tiers.residency()})
+    return JSONResponse(
+        {"object": "list", "data": [tiers.describe(n) for n in sorted(tiers.catalog)], "residency": tiers.residency()}
+    )
 
 
 @timed("/admin/adapters")
 async def admin_load(request: Request) -> Response:
     require_admin(request)
     body = await read_json(request, LoadBody)
-    await _admin_add(request.app.state, body.name, body.source, owner=body.owner, public=body.public,
-                     revision=body.revision)
+    await _admin_add(
+        request.app.state, body.name, body.source, owner=body.owner, public=body.public, revision=body.revision
+    )
     return JSONResponse(request.app.state.adapters.describe(body.name), status_code=201)
 
 
@@ -388,8 +427,9 @@ async def admin_delete(request: Request) -> Response:
         done = await asyncio.to_thread(request.app.state.adapters.delete, name)
     except UnknownAdapterError as exc:
         raise APIError(404, str(exc), code="adapter_not_found") from None
-    return JSONResponse({"id": name, "deleted": True, "status": "deleted" if done else "pending"},
-                        status_code=200 if done else 202)
+    return JSONResponse(
+        {"id": name, "deleted": True, "status": "deleted" if done else "pending"}, status_code=200 if done else 202
+    )
 
 
 @timed("/v1/load_lora_adapter")
@@ -413,9 +453,13 @@ async def unload_lora_adapter(request: Request) -> Response:
 
 async def _admin_add(state: State, name: str, source: str | None, **options: Any) -> None:
     if name in (state.config.base_name, AUTO_MODEL):  # requests naming these never look up an adapter
-        raise APIError(400, f"The name {name!r} is reserved (the base's name and {AUTO_MODEL!r} are taken before "
-                            "any adapter lookup, so no request could reach it); choose another name.",
-                       param="name", code="invalid_value")
+        raise APIError(
+            400,
+            f"The name {name!r} is reserved (the base's name and {AUTO_MODEL!r} are taken before "
+            "any adapter lookup, so no request could reach it); choose another name.",
+            param="name",
+            code="invalid_value",
+        )
     if source is not None:
         try:
             source = state.adapters.admin_source(source)
@@ -451,13 +495,17 @@ def check_open_mode(open_access: bool, host: str, allow_open: bool) -> str | Non
     if not is_loopback(host) and not allow_open:
         raise InvalidConfigError(
             f"refusing to serve without --keys on {host}: anyone who can reach it could use every adapter and the "
-            "admin routes (load, delete). Give --keys keys.yaml, bind 127.0.0.1, or pass --open to accept this.")
-    return ("WARNING: no --keys file: this server is OPEN. Anyone who can reach it may generate with every adapter, "
-            "read /metrics and use the admin routes (load, unload, delete adapters).")
+            "admin routes (load, delete). Give --keys keys.yaml, bind 127.0.0.1, or pass --open to accept this."
+        )
+    return (
+        "WARNING: no --keys file: this server is OPEN. Anyone who can reach it may generate with every adapter, "
+        "read /metrics and use the admin routes (load, unload, delete adapters)."
+    )
 
 
-def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
-          drain_timeout: float = 30.0) -> None:
+def serve(
+    app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning", drain_timeout: float = 30.0
+) -> None:
     """Run with uvicorn until SIGINT/SIGTERM; running requests are drained before exit.
 
     On the signal the engine starts draining at once (new requests get 503); past
@@ -475,12 +523,14 @@ def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: 
         def handle_exit(self, sig, frame) -> None:
             if not DrainingServer.draining:
                 DrainingServer.draining = True
-                threading.Thread(target=engine.stop, args=(True, drain_timeout), name="adapterzoo-drain",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=engine.stop, args=(True, drain_timeout), name="adapterzoo-drain", daemon=True
+                ).start()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout + 5,
-                            lifespan="on")
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout + 5, lifespan="on"
+    )
     # uvicorn handles SIGTERM (stop accepting, finish open requests, run the lifespan shutdown that
     # drains the engine) and then raises it again for the previous handler: make that a clean exit.
     stopped = []

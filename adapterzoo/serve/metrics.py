@@ -6,7 +6,8 @@ renders it in the text exposition format.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -21,38 +22,66 @@ class ServeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.http_requests = Counter("adapterzoo_http_requests", "HTTP requests by route and status code",
-                                     ["route", "status"], registry=r)
-        self.completions = Counter("adapterzoo_completions", "Finished generation requests by finish reason",
-                                   ["finish_reason"], registry=r)
-        self.tokens = Counter("adapterzoo_tokens", "Tokens processed: prompt (prefilled) and completion (generated)",
-                              ["kind"], registry=r)
-        self.rejected_requests = Counter("adapterzoo_rejected_requests", "Requests refused before running, by reason",
-                                         ["reason"], registry=r)
+        self.http_requests = Counter(
+            "adapterzoo_http_requests", "HTTP requests by route and status code", ["route", "status"], registry=r
+        )
+        self.completions = Counter(
+            "adapterzoo_completions", "Finished generation requests by finish reason", ["finish_reason"], registry=r
+        )
+        self.tokens = Counter(
+            "adapterzoo_tokens", "Tokens processed: prompt (prefilled) and completion (generated)", ["kind"], registry=r
+        )
+        self.rejected_requests = Counter(
+            "adapterzoo_rejected_requests", "Requests refused before running, by reason", ["reason"], registry=r
+        )
         self.queue = Gauge("adapterzoo_queue_depth", "Requests waiting to join the running batch", registry=r)
         self.batch = Gauge("adapterzoo_running_requests", "Requests in the running batch", registry=r)
         self.steps = Counter("adapterzoo_decode_steps", "Decode steps run", registry=r)
-        self.batch_size = Histogram("adapterzoo_decode_batch_size", "Rows per decode step",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.ttft = Histogram("adapterzoo_time_to_first_token_seconds", "Time from submit to the first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram("adapterzoo_request_latency_seconds", "Time from submit to the last token",
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.hits = Counter("adapterzoo_adapter_hits", "Requests whose adapter was already in a device slot",
-                            ["adapter"], registry=r)
-        self.misses = Counter("adapterzoo_adapter_misses",
-                              "Requests whose adapter was not in a device slot, by the tier it was found in",
-                              ["adapter", "tier"], registry=r)
-        self.swaps = Histogram("adapterzoo_adapter_swap_seconds",
-                               "Time to bring an adapter up one or more tiers: into a device slot (tier=host), "
-                               "from disk (tier=disk) or from the registry (tier=registry)",
-                               ["tier"], buckets=SWAP_BUCKETS, registry=r)
-        self.load_failures = Counter("adapterzoo_adapter_load_failures", "Adapter loads that failed", ["adapter"], registry=r)
-        self.evictions = Counter("adapterzoo_adapter_evictions", "Adapters moved out of host memory (to disk)",
-                                 registry=r)
+        self.batch_size = Histogram(
+            "adapterzoo_decode_batch_size",
+            "Rows per decode step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "adapterzoo_time_to_first_token_seconds",
+            "Time from submit to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "adapterzoo_request_latency_seconds",
+            "Time from submit to the last token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.hits = Counter(
+            "adapterzoo_adapter_hits", "Requests whose adapter was already in a device slot", ["adapter"], registry=r
+        )
+        self.misses = Counter(
+            "adapterzoo_adapter_misses",
+            "Requests whose adapter was not in a device slot, by the tier it was found in",
+            ["adapter", "tier"],
+            registry=r,
+        )
+        self.swaps = Histogram(
+            "adapterzoo_adapter_swap_seconds",
+            "Time to bring an adapter up one or more tiers: into a device slot (tier=host), "
+            "from disk (tier=disk) or from the registry (tier=registry)",
+            ["tier"],
+            buckets=SWAP_BUCKETS,
+            registry=r,
+        )
+        self.load_failures = Counter(
+            "adapterzoo_adapter_load_failures", "Adapter loads that failed", ["adapter"], registry=r
+        )
+        self.evictions = Counter(
+            "adapterzoo_adapter_evictions", "Adapters moved out of host memory (to disk)", registry=r
+        )
         self.resident = Gauge("adapterzoo_adapters_resident", "Adapters held per tier", ["tier"], registry=r)
-        self.stuck_requests = Gauge("adapterzoo_stuck_requests",
-                                    "Running requests with no progress for the watchdog's limit", registry=r)
+        self.stuck_requests = Gauge(
+            "adapterzoo_stuck_requests", "Running requests with no progress for the watchdog's limit", registry=r
+        )
 
     # -- engine hooks
     def queue_depth(self, n: int) -> None:
@@ -77,7 +106,7 @@ class ServeMetrics:
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 
-    def finished(self, done: "Completion") -> None:
+    def finished(self, done: Completion) -> None:
         self.completions.labels(done.finish_reason).inc()
         self.tokens.labels("completion").inc(done.completion_tokens)
         self.latency.observe(done.latency)

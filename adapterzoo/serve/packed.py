@@ -80,8 +80,12 @@ class PackedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module
         w = module.weight
-        if (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or x.dtype != w.dtype \
-                or x.device.type != "cpu" or w.device.type != "cpu":
+        if (
+            (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            or x.dtype != w.dtype
+            or x.device.type != "cpu"
+            or w.device.type != "cpu"
+        ):
             return F.linear(x, w, module.bias)
         source = (w.data_ptr(), -1 if w.is_inference() else w._version)  # inference tensors keep no version
         if self.source != source:  # first use, or the weight was replaced or written

@@ -53,9 +53,20 @@ from .engine import (
 log = logging.getLogger("adapterzoo.serve")
 
 BASE_ID = "__base__"  # the multiplexed model id of requests for the bare base
-ERRORS = {cls.__name__: cls for cls in (UnknownAdapterError, ContextLengthError, MaxTokensError, QueueFullError,
-                                        EngineClosedError, AdapterLoadError, RequestFailedError, BatchError,
-                                        EngineError)}
+ERRORS = {
+    cls.__name__: cls
+    for cls in (
+        UnknownAdapterError,
+        ContextLengthError,
+        MaxTokensError,
+        QueueFullError,
+        EngineClosedError,
+        AdapterLoadError,
+        RequestFailedError,
+        BatchError,
+        EngineError,
+    )
+}
 
 
 def _error(exc: BaseException) -> dict[str, str]:
@@ -63,7 +74,17 @@ def _error(exc: BaseException) -> dict[str, str]:
     return {"type": name if name in ERRORS else "EngineError", "message": str(exc)}
 
 
-FIELDS = ("id", "adapter", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "ttft", "latency")
+FIELDS = (
+    "id",
+    "adapter",
+    "text",
+    "token_ids",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "ttft",
+    "latency",
+)
 
 
 def _done(value: Completion, replica: str) -> dict[str, Any]:
@@ -75,9 +96,20 @@ def _done(value: Completion, replica: str) -> dict[str, Any]:
 
 
 def _failed(exc: BaseException, replica: str | None = None) -> dict[str, Any]:
-    return {"kind": "done", "id": "", "adapter": None, "text": "", "token_ids": [], "finish_reason": "error",
-            "prompt_tokens": 0, "completion_tokens": 0, "ttft": None, "latency": 0.0, "replica": replica,
-            "error": _error(exc)}
+    return {
+        "kind": "done",
+        "id": "",
+        "adapter": None,
+        "text": "",
+        "token_ids": [],
+        "finish_reason": "error",
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "ttft": None,
+        "latency": 0.0,
+        "replica": replica,
+        "error": _error(exc),
+    }
 
 
 def _completion(item: dict[str, Any]) -> Completion:
@@ -223,15 +255,43 @@ class RemoteEngine:
     def stats(self) -> dict[str, Any]:
         return {"deployment": "ray"}
 
-    def submit_request(self, prompt=None, adapter=None, *, messages=None, max_tokens=None, chat_max_tokens=512,
-                       sampling=None, tenant=None, loop=None) -> RemoteHandle:
-        payload = {"prompt": prompt, "messages": messages, "max_tokens": max_tokens, "chat_max_tokens": chat_max_tokens,
-                   "sampling": sampling, "tenant": tenant}
+    def submit_request(
+        self,
+        prompt=None,
+        adapter=None,
+        *,
+        messages=None,
+        max_tokens=None,
+        chat_max_tokens=512,
+        sampling=None,
+        tenant=None,
+        loop=None,
+    ) -> RemoteHandle:
+        payload = {
+            "prompt": prompt,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "chat_max_tokens": chat_max_tokens,
+            "sampling": sampling,
+            "tenant": tenant,
+        }
         response = self.handle.options(multiplexed_model_id=adapter or BASE_ID, stream=True).generate.remote(payload)
         return RemoteHandle(response)
 
-    def submit_call(self, prompts, adapter=None, *, chat=False, max_tokens=None, chat_max_tokens=512, sampling=None,
-                    n=1, tenant=None, loop=None, request_id=None) -> list[RemoteHandle]:
+    def submit_call(
+        self,
+        prompts,
+        adapter=None,
+        *,
+        chat=False,
+        max_tokens=None,
+        chat_max_tokens=512,
+        sampling=None,
+        n=1,
+        tenant=None,
+        loop=None,
+        request_id=None,
+    ) -> list[RemoteHandle]:
         """`Engine.submit_call` over the replicas: one remote request per prompt and choice."""
         handles = []
         for prompt in prompts:
@@ -239,9 +299,16 @@ class RemoteEngine:
                 options = dict(sampling or {})
                 if j and options.get("seed") is not None:
                     options["seed"] = (options["seed"] + j) % 2**63
-                handles.append(self.submit_request(**({"messages": prompt} if chat else {"prompt": prompt}),
-                                                   adapter=adapter, max_tokens=max_tokens,
-                                                   chat_max_tokens=chat_max_tokens, sampling=options, tenant=tenant))
+                handles.append(
+                    self.submit_request(
+                        **({"messages": prompt} if chat else {"prompt": prompt}),
+                        adapter=adapter,
+                        max_tokens=max_tokens,
+                        chat_max_tokens=chat_max_tokens,
+                        sampling=options,
+                        tenant=tenant,
+                    )
+                )
         return handles
 
 
@@ -255,8 +322,9 @@ class Ingress:
         from .tenants import Tenants
 
         tenants = Tenants.from_keys_file(config.keys_file)
-        catalog = Catalog(adapters_dir=config.adapters_dir, registry_namespace=config.registry_namespace,
-                          tenants=tenants)  # no base here: the replicas hold the tiers
+        catalog = Catalog(
+            adapters_dir=config.adapters_dir, registry_namespace=config.registry_namespace, tenants=tenants
+        )  # no base here: the replicas hold the tiers
         self.server = Server(RemoteEngine(replicas), catalog, tenants, ServeMetrics(), config)
 
     def __serve_build_asgi_app__(self):
@@ -276,12 +344,20 @@ def build_app(config: ServeConfig):
     replica_cls = type("ZooReplica", (ZooReplica,), {})
     multiplexed = serve.multiplexed(max_num_models_per_replica=config.models_per_replica)
     replica_cls.get_adapter = multiplexed(ZooReplica.get_adapter)
-    replica = serve.deployment(replica_cls, name="ZooReplica", num_replicas=config.replicas,
-                               max_ongoing_requests=config.max_queue + config.max_batch,
-                               ray_actor_options={"num_cpus": 0, "num_gpus": gpus})
-    ingress = serve.deployment(serve.ingress()(type("Ingress", (Ingress,), {})), name="Ingress", num_replicas=1,
-                               max_ongoing_requests=4 * (config.max_queue + config.max_batch),
-                               ray_actor_options={"num_cpus": 0})
+    replica = serve.deployment(
+        replica_cls,
+        name="ZooReplica",
+        num_replicas=config.replicas,
+        max_ongoing_requests=config.max_queue + config.max_batch,
+        ray_actor_options={"num_cpus": 0, "num_gpus": gpus},
+    )
+    ingress = serve.deployment(
+        serve.ingress()(type("Ingress", (Ingress,), {})),
+        name="Ingress",
+        num_replicas=1,
+        max_ongoing_requests=4 * (config.max_queue + config.max_batch),
+        ray_actor_options={"num_cpus": 0},
+    )
     return ingress.bind(replica.bind(config), config)
 
 

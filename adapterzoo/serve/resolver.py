@@ -9,8 +9,9 @@ use an adapter: the HTTP layer checks that once, before a request reaches the en
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import UnknownAdapterError
 
@@ -38,14 +39,14 @@ class Resolver(Protocol):
     def placed(self, names: Sequence[str], seconds: float) -> None:
         """`names` were copied into device slots, taking `seconds` together."""
 
-    def attach(self, engine: "Engine") -> None:
+    def attach(self, engine: Engine) -> None:
         """The engine that uses this resolver (for work that must run between its steps)."""
 
 
 class HostResolver:
     """The zoo's host memory alone, no tiers: an adapter is servable while the zoo holds it."""
 
-    def __init__(self, zoo: "Zoo"):
+    def __init__(self, zoo: Zoo):
         self.zoo = zoo
 
     def prepare(self, name: str, tenant: str | None = None) -> Future:
@@ -69,5 +70,5 @@ class HostResolver:
     def placed(self, names: Sequence[str], seconds: float) -> None:
         pass
 
-    def attach(self, engine: "Engine") -> None:
+    def attach(self, engine: Engine) -> None:
         pass

@@ -6,8 +6,8 @@ What the engine applies to one row's scores, apart from the loop that batches ro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -39,7 +39,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise BatchError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature and math.isfinite(self.temperature)):
+        if not (
+            isinstance(self.temperature, (int, float)) and 0 <= self.temperature and math.isfinite(self.temperature)
+        ):
             raise BatchError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (0 < self.top_p <= 1):
             raise BatchError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -47,7 +49,8 @@ class SamplingParams:
             raise BatchError(f"top_k must be >= 0, got {self.top_k!r}")
         if not (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= max(self.max_tokens, 0)):
             raise BatchError(
-                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and -2 <= value <= 2):
@@ -84,10 +87,9 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-
-
-def apply_penalties(scores: torch.Tensor, prompt: Sequence[int], output: Sequence[int],
-                    p: SamplingParams) -> torch.Tensor:
+def apply_penalties(
+    scores: torch.Tensor, prompt: Sequence[int], output: Sequence[int], p: SamplingParams
+) -> torch.Tensor:
     """vLLM's penalties on one row's scores: repetition over prompt and output tokens (a positive
     score divided by it, a negative one multiplied), then frequency and presence over the output."""
     scores = scores.clone()

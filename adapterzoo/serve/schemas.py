@@ -22,8 +22,8 @@ from ..errors import (
     AdapterExistsError,
     AdapterZooError,
     APIError,
-    ClientGone,
     BatchError,
+    ClientGone,
     InvalidConfigError,
     InvalidNameError,
     UnknownAdapterError,
@@ -49,8 +49,12 @@ MAX_STOP_CHARS = 256  # characters per stop sequence at most
 
 
 def not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist or you do not have access to it.", param="model",
-                    code="model_not_found")
+    return APIError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def api_error(exc: BaseException, param: str | None = None) -> APIError:
@@ -140,29 +144,51 @@ class _Body(_Strict):
 
     def unsupported(self) -> None:
         if self.logit_bias:
-            raise APIError(400, "`logit_bias` is not supported by this server (leave it at its default)",
-                           param="logit_bias", code="unsupported_parameter")
+            raise APIError(
+                400,
+                "`logit_bias` is not supported by this server (leave it at its default)",
+                param="logit_bias",
+                code="unsupported_parameter",
+            )
         if self.stream_options is not None and not self.stream:
-            raise APIError(400, "stream_options can only be given when stream is true", param="stream_options",
-                           code="invalid_value")
+            raise APIError(
+                400,
+                "stream_options can only be given when stream is true",
+                param="stream_options",
+                code="invalid_value",
+            )
         if self.stream_options is not None and set(self.stream_options) - {"include_usage"}:
-            raise APIError(400, "stream_options supports only include_usage", param="stream_options",
-                           code="invalid_value")
+            raise APIError(
+                400, "stream_options supports only include_usage", param="stream_options", code="invalid_value"
+            )
         if self.stream_options is not None and not isinstance(self.stream_options.get("include_usage", False), bool):
-            raise APIError(400, "stream_options.include_usage must be true or false", param="stream_options",
-                           code="invalid_value")
+            raise APIError(
+                400, "stream_options.include_usage must be true or false", param="stream_options", code="invalid_value"
+            )
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise APIError(400, f"min_tokens ({self.min_tokens}) is over max_tokens ({self.max_tokens})",
-                           param="min_tokens", code="invalid_value")
+            raise APIError(
+                400,
+                f"min_tokens ({self.min_tokens}) is over max_tokens ({self.max_tokens})",
+                param="min_tokens",
+                code="invalid_value",
+            )
 
     def sampling(self) -> dict[str, Any]:
         """The engine's `SamplingParams` fields of this request."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
-                "stop": self.stop,  # a string, a list or None: SamplingParams takes each
-                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
-                "ignore_eos": self.ignore_eos, "stop_token_ids": tuple(self.stop_token_ids or ()),
-                "logprobs": self.logprobs_asked()}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": self.stop,  # a string, a list or None: SamplingParams takes each
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos,
+            "stop_token_ids": tuple(self.stop_token_ids or ()),
+            "logprobs": self.logprobs_asked(),
+        }
 
     def logprobs_asked(self) -> int | None:  # pragma: no cover - each endpoint says
         return None
@@ -177,11 +203,15 @@ class CompletionBody(_Body):
 
     def unsupported(self) -> None:
         super().unsupported()
-        for field, ok in (("echo", not self.echo), ("best_of", self.best_of in (None, 1, self.n)),
-                          ("suffix", not self.suffix)):
+        for field, ok in (
+            ("echo", not self.echo),
+            ("best_of", self.best_of in (None, 1, self.n)),
+            ("suffix", not self.suffix),
+        ):
             if not ok:
-                raise APIError(400, f"`{field}` is not supported by this server", param=field,
-                               code="unsupported_parameter")
+                raise APIError(
+                    400, f"`{field}` is not supported by this server", param=field, code="unsupported_parameter"
+                )
 
     def logprobs_asked(self) -> int | None:
         return self.logprobs
@@ -222,11 +252,15 @@ class ChatBody(_Body):
     def unsupported(self) -> None:
         super().unsupported()
         fmt = (self.response_format or {}).get("type", "text")
-        for field, ok in (("response_format", fmt == "text"), ("tools", not self.tools),
-                          ("tool_choice", self.tool_choice in (None, "none"))):
+        for field, ok in (
+            ("response_format", fmt == "text"),
+            ("tools", not self.tools),
+            ("tool_choice", self.tool_choice in (None, "none")),
+        ):
             if not ok:
-                raise APIError(400, f"`{field}` is not supported by this server", param=field,
-                               code="unsupported_parameter")
+                raise APIError(
+                    400, f"`{field}` is not supported by this server", param=field, code="unsupported_parameter"
+                )
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
 
@@ -288,19 +322,27 @@ def _check_text(text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise APIError(400, "The request holds a string with a lone UTF-16 surrogate (such as \\ud800), which is not "
-                            "valid Unicode; send well-formed text.", code="invalid_json") from None
+        raise APIError(
+            400,
+            "The request holds a string with a lone UTF-16 surrogate (such as \\ud800), which is not "
+            "valid Unicode; send well-formed text.",
+            code="invalid_json",
+        ) from None
 
 
 def parse_json(raw: bytes) -> Any:
     try:
         data = json.loads(raw)
     except RecursionError:
-        raise APIError(400, f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels.",
-                       code="invalid_json") from None
+        raise APIError(
+            400, f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"We could not parse the JSON body of your request ({exc}). The request body must be "
-                            "valid JSON.", code="invalid_json") from None
+        raise APIError(
+            400,
+            f"We could not parse the JSON body of your request ({exc}). The request body must be valid JSON.",
+            code="invalid_json",
+        ) from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     check_json(data)
@@ -314,18 +356,20 @@ def validate(data: dict, model: type[BaseModel]) -> BaseModel:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err.get("loc", ())) or None
         if err.get("type") == "extra_forbidden":
-            raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
-                           code="unknown_parameter") from None
+            raise APIError(
+                400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter"
+            ) from None
         if err.get("type") == "missing":
-            raise APIError(400, f"Missing required parameter: '{param}'.", param=param,
-                           code="missing_required_parameter") from None
-        raise APIError(400, f"Invalid value for '{param}': {err.get('msg')}", param=param,
-                       code="invalid_value") from None
+            raise APIError(
+                400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+            ) from None
+        raise APIError(
+            400, f"Invalid value for '{param}': {err.get('msg')}", param=param, code="invalid_value"
+        ) from None
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     return validate(parse_json(raw), model)
-
 
 
 async def read_body(request: Request, model: type[BaseModel], *, max_bytes: int, timeout: float) -> BaseModel:
@@ -345,13 +389,21 @@ async def read_body(request: Request, model: type[BaseModel], *, max_bytes: int,
     except ClientDisconnect:
         raise ClientGone() from None
     except TimeoutError:
-        raise APIError(408, f"The request body did not arrive within {timeout:g} seconds; send it at once.",
-                       code="request_timeout", headers={"Connection": "close"}) from None
+        raise APIError(
+            408,
+            f"The request body did not arrive within {timeout:g} seconds; send it at once.",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from None
     raw = b"".join(chunks)
     data = await asyncio.to_thread(parse_json, raw) if len(raw) > 64 * 1024 else parse_json(raw)
     return validate(data, model)
 
 
 def _too_large(max_bytes: int) -> APIError:
-    return APIError(413, f"The request body is over this server's limit of {max_bytes} bytes; send a shorter prompt "
-                         "(or ask the operator for a higher --max-body-bytes).", code="request_too_large")
+    return APIError(
+        413,
+        f"The request body is over this server's limit of {max_bytes} bytes; send a shorter prompt "
+        "(or ask the operator for a higher --max-body-bytes).",
+        code="request_too_large",
+    )

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .catalog import Catalog
 from .config import DTYPES, ServeConfig
 from .engine import Engine
 from .metrics import ServeMetrics
-from .catalog import Catalog
 from .tenants import Tenants
 from .tiers import Tiers
 
@@ -66,12 +66,26 @@ def build_server(zoo, config: ServeConfig | None = None, *, tenants: Tenants | N
         if max_rows_per_tenant is None:
             max_rows_per_tenant = max(1, config.max_batch - max(1, config.max_batch // 8))
     metrics = ServeMetrics()
-    tiers = Tiers(zoo, adapters_dir=config.adapters_dir, registry_endpoint=config.registry_endpoint,
-                  registry_token=config.registry_token, registry_namespace=config.registry_namespace,
-                  max_host=config.max_host, tenants=tenants, metrics=metrics)
-    engine = Engine(zoo, max_batch=config.max_batch, max_queue=config.max_queue, resolver=tiers, metrics=metrics,
-                    max_queue_per_tenant=max_queue_per_tenant, max_rows_per_tenant=max_rows_per_tenant,
-                    stuck_after=config.stuck_after)
+    tiers = Tiers(
+        zoo,
+        adapters_dir=config.adapters_dir,
+        registry_endpoint=config.registry_endpoint,
+        registry_token=config.registry_token,
+        registry_namespace=config.registry_namespace,
+        max_host=config.max_host,
+        tenants=tenants,
+        metrics=metrics,
+    )
+    engine = Engine(
+        zoo,
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        resolver=tiers,
+        metrics=metrics,
+        max_queue_per_tenant=max_queue_per_tenant,
+        max_rows_per_tenant=max_rows_per_tenant,
+        stuck_after=config.stuck_after,
+    )
     return Server(engine, tiers, tenants, metrics, config)
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -49,17 +50,33 @@ class Reply:
     def whole(self, results: list[Completion]) -> dict[str, Any]:
         """The `chat.completion` or `text_completion` object of a finished call."""
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": d.text}, "logprobs": self.logprobs(d),
-                        "finish_reason": finish_reason(d)} for i, d in enumerate(results)]
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": d.text},
+                    "logprobs": self.logprobs(d),
+                    "finish_reason": finish_reason(d),
+                }
+                for i, d in enumerate(results)
+            ]
         else:
-            choices = [{"index": i, "text": d.text, "logprobs": self.logprobs(d), "finish_reason": finish_reason(d)}
-                       for i, d in enumerate(results)]
-        return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "system_fingerprint": results[0].replica,
-                "choices": choices, "usage": usage(results, self.n)}
+            choices = [
+                {"index": i, "text": d.text, "logprobs": self.logprobs(d), "finish_reason": finish_reason(d)}
+                for i, d in enumerate(results)
+            ]
+        return {
+            "id": self.rid,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": results[0].replica,
+            "choices": choices,
+            "usage": usage(results, self.n),
+        }
 
-    def chunk(self, i: int, text: str | None, reason: str | None = None, role: bool = False,
-              logprobs: Any = None) -> str:
+    def chunk(
+        self, i: int, text: str | None, reason: str | None = None, role: bool = False, logprobs: Any = None
+    ) -> str:
         """One SSE event of choice `i`: a text delta, or (with `reason`) its last chunk."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
@@ -74,8 +91,12 @@ class Reply:
         return event({**self._head(), "choices": [], "usage": usage(finished, self.n)})
 
     def _head(self) -> dict[str, Any]:
-        return {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model}
+        return {
+            "id": self.rid,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+        }
 
     def logprobs(self, done: Completion) -> dict[str, Any] | None:
         if done.logprobs is None:
@@ -89,9 +110,12 @@ class Reply:
         for t in tokens:
             offsets.append(at)
             at += len(t)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in done.logprobs],
-                "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in done.logprobs],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in done.logprobs],
+            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in done.logprobs],
+            "text_offset": offsets,
+        }
 
     def _chat_logprobs(self, done: Completion) -> dict[str, Any]:
         """The chat shape: one entry per token, with its bytes and its top alternatives."""
@@ -100,8 +124,13 @@ class Reply:
             text = self.token_text(token)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
 
-        return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                            for lp in done.logprobs], "refusal": None}
+        return {
+            "content": [
+                {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                for lp in done.logprobs
+            ],
+            "refusal": None,
+        }
 
 
 async def wait_or_disconnect(request: Request, handles) -> list[Completion] | None:
@@ -131,8 +160,9 @@ async def wait_or_disconnect(request: Request, handles) -> list[Completion] | No
     return results.result()
 
 
-async def stream(handles, reply: Reply, *, include_usage: bool, param: str,
-                 redact: Callable[[str], str]) -> StreamingResponse:
+async def stream(
+    handles, reply: Reply, *, include_usage: bool, param: str, redact: Callable[[str], str]
+) -> StreamingResponse:
     """Server-sent events for `handles` (one per prompt and choice), once each choice has begun."""
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -173,16 +203,18 @@ async def stream(handles, reply: Reply, *, include_usage: bool, param: str,
                     yield event(err.body())
                 else:  # a choice's logprobs come whole with its last chunk: text deltas hold back partial
                     # characters and stop prefixes, so they do not map onto tokens
-                    yield reply.chunk(i, None if reply.chat else "", finish_reason(value),
-                                      logprobs=reply.logprobs(value))
+                    yield reply.chunk(
+                        i, None if reply.chat else "", finish_reason(value), logprobs=reply.logprobs(value)
+                    )
             if include_usage:
                 yield reply.usage_chunk(finished)
             yield "data: [DONE]\n\n"
         finally:  # also on disconnect (the task is cancelled): free the rows and caches now
             cancel_all()
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 async def _first_events(queue: asyncio.Queue, choices: int, param: str) -> list[tuple[int, str, Any]]:

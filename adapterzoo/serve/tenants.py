@@ -28,9 +28,10 @@ import fnmatch
 import json
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import InvalidConfigError
 
@@ -84,8 +85,13 @@ class RateLimiter:
 class Tenants:
     """API key -> tenant; ownership and visibility of adapters; limits."""
 
-    def __init__(self, tenants: Iterable[Tenant] = (), keys: dict[str, str] | None = None,
-                 public: Iterable[str] = (), open_access: bool = False):
+    def __init__(
+        self,
+        tenants: Iterable[Tenant] = (),
+        keys: dict[str, str] | None = None,
+        public: Iterable[str] = (),
+        open_access: bool = False,
+    ):
         self.tenants = {t.name: t for t in tenants}
         self.keys: dict[str, Tenant] = {}
         for key, name in (keys or {}).items():
@@ -97,17 +103,17 @@ class Tenants:
         self.limiter = RateLimiter()
 
     @classmethod
-    def open(cls) -> "Tenants":
+    def open(cls) -> Tenants:
         """No keys file: everyone is the tenant "default", every adapter is public."""
         return cls([Tenant("default")], public=["*"], open_access=True)
 
     @classmethod
-    def from_keys_file(cls, path: str | Path | None) -> "Tenants":
+    def from_keys_file(cls, path: str | Path | None) -> Tenants:
         """The tenants of a keys file; open access (`open()`) when there is none."""
         return cls.load(path) if path else cls.open()
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tenants":
+    def load(cls, path: str | Path) -> Tenants:
         path = Path(path)
         text = path.read_text()
         try:
@@ -118,11 +124,13 @@ class Tenants:
 
                 data = yaml.safe_load(text)
         except Exception as exc:  # noqa: BLE001 - any parse error is a config error
-            raise InvalidConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+            raise InvalidConfigError(
+                f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"
+            ) from exc
         return cls.from_dict(data or {}, where=str(path))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "keys file") -> "Tenants":
+    def from_dict(cls, data: dict[str, Any], where: str = "keys file") -> Tenants:
         if not isinstance(data, dict):
             raise InvalidConfigError(f"{where} must hold a mapping with 'tenants' (and optionally 'public', 'keys')")
         unknown = set(data) - {"tenants", "public", "keys"}
@@ -133,17 +141,25 @@ class Tenants:
             spec = spec or {}
             bad = set(spec) - TENANT_KEYS
             if bad:
-                raise InvalidConfigError(f"{where}: tenant {name!r} has unknown key(s) {sorted(bad)}; use {sorted(TENANT_KEYS)}")
+                raise InvalidConfigError(
+                    f"{where}: tenant {name!r} has unknown key(s) {sorted(bad)}; use {sorted(TENANT_KEYS)}"
+                )
             for key in spec.get("keys") or []:
                 if key in keys and keys[key] != name:
-                    raise InvalidConfigError(f"{where}: an API key is given to two tenants ({keys[key]!r} and {name!r})")
+                    raise InvalidConfigError(
+                        f"{where}: an API key is given to two tenants ({keys[key]!r} and {name!r})"
+                    )
                 keys[key] = name
-            tenants.append(Tenant(
-                name=str(name), adapters=list(spec.get("adapters") or []),
-                max_resident=_opt_int(spec.get("max_resident"), f"{name}.max_resident", where),
-                rps=_opt_float(spec.get("rps"), f"{name}.rps", where), burst=_opt_float(spec.get("burst"), f"{name}.burst", where),
-                admin=bool(spec.get("admin", False)),
-            ))
+            tenants.append(
+                Tenant(
+                    name=str(name),
+                    adapters=list(spec.get("adapters") or []),
+                    max_resident=_opt_int(spec.get("max_resident"), f"{name}.max_resident", where),
+                    rps=_opt_float(spec.get("rps"), f"{name}.rps", where),
+                    burst=_opt_float(spec.get("burst"), f"{name}.burst", where),
+                    admin=bool(spec.get("admin", False)),
+                )
+            )
         return cls(tenants, keys, data.get("public") or [])
 
     # -- who

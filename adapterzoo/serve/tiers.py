@@ -30,9 +30,10 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import check_name
 from ..errors import AdapterExistsError, AdapterZooError, HubError, InvalidNameError, UnknownAdapterError
@@ -56,7 +57,7 @@ class Tiers:
 
     def __init__(
         self,
-        zoo: "Zoo",
+        zoo: Zoo,
         *,
         adapters_dir: str | Path | None = None,
         registry_endpoint: str | None = None,
@@ -80,9 +81,15 @@ class Tiers:
         self._refs: collections.Counter[str] = collections.Counter()
         self._loading: dict[str, Future] = {}
         self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict.fromkeys(zoo.adapter_names())
-        self.catalog = Catalog(adapters_dir=adapters_dir, spill_dir=spill_dir, registry_namespace=registry_namespace,
-                               registry_repos=registry_repos, tenants=tenants, names=zoo.adapter_names(),
-                               held=self._held)
+        self.catalog = Catalog(
+            adapters_dir=adapters_dir,
+            spill_dir=spill_dir,
+            registry_namespace=registry_namespace,
+            registry_repos=registry_repos,
+            tenants=tenants,
+            names=zoo.adapter_names(),
+            held=self._held,
+        )
         self.adapters_dir, self.spill_dir = self.catalog.adapters_dir, self.catalog.spill_dir
         self.registry_namespace, self.tenants = registry_namespace, self.catalog.tenants
         # one lock for the catalog, refs and LRU (the catalog's): never held over file I/O
@@ -93,7 +100,7 @@ class Tiers:
         if hasattr(self.metrics, "track_residency"):
             self.metrics.track_residency(self.residency)
 
-    def attach(self, engine: "Engine") -> None:
+    def attach(self, engine: Engine) -> None:
         """What the engine calls: from then on, adding and removing adapters run between its steps."""
         self._between = engine.call_between_steps
 
@@ -122,7 +129,7 @@ class Tiers:
     # ------------------------------------------------------------------ where each adapter is
 
     def tier(self, name: str) -> str | None:
-        """"device", "host", "disk" or "registry" (None: not served)."""
+        """ "device", "host", "disk" or "registry" (None: not served)."""
         where = self.zoo.where(name)
         if where is not None:
             return where
@@ -226,17 +233,26 @@ class Tiers:
             if self.adapters_dir is not None:
                 target = self.adapters_dir / entry.name
                 if not is_adapter_folder(target):
-                    hub.pull_adapter(entry.repo, target, revision=entry.revision, token=self.registry_token,
-                                     endpoint=self.registry_endpoint)
+                    hub.pull_adapter(
+                        entry.repo,
+                        target,
+                        revision=entry.revision,
+                        token=self.registry_token,
+                        endpoint=self.registry_endpoint,
+                    )
                 return target
-            return hub.download_adapter(entry.repo, revision=entry.revision, token=self.registry_token,
-                                        endpoint=self.registry_endpoint)
+            return hub.download_adapter(
+                entry.repo, revision=entry.revision, token=self.registry_token, endpoint=self.registry_endpoint
+            )
         except HubError as exc:
             from huggingface_hub.errors import RepositoryNotFoundError
 
             if isinstance(exc.__cause__, RepositoryNotFoundError):
                 with self._lock:
-                    if self.catalog.get(entry.name) is entry and entry.repo == f"{self.registry_namespace}/{entry.name}":
+                    if (
+                        self.catalog.get(entry.name) is entry
+                        and entry.repo == f"{self.registry_namespace}/{entry.name}"
+                    ):
                         del self.catalog[entry.name]
                 raise _unknown(entry.name) from exc
             raise
@@ -253,9 +269,12 @@ class Tiers:
             return
         with self._lock:
             excess = len(self.zoo.adapter_names()) + room - self.max_host
-            idle = [n for n in self._host_lru
-                    if self.zoo.find_adapter(n) is not None and n not in self._refs and n not in self._loading]
-            victims = idle[:max(0, excess)]
+            idle = [
+                n
+                for n in self._host_lru
+                if self.zoo.find_adapter(n) is not None and n not in self._refs and n not in self._loading
+            ]
+            victims = idle[: max(0, excess)]
         for name in victims:
             try:
                 if self._drop(name, delete=False) == "removed":  # another thread may have evicted it first
@@ -318,8 +337,17 @@ class Tiers:
 
     # ------------------------------------------------------------------ admin
 
-    def add(self, name: str, source: str | Path | None = None, *, owner: str | None = None, public: bool = False,
-            revision: str | None = None, load: bool = True, timeout: float | None = 120) -> Entry:
+    def add(
+        self,
+        name: str,
+        source: str | Path | None = None,
+        *,
+        owner: str | None = None,
+        public: bool = False,
+        revision: str | None = None,
+        load: bool = True,
+        timeout: float | None = 120,
+    ) -> Entry:
         """Make `name` servable: from a folder or a registry repo id (or already in the zoo). An
         explicit add lifts an earlier delete's tombstone."""
         check_name(name)
@@ -382,11 +410,20 @@ class Tiers:
         if self.registry_endpoint:
             where.append("a repo id (namespace/name) on the configured registry")
         allowed = " or ".join(where) or "nothing (this server has no adapters folder and no registry)"
-        raise InvalidNameError(f"source {source!r} is not allowed: use {allowed}; start the server with --adapters "
-                               "or --registry to allow more")
+        raise InvalidNameError(
+            f"source {source!r} is not allowed: use {allowed}; start the server with --adapters "
+            "or --registry to allow more"
+        )
 
     def describe(self, name: str) -> dict[str, Any]:
         entry = self.catalog[name]
-        return {"id": name, "tier": self.tier(name), "source": entry.source, "owner": self.owner(name),
-                "public": entry.public or self.tenants.is_public(name), "in_use": self.in_use(name),
-                "pending": entry.pending, "type": getattr(self.zoo.find_adapter(name), "type_name", None)}
+        return {
+            "id": name,
+            "tier": self.tier(name),
+            "source": entry.source,
+            "owner": self.owner(name),
+            "public": entry.public or self.tenants.is_public(name),
+            "in_use": self.in_use(name),
+            "pending": entry.pending,
+            "type": getattr(self.zoo.find_adapter(name), "type_name", None),
+        }

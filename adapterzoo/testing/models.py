@@ -34,7 +34,9 @@ def char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 32):
@@ -43,17 +45,42 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 32):
 
     torch.manual_seed(seed)
     if family == "llama":
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        )
         model = LlamaForCausalLM(config)
     elif family == "gpt2":
-        config = GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
-                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        config = GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         model = GPT2LMHeadModel(config)
     elif family == "bert":
-        config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                            num_attention_heads=4, max_position_embeddings=256, pad_token_id=0)
+        config = BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            pad_token_id=0,
+        )
         model = BertModel(config)
     else:
         raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")

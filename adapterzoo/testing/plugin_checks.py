@@ -51,8 +51,15 @@ def peft_output(family: str, folder: Path, ids: torch.Tensor) -> torch.Tensor:
     return out.logits if family != "bert" else out.last_hidden_state
 
 
-def train_on_reverse(type_name: str, config: dict | None = None, *, steps: int = 40, lr: float = 3e-2,
-                     family: str = "llama", seed: int = 0):
+def train_on_reverse(
+    type_name: str,
+    config: dict | None = None,
+    *,
+    steps: int = 40,
+    lr: float = 3e-2,
+    family: str = "llama",
+    seed: int = 0,
+):
     """Train a fresh adapter of `type_name` on the `reverse` task with `zoo.train`; returns
     (zoo, the `TrainReport`). Its per-step losses are in `report[name].history`."""
     from adapterzoo.tasks import get_task
@@ -76,8 +83,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def served_completions(folder: Path, type_name: str, config: dict | None = None, *, prompts=("hello", "abc"),
-                       max_tokens: int = 6, timeout: float = 90) -> tuple[list[str], list[str]]:
+def served_completions(
+    folder: Path,
+    type_name: str,
+    config: dict | None = None,
+    *,
+    prompts=("hello", "abc"),
+    max_tokens: int = 6,
+    timeout: float = 90,
+) -> tuple[list[str], list[str]]:
     """Serve an adapter of `type_name` (perturbed off identity) with `adapterzoo serve` on
     127.0.0.1 and ask for greedy completions of `prompts` with the `openai` client; returns
     (served texts, the same zoo's own `generate` texts). The server is stopped before returning."""
@@ -97,9 +111,26 @@ def served_completions(folder: Path, type_name: str, config: dict | None = None,
     port = _free_port()
     log = open(folder / "serve.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "adapterzoo.cli", "serve", str(base), "--host", "127.0.0.1", "--port", str(port),
-         "--name", "tiny", "--device", "cpu", "--adapters", str(folder / "adapters")],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+        [
+            sys.executable,
+            "-m",
+            "adapterzoo.cli",
+            "serve",
+            str(base),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--name",
+            "tiny",
+            "--device",
+            "cpu",
+            "--adapters",
+            str(folder / "adapters"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
     )
     try:
         deadline = time.monotonic() + timeout
@@ -112,8 +143,12 @@ def served_completions(folder: Path, type_name: str, config: dict | None = None,
             except httpx.HTTPError:
                 time.sleep(0.1)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
-        served = [client.completions.create(model="plugin-adapter", prompt=p, max_tokens=max_tokens,
-                                            temperature=0).choices[0].text for p in prompts]
+        served = [
+            client.completions.create(model="plugin-adapter", prompt=p, max_tokens=max_tokens, temperature=0)
+            .choices[0]
+            .text
+            for p in prompts
+        ]
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

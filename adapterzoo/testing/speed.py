@@ -12,7 +12,7 @@ slows them all alike) and each is reported as its median over the base's median.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -23,8 +23,15 @@ def _crop(cache, length: int) -> None:
         cache.crop(-extra)
 
 
-def decode_costs(cases: dict[str, tuple[str, dict]], *, rows: int = 64, distinct: int = 16, context: int = 16,
-                 rounds: int = 7, zoo=None) -> dict[str, float]:
+def decode_costs(
+    cases: dict[str, tuple[str, dict]],
+    *,
+    rows: int = 64,
+    distinct: int = 16,
+    context: int = 16,
+    rounds: int = 7,
+    zoo=None,
+) -> dict[str, float]:
     """Best decode-step time of each case (label -> (type, config)) over the bare base's, in one zoo
     (default: a small seeded Llama, hidden 128, 2 layers, float32 on the CPU)."""
     from transformers import DynamicCache

@@ -25,12 +25,21 @@ import importlib
 # Loaded on first use (PEP 562), so `adapterzoo.training.cli` imports without torch: the
 # `adapterzoo` command sets OpenMP's wait policy before torch loads (adapterzoo/cli.py).
 _LAZY = {
-    "CHECKPOINT_VERSION": ".checkpoint", "latest_checkpoint": ".checkpoint", "save_final": ".checkpoint",
-    "evaluate": ".evaluate", "score_task": ".evaluate",
-    "lr_factor": ".loop", "train": ".loop",
-    "FALLBACK_LR": ".options", "METRICS": ".options", "SCHEDULES": ".options", "TrainOptions": ".options",
+    "CHECKPOINT_VERSION": ".checkpoint",
+    "latest_checkpoint": ".checkpoint",
+    "save_final": ".checkpoint",
+    "evaluate": ".evaluate",
+    "score_task": ".evaluate",
+    "lr_factor": ".loop",
+    "train": ".loop",
+    "FALLBACK_LR": ".options",
+    "METRICS": ".options",
+    "SCHEDULES": ".options",
+    "TrainOptions": ".options",
     "default_lr": ".options",
-    "AdapterReport": ".report", "StepInfo": ".report", "TrainReport": ".report",
+    "AdapterReport": ".report",
+    "StepInfo": ".report",
+    "TrainReport": ".report",
 }
 
 

@@ -28,8 +28,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..zoo import Zoo
 
 CHECKPOINT_VERSION = 1
-_REPORT_FIELDS = ("examples", "tokens", "seconds", "best_eval", "best_step", "final_train_loss", "final_eval_loss",
-                  "stopped_early", "history")
+_REPORT_FIELDS = (
+    "examples",
+    "tokens",
+    "seconds",
+    "best_eval",
+    "best_step",
+    "final_train_loss",
+    "final_eval_loss",
+    "stopped_early",
+    "history",
+)
 
 
 def examples_sha256(items: list[Item]) -> str:
@@ -41,9 +50,18 @@ def examples_sha256(items: list[Item]) -> str:
 def signature(jobs: list[Job], **options: Any) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint."""
     return {
-        "adapters": [{"name": j.name, "type": j.adapter.type_name, "config": j.adapter.config.to_dict(),
-                      "examples": len(j.items), "examples_sha256": examples_sha256(j.items), "seed": j.seed,
-                      "parameters": [list(p.shape) for p in j.adapter.parameters()]} for j in jobs],
+        "adapters": [
+            {
+                "name": j.name,
+                "type": j.adapter.type_name,
+                "config": j.adapter.config.to_dict(),
+                "examples": len(j.items),
+                "examples_sha256": examples_sha256(j.items),
+                "seed": j.seed,
+                "parameters": [list(p.shape) for p in j.adapter.parameters()],
+            }
+            for j in jobs
+        ],
         **{k: v for k, v in options.items()},
     }
 
@@ -67,13 +85,19 @@ def save_checkpoint(folder: Path, jobs: list[Job], signature: dict, keep: int) -
             for key, value in state.items():
                 if torch.is_tensor(value):
                     tensors[f"opt.{k}.{i}.{key}"] = value.detach().cpu().contiguous().clone()
-        meta_jobs.append({
-            "name": j.name, "step": j.step, "active": j.active, "bad_evals": j.bad_evals,
-            "param_groups": opt["param_groups"],
-            "non_tensor_state": {str(i): {key: v for key, v in s.items() if not torch.is_tensor(v)}
-                                 for i, s in opt["state"].items()},
-            "report": {key: getattr(j.report, key) for key in _REPORT_FIELDS},
-        })
+        meta_jobs.append(
+            {
+                "name": j.name,
+                "step": j.step,
+                "active": j.active,
+                "bad_evals": j.bad_evals,
+                "param_groups": opt["param_groups"],
+                "non_tensor_state": {
+                    str(i): {key: v for key, v in s.items() if not torch.is_tensor(v)} for i, s in opt["state"].items()
+                },
+                "report": {key: getattr(j.report, key) for key in _REPORT_FIELDS},
+            }
+        )
     record = {"version": CHECKPOINT_VERSION, "step": step, "signature": signature, "jobs": meta_jobs}
     name = f"step-{step:08d}"
     with atomic_dir(folder / name, replace=True) as tmp:  # each file synced before the rename and LATEST
@@ -104,10 +128,21 @@ def _signature_diffs(saved: Any, current: dict) -> list[str]:
         a, b = saved.get(key), current.get(key)
         if a == b:
             continue
-        if key == "adapters" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
-                isinstance(x, dict) and isinstance(y, dict) and x.get("name") == y.get("name") for x, y in zip(a, b)):
-            diffs += [f"{field_name} of {y['name']!r}" for x, y in zip(a, b)
-                      for field_name in sorted(set(x) | set(y)) if x.get(field_name) != y.get(field_name)]
+        if (
+            key == "adapters"
+            and isinstance(a, list)
+            and isinstance(b, list)
+            and len(a) == len(b)
+            and all(
+                isinstance(x, dict) and isinstance(y, dict) and x.get("name") == y.get("name") for x, y in zip(a, b)
+            )
+        ):
+            diffs += [
+                f"{field_name} of {y['name']!r}"
+                for x, y in zip(a, b)
+                for field_name in sorted(set(x) | set(y))
+                if x.get(field_name) != y.get(field_name)
+            ]
         else:
             diffs.append(key)
     return diffs
@@ -153,7 +188,7 @@ def _load_optimizer(j: Job, k: int, meta: dict, tensors: dict[str, torch.Tensor]
     prefix = f"opt.{k}."
     for key, value in tensors.items():
         if key.startswith(prefix):
-            i_str, field_name = key[len(prefix):].split(".", 1)
+            i_str, field_name = key[len(prefix) :].split(".", 1)
             state.setdefault(int(i_str), {})[field_name] = value
     # the state (moments, step counts) is the checkpoint's; the options (lr, weight_decay, betas,
     # ...) are this call's, as the optimizer was just made with them: a checkpoint's would override them

@@ -135,8 +135,9 @@ def _labeled_item(zoo: Zoo, adapter: Adapter, text: Any, label: Any, where: str)
 def _answer_item(zoo: Zoo, prompt: Any, answer: Any, where: str) -> Item:
     """A (prompt, answer) example: prompt + answer + eos, with the loss on the answer only."""
     if not isinstance(prompt, str) or not isinstance(answer, str):
-        raise TrainingError(f"{where} must hold two strings (prompt, answer), got {type(prompt).__name__}, "
-                            f"{type(answer).__name__}")
+        raise TrainingError(
+            f"{where} must hold two strings (prompt, answer), got {type(prompt).__name__}, {type(answer).__name__}"
+        )
     if not prompt or not answer:
         raise TrainingError(f"{where} has an empty {'prompt' if not prompt else 'answer'}; both must be non-empty")
     tok = zoo.tokenizer

@@ -40,12 +40,24 @@ def choose_metric(jobs: list[Job], eval_metric: str) -> str:
 
 def default_max_new_tokens(jobs: list[Job]) -> int:
     """Room for the longest answer among the jobs' eval examples (its tokens and eos), plus 2."""
-    return max((len(it.labels) - it.labels.count(-100) for j in jobs for it in j.eval_items
-                if it.labels is not None), default=0) + 2
+    return (
+        max(
+            (len(it.labels) - it.labels.count(-100) for j in jobs for it in j.eval_items if it.labels is not None),
+            default=0,
+        )
+        + 2
+    )
 
 
-def evaluate(zoo: Zoo, names: Sequence[str], examples: Sequence[Sequence[Any]], *, batch_size: int = 32,
-             max_new_tokens: int | None = None, metric: str = "auto") -> dict[str, dict[str, float]]:
+def evaluate(
+    zoo: Zoo,
+    names: Sequence[str],
+    examples: Sequence[Sequence[Any]],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    metric: str = "auto",
+) -> dict[str, dict[str, float]]:
     """Score adapters on held-out examples in mixed batches: {name: {"exact_match"|"accuracy", "eval_loss"}}."""
     adapters = find_adapters(zoo, list(names), None)
     jobs = []
@@ -57,8 +69,15 @@ def evaluate(zoo: Zoo, names: Sequence[str], examples: Sequence[Sequence[Any]], 
     return evaluate_jobs(zoo, jobs, choose_metric(jobs, metric), batch_size, max_new_tokens)
 
 
-def score_task(zoo: Zoo, adapters: Sequence[str | None], task: Any, examples: Sequence[Any], *,
-               batch_size: int = 32, max_new_tokens: int | None = None) -> dict[str | None, float]:
+def score_task(
+    zoo: Zoo,
+    adapters: Sequence[str | None],
+    task: Any,
+    examples: Sequence[Any],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+) -> dict[str | None, float]:
     """Score each of `adapters` (None: the bare base) on `examples` of `task`, in mixed batches.
 
     A generative task (`adapterzoo.tasks.Task`) is scored by exact match of greedy generations
@@ -86,9 +105,13 @@ def score_task(zoo: Zoo, adapters: Sequence[str | None], task: Any, examples: Se
         if classify:
             with torch.no_grad():
                 for start in range(0, len(rows), batch_size):
-                    chunk = rows[start:start + batch_size]
-                    enc = zoo.tokenizer([ex.text for _, ex in chunk], return_tensors="pt", padding=True,
-                                        add_special_tokens=not zoo.is_causal_lm)
+                    chunk = rows[start : start + batch_size]
+                    enc = zoo.tokenizer(
+                        [ex.text for _, ex in chunk],
+                        return_tensors="pt",
+                        padding=True,
+                        add_special_tokens=not zoo.is_causal_lm,
+                    )
                     out = zoo.forward(enc["input_ids"], enc["attention_mask"], [n for n, _ in chunk])
                     outputs += out.class_logits.argmax(-1).tolist()
         else:
@@ -96,11 +119,12 @@ def score_task(zoo: Zoo, adapters: Sequence[str | None], task: Any, examples: Se
                 longest = max(len(zoo.tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
                 max_new_tokens = longest + 2
             for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                outputs += zoo.generate([ex.prompt for _, ex in chunk], [n for n, _ in chunk],
-                                        max_new_tokens=max_new_tokens, stop=["\n"])
+                chunk = rows[start : start + batch_size]
+                outputs += zoo.generate(
+                    [ex.prompt for _, ex in chunk], [n for n, _ in chunk], max_new_tokens=max_new_tokens, stop=["\n"]
+                )
         for k, name in enumerate(group):
-            mine = outputs[k * len(examples):(k + 1) * len(examples)]
+            mine = outputs[k * len(examples) : (k + 1) * len(examples)]
             scores[name] = float(task.score(mine, examples))
     return scores
 
@@ -108,12 +132,13 @@ def score_task(zoo: Zoo, adapters: Sequence[str | None], task: Any, examples: Se
 def _groups(zoo: Zoo, items: list[T]) -> list[list[T]]:
     """Jobs (or adapter names) in groups small enough that every batch fits the slot pools."""
     size = max(1, zoo.slots)
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @torch.no_grad()
-def evaluate_jobs(zoo: Zoo, jobs: list[Job], metric: str, batch_size: int,
-                  max_new_tokens: int) -> dict[str, dict[str, float]]:
+def evaluate_jobs(
+    zoo: Zoo, jobs: list[Job], metric: str, batch_size: int, max_new_tokens: int
+) -> dict[str, dict[str, float]]:
     """{name: {"eval_loss", and `metric` unless it is "loss"}} of each job on its eval items."""
     results: dict[str, dict[str, float]] = {}
     for group in _groups(zoo, jobs):
@@ -123,7 +148,7 @@ def evaluate_jobs(zoo: Zoo, jobs: list[Job], metric: str, batch_size: int,
         loss_n = torch.zeros(len(group))
         hits = torch.zeros(len(group))
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             ids, mask, labels, classes, job_of_row, row_adapters = collate(zoo, chunk, names)
             out = zoo.forward(ids, mask, row_adapters)
             per_job, counts = job_losses(zoo, out, labels, classes, job_of_row, len(group))
@@ -139,8 +164,12 @@ def evaluate_jobs(zoo: Zoo, jobs: list[Job], metric: str, batch_size: int,
                 lm = [(k, item) for k, item in chunk if item.answer is not None]
                 if lm:
                     stop = ["\n"] if all(item.answer.endswith("\n") for _, item in lm) else None
-                    texts = zoo.generate([item.prompt for _, item in lm], [names[k] for k, _ in lm],
-                                         max_new_tokens=max_new_tokens, stop=stop)
+                    texts = zoo.generate(
+                        [item.prompt for _, item in lm],
+                        [names[k] for k, _ in lm],
+                        max_new_tokens=max_new_tokens,
+                        stop=stop,
+                    )
                     for (k, item), text in zip(lm, texts):
                         hits[k] += float(_same_answer(text, item.answer))
         for k, j in enumerate(group):
@@ -157,8 +186,9 @@ def _same_answer(prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
 
 
-def evaluate_and_track(zoo: Zoo, jobs: list[Job], metric: str, patience: int | None, batch_size: int,
-                       max_new_tokens: int) -> dict[str, dict[str, float]]:
+def evaluate_and_track(
+    zoo: Zoo, jobs: list[Job], metric: str, patience: int | None, batch_size: int, max_new_tokens: int
+) -> dict[str, dict[str, float]]:
     """Evaluate `jobs`, keep each one's best state, and stop one after `patience` evaluations without
     improvement."""
     results = evaluate_jobs(zoo, jobs, metric, batch_size, max_new_tokens)

@@ -47,9 +47,21 @@ class Job:
     @classmethod
     def for_eval(cls, name: str, adapter: Adapter, eval_items: list[Item]) -> Job:
         """A job that is only evaluated (never trained)."""
-        return cls(name=name, adapter=adapter, items=[], eval_items=eval_items, seed=0, lr=0.0, total_steps=0,
-                   warmup_steps=0, steps_per_epoch=1, schedule="constant", optimizer=None,
-                   report=AdapterReport(name, adapter.type_name), params=[])
+        return cls(
+            name=name,
+            adapter=adapter,
+            items=[],
+            eval_items=eval_items,
+            seed=0,
+            lr=0.0,
+            total_steps=0,
+            warmup_steps=0,
+            steps_per_epoch=1,
+            schedule="constant",
+            optimizer=None,
+            report=AdapterReport(name, adapter.type_name),
+            params=[],
+        )
 
     @property
     def classifier(self) -> bool:
@@ -64,8 +76,8 @@ class Job:
         if self._epoch_chunks is None or self._epoch_chunks[:2] != (epoch, batch_size):
             n = len(self.items)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch))).tolist()
-            self._epoch_chunks = (epoch, batch_size, [order[i:i + batch_size] for i in range(0, n, batch_size)])
-        return self._epoch_chunks[2][within * grad_accum:(within + 1) * grad_accum]
+            self._epoch_chunks = (epoch, batch_size, [order[i : i + batch_size] for i in range(0, n, batch_size)])
+        return self._epoch_chunks[2][within * grad_accum : (within + 1) * grad_accum]
 
 
 def _mix(seed: int, epoch: int) -> int:

@@ -40,8 +40,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..zoo import Zoo
 
 
-def train(zoo: Zoo, names: str | Sequence[str], examples: Any, *, options: TrainOptions | None = None,
-          **keywords: Any) -> TrainReport:
+def train(
+    zoo: Zoo, names: str | Sequence[str], examples: Any, *, options: TrainOptions | None = None, **keywords: Any
+) -> TrainReport:
     """Train adapter `names` (one name, or a list trained together in mixed batches).
 
     examples: for one adapter, a list of examples; for several, a list of lists (one per name,
@@ -91,8 +92,12 @@ def train(zoo: Zoo, names: str | Sequence[str], examples: Any, *, options: Train
     _evaluate_the_end(zoo, jobs, metric, options.eval_batch_size, max_new_tokens)
     if options.restore_best:
         _restore_best(jobs)
-    report = TrainReport({j.name: j.report for j in jobs}, steps=final_step, seconds=time.perf_counter() - start,
-                         resumed_from=resumed_from)
+    report = TrainReport(
+        {j.name: j.report for j in jobs},
+        steps=final_step,
+        seconds=time.perf_counter() - start,
+        resumed_from=resumed_from,
+    )
     for j in jobs:
         j.report.steps = j.step
     if targets:
@@ -107,8 +112,9 @@ def _check_names(names: list[str]) -> None:
         raise TrainingError(f"an adapter is named twice in {names!r}; train each adapter once per run")
 
 
-def _plan(zoo: Zoo, names: list[str], single: bool, examples: Any,
-          options: TrainOptions) -> tuple[list[Job], dict[str, Path]]:
+def _plan(
+    zoo: Zoo, names: list[str], single: bool, examples: Any, options: TrainOptions
+) -> tuple[list[Job], dict[str, Path]]:
     """One `Job` per adapter (its data tokenized, its lr, seed and schedule), and the folders to save
     to; every input is checked here, before anything changes."""
     adapters = find_adapters(zoo, names, options.adapter_type)
@@ -128,10 +134,23 @@ def _plan(zoo: Zoo, names: list[str], single: bool, examples: Any,
             eval_items = _tokenized(zoo, adapter, per_eval[i], what)
         steps_per_epoch = math.ceil(math.ceil(len(items) / options.batch_size) / options.grad_accum)
         total = options.total_steps(steps_per_epoch)
-        jobs.append(Job(name=name, adapter=adapter, items=items, eval_items=eval_items, seed=seeds[i], lr=lrs[i],
-                        total_steps=total, warmup_steps=options.warmup_steps(total), steps_per_epoch=steps_per_epoch,
-                        schedule=options.schedule, optimizer=None,
-                        report=AdapterReport(name, adapter.type_name, lr=lrs[i]), params=[]))
+        jobs.append(
+            Job(
+                name=name,
+                adapter=adapter,
+                items=items,
+                eval_items=eval_items,
+                seed=seeds[i],
+                lr=lrs[i],
+                total_steps=total,
+                warmup_steps=options.warmup_steps(total),
+                steps_per_epoch=steps_per_epoch,
+                schedule=options.schedule,
+                optimizer=None,
+                report=AdapterReport(name, adapter.type_name, lr=lrs[i]),
+                params=[],
+            )
+        )
     return jobs, targets
 
 
@@ -150,8 +169,15 @@ def _start_optimizers(jobs: list[Job], metric: str, weight_decay: float) -> None
         job.last_good = [p.detach().clone() for p in job.params]
 
 
-def _run_steps(zoo: Zoo, jobs: list[Job], options: TrainOptions, metric: str, max_new_tokens: int,
-               ckpt: Path | None, signature: dict) -> None:
+def _run_steps(
+    zoo: Zoo,
+    jobs: list[Job],
+    options: TrainOptions,
+    metric: str,
+    max_new_tokens: int,
+    ckpt: Path | None,
+    signature: dict,
+) -> None:
     """Step every active job until none is left, evaluating, checkpointing and reporting as asked."""
     eval_every = options.eval_every
     checkpoint_every = options.checkpoint_every
@@ -179,8 +205,14 @@ def _run_steps(zoo: Zoo, jobs: list[Job], options: TrainOptions, metric: str, ma
             step = max(j.step for j in active)
             evals: dict[str, dict[str, float]] = {}
             if eval_every and step % eval_every == 0 and any(j.eval_items for j in active):
-                evals = evaluate_and_track(zoo, [j for j in active if j.eval_items], metric, options.patience,
-                                           options.eval_batch_size, max_new_tokens)
+                evals = evaluate_and_track(
+                    zoo,
+                    [j for j in active if j.eval_items],
+                    metric,
+                    options.patience,
+                    options.eval_batch_size,
+                    max_new_tokens,
+                )
             if ckpt is not None and step % checkpoint_every == 0:
                 save_checkpoint(ckpt, jobs, signature, options.keep_checkpoints)
             bar.update(step, sum(losses.values()) / len(losses), run_tokens / max(run_seconds, 1e-9), len(active))
@@ -190,8 +222,14 @@ def _run_steps(zoo: Zoo, jobs: list[Job], options: TrainOptions, metric: str, ma
 
 def _evaluate_the_end(zoo: Zoo, jobs: list[Job], metric: str, batch_size: int, max_new_tokens: int) -> None:
     """The final evaluation of every job with eval examples, unless its last step just did one."""
-    need = [j for j in jobs if j.eval_items and not (j.report.history and j.report.history[-1].get("step") == j.step
-                                                         and "eval_loss" in j.report.history[-1])]
+    need = [
+        j
+        for j in jobs
+        if j.eval_items
+        and not (
+            j.report.history and j.report.history[-1].get("step") == j.step and "eval_loss" in j.report.history[-1]
+        )
+    ]
     if need:
         evaluate_and_track(zoo, need, metric, None, batch_size, max_new_tokens)
 
@@ -206,8 +244,9 @@ def _restore_best(jobs: list[Job]) -> None:
             j.adapter.mark_edited()
 
 
-def _save_finals(zoo: Zoo, jobs: list[Job], targets: dict[str, Path], metadata: dict | None,
-                 ckpt: Path | None) -> dict[str, str]:
+def _save_finals(
+    zoo: Zoo, jobs: list[Job], targets: dict[str, Path], metadata: dict | None, ckpt: Path | None
+) -> dict[str, str]:
     """Save every job's adapter to its target (only if all are finite); {name: folder}."""
     bad = [j for j in jobs if not finite(j.params)]  # e.g. an on_step callback wrote nan/inf
     if bad:
@@ -215,9 +254,18 @@ def _save_finals(zoo: Zoo, jobs: list[Job], targets: dict[str, Path], metadata: 
         _raise_diverged(_Diverged(bad, "parameters", failed=bad[0].step, restored=max(bad[0].step - 1, 0)), ckpt)
     saved = {}
     for j in jobs:
-        meta = {"training": {"steps": j.step, "examples": len(j.items), "lr": j.lr, "metric": j.report.metric,
-                             "best_eval": j.report.best_eval, "best_step": j.report.best_step,
-                             "final_train_loss": j.report.final_train_loss}, **(metadata or {})}
+        meta = {
+            "training": {
+                "steps": j.step,
+                "examples": len(j.items),
+                "lr": j.lr,
+                "metric": j.report.metric,
+                "best_eval": j.report.best_eval,
+                "best_step": j.report.best_step,
+                "final_train_loss": j.report.final_train_loss,
+            },
+            **(metadata or {}),
+        }
         saved[j.name] = str(save_final(zoo, j.name, targets[j.name], meta))
     return saved
 
@@ -263,8 +311,9 @@ def _bucket(adapter: Adapter) -> int:
     return adapter.prompt_length()
 
 
-def train_step(zoo: Zoo, active: list[Job], batch_size: int, grad_accum: int,
-               max_grad_norm: float | None) -> dict[str, float]:
+def train_step(
+    zoo: Zoo, active: list[Job], batch_size: int, grad_accum: int, max_grad_norm: float | None
+) -> dict[str, float]:
     """One optimizer step of every active job, in mixed batches. Returns each job's train loss.
 
     Each micro-batch of the step is one mixed forward and backward per bucket (see `_bucket`);
@@ -362,8 +411,11 @@ def _raise_diverged(bad: _Diverged, ckpt: Path | None):
         kept = latest_checkpoint(ckpt) if bad.stale is None else drop_checkpoint_of_step(ckpt, bad.stale)
     names = ", ".join(repr(j.name) for j in bad.jobs)
     lrs = ", ".join(f"{j.lr:g}" for j in bad.jobs)
-    where = (f"the last good checkpoint is {kept} (resume=True with a lower learning rate continues from it)"
-             if kept else "there is no checkpoint to resume from")
+    where = (
+        f"the last good checkpoint is {kept} (resume=True with a lower learning rate continues from it)"
+        if kept
+        else "there is no checkpoint to resume from"
+    )
     raise TrainingDivergedError(
         f"the {bad.what} of {names} became nan/inf at step {bad.failed} (learning rate {lrs}); training stopped and "
         f"{'they were' if len(bad.jobs) > 1 else 'it was'} restored to the last state with a finite loss (after "

@@ -65,8 +65,10 @@ class TrainOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(keywords) - known)
         if unknown:
-            raise TypeError(f"train() got an unexpected keyword argument {unknown[0]!r}; "
-                            f"the options are: {', '.join(sorted(known))}")
+            raise TypeError(
+                f"train() got an unexpected keyword argument {unknown[0]!r}; "
+                f"the options are: {', '.join(sorted(known))}"
+            )
         if options is not None and not isinstance(options, cls):
             raise TypeError(f"options must be a TrainOptions, got {type(options).__name__}")
         base = options if options is not None else cls()
@@ -152,8 +154,9 @@ def _positive_int(key: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TrainingError(f"{key} must be a positive integer{' or None' if allow_none else ''}, got {value!r}; "
-                            f"give {key}=1 or more")
+        raise TrainingError(
+            f"{key} must be a positive integer{' or None' if allow_none else ''}, got {value!r}; give {key}=1 or more"
+        )
 
 
 def default_lr(atype) -> float:

@@ -56,12 +56,31 @@ class TrainReport:
     def table(self):
         from rich.table import Table
 
-        table = Table("adapter", "type", "steps", "tokens", "tok/s", "train loss", "eval loss", "best eval", "stopped",
-                      title=f"{self.steps} steps in {self.seconds:.1f}s, {self.tokens_per_s:,.0f} tokens/s")
+        table = Table(
+            "adapter",
+            "type",
+            "steps",
+            "tokens",
+            "tok/s",
+            "train loss",
+            "eval loss",
+            "best eval",
+            "stopped",
+            title=f"{self.steps} steps in {self.seconds:.1f}s, {self.tokens_per_s:,.0f} tokens/s",
+        )
         for r in self.adapters.values():
             best = "-" if r.best_eval is None else f"{r.metric} {r.best_eval:.4g} @ {r.best_step}"
-            table.add_row(r.name, r.type, str(r.steps), f"{r.tokens:,}", f"{r.tokens_per_s:,.0f}",
-                          _fmt(r.final_train_loss), _fmt(r.final_eval_loss), best, "early" if r.stopped_early else "")
+            table.add_row(
+                r.name,
+                r.type,
+                str(r.steps),
+                f"{r.tokens:,}",
+                f"{r.tokens_per_s:,.0f}",
+                _fmt(r.final_train_loss),
+                _fmt(r.final_eval_loss),
+                best,
+                "early" if r.stopped_early else "",
+            )
         return table
 
     def __str__(self) -> str:
@@ -107,9 +126,15 @@ class ProgressBar:
                 TimeRemainingColumn,
             )
 
-            self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=Console(stderr=True))
+            self.progress = Progress(
+                TextColumn("training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
             self.progress.__enter__()
             self.task = self.progress.add_task("train", total=self.total, completed=self.completed, info="")
         return self

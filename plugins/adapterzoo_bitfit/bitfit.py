@@ -23,9 +23,13 @@ class BitFitConfig(AdapterConfig):
     target_modules: list[str] | str = "all-linear"  # which linear layers (PEFT semantics)
 
     def validate(self) -> None:
-        require(isinstance(self.include_norms, bool), f"include_norms must be true or false, got {self.include_norms!r}")
-        require(isinstance(self.target_modules, (str, list, tuple)),
-                f"target_modules must be 'all-linear', a regex or a list of names, got {self.target_modules!r}")
+        require(
+            isinstance(self.include_norms, bool), f"include_norms must be true or false, got {self.include_norms!r}"
+        )
+        require(
+            isinstance(self.target_modules, (str, list, tuple)),
+            f"target_modules must be 'all-linear', a regex or a list of names, got {self.target_modules!r}",
+        )
 
 
 class BitFit(AdapterType):
@@ -53,7 +57,10 @@ class BitFit(AdapterType):
                 if not is_linear(module):
                     raise NotImplementedError(
                         f"{type(module).__name__} has no bias to fold a BitFit delta into; merge an adapter made with "
-                        "include_norms=False, or serve this one from the zoo")
-                module.bias = nn.Parameter(torch.zeros(tensors["bias"].shape, dtype=module.weight.dtype,
-                                                       device=module.weight.device), requires_grad=False)
+                        "include_norms=False, or serve this one from the zoo"
+                    )
+                module.bias = nn.Parameter(
+                    torch.zeros(tensors["bias"].shape, dtype=module.weight.dtype, device=module.weight.device),
+                    requires_grad=False,
+                )
             module.bias += sign * tensors["bias"].to(module.bias)

@@ -38,9 +38,12 @@ ARCHITECTURES = ("bottleneck",)
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "swish": "swish", "silu": "silu", "tanh": "tanh"}
 PLACES = {"attention": "mh_adapter", "ffn": "output_adapter"}
 REQUIRED = {  # field: (value that matches our math, why another value does not)
-    "original_ln_before": (False, "True (as in AdapterHub's seq_bn / Pfeiffer config) feeds the adapter the "
-                           "layer-normed sum of residual and sublayer output, but adapterzoo's houlsby adapter reads the "
-                           "sublayer output itself"),
+    "original_ln_before": (
+        False,
+        "True (as in AdapterHub's seq_bn / Pfeiffer config) feeds the adapter the "
+        "layer-normed sum of residual and sublayer output, but adapterzoo's houlsby adapter reads the "
+        "sublayer output itself",
+    ),
     "original_ln_after": (True, "False drops the block's own residual add and LayerNorm after the adapter"),
     "residual_before_ln": (True, "anything but True takes the adapter's residual from another point than its input"),
     "is_parallel": (False, "parallel adapters (He et al.) read the sublayer input, not its output"),
@@ -51,14 +54,40 @@ REQUIRED = {  # field: (value that matches our math, why another value does not)
     "cross_adapter": (False, "cross-attention adapters need an encoder-decoder base"),
     "inv_adapter": (None, "invertible adapters (on the embeddings) are not supported"),
 }
-KNOWN = {"architecture", "mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "scaling", "leave_out",
-         "dropout", "init_weights", "init_weights_seed", "stochastic_depth", "adapter_residual_before_ln",
-         "inv_adapter_reduction_factor", "factorized_phm_W", "shared_W_phm", "shared_phm_rule", "factorized_phm_rule",
-         "phm_c_init", "phm_init_range", "learn_phm", "hypercomplex_nonlinearity", "phm_rank", "phm_bias", "phm_dim",
-         *REQUIRED}
+KNOWN = {
+    "architecture",
+    "mh_adapter",
+    "output_adapter",
+    "reduction_factor",
+    "non_linearity",
+    "scaling",
+    "leave_out",
+    "dropout",
+    "init_weights",
+    "init_weights_seed",
+    "stochastic_depth",
+    "adapter_residual_before_ln",
+    "inv_adapter_reduction_factor",
+    "factorized_phm_W",
+    "shared_W_phm",
+    "shared_phm_rule",
+    "factorized_phm_rule",
+    "phm_c_init",
+    "phm_init_range",
+    "learn_phm",
+    "hypercomplex_nonlinearity",
+    "phm_rank",
+    "phm_bias",
+    "phm_dim",
+    *REQUIRED,
+}
 KEY = re.compile(r"(?:.*?\.)?(\d+)\.(.+)\.adapters\.([^.]+)\.(adapter_down\.0|adapter_up)\.(weight|bias)")
-OURS = {("adapter_down.0", "weight"): "down", ("adapter_down.0", "bias"): "down_bias",
-        ("adapter_up", "weight"): "up", ("adapter_up", "bias"): "up_bias"}
+OURS = {
+    ("adapter_down.0", "weight"): "down",
+    ("adapter_down.0", "bias"): "down_bias",
+    ("adapter_up", "weight"): "up",
+    ("adapter_up", "bias"): "up_bias",
+}
 
 
 def _place(module: str) -> str | None:
@@ -70,8 +99,9 @@ def _place(module: str) -> str | None:
 
 
 def _sites_by_place(model, locations: list[str]) -> dict[str, list[str]]:
-    from .houlsby import ROLES
     from adapterzoo.sites import find_role
+
+    from .houlsby import ROLES
 
     return {loc: find_role(model, ROLES[loc]) for loc in locations}
 
@@ -100,7 +130,9 @@ def from_adapterhub(atype, model, ah: dict[str, Any], state: dict[str, torch.Ten
         )
     locations = [loc for loc, flag in PLACES.items() if config.get(flag)]
     if not locations:
-        raise UnsupportedFormatError(f"{what}: neither mh_adapter nor output_adapter is set, so it adapts nothing we know")
+        raise UnsupportedFormatError(
+            f"{what}: neither mh_adapter nor output_adapter is set, so it adapts nothing we know"
+        )
     hidden = hidden_size(model)
     if ah.get("hidden_size") not in (None, hidden):
         raise UnsupportedFormatError(f"{what}: made for hidden_size={ah['hidden_size']}, this base has {hidden}")
@@ -119,10 +151,14 @@ def from_adapterhub(atype, model, ah: dict[str, Any], state: dict[str, torch.Ten
         if match is None or place is None:
             raise UnsupportedFormatError(f"{what}: weight {key!r} is not a bottleneck adapter weight adapterzoo knows")
         if ah.get("name") and match.group(3) != ah["name"]:
-            raise UnsupportedFormatError(f"{what}: weight {key!r} belongs to adapter {match.group(3)!r}, not {ah['name']!r}")
+            raise UnsupportedFormatError(
+                f"{what}: weight {key!r} belongs to adapter {match.group(3)!r}, not {ah['name']!r}"
+            )
         layer = int(match.group(1))
         if place not in sites or layer >= len(sites[place]):
-            raise UnsupportedFormatError(f"{what}: weight {key!r} is for a layer or place this base and config do not have")
+            raise UnsupportedFormatError(
+                f"{what}: weight {key!r} is for a layer or place this base and config do not have"
+            )
         flat[f"{sites[place][layer]}.{OURS[match.group(4), match.group(5)]}"] = transposed(tensor)
     ours = {"bottleneck": bottleneck, "activation": ACTIVATIONS[act], "locations": locations}
     return ours, flat
@@ -135,7 +171,9 @@ def reduction_factor(hidden: int, bottleneck: int) -> float:
         if int(hidden // rf) == bottleneck:
             return rf
         rf = math.nextafter(rf, 0.0)
-    raise UnsupportedFormatError(f"no AdapterHub reduction_factor gives a bottleneck of {bottleneck} for hidden size {hidden}")
+    raise UnsupportedFormatError(
+        f"no AdapterHub reduction_factor gives a bottleneck of {bottleneck} for hidden size {hidden}"
+    )
 
 
 def to_adapterhub(atype, model, config, state: dict[str, torch.Tensor], name: str):
@@ -165,7 +203,9 @@ def to_adapterhub(atype, model, config, state: dict[str, torch.Tensor], name: st
             if path.endswith(".dense"):  # BERT family: the BertSelfOutput / BertOutput module holds the adapters
                 module = path[: -len(".dense")]
             else:  # Llama, GPT-2, ...: the decoder layer holds attention_adapters / output_adapters
-                module = re.match(r"(.*?\.\d+)\.", path).group(1) + (".attention_adapters" if place == "attention" else ".output_adapters")
+                module = re.match(r"(.*?\.\d+)\.", path).group(1) + (
+                    ".attention_adapters" if place == "attention" else ".output_adapters"
+                )
             for ours, (part, kind) in back.items():
                 out[f"{module}.adapters.{name}.{part}.{kind}"] = transposed(state[f"{path}.{ours}"])
     return ah_config, out

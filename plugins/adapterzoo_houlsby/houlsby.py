@@ -23,8 +23,13 @@ from adapterzoo.sites import find_role, linear_dims
 
 from . import adapterhub as _adapterhub
 
-ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "swish": nn.functional.silu,
-               "silu": nn.functional.silu, "tanh": torch.tanh}
+ACTIVATIONS = {
+    "relu": nn.functional.relu,
+    "gelu": nn.functional.gelu,
+    "swish": nn.functional.silu,
+    "silu": nn.functional.silu,
+    "tanh": torch.tanh,
+}
 ROLES = {"attention": "attention_output", "ffn": "ffn_output"}
 
 
@@ -36,11 +41,17 @@ class HoulsbyConfig(AdapterConfig):
     init_std: float = 1e-2
 
     def validate(self) -> None:
-        require(isinstance(self.bottleneck, int) and self.bottleneck >= 1,
-                f"bottleneck must be a positive integer, got {self.bottleneck!r}")
-        require(self.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        require(isinstance(self.locations, (list, tuple)) and self.locations and set(self.locations) <= set(ROLES),
-                f"locations must be a non-empty subset of {sorted(ROLES)}, got {self.locations!r}")
+        require(
+            isinstance(self.bottleneck, int) and self.bottleneck >= 1,
+            f"bottleneck must be a positive integer, got {self.bottleneck!r}",
+        )
+        require(
+            self.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+        )
+        require(
+            isinstance(self.locations, (list, tuple)) and self.locations and set(self.locations) <= set(ROLES),
+            f"locations must be a non-empty subset of {sorted(ROLES)}, got {self.locations!r}",
+        )
         self.locations = list(self.locations)
         require(self.init_std >= 0, f"init_std must be >= 0, got {self.init_std!r}")
 
@@ -87,4 +98,3 @@ class Houlsby(AdapterType):
         z = w.matmul(y, "down") + w["down_bias"][:, None, :]  # (n, T, m): D h + b_d, per row's slot
         z = ACTIVATIONS[w["variant"]](z)
         return w.matmul(z, "up") + w["up_bias"][:, None, :]  # (n, T, d): U f(.) + b_u
-

@@ -56,9 +56,14 @@ from . import peft as _peft
 
 # The layers PEFT targets by default, per model family.
 DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],
-    "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
 }
 BIAS_MODES = ("none", "lora_only", "all")
 
@@ -91,46 +96,74 @@ class LoraConfig(AdapterConfig):
 
     def validate(self) -> None:
         require(isinstance(self.r, int) and self.r >= 1, f"LoRA r must be a positive integer, got {self.r!r}")
-        require(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
-                f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        require(
+            isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
+            f"lora_alpha must be a positive number, got {self.lora_alpha!r}",
+        )
         require(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        require(self.init_lora_weights in (True, False, "gaussian"),
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        require(
+            self.init_lora_weights in (True, False, "gaussian"),
+            f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}",
+        )
         self.target_modules = _names(self.target_modules)
         t = self.target_modules
-        require(t is None or isinstance(t, str) or (isinstance(t, list) and t and all(isinstance(x, str) for x in t)),
-                f"target_modules must be a list of module names, a regex string or 'all-linear', got {t!r}")
+        require(
+            t is None or isinstance(t, str) or (isinstance(t, list) and t and all(isinstance(x, str) for x in t)),
+            f"target_modules must be a list of module names, a regex string or 'all-linear', got {t!r}",
+        )
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
-        require(all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
-                    for k, v in self.rank_pattern.items()),
-                f"rank_pattern must map module names (or regexes) to positive integer ranks, got {self.rank_pattern!r}")
-        require(all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                    for k, v in self.alpha_pattern.items()),
-                f"alpha_pattern must map module names (or regexes) to positive numbers, got {self.alpha_pattern!r}")
+        require(
+            all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                for k, v in self.rank_pattern.items()
+            ),
+            f"rank_pattern must map module names (or regexes) to positive integer ranks, got {self.rank_pattern!r}",
+        )
+        require(
+            all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                for k, v in self.alpha_pattern.items()
+            ),
+            f"alpha_pattern must map module names (or regexes) to positive numbers, got {self.alpha_pattern!r}",
+        )
         for pattern in [*self.rank_pattern, *self.alpha_pattern]:
             _check_regex(pattern, "a rank_pattern / alpha_pattern key")
         layers = self.layers_to_transform
         if isinstance(layers, tuple):
             self.layers_to_transform = layers = list(layers)
-        require(layers is None or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
-                or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                     for i in layers)),
-                f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
-        require(not (layers not in (None, []) and isinstance(t, str)),
-                "layers_to_transform works only with target_modules given as a list of names (as in PEFT); for a "
-                "regex, name the layers in the regex itself, e.g. r'.*\\.layers\\.(0|1)\\.self_attn\\.q_proj'")
+        require(
+            layers is None
+            or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
+            or (
+                isinstance(layers, list)
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+            ),
+            f"layers_to_transform must be a layer index or a list of them, got {layers!r}",
+        )
+        require(
+            not (layers not in (None, []) and isinstance(t, str)),
+            "layers_to_transform works only with target_modules given as a list of names (as in PEFT); for a "
+            "regex, name the layers in the regex itself, e.g. r'.*\\.layers\\.(0|1)\\.self_attn\\.q_proj'",
+        )
         self.layers_pattern = _names(self.layers_pattern)
         pattern = self.layers_pattern
-        require(pattern is None or isinstance(pattern, str)
-                or (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)),
-                f"layers_pattern must be a name or a list of names (e.g. 'layers'), got {pattern!r}")
-        require(not pattern or layers not in (None, []),
-                "layers_pattern needs layers_to_transform (as in PEFT): say which layers of that module list to adapt")
+        require(
+            pattern is None
+            or isinstance(pattern, str)
+            or (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)),
+            f"layers_pattern must be a name or a list of names (e.g. 'layers'), got {pattern!r}",
+        )
+        require(
+            not pattern or layers not in (None, []),
+            "layers_pattern needs layers_to_transform (as in PEFT): say which layers of that module list to adapt",
+        )
         self.exclude_modules = _names(self.exclude_modules)
         ex = self.exclude_modules
-        require(ex is None or isinstance(ex, str) or (isinstance(ex, list) and all(isinstance(x, str) for x in ex)),
-                f"exclude_modules must be a list of module names or a regex string, got {ex!r}")
+        require(
+            ex is None or isinstance(ex, str) or (isinstance(ex, list) and all(isinstance(x, str) for x in ex)),
+            f"exclude_modules must be a list of module names or a regex string, got {ex!r}",
+        )
         if isinstance(t, str) and t != "all-linear":
             _check_regex(t, "target_modules")
         if isinstance(ex, str):
@@ -139,30 +172,39 @@ class LoraConfig(AdapterConfig):
         require(isinstance(self.lora_bias, bool), f"lora_bias must be true or false, got {self.lora_bias!r}")
         self.modules_to_save = _names(self.modules_to_save) or None
         saved = self.modules_to_save
-        require(saved is None or (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)),
-                f"modules_to_save must be a list of module names, got {saved!r}")
+        require(
+            saved is None or (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)),
+            f"modules_to_save must be a list of module names, got {saved!r}",
+        )
         for name in saved or ():  # PEFT puts each name into a regex (LoRA never targets a saved module)
             _check_regex(rf"(^|.*\.){name}($|\..*)", f"modules_to_save name {name!r}, in PEFT's pattern")
         tokens = self.trainable_token_indices
         if isinstance(tokens, (list, tuple)):
             self.trainable_token_indices = tokens = list(tokens) or None
         elif isinstance(tokens, dict):
-            self.trainable_token_indices = tokens = {k: list(v) if isinstance(v, (list, tuple)) else v
-                                                     for k, v in tokens.items()} or None
+            self.trainable_token_indices = tokens = {
+                k: list(v) if isinstance(v, (list, tuple)) else v for k, v in tokens.items()
+            } or None
         lists = [] if tokens is None else [tokens] if isinstance(tokens, list) else list(tokens.values())
         keys = tokens if isinstance(tokens, dict) else []
-        require(tokens is None or (isinstance(tokens, (list, dict)) and all(isinstance(k, str) for k in keys)
-                                   and all(isinstance(v, list) and v and all(_is_index(i) for i in v) for v in lists)),
-                "trainable_token_indices must be a list of token ids, or a dict of embedding layer name -> list of "
-                f"token ids, got {tokens!r}")
-        require(all(len(set(v)) == len(v) for v in lists),
-                f"trainable_token_indices lists a token twice: {tokens!r}")
+        require(
+            tokens is None
+            or (
+                isinstance(tokens, (list, dict))
+                and all(isinstance(k, str) for k in keys)
+                and all(isinstance(v, list) and v and all(_is_index(i) for i in v) for v in lists)
+            ),
+            "trainable_token_indices must be a list of token ids, or a dict of embedding layer name -> list of "
+            f"token ids, got {tokens!r}",
+        )
+        require(all(len(set(v)) == len(v) for v in lists), f"trainable_token_indices lists a token twice: {tokens!r}")
         if isinstance(tokens, dict) and saved:
             both = [name for name in tokens if name in saved]
             if both:
                 raise InvalidConfigError(
                     f"{both[0]!r} is in both modules_to_save and trainable_token_indices (PEFT refuses this too): "
-                    "replace the whole layer, or only some of its rows, not both")
+                    "replace the whole layer, or only some of its rows, not both"
+                )
 
     @property
     def scale(self) -> float:
@@ -333,17 +375,21 @@ def token_sites(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
     for name, ids in by_name.items():
         paths = [p for p in modules if p and p.endswith(name)]
         if not paths:
-            raise InvalidConfigError(f"trainable_token_indices names {name!r}, which is no module of this "
-                                     f"{type(model).__name__}; name its input embedding layer")
+            raise InvalidConfigError(
+                f"trainable_token_indices names {name!r}, which is no module of this "
+                f"{type(model).__name__}; name its input embedding layer"
+            )
         for p in paths:
             if not isinstance(modules[p], nn.Embedding):
                 raise InvalidConfigError(
                     f"trainable_token_indices names {p!r}, a {type(modules[p]).__name__}; adapterzoo replaces rows of "
-                    "embedding layers only (an output head tied to the input embedding follows it by itself)")
+                    "embedding layers only (an output head tied to the input embedding follows it by itself)"
+                )
             vocab = modules[p].num_embeddings
             if max(ids) >= vocab:
-                raise InvalidConfigError(f"trainable_token_indices for {p!r} has token {max(ids)}, but its vocabulary "
-                                         f"has {vocab} tokens")
+                raise InvalidConfigError(
+                    f"trainable_token_indices for {p!r} has token {max(ids)}, but its vocabulary has {vocab} tokens"
+                )
             found[p] = sorted(ids)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embedding_path = next(p for p, m in modules.items() if m is embedding)
@@ -361,8 +407,10 @@ def normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(module).__name__.endswith("RMSNorm") and isinstance(eps, float):  # Llama's: in float32, then cast
         h = x.float()
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    raise InvalidConfigError(f"modules_to_save: adapterzoo cannot replace a {type(module).__name__} (it replaces "
-                             "linear layers, embeddings, LayerNorm and RMSNorm); leave it out of modules_to_save")
+    raise InvalidConfigError(
+        f"modules_to_save: adapterzoo cannot replace a {type(module).__name__} (it replaces "
+        "linear layers, embeddings, LayerNorm and RMSNorm); leave it out of modules_to_save"
+    )
 
 
 def saved_shapes(module: nn.Module, site: str) -> dict[str, tuple]:
@@ -377,7 +425,8 @@ def saved_shapes(module: nn.Module, site: str) -> dict[str, tuple]:
     else:
         raise InvalidConfigError(
             f"modules_to_save selects {site!r}, a {type(module).__name__}: adapterzoo replaces linear layers, "
-            "embeddings and norms (LayerNorm, RMSNorm) per row; leave it out of modules_to_save")
+            "embeddings and norms (LayerNorm, RMSNorm) per row; leave it out of modules_to_save"
+        )
     if getattr(module, "bias", None) is not None:
         shapes["bias"] = tuple(module.bias.shape)
     return shapes
@@ -402,8 +451,13 @@ class Lora(AdapterType):
         modules (a linear head, norms, an embedding); replaced token rows (tied to GPT-2's head)."""
         return [
             {},
-            {"r": 4, "rank_pattern": {"v_proj|c_attn|value": 2}, "alpha_pattern": {"q_proj|query": 16},
-             "layers_to_transform": [1], "target_modules": ["q_proj", "v_proj", "c_attn", "query", "value"]},
+            {
+                "r": 4,
+                "rank_pattern": {"v_proj|c_attn|value": 2},
+                "alpha_pattern": {"q_proj|query": 16},
+                "layers_to_transform": [1],
+                "target_modules": ["q_proj", "v_proj", "c_attn", "query", "value"],
+            },
             {"bias": "all", "lora_bias": True},
             {"modules_to_save": ["lm_head", "norm", "ln_f", "LayerNorm", "word_embeddings"]},
             {"trainable_token_indices": [4, 5, 6, 7, 50]},
@@ -560,6 +614,8 @@ class Lora(AdapterType):
                 shift = shift + sign * tensors["bias"]
             if isinstance(shift, torch.Tensor):
                 if getattr(module, "bias", None) is None:  # lora_bias on a bias-free layer (Llama)
-                    module.bias = nn.Parameter(torch.zeros(shift.shape, dtype=module.weight.dtype,
-                                                           device=module.weight.device), requires_grad=False)
+                    module.bias = nn.Parameter(
+                        torch.zeros(shift.shape, dtype=module.weight.dtype, device=module.weight.device),
+                        requires_grad=False,
+                    )
                 module.bias += shift.to(module.bias)

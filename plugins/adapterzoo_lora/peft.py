@@ -38,16 +38,35 @@ PEFT_TYPES = ("LORA",)
 
 # PEFT LoraConfig fields read into our config (LoraConfig in lora.py has each under the same name)
 CONFIG_FIELDS = (
-    "r", "lora_alpha", "target_modules", "use_rslora", "lora_dropout", "init_lora_weights", "rank_pattern",
-    "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules", "bias", "lora_bias",
-    "modules_to_save", "trainable_token_indices",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "use_rslora",
+    "lora_dropout",
+    "init_lora_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "layers_pattern",
+    "exclude_modules",
+    "bias",
+    "lora_bias",
+    "modules_to_save",
+    "trainable_token_indices",
 )
 KNOWN = {
     *CONFIG_FIELDS,
     # change nothing at inference
-    "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config",
+    "fan_in_fan_out",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
+    "runtime_config",
     # settings of initialisations (which init_lora_weights governs, below)
-    "eva_config", "corda_config", "loftq_config", "lora_ga_config",
+    "eva_config",
+    "corda_config",
+    "loftq_config",
+    "lora_ga_config",
 }
 # Initialisations that leave the base alone; the others (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) change
 # the base weights and MiCA changes the forward, so their saved weights are not a LoRA on our base.
@@ -68,8 +87,9 @@ WRAPPED_BIAS_KEY = re.compile(r"(?P<site>.+)\.(?:modules_to_save|original_module
 KEY = re.compile(r"(?P<site>.+?)\.(?:lora_(?P<lora>A|B)\.weight|(?P<lora_bias>lora_B\.bias)|(?:base_layer\.)?bias)")
 
 
-def from_peft(model, peft_config: dict[str, Any],
-              state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def from_peft(
+    model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from .lora import LoraConfig, token_sites
 
     what = "PEFT LoRA adapter"
@@ -90,8 +110,16 @@ def from_peft(model, peft_config: dict[str, Any],
         "bias": peft_config.get("bias") or "none",
         "lora_bias": bool(peft_config.get("lora_bias", False)),
     }
-    for key in ("target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
-                "exclude_modules", "modules_to_save", "trainable_token_indices"):
+    for key in (
+        "target_modules",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+        "exclude_modules",
+        "modules_to_save",
+        "trainable_token_indices",
+    ):
         if peft_config.get(key) not in (None, {}, [], ""):
             config[key] = peft_config[key]
     ours = LoraConfig.from_dict(config)  # checked here, so a bad field is named before any tensor is
@@ -118,10 +146,14 @@ def from_peft(model, peft_config: dict[str, Any],
             continue
         match = KEY.fullmatch(key)
         if match is None:
-            kind = ("LoRA on an embedding layer" if "lora_embedding_" in key
-                    else "not a LoRA A or B weight of a linear layer")
+            kind = (
+                "LoRA on an embedding layer"
+                if "lora_embedding_" in key
+                else "not a LoRA A or B weight of a linear layer"
+            )
             raise UnsupportedFormatError(
-                f"{what}: weight {key!r} is {kind}, which adapterzoo's lora type does not support")
+                f"{what}: weight {key!r} is {kind}, which adapterzoo's lora type does not support"
+            )
         site = match.group("site")
         if match.group("lora"):
             name = match.group("lora")
@@ -168,8 +200,10 @@ def _saved_change(module, tensor: torch.Tensor, key: str, what: str) -> tuple[st
 
     base = _base_weight(module)
     if tuple(tensor.shape) != tuple(base.shape):
-        raise ShapeMismatchError(f"{what}: weight {key!r} has shape {tuple(tensor.shape)}, but this base's module "
-                                 f"has {tuple(base.shape)}; the adapter was made for another base")
+        raise ShapeMismatchError(
+            f"{what}: weight {key!r} has shape {tuple(tensor.shape)}, but this base's module "
+            f"has {tuple(base.shape)}; the adapter was made for another base"
+        )
     change = tensor.float() - base
     if isinstance(module, torch.nn.Embedding):
         return "embedding_delta", change
@@ -178,8 +212,9 @@ def _saved_change(module, tensor: torch.Tensor, key: str, what: str) -> tuple[st
     return "norm_weight", change
 
 
-def _token_deltas(model, modules, tokens: dict[str, list[int]], site: str, rows: torch.Tensor,
-                  key: str) -> dict[str, torch.Tensor]:
+def _token_deltas(
+    model, modules, tokens: dict[str, list[int]], site: str, rows: torch.Tensor, key: str
+) -> dict[str, torch.Tensor]:
     """PEFT's new rows of embedding `site` -> our `token_delta` there (and at a head tied to it)."""
     ids = tokens[site]
     base = _base_weight(modules[site])

@@ -24,15 +24,25 @@ from adapterzoo.formats.peft import prompt_embeddings
 from adapterzoo.sites import attention_dims
 
 PEFT_TYPES = ("PREFIX_TUNING",)
-KNOWN = {"num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads", "num_transformer_submodules",
-         "prefix_projection", "encoder_hidden_size", "init_weights"}
+KNOWN = {
+    "num_virtual_tokens",
+    "num_layers",
+    "token_dim",
+    "num_attention_heads",
+    "num_transformer_submodules",
+    "prefix_projection",
+    "encoder_hidden_size",
+    "init_weights",
+}
 
 
 def _layout(model, config_sites) -> tuple[list[str], int, int]:
     modules = dict(model.named_modules())
     dims = {attention_dims(model, modules[s]) for s in config_sites}
     if len(dims) != 1:
-        raise UnsupportedFormatError("attention layers of this base differ in heads or head size; PEFT's prefix layout cannot express that")
+        raise UnsupportedFormatError(
+            "attention layers of this base differ in heads or head size; PEFT's prefix layout cannot express that"
+        )
     kv_heads, head_dim = dims.pop()
     return list(config_sites), kv_heads, head_dim
 
@@ -66,7 +76,9 @@ def from_peft(atype, model, peft_config: dict[str, Any], state: dict[str, torch.
 def to_peft(atype, model, config, state: dict[str, torch.Tensor]):
     sites, kv_heads, head_dim = _layout(model, atype.sites(model, config))
     p = config.num_virtual_tokens
-    kv = torch.stack([torch.stack([state[f"{s}.keys"], state[f"{s}.values"]], 1) for s in sites], 1)  # (P, L, 2, kv, hd)
+    kv = torch.stack(
+        [torch.stack([state[f"{s}.keys"], state[f"{s}.values"]], 1) for s in sites], 1
+    )  # (P, L, 2, kv, hd)
     peft_config = {
         "peft_type": "PREFIX_TUNING",
         "num_virtual_tokens": p,

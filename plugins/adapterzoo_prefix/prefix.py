@@ -35,8 +35,10 @@ class PrefixConfig(AdapterConfig):
     init: str = "tokens"  # "tokens": keys/values of random real tokens; "random": N(0, init_std)
 
     def validate(self) -> None:
-        require(isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens >= 1,
-                f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        require(
+            isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens >= 1,
+            f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}",
+        )
         require(self.init_std >= 0, f"init_std must be >= 0, got {self.init_std!r}")
         require(self.init in ("tokens", "random"), f"init must be 'tokens' or 'random', got {self.init!r}")
 
@@ -52,7 +54,10 @@ class Prefix(AdapterType):
 
     def tensors(self, model, site, module, config):
         kv_heads, head_dim = attention_dims(model, module)
-        return {"keys": ("num_virtual_tokens", kv_heads, head_dim), "values": ("num_virtual_tokens", kv_heads, head_dim)}
+        return {
+            "keys": ("num_virtual_tokens", kv_heads, head_dim),
+            "values": ("num_virtual_tokens", kv_heads, head_dim),
+        }
 
     def sizes(self, config):
         return {"num_virtual_tokens": config.num_virtual_tokens}

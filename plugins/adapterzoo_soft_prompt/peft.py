@@ -18,8 +18,17 @@ from adapterzoo.formats.peft import prompt_embeddings
 from adapterzoo.sites import hidden_size
 
 PEFT_TYPES = ("PROMPT_TUNING",)
-KNOWN = {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers",
-         "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"}
+KNOWN = {
+    "num_virtual_tokens",
+    "token_dim",
+    "num_transformer_submodules",
+    "num_attention_heads",
+    "num_layers",
+    "prompt_tuning_init",
+    "prompt_tuning_init_text",
+    "tokenizer_name_or_path",
+    "tokenizer_kwargs",
+}
 
 
 def from_peft(atype, model, peft_config: dict[str, Any], state: dict[str, torch.Tensor]):

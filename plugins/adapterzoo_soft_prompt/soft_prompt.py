@@ -24,8 +24,10 @@ class SoftPromptConfig(AdapterConfig):
     init: str = "vocab"  # "vocab": copies of random token embeddings; "random": N(0, 0.02)
 
     def validate(self) -> None:
-        require(isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens >= 1,
-                f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        require(
+            isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens >= 1,
+            f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}",
+        )
         require(self.init in ("vocab", "random"), f"init must be 'vocab' or 'random', got {self.init!r}")
 
 

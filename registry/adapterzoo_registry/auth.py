@@ -89,7 +89,7 @@ class TokenTable:
             raise TokenFileError(f"Cannot read tokens file {path}: {error}") from error
         tokens = document.get("tokens") if isinstance(document, dict) else None
         if not isinstance(tokens, dict):
-            raise TokenFileError(f"{path}: expected {{\"tokens\": {{\"<token>\": {{...}}}}}} at the top level.")
+            raise TokenFileError(f'{path}: expected {{"tokens": {{"<token>": {{...}}}}}} at the top level.')
         return cls({token: _parse_principal(path, token, entry) for token, entry in tokens.items()})
 
     @property
@@ -115,12 +115,12 @@ def _parse_principal(path: Path | str, token: object, entry: object) -> Principa
     if not isinstance(token, str) or not token.strip():
         raise TokenFileError(f"{where}: the token must be a non-empty string.")
     if not isinstance(entry, dict) or not isinstance(entry.get("user"), str) or not entry["user"]:
-        raise TokenFileError(f"{where}: expected {{\"user\": \"<name>\", \"namespaces\": {{...}}}}.")
+        raise TokenFileError(f'{where}: expected {{"user": "<name>", "namespaces": {{...}}}}.')
     namespaces = entry.get("namespaces", {})
     if not isinstance(namespaces, dict) or any(
         not isinstance(name, str) or level not in ACCESS_LEVELS for name, level in namespaces.items()
     ):
-        raise TokenFileError(f"{where}: 'namespaces' must map namespace names to \"read\" or \"write\".")
+        raise TokenFileError(f'{where}: \'namespaces\' must map namespace names to "read" or "write".')
     return Principal(user=entry["user"], namespaces=dict(namespaces))
 
 

@@ -32,11 +32,16 @@ def main() -> None:
     help='JSON tokens file: {"tokens": {"<token>": {"user": "alice", "namespaces": {"alice": "write"}}}}.',
 )
 @click.option(
-    "--open", "open_access", is_flag=True,
+    "--open",
+    "open_access",
+    is_flag=True,
     help="Run without tokens: anyone who can reach the registry may create, overwrite and delete repos.",
 )
 @click.option(
-    "--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
     help="A name clients reach the server by (the Host header); repeat for more, '*' for any."
     " Default: the --host address, localhost, 127.0.0.1 and ::1.",
 )
@@ -48,32 +53,57 @@ def main() -> None:
     help="Largest commit body accepted; bigger uploads get 413.",
 )
 @click.option(
-    "--lfs-threshold-bytes", default=DEFAULT_LFS_THRESHOLD_BYTES, show_default=True, type=click.IntRange(min=0),
+    "--lfs-threshold-bytes",
+    default=DEFAULT_LFS_THRESHOLD_BYTES,
+    show_default=True,
+    type=click.IntRange(min=0),
     help="Files bigger than this are uploaded through Git LFS (streamed, not inside the commit body) by clients"
     " sending 'X-Adapterzoo-Transfer: lfs' (adapterzoo push does); other clients send every file inline.",
 )
 @click.option(
-    "--max-lfs-object-bytes", default=DEFAULT_MAX_OBJECT_BYTES, show_default=True, type=click.IntRange(min=1),
+    "--max-lfs-object-bytes",
+    default=DEFAULT_MAX_OBJECT_BYTES,
+    show_default=True,
+    type=click.IntRange(min=1),
     help="Largest single file accepted through LFS.",
 )
 @click.option(
-    "--max-concurrent-uploads", default=DEFAULT_MAX_CONCURRENT_UPLOADS, show_default=True, type=click.IntRange(min=1),
+    "--max-concurrent-uploads",
+    default=DEFAULT_MAX_CONCURRENT_UPLOADS,
+    show_default=True,
+    type=click.IntRange(min=1),
     help="LFS uploads received at once; more wait their turn (see --upload-queue-seconds).",
 )
 @click.option(
-    "--upload-queue-seconds", default=DEFAULT_QUEUE_WAIT_S, show_default=True, type=click.FloatRange(min=0),
+    "--upload-queue-seconds",
+    default=DEFAULT_QUEUE_WAIT_S,
+    show_default=True,
+    type=click.FloatRange(min=0),
     help="How long an LFS upload waits for its turn before it is told to retry (503).",
 )
 @click.option(
-    "--namespace-quota-bytes", default=None, type=click.IntRange(min=1),
+    "--namespace-quota-bytes",
+    default=None,
+    type=click.IntRange(min=1),
     help="Most bytes the repos of one namespace may hold (default: no quota).",
 )
 @click.option("--page-size", default=DEFAULT_PAGE_SIZE, type=click.IntRange(min=1), hidden=True)
 @click.option("--log-level", default="info", show_default=True, help="uvicorn log level.")
 def serve(
-    root: Path, host: str, port: int, tokens_file: Path | None, open_access: bool, allowed_hosts: tuple[str, ...],
-    max_upload_bytes: int, lfs_threshold_bytes: int, max_lfs_object_bytes: int, max_concurrent_uploads: int,
-    upload_queue_seconds: float, namespace_quota_bytes: int | None, page_size: int, log_level: str,
+    root: Path,
+    host: str,
+    port: int,
+    tokens_file: Path | None,
+    open_access: bool,
+    allowed_hosts: tuple[str, ...],
+    max_upload_bytes: int,
+    lfs_threshold_bytes: int,
+    max_lfs_object_bytes: int,
+    max_concurrent_uploads: int,
+    upload_queue_seconds: float,
+    namespace_quota_bytes: int | None,
+    page_size: int,
+    log_level: str,
 ) -> None:
     """Serve the repos under ROOT over HTTP."""
     import uvicorn

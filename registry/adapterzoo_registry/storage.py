@@ -147,8 +147,9 @@ def name_problems(name: str) -> list[str]:
         problems.append("right-to-left and other bidirectional override characters are not allowed")
     elif any(unicodedata.category(char) == "Cf" for char in name):
         # Zero-width spaces and joiners, soft hyphens, BOMs: "README\u200b.md" displays as README.md.
-        problems.append("invisible formatting characters (zero-width space or joiner, soft hyphen, BOM...)"
-                        " are not allowed")
+        problems.append(
+            "invisible formatting characters (zero-width space or joiner, soft hyphen, BOM...) are not allowed"
+        )
     for segment in name.split("/"):
         if segment.split(".")[0].rstrip(" ").upper() in RESERVED_DEVICE_NAMES:
             problems.append(f"{segment!r} is a reserved device name on Windows (CON, PRN, AUX, NUL, COM1, LPT1...)")
@@ -210,8 +211,9 @@ def ref_name_problems(name: Any) -> list[str]:
         problems.append("a name made only of hex digits could be taken for a commit id; add a letter outside a-f")
     if segments[0] in ("refs", "HEAD"):
         # `refs/tags/v2` as a branch would be listed as refs/heads/refs/tags/v2 and read like a tag.
-        problems.append("a name may not start with 'refs/' nor be 'HEAD': give the short name ('v2', not"
-                        " 'refs/tags/v2')")
+        problems.append(
+            "a name may not start with 'refs/' nor be 'HEAD': give the short name ('v2', not 'refs/tags/v2')"
+        )
     return problems
 
 
@@ -320,7 +322,12 @@ class Commit:
     ) -> Commit:
         """Build a commit whose id is a 40-hex digest of its content and creation instant."""
         draft = cls(
-            id="", parent=parent, summary=summary, description=description, author=author, date=utc_now_iso(),
+            id="",
+            parent=parent,
+            summary=summary,
+            description=description,
+            author=author,
+            date=utc_now_iso(),
             files=dict(files),
         )
         material = json.dumps({**draft.to_json(), "nonce": time.time_ns()}, sort_keys=True).encode()
@@ -456,7 +463,8 @@ def _parse_header(item: dict[str, Any]) -> CommitRequest:
     if not isinstance(description, str):
         raise BadRequest("Malformed commit: the header 'description' must be a string.")
     for field_name, text, limit in (
-        ("summary", summary, MAX_COMMIT_SUMMARY_CHARS), ("description", description, MAX_COMMIT_DESCRIPTION_CHARS)
+        ("summary", summary, MAX_COMMIT_SUMMARY_CHARS),
+        ("description", description, MAX_COMMIT_DESCRIPTION_CHARS),
     ):
         if len(text) > limit:
             raise BadRequest(
@@ -521,7 +529,7 @@ def _decode_base64_to_file(content: str, target: Path) -> FileEntry:
     written = 0
     with open(target, "wb") as out:
         for start in range(0, len(content), BASE64_SLICE_CHARS):
-            data = binascii.a2b_base64(content[start:start + BASE64_SLICE_CHARS].encode("ascii"), strict_mode=True)
+            data = binascii.a2b_base64(content[start : start + BASE64_SLICE_CHARS].encode("ascii"), strict_mode=True)
             sha256.update(data)
             sha1.update(data)
             out.write(data)
@@ -932,7 +940,13 @@ class Store:
     # -- commits
 
     def commit(
-        self, repo: RepoId, branch: str, body_path: Path, *, author: str, max_inline_bytes: int = 512 * 1024 * 1024,
+        self,
+        repo: RepoId,
+        branch: str,
+        body_path: Path,
+        *,
+        author: str,
+        max_inline_bytes: int = 512 * 1024 * 1024,
         big_body_bytes: int | None = None,
     ) -> Commit:
         """Apply the NDJSON commit in `body_path` on top of `branch` and move the branch to it.

@@ -67,8 +67,9 @@ def test_a_config_dimension_outside_the_named_sizes_gets_its_own_pool():
         with torch.no_grad():
             mixed = output(zoo(ids, None, ["narrow", "wide", None]))
             for row, name in enumerate(["narrow", "wide", None]):
-                torch.testing.assert_close(mixed[row], output(zoo(ids[row:row + 1], None, [name]))[0],
-                                           atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    mixed[row], output(zoo(ids[row : row + 1], None, [name]))[0], atol=1e-5, rtol=1e-5
+                )
 
 
 @pytest.mark.parametrize(
@@ -95,7 +96,9 @@ def _add(cls, **config):
 
 def test_a_size_missing_from_sizes_names_the_type_the_site_and_the_size():
     cls = _subtype("missing_size_test", tensors=lambda self, model, site, module, config: {"down": (4, "r")})
-    with pytest.raises(PluginError, match=r"'missing_size_test' at site 'model\.layers\.0\.mlp\.down_proj'.*'r'.*sizes"):
+    with pytest.raises(
+        PluginError, match=r"'missing_size_test' at site 'model\.layers\.0\.mlp\.down_proj'.*'r'.*sizes"
+    ):
         _add(cls)
 
 
@@ -107,8 +110,11 @@ def test_a_site_that_does_not_exist_is_named():
 
 def test_a_delta_of_the_wrong_shape_names_the_type_and_the_site():
     cls = _subtype("bad_delta_test", delta=lambda self, x, y, w, training: w.matmul(x, "down"))
-    with pytest.raises(PluginError, match=r"'bad_delta_test' at site 'model\.layers\.0\.mlp\.down_proj': delta\(\) "
-                                          r"returned shape \(1, 2, 4\) for a module output of shape \(1, 2, 32\)"):
+    with pytest.raises(
+        PluginError,
+        match=r"'bad_delta_test' at site 'model\.layers\.0\.mlp\.down_proj': delta\(\) "
+        r"returned shape \(1, 2, 4\) for a module output of shape \(1, 2, 32\)",
+    ):
         _add(cls)
 
 
@@ -204,6 +210,7 @@ def _gated_reference(zoo, name, ids):
 
         def hook(m, args, out, d=d):
             return out + args[0] @ d
+
         hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -286,6 +293,9 @@ class WrongPrefix(AdapterType):
 
 
 def test_a_prefix_of_the_wrong_shape_names_the_type_and_the_site():
-    with pytest.raises(PluginError, match=r"'wrong_prefix_test' at site 'model\.layers\.0\.self_attn': prefix\(\) "
-                                          r"returned .*expected \(keys, values\), each \(n, 2, P, 8\)"):
+    with pytest.raises(
+        PluginError,
+        match=r"'wrong_prefix_test' at site 'model\.layers\.0\.self_attn': prefix\(\) "
+        r"returned .*expected \(keys, values\), each \(n, 2, P, 8\)",
+    ):
         _add(WrongPrefix)

@@ -48,23 +48,29 @@ def make_peft_adapter(folder: Path, family: str, kind: str, seed: int = 0, **ove
     return folder
 
 
-def peft_output(family: str, folder: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def peft_output(
+    family: str, folder: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """What PeftModel.from_pretrained on a fresh copy of the base gives, aligned with the input tokens."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(tiny_model(family, 0), folder).eval()
         with torch.no_grad():
-            out = model(input_ids=input_ids, attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids))
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+            )
     result = out.logits if family != "bert" else out.last_hidden_state
-    return result[:, -input_ids.shape[1]:]  # prompt tuning returns the virtual positions too
+    return result[:, -input_ids.shape[1] :]  # prompt tuning returns the virtual positions too
 
 
 def inputs(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def assert_rows_match_alone(zoo, family: str, rows: list, seqs: list[torch.Tensor], folders: dict, atol: float,
-                            base=None) -> None:
+def assert_rows_match_alone(
+    zoo, family: str, rows: list, seqs: list[torch.Tensor], folders: dict, atol: float, base=None
+) -> None:
     """One left-padded batch of `seqs`, row i under adapter `rows[i]`: each row's output must equal
     that row run alone, through PEFT itself for the adapters in `folders` (name -> PEFT folder), through
     the zoo for the others, and through `base` (the zoo when None) for a bare-base row."""
@@ -72,8 +78,8 @@ def assert_rows_match_alone(zoo, family: str, rows: list, seqs: list[torch.Tenso
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, seq in enumerate(seqs):  # left padding
-        ids[i, width - len(seq):] = seq
-        mask[i, width - len(seq):] = 1
+        ids[i, width - len(seq) :] = seq
+        mask[i, width - len(seq) :] = 1
     with torch.no_grad():
         batch = output(zoo(ids, mask, adapters=rows))
     for i, (name, seq) in enumerate(zip(rows, seqs)):
@@ -83,4 +89,4 @@ def assert_rows_match_alone(zoo, family: str, rows: list, seqs: list[torch.Tenso
             with torch.no_grad():
                 solo = base if name is None and base is not None else zoo
                 alone = output(solo(seq[None], adapters=[name]))
-        torch.testing.assert_close(batch[i, width - len(seq):], alone[0], atol=atol, rtol=0, msg=f"row {i} ({name})")
+        torch.testing.assert_close(batch[i, width - len(seq) :], alone[0], atol=atol, rtol=0, msg=f"row {i} ({name})")

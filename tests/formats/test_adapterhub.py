@@ -58,8 +58,20 @@ def test_written_adapter_has_the_libraries_layout(tmp_path: Path, family: str) -
     for key in ("hidden_size", "model_class", "model_type", "name"):
         assert ours[key] == theirs[key], key
     assert set(ours["config"]) <= set(theirs["config"])
-    for key in ("mh_adapter", "output_adapter", "non_linearity", "original_ln_before", "original_ln_after",
-                "residual_before_ln", "ln_before", "ln_after", "is_parallel", "scaling", "use_gating", "leave_out"):
+    for key in (
+        "mh_adapter",
+        "output_adapter",
+        "non_linearity",
+        "original_ln_before",
+        "original_ln_after",
+        "residual_before_ln",
+        "ln_before",
+        "ln_after",
+        "is_parallel",
+        "scaling",
+        "use_gating",
+        "leave_out",
+    ):
         assert ours["config"][key] == theirs["config"][key], key
     assert int(32 // ours["config"]["reduction_factor"]) == 4
 
@@ -69,7 +81,9 @@ def test_written_adapter_has_the_libraries_layout(tmp_path: Path, family: str) -
     zoo.load_adapter("back", folder)
     ids = torch.randint(4, 100, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(output(zoo(ids, adapters=["back", "ah"]))[0], output(zoo(ids, adapters=["ah", "ah"]))[0])
+        torch.testing.assert_close(
+            output(zoo(ids, adapters=["back", "ah"]))[0], output(zoo(ids, adapters=["ah", "ah"]))[0]
+        )
 
 
 @pytest.mark.parametrize("bottleneck", [1, 3, 5, 7, 11, 31])
@@ -138,7 +152,9 @@ def test_adapter_for_another_model_type_is_refused(tmp_path: Path) -> None:
 def test_trained_prediction_head_is_refused(tmp_path: Path) -> None:
     folder = _edited(tmp_path, case="llama-double_seq_bn")
     head = json.loads((folder / "head_config.json").read_text())
-    (folder / "head_config.json").write_text(json.dumps({**head, "config": {"head_type": "classification", "num_labels": 2}}))
+    (folder / "head_config.json").write_text(
+        json.dumps({**head, "config": {"head_type": "classification", "num_labels": 2}})
+    )
     with pytest.raises(UnsupportedFormatError, match="prediction head"):
         tiny_zoo("llama").load_adapter("ah", folder)
 

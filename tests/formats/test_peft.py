@@ -22,11 +22,20 @@ ATOL = 1e-4
 LORA_CASES = {
     "lora-r4": {"r": 4, "lora_alpha": 8},
     "lora-rslora-all-linear": {"r": 3, "lora_alpha": 5, "use_rslora": True, "target_modules": "all-linear"},
-    "lora-regex": {"r": 2, "lora_alpha": 4, "target_modules": {"llama": r".*\.(k_proj|down_proj)",
-                                                                "gpt2": r".*\.(c_attn|c_fc)",
-                                                                "bert": r".*\.(key|intermediate\.dense)"}},
-    "lora-list": {"r": 5, "lora_alpha": 16, "target_modules": {"llama": ["o_proj", "up_proj"], "gpt2": ["c_proj"],
-                                                               "bert": ["value", "output.dense"]}},
+    "lora-regex": {
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": {
+            "llama": r".*\.(k_proj|down_proj)",
+            "gpt2": r".*\.(c_attn|c_fc)",
+            "bert": r".*\.(key|intermediate\.dense)",
+        },
+    },
+    "lora-list": {
+        "r": 5,
+        "lora_alpha": 16,
+        "target_modules": {"llama": ["o_proj", "up_proj"], "gpt2": ["c_proj"], "bert": ["value", "output.dense"]},
+    },
 }
 PROMPT_CASES = {
     "prefix": ("prefix", {"num_virtual_tokens": 3}),
@@ -112,7 +121,9 @@ def test_written_peft_folder_runs_the_same_in_peft(tmp_path: Path, family: str, 
     torch.testing.assert_close(peft_output(family, folder, ids), ours, atol=ATOL, rtol=0)
 
     zoo.load_adapter("back", folder)  # and it reads back into adapterzoo unchanged
-    assert zoo.adapters["back"].config["num_virtual_tokens" if "r" not in kw else "r"] == kw.get("num_virtual_tokens", kw.get("r"))
+    assert zoo.adapters["back"].config["num_virtual_tokens" if "r" not in kw else "r"] == kw.get(
+        "num_virtual_tokens", kw.get("r")
+    )
     with torch.no_grad():
         torch.testing.assert_close(output(zoo(ids, adapters=["back", "back"])), ours, atol=0, rtol=0)
 
@@ -168,7 +179,9 @@ def _edited(lora_folder: Path, tmp_path: Path, **fields) -> Path:
         ({"some_future_option": {"on": True}}, "some_future_option"),
     ],
 )
-def test_unsupported_lora_fields_are_refused_by_name(lora_folder: Path, tmp_path: Path, fields: dict, named: str) -> None:
+def test_unsupported_lora_fields_are_refused_by_name(
+    lora_folder: Path, tmp_path: Path, fields: dict, named: str
+) -> None:
     zoo = tiny_zoo("llama")
     with pytest.raises(UnsupportedFormatError, match=named) as caught:
         zoo.load_adapter("a", _edited(lora_folder, tmp_path, **fields))
@@ -177,8 +190,17 @@ def test_unsupported_lora_fields_are_refused_by_name(lora_folder: Path, tmp_path
 
 
 def test_harmless_lora_fields_are_accepted(lora_folder: Path, tmp_path: Path) -> None:
-    folder = _edited(lora_folder, tmp_path, rank_pattern={}, alpha_pattern={}, bias="none", lora_dropout=0.1,
-                     init_lora_weights="gaussian", revision="main", layers_pattern=None)
+    folder = _edited(
+        lora_folder,
+        tmp_path,
+        rank_pattern={},
+        alpha_pattern={},
+        bias="none",
+        lora_dropout=0.1,
+        init_lora_weights="gaussian",
+        revision="main",
+        layers_pattern=None,
+    )
     tiny_zoo("llama").load_adapter("a", folder)
 
 
@@ -186,8 +208,14 @@ def _dora_reader() -> str | None:
     """The installed type that claims PEFT LORA folders with use_dora=True (a plugin's peft_when), if any."""
     from adapterzoo import plugins
 
-    return next((n for n, i in plugins.adapter_types().items()
-                 if (getattr(i.cls, "peft_when", None) or {}).get("use_dora") is True), None)
+    return next(
+        (
+            n
+            for n, i in plugins.adapter_types().items()
+            if (getattr(i.cls, "peft_when", None) or {}).get("use_dora") is True
+        ),
+        None,
+    )
 
 
 def test_real_dora_adapter_is_refused_unless_a_plugin_claims_it(tmp_path: Path) -> None:
@@ -274,7 +302,9 @@ def test_peft_folder_names_the_hub_id_of_a_hub_base_and_never_a_local_path(tmp_p
     zoo.add_adapter("a", "lora", r=2)
     zoo.model.config._name_or_path = "openai-community/gpt2"
     folder = zoo.save_adapter("a", tmp_path / "hub", format="peft")
-    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "openai-community/gpt2"
+    assert (
+        json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "openai-community/gpt2"
+    )
 
     local = tmp_path / "bases" / "my-gpt2"
     local.mkdir(parents=True)

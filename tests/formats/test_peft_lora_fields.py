@@ -28,49 +28,73 @@ ATOL = 1e-4
 # family -> value, where a field names modules of one family
 CASES = {
     "rank-and-alpha-pattern": {
-        "r": 4, "lora_alpha": 8,
-        "rank_pattern": {"llama": {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
-                         "gpt2": {r"h\.0\.attn\.c_attn": 2},
-                         "bert": {"value": 6, r"layer\.0\.attention\.self\.query": 1}},
+        "r": 4,
+        "lora_alpha": 8,
+        "rank_pattern": {
+            "llama": {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+            "gpt2": {r"h\.0\.attn\.c_attn": 2},
+            "bert": {"value": 6, r"layer\.0\.attention\.self\.query": 1},
+        },
         "alpha_pattern": {"llama": {"q_proj": 3}, "gpt2": {r"h\.1\.attn\.c_attn": 20}, "bert": {"query": 5}},
     },
     "rank-pattern-rslora-all-linear": {
-        "r": 3, "lora_alpha": 5, "use_rslora": True, "target_modules": "all-linear",
+        "r": 3,
+        "lora_alpha": 5,
+        "use_rslora": True,
+        "target_modules": "all-linear",
         "rank_pattern": {"llama": {"down_proj": 5}, "gpt2": {"c_fc": 5}, "bert": {"intermediate.dense": 5}},
     },
     "layers-to-transform": {
-        "r": 2, "layers_to_transform": [1],
+        "r": 2,
+        "layers_to_transform": [1],
         "target_modules": {"llama": ["q_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "dense"]},
     },
     "layers-pattern": {
-        "r": 3, "layers_to_transform": 0,
+        "r": 3,
+        "layers_to_transform": 0,
         "layers_pattern": {"llama": "layers", "gpt2": "h", "bert": "layer"},
         "target_modules": {"llama": ["k_proj", "up_proj"], "gpt2": ["c_proj"], "bert": ["key", "output.dense"]},
     },
     "exclude-modules": {
-        "r": 2, "target_modules": "all-linear",
-        "exclude_modules": {"llama": ["model.layers.0.self_attn.q_proj", "down_proj"], "gpt2": ["c_fc"],
-                            "bert": r".*\.attention\.self\.(query|key)"},
+        "r": 2,
+        "target_modules": "all-linear",
+        "exclude_modules": {
+            "llama": ["model.layers.0.self_attn.q_proj", "down_proj"],
+            "gpt2": ["c_fc"],
+            "bert": r".*\.attention\.self\.(query|key)",
+        },
     },
     "bias-lora-only-and-lora-bias": {"r": 2, "bias": "lora_only", "lora_bias": True},
     "bias-all": {"r": 2, "lora_alpha": 4, "bias": "all"},
-    "lora-bias": {"r": 3, "lora_bias": True, "alpha_pattern": {"llama": {"q_proj": 9}, "gpt2": {"c_attn": 9},
-                                                                  "bert": {"query": 9}}},
+    "lora-bias": {
+        "r": 3,
+        "lora_bias": True,
+        "alpha_pattern": {"llama": {"q_proj": 9}, "gpt2": {"c_attn": 9}, "bert": {"query": 9}},
+    },
     # PEFT's rule is a plain `endswith`: Llama's "norm" is every RMSNorm (input_layernorm, ..., model.norm)
     "modules-to-save-head-and-norms": {
-        "r": 2, "modules_to_save": {"llama": ["lm_head", "norm"], "gpt2": ["lm_head", "ln_f"],
-                                    "bert": ["layer.1.output.dense", "attention.output.LayerNorm"]},
+        "r": 2,
+        "modules_to_save": {
+            "llama": ["lm_head", "norm"],
+            "gpt2": ["lm_head", "ln_f"],
+            "bert": ["layer.1.output.dense", "attention.output.LayerNorm"],
+        },
     },
     "modules-to-save-embedding": {
-        "r": 2, "modules_to_save": {"llama": ["embed_tokens"], "gpt2": ["wte"], "bert": ["word_embeddings"]},
+        "r": 2,
+        "modules_to_save": {"llama": ["embed_tokens"], "gpt2": ["wte"], "bert": ["word_embeddings"]},
     },
     "trainable-tokens": {"r": 2, "trainable_token_indices": list(range(4, 100, 3))},
     "combined": {
-        "r": 2, "bias": "all", "rank_pattern": {"q_proj|c_attn|query": 5},
+        "r": 2,
+        "bias": "all",
+        "rank_pattern": {"q_proj|c_attn|query": 5},
         "modules_to_save": {"llama": ["lm_head"], "gpt2": ["ln_f"], "bert": ["layer.0.output.dense"]},
-        "trainable_token_indices": {"llama": {"embed_tokens": list(range(4, 100, 2))},
-                                    "gpt2": {"wte": list(range(4, 100, 2))},
-                                    "bert": {"word_embeddings": list(range(4, 100, 2))}},
+        "trainable_token_indices": {
+            "llama": {"embed_tokens": list(range(4, 100, 2))},
+            "gpt2": {"wte": list(range(4, 100, 2))},
+            "bert": {"word_embeddings": list(range(4, 100, 2))},
+        },
     },
 }
 
@@ -84,8 +108,11 @@ def peft_lora_modules(family: str, **kw) -> dict[str, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = __import__("peft").get_peft_model(tiny_model(family), peft_config(family, "lora", **kw))
-    return {name.removeprefix("base_model.model."): module.r["default"]
-            for name, module in model.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A}
+    return {
+        name.removeprefix("base_model.model."): module.r["default"]
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -108,8 +135,16 @@ def test_peft_lora_field_loads_exactly(tmp_path: Path, family: str, name: str) -
     adapter = zoo.get_adapter("a")
     ranks = {site: adapter.config.site_rank(site) for site, ts in adapter.tensors.items() if "A" in ts}
     assert ranks == peft_lora_modules(family, **kw)
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "bias", "lora_bias",
-                "modules_to_save", "trainable_token_indices"):
+    for key in (
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+        "bias",
+        "lora_bias",
+        "modules_to_save",
+        "trainable_token_indices",
+    ):
         if key in kw:
             got = info.config[key]
             assert (sorted(got) == sorted(kw[key])) if isinstance(kw[key], list) else got == kw[key]
@@ -125,8 +160,12 @@ def test_biases_are_stored_as_changes_to_the_base(tmp_path: Path) -> None:
     assert set(adapter.tensors["transformer.h.0.attn.c_attn"]) == {"A", "B", "bias"}
     base = dict(zoo.model.named_parameters())["transformer.ln_f.bias"]
     saved = __import__("safetensors.torch").torch.load_file(folder / "adapter_model.safetensors")
-    torch.testing.assert_close(adapter.tensors["transformer.ln_f"]["bias"] + base,
-                               saved["base_model.model.transformer.ln_f.bias"], atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        adapter.tensors["transformer.ln_f"]["bias"] + base,
+        saved["base_model.model.transformer.ln_f.bias"],
+        atol=1e-7,
+        rtol=0,
+    )
     ids = inputs()
     with torch.no_grad():
         mixed = output(zoo(ids, adapters=["a", None]))
@@ -157,8 +196,9 @@ def test_mixed_padded_batch_of_every_field_plain_lora_native_and_bare_base(tmp_p
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", CASES)
-def test_loaded_peft_lora_fields_are_written_back_and_peft_runs_them_the_same(tmp_path: Path, family: str,
-                                                                              name: str) -> None:
+def test_loaded_peft_lora_fields_are_written_back_and_peft_runs_them_the_same(
+    tmp_path: Path, family: str, name: str
+) -> None:
     kw = case(family, name)
     folder = make_peft_adapter(tmp_path / "theirs", family, "lora", **kw)
     zoo = tiny_zoo(family)
@@ -174,8 +214,9 @@ def test_loaded_peft_lora_fields_are_written_back_and_peft_runs_them_the_same(tm
     torch.testing.assert_close(peft_output(family, ours, ids), peft_output(family, folder, ids), atol=ATOL, rtol=0)
     zoo.load_adapter("back", ours)
     with torch.no_grad():
-        torch.testing.assert_close(output(zoo(ids, adapters=["back", "a"])), output(zoo(ids, adapters=["a", "a"])),
-                                   atol=1e-5, rtol=0)  # replaced weights go through base + change - base
+        torch.testing.assert_close(
+            output(zoo(ids, adapters=["back", "a"])), output(zoo(ids, adapters=["a", "a"])), atol=1e-5, rtol=0
+        )  # replaced weights go through base + change - base
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -184,8 +225,18 @@ def test_new_adapter_with_per_site_ranks_and_biases_saves_for_peft_and_natively(
     init, and PEFT runs the written folder the same; the native format keeps every field."""
     pattern = {"llama": {"q_proj": 2}, "gpt2": {r"h\.1\.attn\.c_attn": 2}, "bert": {"query": 2}}[family]
     zoo = tiny_zoo(family)
-    zoo.add_adapter("a", "lora", r=4, lora_alpha=6, rank_pattern=pattern, alpha_pattern={"v_proj": 2, "value": 2},
-                    bias="lora_only", lora_bias=True, init_lora_weights=False, trainable=False)
+    zoo.add_adapter(
+        "a",
+        "lora",
+        r=4,
+        lora_alpha=6,
+        rank_pattern=pattern,
+        alpha_pattern={"v_proj": 2, "value": 2},
+        bias="lora_only",
+        lora_bias=True,
+        init_lora_weights=False,
+        trainable=False,
+    )
     adapter = zoo.get_adapter("a")
     for site, ts in adapter.tensors.items():
         r = adapter.config.site_rank(site)
@@ -268,8 +319,15 @@ def test_training_replaced_token_rows_changes_only_the_listed_rows() -> None:
 def test_new_adapter_with_replaced_modules_and_token_rows_runs_the_same_in_peft(tmp_path: Path, family: str) -> None:
     saved = {"llama": ["lm_head", "model.norm"], "gpt2": ["ln_f"], "bert": ["layer.0.output.dense"]}[family]
     zoo = tiny_zoo(family)
-    zoo.add_adapter("a", "lora", r=2, modules_to_save=saved, trainable_token_indices=[4, 8, 15],
-                    init_lora_weights=False, trainable=False)
+    zoo.add_adapter(
+        "a",
+        "lora",
+        r=2,
+        modules_to_save=saved,
+        trainable_token_indices=[4, 8, 15],
+        init_lora_weights=False,
+        trainable=False,
+    )
     adapter = zoo.get_adapter("a")
     g = torch.Generator().manual_seed(1)
     embedding = next(site for site, ts in adapter.tensors.items() if "token_delta" in ts)
@@ -398,12 +456,14 @@ def test_peft_bias_for_another_base_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_mixed_generation_with_replaced_heads_embeddings_and_rows_equals_each_row_alone(tmp_path: Path,
-                                                                                       family: str) -> None:
+def test_mixed_generation_with_replaced_heads_embeddings_and_rows_equals_each_row_alone(
+    tmp_path: Path, family: str
+) -> None:
     """Decoding (one token per row, KV cache) reads the replaced lm_head, embedding and token rows per row too."""
     zoo = tiny_zoo(family)
-    for i, name in enumerate(["modules-to-save-head-and-norms", "modules-to-save-embedding", "trainable-tokens",
-                              "bias-all"]):
+    for i, name in enumerate(
+        ["modules-to-save-head-and-norms", "modules-to-save-embedding", "trainable-tokens", "bias-all"]
+    ):
         zoo.load_adapter(name, make_peft_adapter(tmp_path / name, family, "lora", seed=i, **case(family, name)))
     rows = ["modules-to-save-head-and-norms", None, "modules-to-save-embedding", "trainable-tokens", "bias-all"]
     prompts = ["abc", "hello", "xyz q", "tokens", "b"]

@@ -26,8 +26,14 @@ CASES = {
 
 def context_of(zoo) -> FormatContext:
     """A format's whole view of a zoo, built from the zoo's public attributes."""
-    return FormatContext(model=zoo.model, fingerprint=zoo.fingerprint, adapter_type=zoo.adapter_type,
-                         is_causal_lm=zoo.is_causal_lm, pool_limits=zoo.pool_limits, max_size=zoo.max_size)
+    return FormatContext(
+        model=zoo.model,
+        fingerprint=zoo.fingerprint,
+        adapter_type=zoo.adapter_type,
+        is_causal_lm=zoo.is_causal_lm,
+        pool_limits=zoo.pool_limits,
+        max_size=zoo.max_size,
+    )
 
 
 def run(zoo, name):

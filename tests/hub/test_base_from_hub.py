@@ -27,8 +27,13 @@ def test_base_from_a_hub_id(registry, alice, unique: str, tmp_path: Path) -> Non
         f"zoo = Zoo.from_pretrained({repo!r}, device='cpu')\n"
         "print(zoo.fingerprint.id, zoo.tokenizer('ab')['input_ids'])\n"
     )
-    env = dict(os.environ, HF_ENDPOINT=registry.url, HF_TOKEN=ALICE_TOKEN, HF_HOME=str(tmp_path / "hf"),
-               HF_HUB_DISABLE_TELEMETRY="1")
+    env = dict(
+        os.environ,
+        HF_ENDPOINT=registry.url,
+        HF_TOKEN=ALICE_TOKEN,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     fingerprint_id, ids = result.stdout.split(maxsplit=1)

@@ -50,7 +50,9 @@ def _out(zoo, name: str = "a") -> torch.Tensor:
 def test_every_type_round_trips_with_a_model_card(registry, alice: HfApi, unique: str, type_name: str) -> None:
     zoo = _zoo_with(type_name)
     repo_id = f"alice/{type_name}-{unique}"
-    info = zoo.push_to_hub("a", repo_id, token=ALICE_TOKEN, endpoint=registry.url, metadata={"metrics": {"accuracy": 0.75}})
+    info = zoo.push_to_hub(
+        "a", repo_id, token=ALICE_TOKEN, endpoint=registry.url, metadata={"metrics": {"accuracy": 0.75}}
+    )
     assert info.oid and repo_id in info.commit_url
 
     fresh = tiny_zoo("llama")
@@ -66,16 +68,27 @@ def test_every_type_round_trips_with_a_model_card(registry, alice: HfApi, unique
     assert card["type"] == type_name and card["base_fingerprint"] == zoo.fingerprint.id
     assert card["config"] == zoo.adapters["a"].config and card["metrics"] == {"accuracy": 0.75}
     assert "## Metrics" in readme and "| accuracy | 0.75 |" in readme
-    found = [m.id for m in alice.list_models(filter=[f"adapterzoo-type:{type_name}", f"base-fingerprint:{zoo.fingerprint.id}"])]
+    found = [
+        m.id
+        for m in alice.list_models(filter=[f"adapterzoo-type:{type_name}", f"base-fingerprint:{zoo.fingerprint.id}"])
+    ]
     assert repo_id in found
 
 
 def test_peft_format_push_and_format_switch(registry, alice: HfApi, unique: str) -> None:
     zoo = _zoo_with("lora")
     repo_id = f"alice/peft-{unique}"
-    zoo.push_to_hub("a", repo_id, token=ALICE_TOKEN, endpoint=registry.url, format="peft", metadata={"metrics": {"f1": 0.5}})
-    assert set(alice.list_repo_files(repo_id)) - {".gitattributes"} == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
-    assert {"peft", "adapterzoo-type:lora", f"base-fingerprint:{zoo.fingerprint.id}"} <= set(alice.model_info(repo_id).tags)
+    zoo.push_to_hub(
+        "a", repo_id, token=ALICE_TOKEN, endpoint=registry.url, format="peft", metadata={"metrics": {"f1": 0.5}}
+    )
+    assert set(alice.list_repo_files(repo_id)) - {".gitattributes"} == {
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    assert {"peft", "adapterzoo-type:lora", f"base-fingerprint:{zoo.fingerprint.id}"} <= set(
+        alice.model_info(repo_id).tags
+    )
     card = parse_model_card(Path(alice.hf_hub_download(repo_id, "README.md")).read_text())
     assert card["format"] == "peft" and card["metrics"] == {"f1": 0.5} and card["config"]["peft_type"] == "LORA"
     fresh = tiny_zoo("llama")
@@ -101,7 +114,12 @@ def test_revisions_and_branches(registry, unique: str) -> None:
     assert first.oid != second.oid
 
     fresh = tiny_zoo("llama")
-    for name, revision, expected in [("one", first.oid, v1), ("two", None, v2), ("main", "main", v2), ("dev", "dev", v3)]:
+    for name, revision, expected in [
+        ("one", first.oid, v1),
+        ("two", None, v2),
+        ("main", "main", v2),
+        ("dev", "dev", v3),
+    ]:
         fresh.load_adapter(name, repo_id, revision=revision, token=ALICE_TOKEN, endpoint=registry.url)
         torch.testing.assert_close(_out(fresh, name), expected, atol=0, rtol=0, msg=name)
     with pytest.raises(HubError, match="revision 'nope' does not exist"):
@@ -166,13 +184,30 @@ def test_endpoint_from_hf_endpoint(registry, unique: str, monkeypatch: pytest.Mo
     torch.testing.assert_close(_out(fresh), _out(zoo), atol=0, rtol=0)
 
 
-def test_cli_push_and_pull(registry, alice: HfApi, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_push_and_pull(
+    registry, alice: HfApi, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     zoo = _zoo_with("soft_prompt")
     folder = zoo.save_adapter("a", tmp_path / "saved", metadata={"metrics": {"loss": 0.5}})
     repo_id = f"alice/cli-{unique}"
     runner = CliRunner()
-    pushed = runner.invoke(cli, ["push", str(folder), repo_id, "--private", "--token", ALICE_TOKEN, "--endpoint",
-                                 registry.url, "--branch", "main", "-m", "first"])
+    pushed = runner.invoke(
+        cli,
+        [
+            "push",
+            str(folder),
+            repo_id,
+            "--private",
+            "--token",
+            ALICE_TOKEN,
+            "--endpoint",
+            registry.url,
+            "--branch",
+            "main",
+            "-m",
+            "first",
+        ],
+    )
     assert pushed.exit_code == 0, pushed.output
     assert alice.model_info(repo_id).private
     assert [c.title for c in alice.list_repo_commits(repo_id)][0] == "first"
@@ -180,7 +215,11 @@ def test_cli_push_and_pull(registry, alice: HfApi, unique: str, tmp_path: Path, 
     monkeypatch.setenv("HF_ENDPOINT", registry.url)  # --endpoint falls back to HF_ENDPOINT
     pulled = runner.invoke(cli, ["pull", repo_id, str(tmp_path / "pulled"), "--token", ALICE_TOKEN])
     assert pulled.exit_code == 0, pulled.output
-    assert {p.name for p in (tmp_path / "pulled").iterdir()} >= {"adapterzoo_config.json", "adapterzoo_model.safetensors", "README.md"}
+    assert {p.name for p in (tmp_path / "pulled").iterdir()} >= {
+        "adapterzoo_config.json",
+        "adapterzoo_model.safetensors",
+        "README.md",
+    }
     fresh = tiny_zoo("llama")
     fresh.load_adapter("a", tmp_path / "pulled")
     torch.testing.assert_close(_out(fresh), _out(zoo), atol=0, rtol=0)
@@ -234,7 +273,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _forward(self, send_body: bool) -> None:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "accept-encoding")}
         headers["accept-encoding"] = "identity"
-        reply = httpx.request(self.command, self.server.upstream + self.path, headers=headers, follow_redirects=False, timeout=30)
+        reply = httpx.request(
+            self.command, self.server.upstream + self.path, headers=headers, follow_redirects=False, timeout=30
+        )
         weights = send_body and self.path.endswith("/adapterzoo_model.safetensors") and reply.status_code in (200, 206)
         if weights and self.server.cutting and self.server.cuts > 0:
             self.send_response(503)
@@ -243,7 +284,14 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         self.send_response(reply.status_code)
         for key, value in reply.headers.items():
-            if key.lower() not in ("connection", "transfer-encoding", "content-encoding", "keep-alive", "date", "server"):
+            if key.lower() not in (
+                "connection",
+                "transfer-encoding",
+                "content-encoding",
+                "keep-alive",
+                "date",
+                "server",
+            ):
                 self.send_header(key, value)
         self.end_headers()
         if not send_body:
@@ -268,8 +316,9 @@ def cutting_proxy(registry):
     proxy.thread.join(timeout=10)
 
 
-def test_download_cut_off_halfway_leaves_nothing_broken(registry, cutting_proxy: CuttingProxy, unique: str,
-                                                        _fresh_hf_cache: Path) -> None:
+def test_download_cut_off_halfway_leaves_nothing_broken(
+    registry, cutting_proxy: CuttingProxy, unique: str, _fresh_hf_cache: Path
+) -> None:
     repo_id = f"alice/cut-{unique}"
     zoo = _zoo_with("houlsby")
     zoo.push_to_hub("a", repo_id, token=ALICE_TOKEN, endpoint=registry.url)
@@ -296,8 +345,14 @@ def test_pull_refuses_a_corrupt_upload(registry, alice: HfApi, unique: str, tmp_
     record = json.loads((folder / "adapterzoo_config.json").read_text())
     record["weights"]["sha256"] = "0" * 64
     alice.create_repo(repo_id)
-    alice.upload_file(path_or_fileobj=json.dumps(record).encode(), path_in_repo="adapterzoo_config.json", repo_id=repo_id)
-    alice.upload_file(path_or_fileobj=str(folder / "adapterzoo_model.safetensors"), path_in_repo="adapterzoo_model.safetensors", repo_id=repo_id)
+    alice.upload_file(
+        path_or_fileobj=json.dumps(record).encode(), path_in_repo="adapterzoo_config.json", repo_id=repo_id
+    )
+    alice.upload_file(
+        path_or_fileobj=str(folder / "adapterzoo_model.safetensors"),
+        path_in_repo="adapterzoo_model.safetensors",
+        repo_id=repo_id,
+    )
     from adapterzoo.hub import pull_adapter
 
     with pytest.raises(AdapterFileError, match="checksum"):

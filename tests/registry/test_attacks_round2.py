@@ -197,7 +197,6 @@ def test_a_commit_message_longer_than_the_limit_is_refused_by_name(registry, ali
     assert alice.list_repo_files(repo_id) == [".gitattributes"] or "a.txt" not in alice.list_repo_files(repo_id)
 
 
-
 # --------------------------------------------------------------------------- refs and names
 
 
@@ -486,4 +485,3 @@ def test_gated_must_be_the_boolean_false_not_something_equal_to_it(registry, ali
     )  # fmt: skip
     assert reply.status_code == 400 and "gated" in reply.json()["error"]
     assert alice.model_info(repo_id).private is False  # nothing of the request was applied
-

@@ -105,9 +105,7 @@ def test_bad_repo_ids_are_refused(registry, name: str) -> None:
 def test_bad_repo_id_in_url_is_refused(registry) -> None:
     for url in ("/api/models/alice/bad!name", "/api/models/al%20ice/x/tree/main", "/api/models/api/x"):
         assert_refused(httpx.get(registry.url + url, headers=AUTH), 400)
-    commit = httpx.post(
-        f"{registry.url}/api/models/alice/bad!name/commit/main", headers=AUTH, content=ndjson(header())
-    )
+    commit = httpx.post(f"{registry.url}/api/models/alice/bad!name/commit/main", headers=AUTH, content=ndjson(header()))
     assert_refused(commit, 400)
 
 

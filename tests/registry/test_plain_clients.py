@@ -186,7 +186,6 @@ def test_a_big_inline_file_costs_the_server_under_four_times_its_size(server, xe
     assert growth < 4 * size, f"server peak memory grew {growth / size:.1f}x the file for an inline upload"
 
 
-
 def test_hf_upload_of_a_big_safetensors_just_works(server, tmp_path: Path) -> None:
     """The `hf` command line as a user runs it: HF_ENDPOINT and a token, hf_xet on, nothing else."""
     plain_client(server).create_repo("alice/cli-upload")

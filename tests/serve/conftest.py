@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from adapterzoo import Zoo
-from adapterzoo.testing.models import ONE_OF_EACH as TYPES, char_tokenizer, perturb, tiny_model
+from adapterzoo.testing.models import ONE_OF_EACH as TYPES
+from adapterzoo.testing.models import char_tokenizer, perturb, tiny_model
 
 TYPE_NAMES = list(TYPES)
 
@@ -95,8 +96,22 @@ class ServeProcess:
 
 def start_serve(base: Path, log_path: Path, *args: str, timeout: float = 60) -> ServeProcess:
     port = free_port()
-    cmd = [sys.executable, "-m", "adapterzoo.cli", "serve", str(base), "--host", "127.0.0.1", "--port", str(port),
-           "--name", "tiny", "--device", "cpu", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "adapterzoo.cli",
+        "serve",
+        str(base),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--name",
+        "tiny",
+        "--device",
+        "cpu",
+        *args,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     with open(log_path, "ab") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -174,8 +189,13 @@ def openai_client(url: str, key: str = "none", **kwargs):
 
 def post(url: str, body, key: str = "k-acme", path: str = "/v1/completions", **kw) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(f"{url}{path}", content=content, timeout=60, headers={
-        "Authorization": f"Bearer {key}", "Content-Type": "application/json", **kw.pop("headers", {})}, **kw)
+    return httpx.post(
+        f"{url}{path}",
+        content=content,
+        timeout=60,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json", **kw.pop("headers", {})},
+        **kw,
+    )
 
 
 def error(r: httpx.Response) -> dict:

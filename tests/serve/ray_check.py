@@ -30,8 +30,30 @@ def main() -> int:
     base, adapters, keys, expected_path, port, log_path, tmpdir = sys.argv[1:8]
     expected = json.loads(Path(expected_path).read_text())
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "adapterzoo.cli", "serve", base, "--ray", "--replicas", "2", "--adapters", adapters,
-           "--keys", keys, "--host", "127.0.0.1", "--port", port, "--name", "tiny", "--device", "cpu", "--slots", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "adapterzoo.cli",
+        "serve",
+        base,
+        "--ray",
+        "--replicas",
+        "2",
+        "--adapters",
+        adapters,
+        "--keys",
+        keys,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--name",
+        "tiny",
+        "--device",
+        "cpu",
+        "--slots",
+        "4",
+    ]
     env = dict(os.environ, RAY_TMPDIR=tmpdir, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     report: dict = {"ok": False}
     with open(log_path, "ab") as log:
@@ -66,7 +88,9 @@ def main() -> int:
                     time.sleep(1.0)  # its routers last heard (pushed every 0.1 s): let them hear
         report["wrong"] = wrong
         report["replicas"] = replicas
-        stream = acme.completions.create(model=next(iter(expected)), prompt="hello", max_tokens=6, temperature=0, stream=True)
+        stream = acme.completions.create(
+            model=next(iter(expected)), prompt="hello", max_tokens=6, temperature=0, stream=True
+        )
         report["stream_ok"] = "".join(c.choices[0].text for c in stream) == next(iter(expected.values()))
         try:
             beta.completions.create(model=next(iter(expected)), prompt="hello", max_tokens=2)

@@ -5,7 +5,6 @@ attack and raw HTTP where it cannot."""
 
 from __future__ import annotations
 
-
 import openai
 import pytest
 
@@ -64,8 +63,10 @@ def test_a_call_with_more_prompts_times_choices_than_the_queue_holds_is_refused_
 def test_an_adapter_cannot_be_loaded_under_the_base_name_or_auto(server, name):
     # the load answered 201/"added successfully" for an adapter no request could ever reach (the
     # base's name and "auto" are taken before any adapter lookup)
-    for path, body in (("/admin/adapters", {"name": name, "source": "acme-lora"}),
-                       ("/v1/load_lora_adapter", {"lora_name": name, "lora_path": "acme-lora"})):
+    for path, body in (
+        ("/admin/adapters", {"name": name, "source": "acme-lora"}),
+        ("/v1/load_lora_adapter", {"lora_name": name, "lora_path": "acme-lora"}),
+    ):
         r = post(server.url, body, key="k-ops", path=path)
         assert r.status_code == 400 and "reserved" in error(r)["message"], r.text
     listed = [m.id for m in server.client("k-ops").models.list().data]
@@ -80,8 +81,10 @@ def test_a_body_sent_byte_by_byte_forever_is_cut_off_with_a_408(tiny_base, tmp_p
     keys = write_keys(tmp_path / "keys.json", KEYS)
     slow_server = serve_factory(tiny_base, "--keys", str(keys), "--body-timeout", "1")
     with socket.create_connection(("127.0.0.1", slow_server.port), timeout=10) as slow:
-        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k-acme\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        slow.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k-acme\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
         answer = b""
         while chunk := slow.recv(4096):  # the server closes the connection after its answer
             answer += chunk
@@ -101,8 +104,10 @@ def test_a_stop_sequence_longer_than_the_cap_is_a_400(server):
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2, stop=["b" * 256]).choices
 
 
-@pytest.mark.parametrize("path, body", [("/tokenize", {"model": "tiny", "prompt": "hello"}),
-                                        ("/detokenize", {"model": "tiny", "tokens": [21, 18]})])
+@pytest.mark.parametrize(
+    "path, body",
+    [("/tokenize", {"model": "tiny", "prompt": "hello"}), ("/detokenize", {"model": "tiny", "tokens": [21, 18]})],
+)
 def test_the_tokenizer_routes_count_against_the_rate_limit(server, path, body):
     # a tenant held to 0.01 requests/s called /tokenize without limit: each call takes a thread
     # of the pool that also tokenizes every tenant's completions

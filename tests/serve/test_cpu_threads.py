@@ -7,8 +7,7 @@ import types
 import pytest
 import torch
 
-from adapterzoo.serve import Engine, SamplingParams
-from adapterzoo.serve import cpu
+from adapterzoo.serve import Engine, SamplingParams, cpu
 from adapterzoo.serve.cpu import ThreadGovernor
 from adapterzoo.testing.models import tiny_zoo
 

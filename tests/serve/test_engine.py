@@ -18,7 +18,7 @@ from .conftest import TYPE_NAMES, make_adapters
 PROMPTS = ["abc ->", "hello", "x", "the quick brown", "1 2 3", "zz top", "q", "a much longer prompt than the rest"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zoo_for(family: str, slots: int = 16):
     zoo = tiny_zoo(family, slots=slots)
     make_adapters(zoo, None, TYPE_NAMES)
@@ -154,8 +154,13 @@ def test_tenant_resident_slot_limit():
 
     engine._decode = spy
     with engine:
-        hs = [engine.submit(PROMPTS[i], TYPE_NAMES[i % 3], SamplingParams(max_tokens=4), tenant="small") for i in range(6)]
-        hs += [engine.submit(PROMPTS[i], TYPE_NAMES[3 + i % 3], SamplingParams(max_tokens=4), tenant="big") for i in range(6)]
+        hs = [
+            engine.submit(PROMPTS[i], TYPE_NAMES[i % 3], SamplingParams(max_tokens=4), tenant="small") for i in range(6)
+        ]
+        hs += [
+            engine.submit(PROMPTS[i], TYPE_NAMES[3 + i % 3], SamplingParams(max_tokens=4), tenant="big")
+            for i in range(6)
+        ]
         for h in hs:
             assert h.result(60).error is None
     assert seen and max(len(s) for s in seen) == 1
@@ -317,10 +322,10 @@ def test_zoo_generate_and_the_engine_cut_at_the_same_stop_string():
     assert find_stop("nothing", ("x",)) == -1 and find_stop("", ()) == -1
     zoo = zoo_for("llama")
     full = solo(zoo, "hello", "lora", max_new_tokens=8)
-    stop = full[len(full) // 2:len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     with Engine(zoo) as engine:
         served = engine.generate("hello", "lora", max_tokens=8, stop=(stop,))
-    assert served == solo(zoo, "hello", "lora", max_new_tokens=8, stop=[stop]) == full[:find_stop(full, (stop,))]
+    assert served == solo(zoo, "hello", "lora", max_new_tokens=8, stop=[stop]) == full[: find_stop(full, (stop,))]
 
 
 def test_room_books_rows_pool_slots_a_tenants_resident_slots_and_the_prefill_budget():

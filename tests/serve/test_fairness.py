@@ -18,7 +18,7 @@ from adapterzoo.testing.models import tiny_zoo
 from .conftest import make_adapters, openai_client, running_app
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zoo():
     z = tiny_zoo("llama", slots=8)
     make_adapters(z, None, ["a-lora", "b-lora"])
@@ -35,8 +35,9 @@ def test_each_prompt_of_a_batch_counts_against_the_rate_limit():
 
 def test_a_batch_over_the_burst_is_refused_through_http(tiny_base):
     base = Zoo.from_pretrained(tiny_base, device="cpu")
-    tenants = Tenants.from_dict({"tenants": {"slow": {"keys": ["k-slow"], "rps": 0.01, "burst": 4},
-                                             "other": {"keys": ["k-other"]}}})
+    tenants = Tenants.from_dict(
+        {"tenants": {"slow": {"keys": ["k-slow"], "rps": 0.01, "burst": 4}, "other": {"keys": ["k-other"]}}}
+    )
     with running_app(build_server(base, base_name="tiny", tenants=tenants)) as url:
         client = openai_client(url, "k-slow")
         with pytest.raises(Exception) as e:
@@ -114,8 +115,9 @@ def _steps_waited(max_rows_per_tenant: int | None) -> tuple[int, int]:
         flood = []
         for _ in range(3):
             # long rows: even if this thread is descheduled for a while, the flood is still running
-            flood += engine.submit_many(["abc"] * 8, "a-lora", [SamplingParams(max_tokens=160, ignore_eos=True)] * 8,
-                                        tenant="flood")
+            flood += engine.submit_many(
+                ["abc"] * 8, "a-lora", [SamplingParams(max_tokens=160, ignore_eos=True)] * 8, tenant="flood"
+            )
         while engine.stats()["running"] < 3:
             time.sleep(0.001)
         waited = _steps_to_finish(engine, "hello", "b-lora", "b")

@@ -19,9 +19,9 @@ import openai
 import pytest
 
 from adapterzoo import Zoo
+from adapterzoo.formats.native import WEIGHTS_FILE
 from adapterzoo.serve.http import build_server, redact_paths
 from adapterzoo.serve.tenants import Tenant, Tenants
-from adapterzoo.formats.native import WEIGHTS_FILE
 
 from .conftest import error, make_adapters, openai_client, post, running_app
 
@@ -46,8 +46,14 @@ def served(tiny_base, tmp_path_factory):
     (root / "adapters" / "acme-broken" / WEIGHTS_FILE).write_bytes(b"\x00" * 64)
     (root / "outside" / "acme-x").mkdir(parents=True)  # a folder outside the adapters folder
     zoo = Zoo.from_pretrained(tiny_base, device="cpu")
-    server = build_server(zoo, base_name="tiny", adapters_dir=root / "adapters", tenants=Tenants.from_dict(KEYS),
-                          max_body_bytes=MAX_BODY, max_prompt_chars=MAX_CHARS)
+    server = build_server(
+        zoo,
+        base_name="tiny",
+        adapters_dir=root / "adapters",
+        tenants=Tenants.from_dict(KEYS),
+        max_body_bytes=MAX_BODY,
+        max_prompt_chars=MAX_CHARS,
+    )
     with running_app(server) as url:
         yield url, server, reference, root
 
@@ -59,8 +65,16 @@ def solo(zoo, prompt, adapter, n):
 def test_out_of_vocabulary_token_ids_are_a_400_and_harm_no_running_request(served):
     url, server, reference, _ = served
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        running = [pool.submit(openai_client(url, "k-globex").completions.create, model="globex-secret",
-                               prompt="hello", max_tokens=20, temperature=0) for _ in range(3)]
+        running = [
+            pool.submit(
+                openai_client(url, "k-globex").completions.create,
+                model="globex-secret",
+                prompt="hello",
+                max_tokens=20,
+                temperature=0,
+            )
+            for _ in range(3)
+        ]
         for ids in ([1_000_000], [-1], [5, 100]):
             r = post(url, {"model": "acme-lora", "prompt": ids, "max_tokens": 2})
             assert r.status_code == 400 and error(r)["param"] == "prompt" and "vocabulary" in error(r)["message"]
@@ -71,11 +85,20 @@ def test_out_of_vocabulary_token_ids_are_a_400_and_harm_no_running_request(serve
 def test_a_tiny_temperature_is_greedy_while_another_tenant_decodes(served):
     url, _, reference, _ = served
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        running = [pool.submit(openai_client(url, "k-globex").completions.create, model="globex-secret",
-                               prompt=p, max_tokens=24, temperature=0) for p in ("hello", "abc", "zz")]
+        running = [
+            pool.submit(
+                openai_client(url, "k-globex").completions.create,
+                model="globex-secret",
+                prompt=p,
+                max_tokens=24,
+                temperature=0,
+            )
+            for p in ("hello", "abc", "zz")
+        ]
         time.sleep(0.05)
-        tiny = openai_client(url, "k-acme").completions.create(model="acme-lora", prompt="x", max_tokens=4,
-                                                                temperature=1e-40)
+        tiny = openai_client(url, "k-acme").completions.create(
+            model="acme-lora", prompt="x", max_tokens=4, temperature=1e-40
+        )
         assert tiny.choices[0].text == solo(reference, "x", "acme-lora", 4)
         for f, p in zip(running, ("hello", "abc", "zz")):
             assert f.result().choices[0].text == solo(reference, p, "globex-secret", 24)
@@ -102,9 +125,14 @@ def test_a_long_prompt_is_refused_before_tokenizing(served, monkeypatch):
     encode = server.engine.encode
     monkeypatch.setattr(server.engine, "encode", lambda text: calls.append(len(text)) or encode(text))
     r = post(url, {"model": "tiny", "prompt": "y" * (MAX_CHARS + 1)})
-    assert r.status_code == 400 and error(r)["code"] == "context_length_exceeded" and str(MAX_CHARS) in error(r)["message"]
-    r = post(url, {"model": "tiny", "messages": [{"role": "user", "content": "y" * (MAX_CHARS + 1)}]},
-             path="/v1/chat/completions")
+    assert (
+        r.status_code == 400 and error(r)["code"] == "context_length_exceeded" and str(MAX_CHARS) in error(r)["message"]
+    )
+    r = post(
+        url,
+        {"model": "tiny", "messages": [{"role": "user", "content": "y" * (MAX_CHARS + 1)}]},
+        path="/v1/chat/completions",
+    )
     assert r.status_code == 400 and error(r)["code"] == "context_length_exceeded"
     assert calls == []
 
@@ -131,21 +159,24 @@ def test_tokenizing_runs_off_the_event_loop(served, monkeypatch):
         assert pending.result().status_code == 200
 
 
-@pytest.mark.parametrize("body,param", [
-    (b'{"model": "tiny", "prompt": "\\ud800"}', None),  # a lone surrogate
-    (b'{"model": "tiny", "prompt": "x", "user": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", None),  # deep nesting
-    (b'{"model": "tiny", "prompt": "x", "user": ' + b"[" * 40 + b"]" * 40 + b"}", None),
-    ({"model": "tiny", "prompt": "x", "seed": 2**63}, "seed"),
-    ({"model": "tiny", "prompt": "x", "stream": "yes"}, "stream"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": True}, "max_tokens"),
-    ({"model": "tiny", "prompt": [True, False]}, "prompt"),
-    ({"model": "tiny", "prompt": "x", "temperature": "0.5"}, "temperature"),
-    ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),
-    ({"model": "tiny", "prompt": "x", "n": 0}, "n"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
-    ({"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        (b'{"model": "tiny", "prompt": "\\ud800"}', None),  # a lone surrogate
+        (b'{"model": "tiny", "prompt": "x", "user": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", None),  # deep nesting
+        (b'{"model": "tiny", "prompt": "x", "user": ' + b"[" * 40 + b"]" * 40 + b"}", None),
+        ({"model": "tiny", "prompt": "x", "seed": 2**63}, "seed"),
+        ({"model": "tiny", "prompt": "x", "stream": "yes"}, "stream"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"model": "tiny", "prompt": [True, False]}, "prompt"),
+        ({"model": "tiny", "prompt": "x", "temperature": "0.5"}, "temperature"),
+        ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"model": "tiny", "prompt": "x", "n": 0}, "n"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+        ({"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ],
+)
 def test_malformed_json_is_a_400_not_a_500(served, body, param):
     url, _, _, _ = served
     r = post(url, body)
@@ -157,7 +188,9 @@ def test_malformed_json_is_a_400_not_a_500(served, body, param):
 
 def test_a_lone_surrogate_in_chat_is_a_400(served):
     url, _, _, _ = served
-    r = post(url, b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', path="/v1/chat/completions")
+    r = post(
+        url, b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', path="/v1/chat/completions"
+    )
     assert r.status_code == 400 and "surrogate" in error(r)["message"]
 
 
@@ -167,7 +200,13 @@ def test_names_are_checked_as_names_before_any_lookup(served):
     url, server, _, root = served
     client = openai_client(url, "k-acme")
     answers = []
-    for model in ("acme-x/../globex-secret", "acme-x/../nothing-here", "acme-x/../../outside/acme-x", "..", "acme-x\\y"):
+    for model in (
+        "acme-x/../globex-secret",
+        "acme-x/../nothing-here",
+        "acme-x/../../outside/acme-x",
+        "..",
+        "acme-x\\y",
+    ):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=model, prompt="x", max_tokens=2)
         assert e.value.body["param"] == "model"
@@ -196,8 +235,10 @@ def test_tenant_errors_hold_no_server_paths(served):
     assert e.value.body["code"] == "adapter_load_failed" and "acme-broken" in message
     assert str(root) not in message and str(root.resolve()) not in message
     labels = {"/srv/adapters": "<adapters>"}
-    assert redact_paths("file /srv/adapters/a/x.safetensors is truncated", labels) == \
-        "file <adapters>/a/x.safetensors is truncated"
+    assert (
+        redact_paths("file /srv/adapters/a/x.safetensors is truncated", labels)
+        == "file <adapters>/a/x.safetensors is truncated"
+    )
     assert redact_paths("cannot read /home/op/secret/file.bin", labels) == "cannot read <path>"
 
 
@@ -218,8 +259,10 @@ def test_aborted_uploads_are_answered_quietly(served, caplog):
     with caplog.at_level(logging.WARNING, logger="adapterzoo.serve"):
         for _ in range(20):
             with socket.create_connection(("127.0.0.1", port)) as s:
-                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k-acme\r\n"
-                          b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"model\": ")
+                s.sendall(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k-acme\r\n"
+                    b'Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{"model": '
+                )
         time.sleep(0.5)
     assert not [r for r in caplog.records if r.name.startswith("adapterzoo")]
     assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
@@ -255,9 +298,12 @@ def test_a_client_that_disconnects_leaves_no_traceback(served, caplog):
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             with pytest.raises(httpx.ReadTimeout):
-                httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 200,
-                                                          "ignore_eos": True}, headers={"Authorization": "Bearer k-acme"},
-                           timeout=httpx.Timeout(5, read=0.05))
+                httpx.post(
+                    f"{url}/v1/completions",
+                    json={"model": "tiny", "prompt": "abc", "max_tokens": 200, "ignore_eos": True},
+                    headers={"Authorization": "Bearer k-acme"},
+                    timeout=httpx.Timeout(5, read=0.05),
+                )
         deadline = time.monotonic() + 10
         while server.engine.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.05)

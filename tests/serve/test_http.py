@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
 
 import httpx
@@ -11,8 +10,8 @@ import openai
 import pytest
 
 from adapterzoo import Zoo
-from adapterzoo.serve.http import render_chat
 from adapterzoo.formats.native import WEIGHTS_FILE
+from adapterzoo.serve.http import render_chat
 
 from .conftest import make_adapters, start_serve, write_keys
 
@@ -25,7 +24,15 @@ KEYS = {
     },
     "public": ["shared-*"],
 }
-ADAPTERS = ["acme-lora", "acme-houlsby", "beta-bitfit", "shared-adapterbias", "acme-prefix", "shared-prompt", "acme-broken"]
+ADAPTERS = [
+    "acme-lora",
+    "acme-houlsby",
+    "beta-bitfit",
+    "shared-adapterbias",
+    "acme-prefix",
+    "shared-prompt",
+    "acme-broken",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +43,18 @@ def setup(tiny_base, tmp_path_factory):
     make_adapters(zoo, root / "adapters" / ".incoming", ["late"], seed0=40)  # hidden: not found by a rescan
     (root / "adapters" / "acme-broken" / WEIGHTS_FILE).write_bytes(b"\x00" * 64)
     keys = write_keys(root / "keys.json", KEYS)
-    server = start_serve(tiny_base, root / "server.log", "--adapters", str(root / "adapters"), "--keys", str(keys),
-                         "--slots", "4", "--max-host", "4")
+    server = start_serve(
+        tiny_base,
+        root / "server.log",
+        "--adapters",
+        str(root / "adapters"),
+        "--keys",
+        str(keys),
+        "--slots",
+        "4",
+        "--max-host",
+        "4",
+    )
     yield server, zoo, root
     server.stop()
 
@@ -50,7 +67,9 @@ def test_models_are_listed_per_tenant(setup):
     server, _, _ = setup
     acme = sorted(m.id for m in server.client("k-acme").models.list())
     beta = sorted(m.id for m in server.client("k-beta").models.list())
-    assert acme == sorted(["tiny", "acme-lora", "acme-houlsby", "acme-prefix", "acme-broken", "shared-adapterbias", "shared-prompt"])
+    assert acme == sorted(
+        ["tiny", "acme-lora", "acme-houlsby", "acme-prefix", "acme-broken", "shared-adapterbias", "shared-prompt"]
+    )
     assert beta == sorted(["tiny", "beta-bitfit", "shared-adapterbias", "shared-prompt"])
     assert server.client("k-acme").models.retrieve("acme-lora").id == "acme-lora"
     owners = {m.id: m.owned_by for m in server.client("k-acme").models.list()}
@@ -72,17 +91,25 @@ def test_completions_equal_solo_generation(setup):
         assert r.model == model and r.usage.prompt_tokens == 5 and r.usage.completion_tokens == len(r.choices[0].text)
     two = client.completions.create(model="acme-lora", prompt=["hello", "abc"], max_tokens=4, temperature=0)
     assert [c.text for c in two.choices] == [solo(zoo, p, "acme-lora", 4) for p in ["hello", "abc"]]
-    stopped = client.completions.create(model="acme-lora", prompt="hello", max_tokens=6, temperature=0, stop=[solo(zoo, "hello", "acme-lora", 6)[2:4]])
+    stopped = client.completions.create(
+        model="acme-lora", prompt="hello", max_tokens=6, temperature=0, stop=[solo(zoo, "hello", "acme-lora", 6)[2:4]]
+    )
     assert stopped.choices[0].finish_reason == "stop"
-    seeded = [client.completions.create(model="acme-lora", prompt="hello", max_tokens=6, temperature=1.2, seed=7).choices[0].text
-              for _ in range(2)]
+    seeded = [
+        client.completions.create(model="acme-lora", prompt="hello", max_tokens=6, temperature=1.2, seed=7)
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1] == solo(zoo, "hello", "acme-lora", 6, do_sample=True, temperature=1.2, seed=7)
 
 
 def test_chat_uses_the_template_and_equals_solo(setup):
     server, zoo, _ = setup
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
-    r = server.client("k-beta").chat.completions.create(model="beta-bitfit", messages=messages, max_tokens=6, temperature=0)
+    r = server.client("k-beta").chat.completions.create(
+        model="beta-bitfit", messages=messages, max_tokens=6, temperature=0
+    )
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == solo(zoo, render_chat(zoo.tokenizer, messages), "beta-bitfit", 6)
 
@@ -90,12 +117,20 @@ def test_chat_uses_the_template_and_equals_solo(setup):
 def test_streaming(setup):
     server, zoo, _ = setup
     client = server.client("k-acme")
-    chunks = list(client.completions.create(model="acme-prefix", prompt="abc ->", max_tokens=8, temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(model="acme-prefix", prompt="abc ->", max_tokens=8, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == solo(zoo, "abc ->", "acme-prefix", 8)
     assert chunks[-1].choices[0].finish_reason == "length"
     messages = [{"role": "user", "content": "hi"}]
-    stream = client.chat.completions.create(model="shared-prompt", messages=messages, max_tokens=8, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="shared-prompt",
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -120,7 +155,9 @@ def test_auth_and_tenant_isolation(setup):
     with pytest.raises(openai.NotFoundError) as missing:
         server.client("k-beta").completions.create(model="no-such", prompt="x", max_tokens=2)
     assert other.value.body["code"] == missing.value.body["code"] == "model_not_found"
-    assert other.value.body["message"].replace("acme-lora", "?") == missing.value.body["message"].replace("no-such", "?")
+    assert other.value.body["message"].replace("acme-lora", "?") == missing.value.body["message"].replace(
+        "no-such", "?"
+    )
     with pytest.raises(openai.NotFoundError):
         server.client("k-beta").chat.completions.create(model="acme-lora", messages=[{"role": "user", "content": "x"}])
 
@@ -161,8 +198,9 @@ def test_corrupt_adapter_fails_alone(setup):
     assert e.value.body["code"] == "adapter_load_failed" and "acme-broken" in e.value.body["message"]
     with pytest.raises(openai.InternalServerError):
         list(client.completions.create(model="acme-broken", prompt="hello", max_tokens=4, stream=True))
-    assert client.completions.create(model="acme-lora", prompt="hello", max_tokens=4, temperature=0).choices[0].text == \
-        solo(zoo, "hello", "acme-lora", 4)
+    assert client.completions.create(model="acme-lora", prompt="hello", max_tokens=4, temperature=0).choices[
+        0
+    ].text == solo(zoo, "hello", "acme-lora", 4)
 
 
 def test_rate_limit(setup):
@@ -185,8 +223,17 @@ def _metric(server, name: str, labels: str = "") -> float:
 def test_disconnect_mid_stream_frees_the_request(setup):
     server, _, _ = setup
     before = _metric(server, "adapterzoo_completions_total", 'finish_reason="cancelled"')
-    body = {"model": "acme-houlsby", "prompt": "hello", "max_tokens": 240, "stop": ["\u0000"], "stream": True, "temperature": 0}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer k-acme"}) as r:
+    body = {
+        "model": "acme-houlsby",
+        "prompt": "hello",
+        "max_tokens": 240,
+        "stop": ["\u0000"],
+        "stream": True,
+        "temperature": 0,
+    }
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer k-acme"}
+    ) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
     deadline = time.monotonic() + 30
@@ -203,14 +250,25 @@ def test_disconnect_mid_stream_frees_the_request(setup):
 def test_admin_routes(setup):
     server, zoo, root = setup
     admin = {"Authorization": "Bearer k-ops"}
-    r = httpx.post(f"{server.url}/admin/adapters", json={"name": "late", "source": str(root / "adapters" / ".incoming" / "late"),
-                   "owner": "acme"}, headers={"Authorization": "Bearer k-acme"})
+    r = httpx.post(
+        f"{server.url}/admin/adapters",
+        json={"name": "late", "source": str(root / "adapters" / ".incoming" / "late"), "owner": "acme"},
+        headers={"Authorization": "Bearer k-acme"},
+    )
     assert r.status_code == 403
-    r = httpx.post(f"{server.url}/admin/adapters", json={"name": "late", "source": ".incoming/late", "owner": "acme"},
-                   headers=admin)
+    r = httpx.post(
+        f"{server.url}/admin/adapters",
+        json={"name": "late", "source": ".incoming/late", "owner": "acme"},
+        headers=admin,
+    )
     assert r.status_code == 201, r.text
     assert r.json()["tier"] == "host"
-    text = server.client("k-acme").completions.create(model="late", prompt="hello", max_tokens=5, temperature=0).choices[0].text
+    text = (
+        server.client("k-acme")
+        .completions.create(model="late", prompt="hello", max_tokens=5, temperature=0)
+        .choices[0]
+        .text
+    )
     assert text == solo(zoo, "hello", "late", 5)
     with pytest.raises(openai.NotFoundError):
         server.client("k-beta").completions.create(model="late", prompt="hello", max_tokens=5)
@@ -232,9 +290,16 @@ def test_metrics_and_health(setup):
     assert httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer k-acme"}).status_code == 403
     assert httpx.get(f"{server.url}/metrics").status_code == 401
     text = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer k-ops"}).text
-    for name in ("adapterzoo_http_requests_total", "adapterzoo_tokens_total", "adapterzoo_queue_depth",
-                 "adapterzoo_adapter_hits_total", "adapterzoo_adapter_misses_total", "adapterzoo_adapter_swap_seconds_bucket",
-                 "adapterzoo_time_to_first_token_seconds_bucket", "adapterzoo_adapters_resident"):
+    for name in (
+        "adapterzoo_http_requests_total",
+        "adapterzoo_tokens_total",
+        "adapterzoo_queue_depth",
+        "adapterzoo_adapter_hits_total",
+        "adapterzoo_adapter_misses_total",
+        "adapterzoo_adapter_swap_seconds_bucket",
+        "adapterzoo_time_to_first_token_seconds_bucket",
+        "adapterzoo_adapters_resident",
+    ):
         assert name in text, name
     assert _metric(server, "adapterzoo_adapter_misses_total", 'adapter="acme-lora",tier="disk"') >= 1
     health = httpx.get(f"{server.url}/health").json()
@@ -269,7 +334,8 @@ def test_shutdown_drains_running_requests(tiny_base, tmp_path):
         chunks = iter(stream)
         first = next(chunks)
         late = concurrent.futures.ThreadPoolExecutor(1).submit(
-            lambda: client.completions.create(model="tiny", prompt="x", max_tokens=100, temperature=0))
+            lambda: client.completions.create(model="tiny", prompt="x", max_tokens=100, temperature=0)
+        )
         time.sleep(0.3)
         server.process.send_signal(15)  # SIGTERM while both run
         rest = list(chunks)

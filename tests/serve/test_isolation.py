@@ -20,8 +20,14 @@ from adapterzoo.testing.models import tiny_zoo
 
 from .conftest import TYPE_NAMES, make_adapters
 
-GOOD = [("hello", "lora"), ("abc ->", "houlsby"), ("the quick brown", "prefix"), ("zz top", "prompt"),
-        ("1 2 3", "bitfit"), ("q", None)]
+GOOD = [
+    ("hello", "lora"),
+    ("abc ->", "houlsby"),
+    ("the quick brown", "prefix"),
+    ("zz top", "prompt"),
+    ("1 2 3", "bitfit"),
+    ("q", None),
+]
 
 
 class CountingResolver(HostResolver):
@@ -214,8 +220,8 @@ def test_the_watchdog_reports_a_stuck_request_until_it_moves(zoo, monkeypatch, a
 def test_after_a_failed_request_its_adapter_unloads_at_once(zoo, tmp_path):
     """The issue's symptom: a failed request's adapter stayed "in use" for ever, so unloading it
     answered "pending" for ever and it could never be evicted."""
-    from adapterzoo.serve.tiers import Tiers
     from adapterzoo.serve.tenants import Tenant, Tenants
+    from adapterzoo.serve.tiers import Tiers
 
     with torch.no_grad():
         for t in zoo.get_adapter("bad").parameters():

@@ -38,8 +38,20 @@ def test_zipf_load_over_100_adapters(tiny_base, tmp_path):
     expected = {}
     for name, prompt in sorted(set(jobs)):
         expected[name, prompt] = zoo.generate([prompt], [name], max_new_tokens=MAX_TOKENS)[0]
-    server = start_serve(tiny_base, tmp_path / "server.log", "--adapters", str(tmp_path / "adapters"), "--slots", "16",
-                         "--max-host", "32", "--max-batch", "16", "--max-queue", "64")
+    server = start_serve(
+        tiny_base,
+        tmp_path / "server.log",
+        "--adapters",
+        str(tmp_path / "adapters"),
+        "--slots",
+        "16",
+        "--max-host",
+        "32",
+        "--max-batch",
+        "16",
+        "--max-queue",
+        "64",
+    )
     try:
         rss_start = server.rss_kb()
         results: list[tuple[str, str, str]] = []
@@ -83,5 +95,7 @@ def test_zipf_load_over_100_adapters(tiny_base, tmp_path):
     assert health["adapters"]["device"] <= 16 * 6
     assert rss_end - rss_start < 400_000, (rss_start, rss_end)  # kB: bounded, no leak of caches or adapters
     assert "adapterzoo_adapter_evictions_total" in metrics
-    print(f"\n{N_REQUESTS} requests, {CLIENTS} clients, {len({n for n, _, _ in results})} adapters: {elapsed:.1f}s "
-          f"({N_REQUESTS / elapsed:.1f} req/s), RSS {rss_start // 1024} -> {rss_end // 1024} MiB")
+    print(
+        f"\n{N_REQUESTS} requests, {CLIENTS} clients, {len({n for n, _, _ in results})} adapters: {elapsed:.1f}s "
+        f"({N_REQUESTS / elapsed:.1f} req/s), RSS {rss_start // 1024} -> {rss_end // 1024} MiB"
+    )

@@ -34,8 +34,9 @@ def served(tiny_base, tmp_path_factory):
 
 
 @torch.inference_mode()
-def reference_run(zoo, prompt, adapter, n, *, presence=0.0, frequency=0.0, repetition=1.0, min_tokens=0,
-                  stop_ids=(), ignore_eos=False):
+def reference_run(
+    zoo, prompt, adapter, n, *, presence=0.0, frequency=0.0, repetition=1.0, min_tokens=0, stop_ids=(), ignore_eos=False
+):
     """Greedy decoding written out plainly: no cache, the whole sequence again at every step,
     vLLM's penalty formulas. Returns (text, [logprob of each output token under raw logits])."""
     ids = zoo.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -88,8 +89,13 @@ def test_logprobs_per_row_in_a_mixed_batch_equal_a_solo_run(served):
 def test_chat_logprobs_and_top_logprobs(served):
     url, reference = served
     r = openai_client(url, "k-acme").chat.completions.create(
-        model="houlsby", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, logprobs=True,
-        top_logprobs=2)
+        model="houlsby",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = r.choices[0].logprobs.content
     assert "".join(c.token for c in content) == r.choices[0].message.content
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)
@@ -102,13 +108,20 @@ def test_n_choices_each_equal_a_solo_run(served):
     r = client.completions.create(model="prefix", prompt="abc", max_tokens=6, temperature=1.1, seed=11, n=3)
     assert [c.index for c in r.choices] == [0, 1, 2]
     for j, choice in enumerate(r.choices):
-        assert choice.text == reference.generate(["abc"], ["prefix"], max_new_tokens=6, do_sample=True,
-                                                 temperature=1.1, seed=11 + j)[0]
+        assert (
+            choice.text
+            == reference.generate(["abc"], ["prefix"], max_new_tokens=6, do_sample=True, temperature=1.1, seed=11 + j)[
+                0
+            ]
+        )
     assert r.usage.prompt_tokens == 3
     two = client.completions.create(model="lora", prompt=["ab", "cd"], max_tokens=3, temperature=0, n=2)
-    assert [c.text for c in two.choices] == [reference_run(reference, p, "lora", 3)[0] for p in ("ab", "ab", "cd", "cd")]
-    chat = client.chat.completions.create(model="bitfit", messages=[{"role": "user", "content": "x"}], max_tokens=3,
-                                          temperature=0, n=2)
+    assert [c.text for c in two.choices] == [
+        reference_run(reference, p, "lora", 3)[0] for p in ("ab", "ab", "cd", "cd")
+    ]
+    chat = client.chat.completions.create(
+        model="bitfit", messages=[{"role": "user", "content": "x"}], max_tokens=3, temperature=0, n=2
+    )
     assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
 
 
@@ -122,10 +135,17 @@ def test_penalties_min_tokens_ignore_eos_and_stop_ids_per_row_in_a_mixed_batch(s
         ("houlsby", dict(frequency_penalty=1.2), dict(frequency=1.2)),
         ("prefix", dict(extra_body={"repetition_penalty": 1.4}), dict(repetition=1.4)),
         ("prompt", dict(extra_body={"stop_token_ids": [stop_id]}), dict(stop_ids=(stop_id,))),
-        ("prompt", dict(extra_body={"stop_token_ids": [stop_id], "min_tokens": 5}), dict(stop_ids=(stop_id,), min_tokens=5)),
+        (
+            "prompt",
+            dict(extra_body={"stop_token_ids": [stop_id], "min_tokens": 5}),
+            dict(stop_ids=(stop_id,), min_tokens=5),
+        ),
         ("bitfit", dict(extra_body={"ignore_eos": True}), dict(ignore_eos=True)),
-        ("adapterbias", dict(presence_penalty=-1.0, frequency_penalty=0.5, extra_body={"repetition_penalty": 0.8}),
-         dict(presence=-1.0, frequency=0.5, repetition=0.8)),
+        (
+            "adapterbias",
+            dict(presence_penalty=-1.0, frequency_penalty=0.5, extra_body={"repetition_penalty": 0.8}),
+            dict(presence=-1.0, frequency=0.5, repetition=0.8),
+        ),
     ]
 
     def ask(case):
@@ -143,8 +163,9 @@ def test_penalties_min_tokens_ignore_eos_and_stop_ids_per_row_in_a_mixed_batch(s
 def test_x_request_id_is_echoed_or_made(served):
     url, _ = served
     client = openai_client(url, "k-acme")
-    raw = client.completions.with_raw_response.create(model="tiny", prompt="x", max_tokens=1,
-                                                      extra_headers={"X-Request-Id": "trace-42"})
+    raw = client.completions.with_raw_response.create(
+        model="tiny", prompt="x", max_tokens=1, extra_headers={"X-Request-Id": "trace-42"}
+    )
     assert raw.headers["x-request-id"] == "trace-42"
     made = client.completions.with_raw_response.create(model="tiny", prompt="x", max_tokens=1)
     assert len(made.headers["x-request-id"]) >= 16
@@ -160,10 +181,12 @@ def test_tokenize_and_detokenize(served):
     assert r["max_model_len"] == 256
     usage = openai_client(url, "k-acme").completions.create(model="lora", prompt="hello", max_tokens=1).usage
     assert usage.prompt_tokens == r["count"]
-    assert httpx.post(f"{url}/detokenize", json={"model": "lora", "tokens": r["tokens"]}, headers=auth).json() == \
-        {"prompt": "hello"}
-    chat = httpx.post(f"{url}/tokenize", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
-                      headers=auth).json()
+    assert httpx.post(f"{url}/detokenize", json={"model": "lora", "tokens": r["tokens"]}, headers=auth).json() == {
+        "prompt": "hello"
+    }
+    chat = httpx.post(
+        f"{url}/tokenize", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}, headers=auth
+    ).json()
     assert chat["count"] > 2
     bad = httpx.post(f"{url}/detokenize", json={"model": "lora", "tokens": [10**9]}, headers=auth)
     assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
@@ -173,18 +196,26 @@ def test_tokenize_and_detokenize(served):
 def test_vllm_lora_admin_routes(served):
     url, reference = served
     body = {"lora_name": "late-lora", "lora_path": ".incoming/late-lora"}
-    assert httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers={"Authorization": "Bearer k-acme"}).status_code == 403
+    assert (
+        httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers={"Authorization": "Bearer k-acme"}).status_code
+        == 403
+    )
     r = httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers={"Authorization": "Bearer k-ops"})
     assert r.status_code == 200 and "late-lora" in r.text
     client = openai_client(url, "k-acme")
     text = client.completions.create(model="late-lora", prompt="hello", max_tokens=5, temperature=0).choices[0].text
     assert text == reference_run(reference, "hello", "late-lora", 5)[0]
-    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "late-lora"}, headers={"Authorization": "Bearer k-ops"})
+    r = httpx.post(
+        f"{url}/v1/unload_lora_adapter", json={"lora_name": "late-lora"}, headers={"Authorization": "Bearer k-ops"}
+    )
     assert r.status_code == 200
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="late-lora", prompt="hello", max_tokens=5)
-    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"},
-                   headers={"Authorization": "Bearer k-ops"})
+    r = httpx.post(
+        f"{url}/v1/load_lora_adapter",
+        json={"lora_name": "x", "lora_path": "/etc"},
+        headers={"Authorization": "Bearer k-ops"},
+    )
     assert r.status_code == 400
 
 
@@ -193,21 +224,49 @@ def test_logprobs_and_request_failures_cross_the_ray_boundary():
     from adapterzoo.serve.engine import Completion, RequestFailedError, TokenLogprob
     from adapterzoo.serve.ray import _completion, _done
 
-    done = Completion(id="r1", adapter="lora", text="ab", token_ids=[5, 6], finish_reason="length", prompt_tokens=2,
-                      completion_tokens=2, ttft=0.1, latency=0.2,
-                      logprobs=[TokenLogprob(5, -0.5, ((5, -0.5), (7, -1.5))), TokenLogprob(6, -0.25, ())])
+    done = Completion(
+        id="r1",
+        adapter="lora",
+        text="ab",
+        token_ids=[5, 6],
+        finish_reason="length",
+        prompt_tokens=2,
+        completion_tokens=2,
+        ttft=0.1,
+        latency=0.2,
+        logprobs=[TokenLogprob(5, -0.5, ((5, -0.5), (7, -1.5))), TokenLogprob(6, -0.25, ())],
+    )
     back = _completion(_done(done, "replica-1"))
     assert back.logprobs == done.logprobs and back.replica == "replica-1"
-    failed = Completion(id="r2", adapter="bad", text="", token_ids=[], finish_reason="error", prompt_tokens=1,
-                        completion_tokens=0, ttft=None, latency=0.1, error=RequestFailedError("NaN scores"))
+    failed = Completion(
+        id="r2",
+        adapter="bad",
+        text="",
+        token_ids=[],
+        finish_reason="error",
+        prompt_tokens=1,
+        completion_tokens=0,
+        ttft=None,
+        latency=0.1,
+        error=RequestFailedError("NaN scores"),
+    )
     assert isinstance(_completion(_done(failed, "r")).error, RequestFailedError)
 
 
 def test_n_choices_stream_by_index(served):
     url, reference = served
     client = openai_client(url, "k-acme")
-    chunks = list(client.completions.create(model="houlsby", prompt="abc", max_tokens=5, temperature=0, n=2, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="houlsby",
+            prompt="abc",
+            max_tokens=5,
+            temperature=0,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     texts = ["", ""]
     for c in chunks:
         for choice in c.choices:
@@ -219,14 +278,24 @@ def test_n_choices_stream_by_index(served):
 def test_streamed_logprobs_come_with_each_choices_last_chunk(served):
     url, reference = served
     client = openai_client(url, "k-acme")
-    chunks = list(client.completions.create(model="prefix", prompt="hello", max_tokens=5, temperature=0, logprobs=1,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model="prefix", prompt="hello", max_tokens=5, temperature=0, logprobs=1, stream=True)
+    )
     text = "".join(c.choices[0].text for c in chunks)
     last = chunks[-1].choices[0]
     assert last.finish_reason == "length" and "".join(last.logprobs.tokens) == text
     assert last.logprobs.token_logprobs == pytest.approx(reference_run(reference, "hello", "prefix", 5)[1], abs=1e-4)
-    chat = list(client.chat.completions.create(model="lora", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                               temperature=0, logprobs=True, top_logprobs=1, stream=True))
+    chat = list(
+        client.chat.completions.create(
+            model="lora",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=3,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=1,
+            stream=True,
+        )
+    )
     final = [c for c in chat if c.choices and c.choices[0].finish_reason][0].choices[0]
     content = "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
     assert "".join(t.token for t in final.logprobs.content) == content

@@ -22,8 +22,8 @@ from adapterzoo.serve import Engine, SamplingParams
 from adapterzoo.serve.engine import EngineClosedError
 from adapterzoo.serve.http import Message, build_server, check_open_mode, render_chat
 from adapterzoo.serve.metrics import ServeMetrics
-from adapterzoo.serve.tiers import Tiers
 from adapterzoo.serve.tenants import Tenants
+from adapterzoo.serve.tiers import Tiers
 
 from .conftest import make_adapters, openai_client, running_app
 
@@ -110,8 +110,12 @@ def test_open_mode_warns_and_refuses_to_listen_beyond_loopback(tiny_base, tmp_pa
     for host in ("0.0.0.0", "10.1.2.3", "::", "example.com"):
         with pytest.raises(InvalidConfigError, match="--open"):
             check_open_mode(True, host, False)
-    run = subprocess.run([sys.executable, "-m", "adapterzoo.cli", "serve", str(tiny_base), "--host", "0.0.0.0",
-                          "--port", "1"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "adapterzoo.cli", "serve", str(tiny_base), "--host", "0.0.0.0", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0 and "--open" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -151,7 +155,7 @@ def test_past_the_drain_timeout_clients_get_503s_and_streams_an_error_event(tiny
             lines = streamed.result()
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
     assert lines[-1] == "data: [DONE]"
-    last = json.loads(lines[-2][len("data: "):])
+    last = json.loads(lines[-2][len("data: ") :])
     assert last["error"]["code"] == "shutting_down"
 
 
@@ -171,8 +175,11 @@ def test_the_developer_role_is_rendered_as_system(tiny_base):
     assert Message(role="developer", content="be brief").for_template() == {"role": "system", "content": "be brief"}
     with running_app(build_server(zoo, base_name="tiny", tenants=Tenants.open())) as url:
         r = openai_client(url).chat.completions.create(
-            model="tiny", messages=[{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
-            max_tokens=5, temperature=0)
+            model="tiny",
+            messages=[{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
+            max_tokens=5,
+            temperature=0,
+        )
     prompt = render_chat(zoo.tokenizer, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
     assert r.choices[0].message.content == zoo.generate([prompt], max_new_tokens=5)[0]
 
@@ -198,7 +205,7 @@ def test_sigterm_past_the_drain_timeout_answers_503_and_ends_streams_cleanly(tin
             rest = [line for line in lines if line]
         answer = plain.result()
     assert rest[-1] == "data: [DONE]"
-    last = json.loads(rest[-2][len("data: "):])
+    last = json.loads(rest[-2][len("data: ") :])
     assert last.get("error", {}).get("code") == "shutting_down" or last["choices"][0]["finish_reason"] == "length"
     assert answer.status_code in (200, 503)
     if answer.status_code == 503:

@@ -32,7 +32,7 @@ def test_a_packed_base_gives_the_same_logits_for_every_type_and_each_row_its_sol
         before = zoo.forward(ids, None, names).logits
         assert pack_linears(zoo.model) > 0
         after = zoo.forward(ids, None, names).logits
-        alone = torch.cat([zoo.forward(ids[i:i + 1], None, [names[i]]).logits for i in range(len(names))])
+        alone = torch.cat([zoo.forward(ids[i : i + 1], None, [names[i]]).logits for i in range(len(names))])
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alone, after, rtol=1e-5, atol=1e-5)
 

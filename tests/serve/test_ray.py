@@ -34,16 +34,26 @@ def test_ray_serve_replicas_with_multiplexing(tiny_base, tmp_path):
     make_adapters(zoo, tmp_path / "adapters", names)
     expected = {n: zoo.generate(["hello"], [n], max_new_tokens=6)[0] for n in names}
     (tmp_path / "expected.json").write_text(json.dumps(expected))
-    keys = write_keys(tmp_path / "keys.json", {"tenants": {"acme": {"keys": ["k-acme"], "adapters": ["acme-*"]},
-                                                           "beta": {"keys": ["k-beta"]}}})
+    keys = write_keys(
+        tmp_path / "keys.json",
+        {"tenants": {"acme": {"keys": ["k-acme"], "adapters": ["acme-*"]}, "beta": {"keys": ["k-beta"]}}},
+    )
     ray_tmp = tempfile.mkdtemp(prefix="rz", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
     script = Path(__file__).with_name("ray_check.py")
-    inner = (f"ip link set lo up && exec {sys.executable} {script} {tiny_base} {tmp_path / 'adapters'} {keys} "
-             f"{tmp_path / 'expected.json'} {free_port()} {tmp_path / 'ray-serve.log'} {ray_tmp}")
+    inner = (
+        f"ip link set lo up && exec {sys.executable} {script} {tiny_base} {tmp_path / 'adapters'} {keys} "
+        f"{tmp_path / 'expected.json'} {free_port()} {tmp_path / 'ray-serve.log'} {ray_tmp}"
+    )
     try:
-        done = subprocess.run(["unshare", "-n", "bash", "-c", inner], capture_output=True, text=True, env=env,
-                              timeout=560, cwd=Path(__file__).resolve().parents[2])
+        done = subprocess.run(
+            ["unshare", "-n", "bash", "-c", inner],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=560,
+            cwd=Path(__file__).resolve().parents[2],
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     log = (tmp_path / "ray-serve.log").read_text(errors="replace") if (tmp_path / "ray-serve.log").exists() else ""

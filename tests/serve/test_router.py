@@ -7,12 +7,12 @@ import json
 import pytest
 
 from adapterzoo import AdapterFileError, InvalidConfigError, UnknownAdapterError, Zoo
-from adapterzoo.serve import AdapterLoadError, Engine, SamplingParams
-from adapterzoo.serve.metrics import ServeMetrics
-from adapterzoo.serve.catalog import Catalog, Entry
-from adapterzoo.serve.tiers import Tiers
-from adapterzoo.serve.tenants import RateLimiter, Tenant, Tenants
 from adapterzoo.formats.native import WEIGHTS_FILE
+from adapterzoo.serve import AdapterLoadError, Engine, SamplingParams
+from adapterzoo.serve.catalog import Catalog, Entry
+from adapterzoo.serve.metrics import ServeMetrics
+from adapterzoo.serve.tenants import RateLimiter, Tenant, Tenants
+from adapterzoo.serve.tiers import Tiers
 
 from .conftest import make_adapters
 
@@ -123,8 +123,15 @@ def test_registry_tier(tiny_base, tmp_path):
         expected = {n: source.generate(["hello"], [n], max_new_tokens=5)[0] for n in ["r0", "r1"]}
         zoo = Zoo.from_pretrained(tiny_base, device="cpu")
         metrics = ServeMetrics()
-        tiers = Tiers(zoo, adapters_dir=tmp_path / "adapters", registry_endpoint=registry.url,
-                        registry_token=ALICE_TOKEN, registry_namespace="alice", max_host=1, metrics=metrics)
+        tiers = Tiers(
+            zoo,
+            adapters_dir=tmp_path / "adapters",
+            registry_endpoint=registry.url,
+            registry_token=ALICE_TOKEN,
+            registry_namespace="alice",
+            max_host=1,
+            metrics=metrics,
+        )
         with Engine(zoo, resolver=tiers) as engine:
             assert engine.generate("hello", "r0", max_tokens=5) == expected["r0"]
             assert engine.generate("hello", "r1", max_tokens=5) == expected["r1"]
@@ -235,8 +242,20 @@ def test_server_from_options(tiny_base, tmp_path):
 
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"tenants": {"acme": {"keys": ["k"], "adapters": ["acme-*"]}}}))
-    server = server_from_options(dict(base=str(tiny_base), base_name="tiny", slots=2, max_batch=3, max_queue=5,
-                                      device="cpu", keys_file=keys, max_host=4, default_max_tokens=7, drain_timeout=9.0))
+    server = server_from_options(
+        dict(
+            base=str(tiny_base),
+            base_name="tiny",
+            slots=2,
+            max_batch=3,
+            max_queue=5,
+            device="cpu",
+            keys_file=keys,
+            max_host=4,
+            default_max_tokens=7,
+            drain_timeout=9.0,
+        )
+    )
     assert (server.engine.max_batch, server.engine.max_queue, server.adapters.max_host) == (3, 5, 4)
     assert (server.base_name, server.default_max_tokens, server.drain_timeout) == ("tiny", 7, 9.0)
     assert server.tenants is server.adapters.tenants and server.tenants.owner_of("acme-1") == "acme"
@@ -272,6 +291,10 @@ def test_tiers_ask_the_zoo_only_through_its_public_residency_api():
 
     folder = Path(adapterzoo.serve.__file__).parent
     reach = re.compile(r"zoo\._\w|\._adapters\b|\.pools\b|\.lru\b|zoo\._lock")
-    found = [f"{p.name}:{i}" for p in sorted(folder.glob("*.py"))
-             for i, line in enumerate(p.read_text().splitlines(), 1) if reach.search(line)]
+    found = [
+        f"{p.name}:{i}"
+        for p in sorted(folder.glob("*.py"))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if reach.search(line)
+    ]
     assert found == []

@@ -17,8 +17,15 @@ from adapterzoo.serve.tenants import Tenants
 
 
 def test_a_config_survives_pickling_as_ray_sends_it():
-    config = ServeConfig(base="org/base", adapters_dir="adapters", keys_file=Path("keys.yaml"), max_batch=8,
-                         registry_endpoint="http://127.0.0.1:9000", registry_token="t0ken", replicas=2)
+    config = ServeConfig(
+        base="org/base",
+        adapters_dir="adapters",
+        keys_file=Path("keys.yaml"),
+        max_batch=8,
+        registry_endpoint="http://127.0.0.1:9000",
+        registry_token="t0ken",
+        replicas=2,
+    )
     assert pickle.loads(pickle.dumps(config)) == config
 
 
@@ -45,12 +52,22 @@ def test_paths_given_as_strings_become_paths():
     assert config.adapters_dir == Path("adapters") and config.keys_file == Path("keys.yaml")
 
 
-@pytest.mark.parametrize(("field", "value", "flag"), [
-    ("slots", 0, "--slots"), ("max_batch", -1, "--max-batch"), ("max_queue", "8", "--max-queue"),
-    ("port", 70000, "--port"), ("default_max_tokens", 0, "--max-tokens"), ("replicas", 0, "--replicas"),
-    ("body_timeout", 0, "--body-timeout"), ("drain_timeout", -1.0, "--drain-timeout"), ("dtype", "int8", "--dtype"),
-    ("max_body_bytes", True, "--max-body-bytes"), ("models_per_replica", 0, "--models-per-replica"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [
+        ("slots", 0, "--slots"),
+        ("max_batch", -1, "--max-batch"),
+        ("max_queue", "8", "--max-queue"),
+        ("port", 70000, "--port"),
+        ("default_max_tokens", 0, "--max-tokens"),
+        ("replicas", 0, "--replicas"),
+        ("body_timeout", 0, "--body-timeout"),
+        ("drain_timeout", -1.0, "--drain-timeout"),
+        ("dtype", "int8", "--dtype"),
+        ("max_body_bytes", True, "--max-body-bytes"),
+        ("models_per_replica", 0, "--models-per-replica"),
+    ],
+)
 def test_a_bad_value_is_refused_naming_its_flag(field, value, flag):
     with pytest.raises(InvalidConfigError, match=flag):
         ServeConfig(base="org/base", **{field: value})
@@ -73,12 +90,32 @@ def run_cli(monkeypatch, args: list[str]):
 
 def test_the_cli_builds_one_config_from_its_flags(monkeypatch):
     monkeypatch.delenv("ADAPTERZOO_RAY_MODELS_PER_REPLICA", raising=False)
-    result, got = run_cli(monkeypatch, ["org/base", "--slots", "2", "--registry", "http://127.0.0.1:9000",
-                                        "--name", "b", "--max-tokens", "7", "--adapters", "adapters"])
+    result, got = run_cli(
+        monkeypatch,
+        [
+            "org/base",
+            "--slots",
+            "2",
+            "--registry",
+            "http://127.0.0.1:9000",
+            "--name",
+            "b",
+            "--max-tokens",
+            "7",
+            "--adapters",
+            "adapters",
+        ],
+    )
     assert result.exit_code == 0, result.output
     (config,) = got
-    assert config == ServeConfig(base="org/base", base_name="b", slots=2, registry_endpoint="http://127.0.0.1:9000",
-                                 default_max_tokens=7, adapters_dir=Path("adapters"))
+    assert config == ServeConfig(
+        base="org/base",
+        base_name="b",
+        slots=2,
+        registry_endpoint="http://127.0.0.1:9000",
+        default_max_tokens=7,
+        adapters_dir=Path("adapters"),
+    )
 
 
 def test_the_models_per_replica_come_from_the_flag_or_its_environment_variable(monkeypatch):

@@ -39,13 +39,17 @@ MAGNITUDE = "lora_magnitude_vector"  # PEFT's key for m, after the module path
 class DoraConfig(LoraConfig):
     def validate(self) -> None:
         super().validate()
-        require(self.bias == "none" and not self.lora_bias,
-                f"DoRA adapters train no biases (bias={self.bias!r}, lora_bias={self.lora_bias!r}); "
-                "use bias='none' and lora_bias=False, or the lora type for bias training")
+        require(
+            self.bias == "none" and not self.lora_bias,
+            f"DoRA adapters train no biases (bias={self.bias!r}, lora_bias={self.lora_bias!r}); "
+            "use bias='none' and lora_bias=False, or the lora type for bias training",
+        )
         # LoRA's extras that replace parts of the base: every DoRA site is a plain A, B and magnitude
         for name in ("modules_to_save", "trainable_token_indices"):
-            require(not getattr(self, name, None),
-                    f"DoRA adapters do not support {name}={getattr(self, name)!r}; leave it empty, or use the lora type")
+            require(
+                not getattr(self, name, None),
+                f"DoRA adapters do not support {name}={getattr(self, name)!r}; leave it empty, or use the lora type",
+            )
 
 
 def column_norms(module, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -115,8 +119,9 @@ class Dora(Lora):
             raise UnsupportedFormatError("PEFT LoRA adapter without use_dora=True: load it as a lora adapter")
         magnitudes = {k: v for k, v in state.items() if k.endswith("." + MAGNITUDE)}
         rest = {k: v for k, v in state.items() if k not in magnitudes}
-        lacking = sorted({k.rsplit(".lora_A", 1)[0] for k in rest if ".lora_A" in k} -
-                         {k[: -len(MAGNITUDE) - 1] for k in magnitudes})
+        lacking = sorted(
+            {k.rsplit(".lora_A", 1)[0] for k in rest if ".lora_A" in k} - {k[: -len(MAGNITUDE) - 1] for k in magnitudes}
+        )
         if lacking:
             raise UnsupportedFormatError(
                 f"PEFT LoRA adapter with use_dora=True but no {MAGNITUDE} at {len(lacking)} module(s) (e.g. "

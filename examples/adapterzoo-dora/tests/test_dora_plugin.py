@@ -12,11 +12,13 @@ from peft import LoraConfig, TaskType, get_peft_model
 
 from adapterzoo.testing.models import FAMILIES, output, tiny_model, tiny_zoo
 from adapterzoo.testing.plugin_checks import (
-    random_ids as ids,
-    peft_output,
     first_and_last_losses,
+    peft_output,
     served_completions,
     train_on_reverse,
+)
+from adapterzoo.testing.plugin_checks import (
+    random_ids as ids,
 )
 
 ATOL = 1e-4
@@ -63,8 +65,10 @@ def test_dora_mixes_with_lora_of_other_ranks_in_one_batch(tmp_path, family):
         warnings.simplefilter("ignore")
         task = TaskType.FEATURE_EXTRACTION if family == "bert" else TaskType.CAUSAL_LM
         torch.manual_seed(3)
-        get_peft_model(tiny_model(family, 0), LoraConfig(task_type=task, r=8, target_modules=TARGETS[family],
-                                                          init_lora_weights=False)).save_pretrained(lora8)
+        get_peft_model(
+            tiny_model(family, 0),
+            LoraConfig(task_type=task, r=8, target_modules=TARGETS[family], init_lora_weights=False),
+        ).save_pretrained(lora8)
     zoo = tiny_zoo(family)
     for name, folder in [("dora4", dora4), ("dora2", dora2), ("lora8", lora8)]:
         zoo.load_adapter(name, folder)
@@ -74,12 +78,14 @@ def test_dora_mixes_with_lora_of_other_ranks_in_one_batch(tmp_path, family):
     with torch.no_grad():
         mixed = output(zoo(batch, None, names))
         for row, name in enumerate(names):
-            solo = output(zoo(batch[row:row + 1], None, [name]))[0]
+            solo = output(zoo(batch[row : row + 1], None, [name]))[0]
             torch.testing.assert_close(mixed[row], solo, atol=ATOL, rtol=0, msg=f"row {row} ({name})")
     for row, name in enumerate(names):
         if name in ("dora4", "dora2", "lora8"):
             folder = {"dora4": dora4, "dora2": dora2, "lora8": lora8}[name]
-            torch.testing.assert_close(mixed[row], peft_output(family, folder, batch[row:row + 1])[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                mixed[row], peft_output(family, folder, batch[row : row + 1])[0], atol=ATOL, rtol=0
+            )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

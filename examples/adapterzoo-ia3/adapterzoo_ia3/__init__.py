@@ -11,11 +11,17 @@ class IA3Config(AdapterConfig):
     target_modules: list[str] | str | None = None  # None: keys, values and the FFN's up projection
 
     def validate(self) -> None:
-        require(self.target_modules is None or isinstance(self.target_modules, (str, list)),
-                f"target_modules must be a list of names or a regex, got {self.target_modules!r}")
+        require(
+            self.target_modules is None or isinstance(self.target_modules, (str, list)),
+            f"target_modules must be a list of names or a regex, got {self.target_modules!r}",
+        )
 
 
-DEFAULT_TARGETS = {"llama": ["k_proj", "v_proj", "up_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["key", "value", "intermediate.dense"]}
+DEFAULT_TARGETS = {
+    "llama": ["k_proj", "v_proj", "up_proj"],
+    "gpt2": ["c_attn", "c_fc"],
+    "bert": ["key", "value", "intermediate.dense"],
+}
 
 
 class IA3(AdapterType):

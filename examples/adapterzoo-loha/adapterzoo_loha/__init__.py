@@ -29,8 +29,14 @@ from adapterzoo.formats.peft import check_fields
 from adapterzoo.sites import Conv1D, find_linear, linear_dims
 
 # PEFT's LoHa defaults are LoRA's (TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING)
-DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-                   "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"]}
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+}
 NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # PEFT's keys, and ours
 PEFT_KNOWN = {"r", "alpha", "target_modules", "init_weights", "rank_dropout", "module_dropout", "use_effective_conv2d"}
 PEFT_HINTS = {
@@ -52,10 +58,14 @@ class LoHaConfig(AdapterConfig):
     module_dropout: float = 0.0  # training only: drops the whole adapter for a row
 
     def validate(self) -> None:
-        require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
-                f"LoHa r must be a positive integer, got {self.r!r}")
-        require(isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha > 0,
-                f"LoHa alpha must be a positive number, got {self.alpha!r}")
+        require(
+            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
+            f"LoHa r must be a positive integer, got {self.r!r}",
+        )
+        require(
+            isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha > 0,
+            f"LoHa alpha must be a positive number, got {self.alpha!r}",
+        )
         require(isinstance(self.init_weights, bool), f"init_weights must be true or false, got {self.init_weights!r}")
         for name in ("rank_dropout", "module_dropout"):
             value = getattr(self, name)
@@ -63,8 +73,10 @@ class LoHaConfig(AdapterConfig):
         t = self.target_modules
         if isinstance(t, (tuple, set)):
             self.target_modules = t = sorted(t)
-        require(t is None or isinstance(t, str) or (isinstance(t, list) and t and all(isinstance(x, str) for x in t)),
-                f"target_modules must be a list of module names, a regex or 'all-linear', got {t!r}")
+        require(
+            t is None or isinstance(t, str) or (isinstance(t, list) and t and all(isinstance(x, str) for x in t)),
+            f"target_modules must be a list of module names, a regex or 'all-linear', got {t!r}",
+        )
 
     @property
     def scale(self) -> float:
@@ -101,8 +113,12 @@ class LoHa(AdapterType):
 
     def tensors(self, model, site, module, config):
         fan_in, fan_out = linear_dims(module)
-        return {"hada_w1_a": (fan_out, "r"), "hada_w1_b": ("r", fan_in),
-                "hada_w2_a": (fan_out, "r"), "hada_w2_b": ("r", fan_in)}
+        return {
+            "hada_w1_a": (fan_out, "r"),
+            "hada_w1_b": ("r", fan_in),
+            "hada_w2_a": (fan_out, "r"),
+            "hada_w2_b": ("r", fan_in),
+        }
 
     def sizes(self, config):
         return {"r": config.r}
@@ -169,27 +185,42 @@ class LoHa(AdapterType):
         for key, tensor in state.items():
             site, _, name = key.rpartition(".")
             if name not in NAMES:
-                raise UnsupportedFormatError(f"{what}: weight {key!r} is not a LoHa factor of a linear layer "
-                                             "(Conv layers and CP-decomposed t1/t2 are not supported)")
+                raise UnsupportedFormatError(
+                    f"{what}: weight {key!r} is not a LoHa factor of a linear layer "
+                    "(Conv layers and CP-decomposed t1/t2 are not supported)"
+                )
             flat[f"{site}.{name}"] = tensor
-        config = {k: peft_config[k] for k in ("r", "alpha", "target_modules", "init_weights", "rank_dropout",
-                                               "module_dropout") if peft_config.get(k) is not None}
+        config = {
+            k: peft_config[k]
+            for k in ("r", "alpha", "target_modules", "init_weights", "rank_dropout", "module_dropout")
+            if peft_config.get(k) is not None
+        }
         return config, flat
 
     def to_peft(self, model, config, state):
         modules = dict(model.named_modules())
-        conv1d = sorted({k.rpartition(".")[0] for k in state if Conv1D and isinstance(modules[k.rpartition(".")[0]], Conv1D)})
+        conv1d = sorted(
+            {k.rpartition(".")[0] for k in state if Conv1D and isinstance(modules[k.rpartition(".")[0]], Conv1D)}
+        )
         if conv1d:
             raise UnsupportedFormatError(
                 f"PEFT's LoHa does not adapt GPT-2's Conv1D layers (e.g. {conv1d[0]}), so this adapter has no PEFT "
                 "form; save it with format='native'"
             )
         target = _targets(model, config)
-        peft_config = {"peft_type": "LOHA", "r": config.r, "alpha": config.alpha,
-                       "target_modules": target if isinstance(target, str) else list(target),
-                       "init_weights": config.init_weights, "rank_dropout": config.rank_dropout,
-                       "module_dropout": config.module_dropout, "use_effective_conv2d": False,
-                       "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None}
+        peft_config = {
+            "peft_type": "LOHA",
+            "r": config.r,
+            "alpha": config.alpha,
+            "target_modules": target if isinstance(target, str) else list(target),
+            "init_weights": config.init_weights,
+            "rank_dropout": config.rank_dropout,
+            "module_dropout": config.module_dropout,
+            "use_effective_conv2d": False,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "modules_to_save": None,
+        }
         return peft_config, dict(state)
 
 

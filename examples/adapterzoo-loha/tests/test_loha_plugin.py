@@ -13,11 +13,13 @@ from peft import LoHaConfig, TaskType, get_peft_model
 from adapterzoo.errors import UnsupportedFormatError
 from adapterzoo.testing.models import output, tiny_model, tiny_zoo
 from adapterzoo.testing.plugin_checks import (
-    random_ids as ids,
-    peft_output,
     first_and_last_losses,
+    peft_output,
     served_completions,
     train_on_reverse,
+)
+from adapterzoo.testing.plugin_checks import (
+    random_ids as ids,
 )
 
 ATOL = 1e-4
@@ -68,10 +70,14 @@ def test_loha_mixes_with_other_ranks_and_types_in_one_batch(tmp_path, family):
     with torch.no_grad():
         mixed = output(zoo(batch, None, names))
         for row, name in enumerate(names):
-            torch.testing.assert_close(mixed[row], output(zoo(batch[row:row + 1], None, [name]))[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                mixed[row], output(zoo(batch[row : row + 1], None, [name]))[0], atol=ATOL, rtol=0
+            )
     for row, (name, folder) in enumerate([("loha2", loha2), (None, None), (None, None), ("loha3", loha3)]):
         if name is not None:
-            torch.testing.assert_close(mixed[row], peft_output(family, folder, batch[row:row + 1])[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                mixed[row], peft_output(family, folder, batch[row : row + 1])[0], atol=ATOL, rtol=0
+            )
 
 
 def test_loha_saved_as_peft_is_read_back_by_peft(tmp_path):

@@ -29,8 +29,17 @@ from adapterzoo.formats.peft import prompt_embeddings
 from adapterzoo.sites import hidden_size
 
 ENCODERS = ("MLP", "LSTM")
-PEFT_KNOWN = {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers",
-              "encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"}
+PEFT_KNOWN = {
+    "num_virtual_tokens",
+    "token_dim",
+    "num_transformer_submodules",
+    "num_attention_heads",
+    "num_layers",
+    "encoder_reparameterization_type",
+    "encoder_hidden_size",
+    "encoder_num_layers",
+    "encoder_dropout",
+}
 
 
 @dataclass
@@ -43,25 +52,45 @@ class PTuningConfig(AdapterConfig):
     inference_mode: bool = False  # True: no encoder, the embeddings are the virtual tokens (PEFT's saved form)
 
     def validate(self) -> None:
-        require(isinstance(self.num_virtual_tokens, int) and not isinstance(self.num_virtual_tokens, bool)
-                and self.num_virtual_tokens >= 1, f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        require(
+            isinstance(self.num_virtual_tokens, int)
+            and not isinstance(self.num_virtual_tokens, bool)
+            and self.num_virtual_tokens >= 1,
+            f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}",
+        )
         if isinstance(self.encoder_reparameterization_type, str):
             self.encoder_reparameterization_type = self.encoder_reparameterization_type.upper()
-        require(self.encoder_reparameterization_type in ENCODERS,
-                f"encoder_reparameterization_type must be 'MLP' or 'LSTM', got {self.encoder_reparameterization_type!r}")
+        require(
+            self.encoder_reparameterization_type in ENCODERS,
+            f"encoder_reparameterization_type must be 'MLP' or 'LSTM', got {self.encoder_reparameterization_type!r}",
+        )
         h = self.encoder_hidden_size
-        require(h is None or (isinstance(h, int) and not isinstance(h, bool) and h >= 1),
-                f"encoder_hidden_size must be a positive integer (or null: the base's width), got {h!r}")
+        require(
+            h is None or (isinstance(h, int) and not isinstance(h, bool) and h >= 1),
+            f"encoder_hidden_size must be a positive integer (or null: the base's width), got {h!r}",
+        )
         n = self.encoder_num_layers
-        require(isinstance(n, int) and not isinstance(n, bool) and n >= 1, f"encoder_num_layers must be >= 1, got {n!r}")
-        require(isinstance(self.encoder_dropout, (int, float)) and 0 <= self.encoder_dropout < 1,
-                f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
-        require(isinstance(self.inference_mode, bool), f"inference_mode must be true or false, got {self.inference_mode!r}")
+        require(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1, f"encoder_num_layers must be >= 1, got {n!r}"
+        )
+        require(
+            isinstance(self.encoder_dropout, (int, float)) and 0 <= self.encoder_dropout < 1,
+            f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}",
+        )
+        require(
+            isinstance(self.inference_mode, bool), f"inference_mode must be true or false, got {self.inference_mode!r}"
+        )
 
 
 def _mlp_shapes(d: int, h: int, prefix: str = "mlp_head") -> dict[str, tuple]:
-    return {f"{prefix}_0_weight": (h, d), f"{prefix}_0_bias": (h,), f"{prefix}_2_weight": (h, h),
-            f"{prefix}_2_bias": (h,), f"{prefix}_4_weight": (d, h), f"{prefix}_4_bias": (d,)}
+    return {
+        f"{prefix}_0_weight": (h, d),
+        f"{prefix}_0_bias": (h,),
+        f"{prefix}_2_weight": (h, h),
+        f"{prefix}_2_bias": (h,),
+        f"{prefix}_4_weight": (d, h),
+        f"{prefix}_4_bias": (d,),
+    }
 
 
 def _lstm_shapes(d: int, h: int, layers: int) -> dict[str, tuple]:
@@ -73,8 +102,14 @@ def _lstm_shapes(d: int, h: int, layers: int) -> dict[str, tuple]:
             shapes[f"lstm_head_weight_hh_l{k}{suffix}"] = (4 * h, h)
             shapes[f"lstm_head_bias_ih_l{k}{suffix}"] = (4 * h,)
             shapes[f"lstm_head_bias_hh_l{k}{suffix}"] = (4 * h,)
-    shapes.update({"mlp_head_0_weight": (2 * h, 2 * h), "mlp_head_0_bias": (2 * h,),
-                   "mlp_head_2_weight": (d, 2 * h), "mlp_head_2_bias": (d,)})
+    shapes.update(
+        {
+            "mlp_head_0_weight": (2 * h, 2 * h),
+            "mlp_head_0_bias": (2 * h,),
+            "mlp_head_2_weight": (d, 2 * h),
+            "mlp_head_2_bias": (d,),
+        }
+    )
     return shapes
 
 
@@ -86,9 +121,11 @@ class PTuning(AdapterType):
 
     @classmethod
     def conformance_configs(cls):
-        return [{"num_virtual_tokens": 4},
-                {"num_virtual_tokens": 3, "encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 8},
-                {"num_virtual_tokens": 2, "inference_mode": True}]
+        return [
+            {"num_virtual_tokens": 4},
+            {"num_virtual_tokens": 3, "encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 8},
+            {"num_virtual_tokens": 2, "inference_mode": True},
+        ]
 
     def sites(self, model, config):
         embeddings = model.get_input_embeddings()
@@ -157,10 +194,15 @@ class PTuning(AdapterType):
         emb, p = prompt_embeddings(peft_config, state, what, PEFT_KNOWN)
         d = hidden_size(model)
         if tuple(emb.shape) != (p, d):
-            raise UnsupportedFormatError(f"{what}: prompt_embeddings has shape {tuple(emb.shape)}, but this base embeds "
-                                         f"tokens in {d} dimensions: expected ({p}, {d}); it was made for another base")
-        config = {"num_virtual_tokens": p, "inference_mode": True,
-                  "encoder_reparameterization_type": str(peft_config.get("encoder_reparameterization_type") or "MLP")}
+            raise UnsupportedFormatError(
+                f"{what}: prompt_embeddings has shape {tuple(emb.shape)}, but this base embeds "
+                f"tokens in {d} dimensions: expected ({p}, {d}); it was made for another base"
+            )
+        config = {
+            "num_virtual_tokens": p,
+            "inference_mode": True,
+            "encoder_reparameterization_type": str(peft_config.get("encoder_reparameterization_type") or "MLP"),
+        }
         (site,) = self.sites(model, None)
         return config, {f"{site}.embedding": emb}
 
@@ -172,28 +214,40 @@ class PTuning(AdapterType):
             prompt = self.derive(site, None, {**tensors, "embedding": tensors["embedding"]}, config)["prompt"]
         mc = model.config
         peft_config = {
-            "peft_type": "P_TUNING", "num_virtual_tokens": config.num_virtual_tokens, "token_dim": hidden_size(model),
+            "peft_type": "P_TUNING",
+            "num_virtual_tokens": config.num_virtual_tokens,
+            "token_dim": hidden_size(model),
             "num_transformer_submodules": 1,
             "num_attention_heads": getattr(mc, "num_attention_heads", None) or getattr(mc, "n_head", None),
             "num_layers": getattr(mc, "num_hidden_layers", None) or getattr(mc, "n_layer", None),
             "encoder_reparameterization_type": config.encoder_reparameterization_type,
             "encoder_hidden_size": config.encoder_hidden_size or hidden_size(model),
-            "encoder_num_layers": config.encoder_num_layers, "encoder_dropout": config.encoder_dropout,
+            "encoder_num_layers": config.encoder_num_layers,
+            "encoder_dropout": config.encoder_dropout,
             "modules_to_save": None,
         }
         return peft_config, {"prompt_embeddings": prompt[: config.num_virtual_tokens].contiguous()}
 
 
-def encode(tensors: dict[str, torch.Tensor], embeds: torch.Tensor, config: PTuningConfig, training: bool) -> torch.Tensor:
+def encode(
+    tensors: dict[str, torch.Tensor], embeds: torch.Tensor, config: PTuningConfig, training: bool
+) -> torch.Tensor:
     """PEFT's PromptEncoder.forward on (P, d) embeddings with these weights: (P, d)."""
     F = torch.nn.functional
     x = embeds[None]  # (1, P, d): PEFT runs one prompt (batch_first)
     if config.encoder_reparameterization_type == "LSTM":
         d, h = embeds.shape[1], tensors["lstm_head_weight_hh_l0"].shape[1]
-        lstm = nn.LSTM(d, h, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout,
-                       bidirectional=True, batch_first=True, device="meta")
+        lstm = nn.LSTM(
+            d,
+            h,
+            num_layers=config.encoder_num_layers,
+            dropout=config.encoder_dropout,
+            bidirectional=True,
+            batch_first=True,
+            device="meta",
+        )
         lstm.train(training)
-        params = {k[len("lstm_head_"):]: v for k, v in tensors.items() if k.startswith("lstm_head_")}
+        params = {k[len("lstm_head_") :]: v for k, v in tensors.items() if k.startswith("lstm_head_")}
         x = torch.func.functional_call(lstm, params, (x,))[0]
         x = F.relu(F.linear(x, tensors["mlp_head_0_weight"], tensors["mlp_head_0_bias"]))
         return F.linear(x, tensors["mlp_head_2_weight"], tensors["mlp_head_2_bias"])[0]

@@ -8,20 +8,24 @@ import warnings
 
 import pytest
 import torch
+from adapterzoo_ptuning import state_from_peft_encoder
 from peft import PeftModel, PromptEncoderConfig, TaskType, get_peft_model
 
 from adapterzoo.testing.models import output, tiny_model, tiny_zoo
 from adapterzoo.testing.plugin_checks import (
-    random_ids as ids,
     first_and_last_losses,
     served_completions,
     train_on_reverse,
 )
-from adapterzoo_ptuning import state_from_peft_encoder
+from adapterzoo.testing.plugin_checks import (
+    random_ids as ids,
+)
 
 ATOL = 1e-4
-ENCODERS = {"mlp": {"encoder_reparameterization_type": "MLP", "encoder_hidden_size": 24},
-            "lstm": {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 12, "encoder_num_layers": 2}}
+ENCODERS = {
+    "mlp": {"encoder_reparameterization_type": "MLP", "encoder_hidden_size": 24},
+    "lstm": {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 12, "encoder_num_layers": 2},
+}
 
 
 def peft_p_tuning(family: str, seed: int = 0, num_virtual_tokens: int = 5, **encoder):
@@ -30,15 +34,16 @@ def peft_p_tuning(family: str, seed: int = 0, num_virtual_tokens: int = 5, **enc
     task = TaskType.FEATURE_EXTRACTION if family == "bert" else TaskType.CAUSAL_LM
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return get_peft_model(tiny_model(family, 0), PromptEncoderConfig(
-            task_type=task, num_virtual_tokens=num_virtual_tokens, **encoder)).eval()
+        return get_peft_model(
+            tiny_model(family, 0), PromptEncoderConfig(task_type=task, num_virtual_tokens=num_virtual_tokens, **encoder)
+        ).eval()
 
 
 def run(model, family: str, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
     result = out.logits if family != "bert" else out.last_hidden_state
-    return result[:, -ids.shape[1]:]  # PEFT returns the virtual positions too
+    return result[:, -ids.shape[1] :]  # PEFT returns the virtual positions too
 
 
 def copy_encoder(zoo, name: str, peft_model) -> None:
@@ -109,7 +114,9 @@ def test_lstm_prompts_of_other_lengths_mix_in_one_batch_and_see_only_their_own_l
     with torch.no_grad():
         mixed = output(zoo(batch, None, names))
         for row, name in enumerate(names):
-            torch.testing.assert_close(mixed[row], output(zoo(batch[row:row + 1], None, [name]))[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                mixed[row], output(zoo(batch[row : row + 1], None, [name]))[0], atol=ATOL, rtol=0
+            )
     torch.testing.assert_close(mixed[0], run(peft3, "llama", batch[:1])[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(mixed[2], run(peft4, "llama", batch[2:3])[0], atol=ATOL, rtol=0)
 

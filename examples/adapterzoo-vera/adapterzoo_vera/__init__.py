@@ -27,10 +27,24 @@ from adapterzoo.errors import UnsupportedFormatError
 from adapterzoo.formats.peft import check_fields
 from adapterzoo.sites import Conv1D, find_linear, linear_dims
 
-DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-                   "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"]}
-PEFT_KNOWN = {"r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
-              "init_weights", "fan_in_fan_out"}
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+}
+PEFT_KNOWN = {
+    "r",
+    "target_modules",
+    "projection_prng_key",
+    "save_projection",
+    "vera_dropout",
+    "d_initial",
+    "init_weights",
+    "fan_in_fan_out",
+}
 PEFT_HINTS = {
     "bias": "VeRA with trained biases (bias='all' or 'vera_only') is not supported; retrain with bias='none'.",
     "layers_to_transform": "give target_modules as a regex naming those layers instead.",
@@ -48,19 +62,29 @@ class VeraConfig(AdapterConfig):
     d_initial: float = 0.1  # lambda_d starts here; lambda_b starts at 0 (identity)
 
     def validate(self) -> None:
-        require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
-                f"VeRA r must be a positive integer, got {self.r!r}")
-        require(isinstance(self.projection_prng_key, int) and not isinstance(self.projection_prng_key, bool),
-                f"projection_prng_key must be an integer, got {self.projection_prng_key!r}")
-        require(isinstance(self.vera_dropout, (int, float)) and 0 <= self.vera_dropout < 1,
-                f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
-        require(isinstance(self.d_initial, (int, float)) and not isinstance(self.d_initial, bool),
-                f"d_initial must be a number, got {self.d_initial!r}")
+        require(
+            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
+            f"VeRA r must be a positive integer, got {self.r!r}",
+        )
+        require(
+            isinstance(self.projection_prng_key, int) and not isinstance(self.projection_prng_key, bool),
+            f"projection_prng_key must be an integer, got {self.projection_prng_key!r}",
+        )
+        require(
+            isinstance(self.vera_dropout, (int, float)) and 0 <= self.vera_dropout < 1,
+            f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}",
+        )
+        require(
+            isinstance(self.d_initial, (int, float)) and not isinstance(self.d_initial, bool),
+            f"d_initial must be a number, got {self.d_initial!r}",
+        )
         t = self.target_modules
         if isinstance(t, (tuple, set)):
             self.target_modules = t = sorted(t)
-        require(t is None or isinstance(t, str) or (isinstance(t, list) and t and all(isinstance(x, str) for x in t)),
-                f"target_modules must be a list of module names, a regex or 'all-linear', got {t!r}")
+        require(
+            t is None or isinstance(t, str) or (isinstance(t, list) and t and all(isinstance(x, str) for x in t)),
+            f"target_modules must be a list of module names, a regex or 'all-linear', got {t!r}",
+        )
 
 
 def _targets(model, config: VeraConfig):
@@ -128,8 +152,11 @@ class Vera(AdapterType):
     def from_peft(self, model, peft_config, state):
         what = "PEFT VeRA adapter"
         check_fields(peft_config, what, PEFT_KNOWN, PEFT_HINTS)
-        config = {k: peft_config[k] for k in ("r", "target_modules", "projection_prng_key", "vera_dropout", "d_initial")
-                  if peft_config.get(k) is not None}
+        config = {
+            k: peft_config[k]
+            for k in ("r", "target_modules", "projection_prng_key", "vera_dropout", "d_initial")
+            if peft_config.get(k) is not None
+        }
         saved = {k: state[k] for k in PROJECTIONS if k in state}
         flat = {}
         for key, tensor in state.items():
@@ -145,8 +172,10 @@ class Vera(AdapterType):
             cfg = VeraConfig.from_dict(config)
             ours, _ = shared_tensors(self, model, cfg, {"r": cfg.r})
             for key, name in zip(PROJECTIONS, ("vera_A", "vera_B")):
-                if key in saved and (saved[key].shape != ours[name].shape or
-                                     not torch.allclose(saved[key].float(), ours[name], atol=1e-6)):
+                if key in saved and (
+                    saved[key].shape != ours[name].shape
+                    or not torch.allclose(saved[key].float(), ours[name], atol=1e-6)
+                ):
                     raise UnsupportedFormatError(
                         f"{what}: its saved {name} is not the one projection_prng_key="
                         f"{cfg.projection_prng_key} makes for these layers (made with another torch version or "
@@ -158,10 +187,18 @@ class Vera(AdapterType):
         target = _targets(model, config)
         modules = dict(model.named_modules())
         conv1d = any(Conv1D and isinstance(modules[k.rpartition(".")[0]], Conv1D) for k in state)
-        peft_config = {"peft_type": "VERA", "r": config.r, "target_modules": target if isinstance(target, str) else list(target),
-                       "projection_prng_key": config.projection_prng_key, "save_projection": False,
-                       "vera_dropout": config.vera_dropout, "d_initial": config.d_initial, "fan_in_fan_out": conv1d,
-                       "bias": "none", "modules_to_save": None}
+        peft_config = {
+            "peft_type": "VERA",
+            "r": config.r,
+            "target_modules": target if isinstance(target, str) else list(target),
+            "projection_prng_key": config.projection_prng_key,
+            "save_projection": False,
+            "vera_dropout": config.vera_dropout,
+            "d_initial": config.d_initial,
+            "fan_in_fan_out": conv1d,
+            "bias": "none",
+            "modules_to_save": None,
+        }
         out = {f"{k.rpartition('.')[0]}.vera_{k.rpartition('.')[2]}": v for k, v in state.items()}
         return peft_config, out
 

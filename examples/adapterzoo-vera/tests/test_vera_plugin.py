@@ -15,11 +15,13 @@ from peft import TaskType, VeraConfig, get_peft_model
 from adapterzoo.errors import UnsupportedFormatError
 from adapterzoo.testing.models import FAMILIES, output, tiny_model, tiny_zoo
 from adapterzoo.testing.plugin_checks import (
-    random_ids as ids,
-    peft_output,
     first_and_last_losses,
+    peft_output,
     served_completions,
     train_on_reverse,
+)
+from adapterzoo.testing.plugin_checks import (
+    random_ids as ids,
 )
 
 ATOL = 1e-4
@@ -57,9 +59,11 @@ def test_a_peft_vera_adapter_matches_peft(tmp_path, family):
 
 
 def test_vera_mixes_with_other_ranks_seeds_and_types_in_one_batch(tmp_path):
-    folders = {"v4": make_peft_vera(tmp_path / "v4", "llama", seed=1),
-               "v3": make_peft_vera(tmp_path / "v3", "llama", seed=2, r=3),  # rank-4 bucket, its own projections
-               "v4-key9": make_peft_vera(tmp_path / "v4k", "llama", seed=3, projection_prng_key=9)}
+    folders = {
+        "v4": make_peft_vera(tmp_path / "v4", "llama", seed=1),
+        "v3": make_peft_vera(tmp_path / "v3", "llama", seed=2, r=3),  # rank-4 bucket, its own projections
+        "v4-key9": make_peft_vera(tmp_path / "v4k", "llama", seed=3, projection_prng_key=9),
+    }
     zoo = tiny_zoo("llama")
     for name, folder in folders.items():
         zoo.load_adapter(name, folder)
@@ -71,11 +75,14 @@ def test_vera_mixes_with_other_ranks_seeds_and_types_in_one_batch(tmp_path):
     with torch.no_grad():
         mixed = output(zoo(batch, None, names))
         for row, name in enumerate(names):
-            torch.testing.assert_close(mixed[row], output(zoo(batch[row:row + 1], None, [name]))[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                mixed[row], output(zoo(batch[row : row + 1], None, [name]))[0], atol=ATOL, rtol=0
+            )
     for row, name in enumerate(names):
         if name in folders:
-            torch.testing.assert_close(mixed[row], peft_output("llama", folders[name], batch[row:row + 1])[0],
-                                       atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                mixed[row], peft_output("llama", folders[name], batch[row : row + 1])[0], atol=ATOL, rtol=0
+            )
 
 
 def test_the_projections_are_shared_frozen_and_never_saved(tmp_path):

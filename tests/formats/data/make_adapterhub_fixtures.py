@@ -55,6 +55,8 @@ for family in ("bert", "llama", "gpt2"):
         folder.parent.mkdir(parents=True, exist_ok=True)
         model.save_adapter(str(folder), "ah", use_safetensors=True)
         field = "last_hidden_state" if family == "bert" else "logits"
-        save_file({"input_ids": inputs(), "base": getattr(base, field), "adapted": getattr(adapted, field)},
-                  str(folder / "reference.safetensors"))
+        save_file(
+            {"input_ids": inputs(), "base": getattr(base, field), "adapted": getattr(adapted, field)},
+            str(folder / "reference.safetensors"),
+        )
         print(folder, sorted(p.name for p in folder.iterdir()))
