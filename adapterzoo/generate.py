@@ -93,10 +93,8 @@ def generate(
         raise BatchError("generate needs a causal language model base with a tokenizer")
     if isinstance(prompts, str):
         prompts = [prompts]
-    if isinstance(adapters, str) or (adapters is not None and "auto" in list(adapters)):
-        from .routing import resolve  # "auto" rows: the adapter that fits the prompt, or the base
-
-        adapters = resolve(zoo, prompts, adapters)
+    if isinstance(adapters, str):
+        raise BatchError(f"adapters={adapters!r}: give a list with one name (or None) per row")
     adapters = list(adapters) if adapters is not None else [None] * len(prompts)
     if len(adapters) != len(prompts):
         raise BatchError(f"{len(prompts)} prompts but {len(adapters)} adapters; give one adapter (or None) per prompt")

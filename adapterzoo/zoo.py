@@ -567,7 +567,12 @@ class Zoo:
         `adapters="auto"` (or "auto" in a row) routes that row to the adapter that fits its prompt,
         or the bare base (routing.py)."""
         from .generate import generate
+        from .routing import AUTO, resolve
 
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if isinstance(adapters, str) or (adapters is not None and AUTO in list(adapters)):
+            adapters = resolve(self, prompts, adapters)  # "auto" rows: the adapter that fits, or the base
         return generate(self, prompts, adapters, **kwargs)
 
     # ------------------------------------------------------------------ routing
