@@ -1,0 +1,94 @@
+"""Attacks, round 3: on `model="auto"` (routing records anyone may write, in an adapter's config)
+and on what the serve refactor (module-level handlers, `ServeConfig`) accepts. Each hole found is
+written here as the attack first (it failed before its fix), against an in-process server on
+127.0.0.1 driven with the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adapterzoo import Zoo
+from adapterzoo.errors import InvalidConfigError
+from adapterzoo.formats.native import CONFIG_FILE
+from adapterzoo.routing import _pack
+from adapterzoo.serve.config import ServeConfig
+from adapterzoo.serve.http import build_server
+from adapterzoo.serve.tenants import Tenants
+from adapterzoo.tasks import instructed_examples
+
+from .conftest import openai_client, running_app
+
+KEYS = {
+    "tenants": {
+        "acme": {"keys": ["k-acme"], "adapters": ["acme-*"]},
+        "zeta": {"keys": ["k-zeta"], "adapters": ["zeta-*"]},
+        "ops": {"keys": ["k-ops"], "admin": True},
+    },
+    "public": ["shared-*"],
+}
+#: adapter -> the task whose training prompts are its routing examples
+EXAMPLES = {
+    "acme-upper": "upper",
+    "zeta-reverse": "reverse",
+    "shared-copy": "reverse",  # another author's public adapter: zeta-reverse's examples, copied
+    "shared-nan": "digits-sort",  # its stored features rewritten to NaN below
+}
+
+
+def prompt(task: str, i: int = 0) -> str:
+    return instructed_examples(task, i + 1, "test", seed=3)[i].prompt
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("attacks3")
+    authoring = Zoo.from_pretrained(tiny_base, device="cpu")
+    for i, (name, task) in enumerate(EXAMPLES.items()):
+        authoring.add_adapter(name, "lora", r=4, seed=i, trainable=False)
+        authoring.add_routing_examples(name, [ex.prompt for ex in instructed_examples(task, 12, "train")])
+        authoring.save_adapter(name, root / "adapters" / name)
+    config = root / "adapters" / "shared-nan" / CONFIG_FILE
+    saved = json.loads(config.read_text())
+    record = saved["metadata"]["routing"]
+    record["features"] = _pack(torch.full(record["shape"], float("nan")))
+    config.write_text(json.dumps(saved))
+    server = build_server(
+        Zoo.from_pretrained(tiny_base, device="cpu"),
+        base_name="tiny",
+        adapters_dir=root / "adapters",
+        tenants=Tenants.from_dict(KEYS),
+    )
+    with running_app(server) as url:
+        yield url
+
+
+def routed(url: str, key: str, text: str) -> tuple[str, str]:
+    raw = openai_client(url, key).completions.with_raw_response.create(model="auto", prompt=text, max_tokens=1)
+    return raw.parse().model, raw.headers["x-adapterzoo-adapter"]
+
+
+def test_a_public_adapter_with_nan_routing_features_does_not_take_every_tenants_auto_traffic(served):
+    # NaN scored above every adapter and the base: shared-nan answered every model="auto" prompt
+    assert routed(served, "k-acme", "Why is the sky blue?") == ("tiny", "tiny")
+    assert routed(served, "k-acme", prompt("upper")) == ("acme-upper", "acme-upper")
+
+
+def test_a_public_adapter_copying_a_tenants_routing_examples_does_not_take_its_auto_traffic(served):
+    # the copy ties with zeta's own adapter, and "shared-copy" sorts before "zeta-reverse": the
+    # first listed won, so another author's weights answered zeta's prompts
+    for i in range(3):
+        assert routed(served, "k-zeta", prompt("reverse", i)) == ("zeta-reverse", "zeta-reverse")
+    # a tenant without an adapter of its own for the task still gets the public one
+    assert routed(served, "k-acme", prompt("reverse"))[0] == "shared-copy"
+
+
+@pytest.mark.parametrize("field", ["body_timeout", "stuck_after", "drain_timeout"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_timeouts_that_are_not_finite_numbers_are_refused_with_the_flag_named(field, value):
+    # --body-timeout nan made every request a 408 at once, inf undid the byte-by-byte defence;
+    # --stuck-after nan silenced the watchdog; --drain-timeout inf waited for ever on shutdown
+    with pytest.raises(InvalidConfigError, match="--" + field.replace("_", "-")):
+        ServeConfig(base="tiny", **{field: value})
