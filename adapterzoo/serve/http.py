@@ -272,11 +272,13 @@ async def _generate(request: Request, chat: bool) -> Response:
         prompts, param = _prompts(body.prompt), "prompt"
         max_tokens = body.max_tokens or state.config.default_max_tokens
     check_prompt_sizes(state, prompts, chat)
+    check_call_size(state.engine, len(prompts) * body.n)
+    rate_limit(state, tenant, cost=len(prompts) * body.n)
+    # routed only once the call is allowed: routing rescans the adapters folder, reads every
+    # visible adapter's routing record and runs MiniLM, which a throttled tenant must not buy
     if auto:  # the response's `model` (and X-Adapterzoo-Adapter) names the adapter chosen
         adapter = await asyncio.to_thread(route_auto, state, prompts, chat, tenant)
         body.model = request.state.adapter = adapter or state.config.base_name
-    check_call_size(state.engine, len(prompts) * body.n)
-    rate_limit(state, tenant, cost=len(prompts) * body.n)
     loop = asyncio.get_running_loop()
     try:  # tokenizing (and rendering the chat template) runs off the event loop
         handles = await asyncio.to_thread(

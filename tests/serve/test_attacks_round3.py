@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 import torch
 
@@ -26,6 +27,7 @@ KEYS = {
         "acme": {"keys": ["k-acme"], "adapters": ["acme-*"]},
         "zeta": {"keys": ["k-zeta"], "adapters": ["zeta-*"]},
         "ops": {"keys": ["k-ops"], "admin": True},
+        "slow": {"keys": ["k-slow"], "adapters": ["slow-*"], "rps": 0.01, "burst": 1},
     },
     "public": ["shared-*"],
 }
@@ -83,6 +85,23 @@ def test_a_public_adapter_copying_a_tenants_routing_examples_does_not_take_its_a
         assert routed(served, "k-zeta", prompt("reverse", i)) == ("zeta-reverse", "zeta-reverse")
     # a tenant without an adapter of its own for the task still gets the public one
     assert routed(served, "k-acme", prompt("reverse"))[0] == "shared-copy"
+
+
+def test_a_tenant_over_its_rate_limit_gets_its_429_before_the_router_runs(served, monkeypatch):
+    # model="auto" was routed (a rescan of the adapters folder, every visible adapter's routing
+    # record, a MiniLM forward) before the rate limit: a throttled tenant still spent the
+    # server's CPU, and the thread pool every tenant's tokenizing uses, on each refused request
+    from adapterzoo import routing
+
+    calls = []
+    route = routing.route
+    monkeypatch.setattr(routing, "route", lambda *a, **k: calls.append(1) or route(*a, **k))
+    client = openai_client(served, "k-slow")
+    client.completions.create(model="auto", prompt=prompt("reverse"), max_tokens=1)  # its burst of 1
+    for _ in range(5):
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="auto", prompt=prompt("reverse"), max_tokens=1)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("field", ["body_timeout", "stuck_after", "drain_timeout"])
