@@ -28,6 +28,7 @@ KEYS = {
         "zeta": {"keys": ["k-zeta"], "adapters": ["zeta-*"]},
         "ops": {"keys": ["k-ops"], "admin": True},
         "slow": {"keys": ["k-slow"], "adapters": ["slow-*"], "rps": 0.01, "burst": 1},
+        "lister": {"keys": ["k-lister"], "rps": 0.01, "burst": 2},
     },
     "public": ["shared-*"],
 }
@@ -102,6 +103,16 @@ def test_a_tenant_over_its_rate_limit_gets_its_429_before_the_router_runs(served
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model="auto", prompt=prompt("reverse"), max_tokens=1)
     assert len(calls) == 1
+
+
+def test_listing_models_counts_against_the_rate_limit(served):
+    # each /v1/models rescans the adapters folder in the thread pool every tenant's tokenizing
+    # uses (64 ms with 2,000 adapters), and a throttled tenant could call it without end
+    client = openai_client(served, "k-lister")
+    for _ in range(2):  # its burst
+        assert "tiny" in [m.id for m in client.models.list()]
+    with pytest.raises(openai.RateLimitError):
+        client.models.list()
 
 
 @pytest.mark.parametrize("field", ["body_timeout", "stuck_after", "drain_timeout"])
