@@ -286,7 +286,7 @@ def add_routing_examples(
     """Store routing prototypes for adapter `name`: up to MAX_EXAMPLES prompts it should answer
     (e.g. its training prompts) and their features, in its metadata (saved with it)."""
     adapter = zoo.get_adapter(name)
-    prompts = [p[:MAX_EXAMPLE_CHARS] for p in prompts if isinstance(p, str) and p.strip()][:MAX_EXAMPLES]
+    prompts = [p[:MAX_EXAMPLE_CHARS] for p in prompts if _is_text(p)][:MAX_EXAMPLES]
     if not prompts:
         raise BatchError(f"add_routing_examples({name!r}) needs at least one non-empty prompt")
     space = feature_space(zoo, encoder, layer)
@@ -418,7 +418,7 @@ def _features(zoo: Zoo, cache: _Cache, name: str, record: dict[str, Any], space:
     # MAX_EXAMPLES of them, each cut to MAX_EXAMPLE_CHARS, so no adapter can make routing slow.
     given = record.get("examples")
     given = given if isinstance(given, list) else []
-    examples = tuple(p[:MAX_EXAMPLE_CHARS] for p in given if isinstance(p, str) and p.strip())[:MAX_EXAMPLES]
+    examples = tuple(p[:MAX_EXAMPLE_CHARS] for p in given if _is_text(p))[:MAX_EXAMPLES]
     key = (name, space, examples)
     if key not in cache.features:
         stored = _unpack(record) if record.get("kind") == space.kind else None
@@ -430,6 +430,18 @@ def _features(zoo: Zoo, cache: _Cache, name: str, record: dict[str, Any], space:
         else:  # another encoder, base or layer: recomputed from the stored prompts
             cache.features[key] = features(zoo, list(examples), space) if examples else torch.zeros(0, 0)
     return cache.features[key]
+
+
+def _is_text(example: Any) -> bool:
+    """A routing example the encoders can read: a non-blank string that is valid Unicode. A lone
+    surrogate ("\\ud800" is valid JSON) made the tokenizer raise, and with it every routed request."""
+    if not isinstance(example, str) or not example.strip():
+        return False
+    try:
+        example.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _prototypes(zoo: Zoo, records: dict[str, dict[str, Any]], space: FeatureSpace) -> _Prototypes:

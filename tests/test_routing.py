@@ -323,3 +323,11 @@ def test_on_an_exact_tie_the_adapter_listed_first_wins(zoo):
     for order in (["reverse", "a-copy"], ["a-copy", "reverse"]):
         records = {name: original if name == "reverse" else copy for name in order}
         assert {d.adapter for d in zoo.route(held_out("reverse"), records=records)} == {order[0]}
+
+
+def test_a_routing_example_that_is_not_valid_unicode_is_dropped_not_fatal(zoo):
+    # "\ud800" is valid JSON: one such example in a public adapter's config made the tokenizer
+    # raise, and model="auto" answered 500 to every tenant who could see that adapter
+    garbled = {"examples": ["Sort the digits \ud800 now", *held_out("digits-sort")], "kind": "x"}
+    records = {"reverse": zoo.find_adapter("reverse").metadata["routing"], "garbled": garbled}
+    assert [d.adapter for d in zoo.route(held_out("reverse", 2), records=records)] == ["reverse", "reverse"]

@@ -6,6 +6,8 @@ written here as the attack first (it failed before its fix), against an in-proce
 from __future__ import annotations
 
 import json
+import shutil
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -65,7 +67,7 @@ def served(tiny_base, tmp_path_factory):
         tenants=Tenants.from_dict(KEYS),
     )
     with running_app(server) as url:
-        yield url
+        yield SimpleNamespace(url=url, adapters_dir=root / "adapters")
 
 
 def routed(url: str, key: str, text: str) -> tuple[str, str]:
@@ -75,17 +77,32 @@ def routed(url: str, key: str, text: str) -> tuple[str, str]:
 
 def test_a_public_adapter_with_nan_routing_features_does_not_take_every_tenants_auto_traffic(served):
     # NaN scored above every adapter and the base: shared-nan answered every model="auto" prompt
-    assert routed(served, "k-acme", "Why is the sky blue?") == ("tiny", "tiny")
-    assert routed(served, "k-acme", prompt("upper")) == ("acme-upper", "acme-upper")
+    assert routed(served.url, "k-acme", "Why is the sky blue?") == ("tiny", "tiny")
+    assert routed(served.url, "k-acme", prompt("upper")) == ("acme-upper", "acme-upper")
 
 
 def test_a_public_adapter_copying_a_tenants_routing_examples_does_not_take_its_auto_traffic(served):
     # the copy ties with zeta's own adapter, and "shared-copy" sorts before "zeta-reverse": the
     # first listed won, so another author's weights answered zeta's prompts
     for i in range(3):
-        assert routed(served, "k-zeta", prompt("reverse", i)) == ("zeta-reverse", "zeta-reverse")
+        assert routed(served.url, "k-zeta", prompt("reverse", i)) == ("zeta-reverse", "zeta-reverse")
     # a tenant without an adapter of its own for the task still gets the public one
-    assert routed(served, "k-acme", prompt("reverse"))[0] == "shared-copy"
+    assert routed(served.url, "k-acme", prompt("reverse"))[0] == "shared-copy"
+
+
+def test_a_public_adapter_with_a_routing_example_that_is_not_unicode_breaks_no_tenants_auto(served):
+    # "\ud800" is valid JSON but no tokenizer takes it: MiniLM raised, and every model="auto"
+    # request of every tenant who could see the adapter was a 500
+    folder = served.adapters_dir / "shared-garbled"
+    shutil.copytree(served.adapters_dir / "shared-copy", folder)
+    try:
+        saved = json.loads((folder / CONFIG_FILE).read_text())
+        saved["metadata"]["routing"].update(examples=["Reverse \ud800 it", "Sort \udfff"], features="")
+        (folder / CONFIG_FILE).write_text(json.dumps(saved))
+        assert routed(served.url, "k-acme", prompt("upper")) == ("acme-upper", "acme-upper")
+        assert routed(served.url, "k-zeta", prompt("reverse")) == ("zeta-reverse", "zeta-reverse")
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_tenant_over_its_rate_limit_gets_its_429_before_the_router_runs(served, monkeypatch):
@@ -97,7 +114,7 @@ def test_a_tenant_over_its_rate_limit_gets_its_429_before_the_router_runs(served
     calls = []
     route = routing.route
     monkeypatch.setattr(routing, "route", lambda *a, **k: calls.append(1) or route(*a, **k))
-    client = openai_client(served, "k-slow")
+    client = openai_client(served.url, "k-slow")
     client.completions.create(model="auto", prompt=prompt("reverse"), max_tokens=1)  # its burst of 1
     for _ in range(5):
         with pytest.raises(openai.RateLimitError):
@@ -108,7 +125,7 @@ def test_a_tenant_over_its_rate_limit_gets_its_429_before_the_router_runs(served
 def test_listing_models_counts_against_the_rate_limit(served):
     # each /v1/models rescans the adapters folder in the thread pool every tenant's tokenizing
     # uses (64 ms with 2,000 adapters), and a throttled tenant could call it without end
-    client = openai_client(served, "k-lister")
+    client = openai_client(served.url, "k-lister")
     for _ in range(2):  # its burst
         assert "tiny" in [m.id for m in client.models.list()]
     with pytest.raises(openai.RateLimitError):
