@@ -42,6 +42,7 @@ import uuid
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.datastructures import State
@@ -97,6 +98,10 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CHAT_MAX_TOKENS = 512  # a chat request's max_tokens when it gives none
 #: The model id that routes each request to the adapter that fits its prompt (adapterzoo/routing.py).
 AUTO_MODEL = "auto"
+#: what X-Adapterzoo-Adapter keeps as is (printable ASCII but '%'); the rest is percent-encoded.
+#: Adapter names are plain ASCII, but the base's name is BASE's folder name by default: 模型 (not
+#: Latin-1, as headers are) made a 500, a CR LF in --name a dropped connection.
+HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 #: routes only admins call: their errors may name the server's paths
 ADMIN_ROUTES = ("/admin", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
@@ -186,7 +191,7 @@ def timed(route: str):
                 response = error_response(error)
             response.headers["X-Request-Id"] = request.state.request_id
             if getattr(request.state, "adapter", None):
-                response.headers["X-Adapterzoo-Adapter"] = request.state.adapter
+                response.headers["X-Adapterzoo-Adapter"] = quote(request.state.adapter, safe=HEADER_SAFE)
             request.app.state.metrics.http(route, response.status_code)
             return response
 

@@ -132,6 +132,25 @@ def test_listing_models_counts_against_the_rate_limit(served):
         client.models.list()
 
 
+@pytest.mark.parametrize(
+    "base_name, header",
+    [
+        ("模型", "%E6%A8%A1%E5%9E%8B"),
+        ("tiny\r\nSet-Cookie: k=v", "tiny%0D%0ASet-Cookie: k=v"),
+        ("org/base", "org/base"),
+    ],
+)
+def test_a_base_named_outside_ascii_still_answers_model_auto(tiny_base, base_name, header):
+    # the base's name goes into the X-Adapterzoo-Adapter header when the router picks the base,
+    # and it defaults to BASE's folder name: a folder named 模型 made every such request a plain
+    # text 500 (headers are Latin-1), and a CR LF in --name dropped the connection unanswered
+    server = build_server(Zoo.from_pretrained(tiny_base, device="cpu"), base_name=base_name)
+    with running_app(server) as url:
+        raw = openai_client(url).completions.with_raw_response.create(model="auto", prompt="Hi", max_tokens=1)
+    assert raw.parse().model == base_name
+    assert raw.headers["x-adapterzoo-adapter"] == header  # percent-encoded outside printable ASCII
+
+
 @pytest.mark.parametrize("field", ["body_timeout", "stuck_after", "drain_timeout"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_timeouts_that_are_not_finite_numbers_are_refused_with_the_flag_named(field, value):
