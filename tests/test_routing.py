@@ -277,3 +277,69 @@ def test_a_hostile_routing_record_on_disk_is_ignored_or_capped_never_slow_or_fat
     decisions = zoo.route(held_out("reverse", 2), records=records)
     assert time.perf_counter() - start < 30
     assert [d.adapter for d in decisions] == ["reverse", "reverse"]
+
+
+# ----------------------------------------------------------------------------- attacks, round 3
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_a_record_with_nan_or_infinite_features_cannot_win_every_prompt(zoo, poison):
+    # NaN compared as the best score: an adapter whose stored features were NaN took every
+    # prompt, general chat included (a public one: every tenant's model="auto" traffic)
+    honest = zoo.find_adapter("digits-sort").metadata["routing"]
+    rows, cols = honest["shape"]
+    forged = {**honest, "features": routing._pack(torch.full((rows, cols), poison))}
+    records = {"reverse": zoo.find_adapter("reverse").metadata["routing"], f"forged-{poison}": forged}
+    decisions = zoo.route([*held_out("reverse", 2), "Why is the sky blue?"], records=records)
+    assert [d.adapter for d in decisions] == ["reverse", "reverse", None]
+
+
+def test_the_sentence_encoder_tokenizes_only_the_start_of_a_huge_prompt(zoo):
+    # it reads SENTENCE_TOKENS tokens, but tokenized all of a prompt first: 262,144 CJK
+    # characters (the server's cap for SmolLM2) took 1.1 s of CPU per model="auto" request
+    encoder = routing._cache(zoo).sentence or routing.SentenceEncoder()
+    seen = []
+    tokenize = encoder.tokenizer
+
+    def spy(texts, **kwargs):
+        seen.extend(len(t) for t in texts)
+        return tokenize(texts, **kwargs)
+
+    encoder.tokenizer = spy
+    try:
+        huge = held_out("reverse", 1)[0] + " " + "漢" * 262_144
+        whole, start = encoder([huge]), encoder([huge[: routing.SENTENCE_CHARS]])
+    finally:
+        encoder.tokenizer = tokenize
+    assert max(seen) <= routing.SENTENCE_CHARS
+    assert torch.allclose(whole, start)  # the tokens it reads are the same
+
+
+def test_on_an_exact_tie_the_adapter_listed_first_wins(zoo):
+    # a server lists a tenant's own adapters first: a public adapter that copies their examples
+    # must not take their traffic by sorting earlier
+    original = zoo.find_adapter("reverse").metadata["routing"]
+    copy = dict(original)
+    for order in (["reverse", "a-copy"], ["a-copy", "reverse"]):
+        records = {name: original if name == "reverse" else copy for name in order}
+        assert {d.adapter for d in zoo.route(held_out("reverse"), records=records)} == {order[0]}
+
+
+def test_a_routing_example_that_is_not_valid_unicode_is_dropped_not_fatal(zoo):
+    # "\ud800" is valid JSON: one such example in a public adapter's config made the tokenizer
+    # raise, and model="auto" answered 500 to every tenant who could see that adapter
+    garbled = {"examples": ["Sort the digits \ud800 now", *held_out("digits-sort")], "kind": "x"}
+    records = {"reverse": zoo.find_adapter("reverse").metadata["routing"], "garbled": garbled}
+    assert [d.adapter for d in zoo.route(held_out("reverse", 2), records=records)] == ["reverse", "reverse"]
+
+
+def test_a_record_with_a_million_examples_costs_no_more_than_one_with_max_examples(zoo):
+    # every model="auto" request read the whole list before keeping MAX_EXAMPLES of it: one public
+    # adapter with 10^6 examples added 0.2 s to every routed request of every tenant who saw it
+    class Unreadable(str):
+        def strip(self, *args):
+            raise AssertionError("an entry past MAX_EXAMPLES was read")
+
+    examples = [*held_out("digits-sort", routing.MAX_EXAMPLES), *[Unreadable("x")] * 10**6]
+    records = {"reverse": zoo.find_adapter("reverse").metadata["routing"], "long": {"examples": examples}}
+    assert [d.adapter for d in zoo.route(held_out("reverse", 2), records=records)] == ["reverse", "reverse"]

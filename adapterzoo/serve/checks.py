@@ -220,8 +220,11 @@ def route_auto(state: State, prompts: list, chat: bool, tenant: Tenant) -> str |
             type="server_error",
             code="not_implemented",
         )
+    # the tenant's own adapters first: on an exact tie the router keeps the first listed, so a
+    # public adapter that copies a tenant's routing examples cannot take its traffic by sorting earlier
+    entries = sorted(state.adapters.models(tenant.name), key=lambda e: state.adapters.owner(e.name) != tenant.name)
     records = {}
-    for entry in state.adapters.models(tenant.name):
+    for entry in entries:
         loaded = zoo.find_adapter(entry.name)
         record = (
             loaded.metadata.get(METADATA_KEY)

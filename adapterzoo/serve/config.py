@@ -12,6 +12,7 @@ a message that names the flag and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,10 +140,13 @@ class ServeConfig:
             raise InvalidConfigError(f"--port must be at most 65535 (got {self.port}); give a free TCP port.")
         for name, positive in (("stuck_after", True), ("body_timeout", True), ("drain_timeout", False)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (positive and value == 0):
+            # not finite: nan made every body a 408 at once and silenced the watchdog; inf let a body
+            # dribble for ever and a shutdown wait for ever
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not finite or value < 0 or (positive and value == 0):
                 bound = "over 0" if positive else "0 or more"
                 raise InvalidConfigError(
-                    f"{flag(name)} must be a number of seconds {bound} (got {value!r}); e.g. {flag(name)} 30."
+                    f"{flag(name)} must be a finite number of seconds {bound} (got {value!r}); e.g. {flag(name)} 30."
                 )
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InvalidConfigError(

@@ -42,6 +42,7 @@ import uuid
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.datastructures import State
@@ -97,6 +98,10 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CHAT_MAX_TOKENS = 512  # a chat request's max_tokens when it gives none
 #: The model id that routes each request to the adapter that fits its prompt (adapterzoo/routing.py).
 AUTO_MODEL = "auto"
+#: what X-Adapterzoo-Adapter keeps as is (printable ASCII but '%'); the rest is percent-encoded.
+#: Adapter names are plain ASCII, but the base's name is BASE's folder name by default: 模型 (not
+#: Latin-1, as headers are) made a 500, a CR LF in --name a dropped connection.
+HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 #: routes only admins call: their errors may name the server's paths
 ADMIN_ROUTES = ("/admin", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
@@ -186,7 +191,7 @@ def timed(route: str):
                 response = error_response(error)
             response.headers["X-Request-Id"] = request.state.request_id
             if getattr(request.state, "adapter", None):
-                response.headers["X-Adapterzoo-Adapter"] = request.state.adapter
+                response.headers["X-Adapterzoo-Adapter"] = quote(request.state.adapter, safe=HEADER_SAFE)
             request.app.state.metrics.http(route, response.status_code)
             return response
 
@@ -229,6 +234,7 @@ async def metrics(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     state = request.app.state
     tenant = authenticate(request)
+    rate_limit(state, tenant)  # listing rescans the adapters folder (64 ms at 2,000) in the shared thread pool
     data = [model_card(state, state.config.base_name, "adapterzoo")]
     for entry in await asyncio.to_thread(state.adapters.models, tenant.name):
         data.append(model_card(state, entry.name, state.adapters.owner(entry.name) or "public"))
@@ -272,11 +278,13 @@ async def _generate(request: Request, chat: bool) -> Response:
         prompts, param = _prompts(body.prompt), "prompt"
         max_tokens = body.max_tokens or state.config.default_max_tokens
     check_prompt_sizes(state, prompts, chat)
+    check_call_size(state.engine, len(prompts) * body.n)
+    rate_limit(state, tenant, cost=len(prompts) * body.n)
+    # routed only once the call is allowed: routing rescans the adapters folder, reads every
+    # visible adapter's routing record and runs MiniLM, which a throttled tenant must not buy
     if auto:  # the response's `model` (and X-Adapterzoo-Adapter) names the adapter chosen
         adapter = await asyncio.to_thread(route_auto, state, prompts, chat, tenant)
         body.model = request.state.adapter = adapter or state.config.base_name
-    check_call_size(state.engine, len(prompts) * body.n)
-    rate_limit(state, tenant, cost=len(prompts) * body.n)
     loop = asyncio.get_running_loop()
     try:  # tokenizing (and rendering the chat template) runs off the event loop
         handles = await asyncio.to_thread(
