@@ -124,8 +124,18 @@ def apply_delta(
 ) -> torch.Tensor:
     """y + delta for the rows of `use`; the other rows are left exactly as they are. `site` and
     `module` reach the type as `w.site` / `w.module` (base-aware deltas such as DoRA's)."""
-    w = use.gather(tensors, site, module)
     atype = use.pool.atype
+    if (
+        use.rows is not None
+        and not training
+        and use.batch_size == y.shape[0]
+        and getattr(atype, "zero_slot_is_identity", False)
+    ):
+        # every row at once, slot 0 (a delta of exactly zero) for the other pools' rows: in a
+        # 16-row decode step of six types this replaced 2 index_select + 1 index_add per site
+        # (~1260 ops a step; see benchmarks/mixed_batch.py --decode-mix)
+        use = use.every_row()
+    w = use.gather(tensors, site, module)
     if use.rows is None:
         return y + atype.delta(x, y, w, training).to(y.dtype)
     rows = use.rows
