@@ -46,14 +46,16 @@ class SlotWeights(dict):
         module=None,
         kept: dict[str, torch.Tensor] | None = None,
     ):
-        super().__init__(variant=use.pool.variant)
+        pool = use.pool
+        super().__init__(kept or (), variant=pool.variant)
         self._kept = kept  # gathers made by earlier forwards with the same plan (PoolUse.gather), or None
-        if kept:
-            self.update(kept)
-        self._pool = {**tensors, **use.pool.constants}
+        # what `w[name]` gathers from: the site's tensors, then the pool's constants (a constant
+        # wins a name clash); looked up by name, never merged: a hook makes one `w` per pool and
+        # site at every forward (~420 in a mixed SmolLM2 decode step)
+        self._tensors, self._constants = tensors, pool.constants
         self._use = use
         self.slots = use.slots
-        self.variant: str = use.pool.variant
+        self.variant: str = pool.variant
         self.site = site
         self.module = module
         self.shared: dict[str, torch.Tensor] = use.pool.shared  # the type's shared tensors (one for all rows)
@@ -65,10 +67,15 @@ class SlotWeights(dict):
     def __contains__(self, name: object) -> bool:
         """Whether the pool has a tensor (or constant) `name` here, gathered yet or not: a type
         whose derived tensors depend on the pool's shapes can ask which form it got."""
-        return dict.__contains__(self, name) or name in self._pool
+        return dict.__contains__(self, name) or name in self._constants or name in self._tensors
+
+    def _stored(self, name: str) -> torch.Tensor:
+        """The pool's whole tensor (or constant) `name`, every slot; KeyError if it has none."""
+        t = self._constants.get(name)
+        return self._tensors[name] if t is None else t
 
     def __missing__(self, name: str) -> torch.Tensor:
-        t = self._pool[name]
+        t = self._stored(name)
         value = t[self.slots : self.slots + 1] if isinstance(self.slots, int) else t[self.slots]
         self[name] = value
         if self._kept is not None:
@@ -77,7 +84,7 @@ class SlotWeights(dict):
 
     def matmul(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """Per row i: x[i] @ W[slot_i], with W (slots, in, out) in the pool. Returns (n, T, out)."""
-        W = self._pool[name]
+        W = self._stored(name)
         if isinstance(self.slots, int):
             return x @ W[self.slots]
         n, T, fan_in = x.shape
@@ -99,7 +106,7 @@ class SlotWeights(dict):
         """Per row i: W[slot_i][index[i]], with W (slots, rows, d) in the pool and `index` (n, T) row
         numbers (token ids): an embedding lookup in each row's own table, without copying tables
         (a LoRA adapter's replaced `embed_tokens`). Returns (n, T, d)."""
-        W = self._pool[name]
+        W = self._stored(name)
         if isinstance(self.slots, int):
             return W[self.slots][index]
         return W[self.slots[:, None], index]

@@ -127,13 +127,15 @@ def apply_delta(
     atype = use.pool.atype
     if (
         use.rows is not None
+        and y.shape[1] == 1
         and not training
         and use.batch_size == y.shape[0]
         and getattr(atype, "zero_slot_is_identity", False)
     ):
-        # every row at once, slot 0 (a delta of exactly zero) for the other pools' rows: in a
-        # 16-row decode step of six types this replaced 2 index_select + 1 index_add per site
-        # (~1260 ops a step; see benchmarks/mixed_batch.py --decode-mix)
+        # A decode step: every row at once, slot 0 (a delta of exactly zero) for the other pools'
+        # rows. In a 16-row decode step of six types this replaced 2 index_select + 1 index_add
+        # per site and pool (~1260 small ops a step). Not in a prefill (T > 1 tokens a row): there
+        # the selected rows' weights are gathered per row for a bmm, and fewer rows gather less.
         use = use.every_row()
     w = use.gather(tensors, site, module)
     if use.rows is None:
