@@ -36,6 +36,9 @@ class SlotWeights(dict):
     step) it runs as a weighted `embedding_bag` over the pool itself, which reads each adapter's
     weights once (Punica's BGMV kernel in stock PyTorch); rows that come in runs of one slot (a
     trainer's or a prefill's batch) are folded into one matrix per run.
+
+    Without autograd, a plan kept across decode steps hands back what it gathered at the first
+    step (`PoolUse.gather`): read `w[name]`, never change it in place.
     """
 
     def __init__(

@@ -103,3 +103,24 @@ def test_a_slot_written_again_makes_the_kept_plan_gather_again():
         solo = _decode(zoo, ["bitfit"], prompt[:1], 2)[-1]
     assert (after[0] - before[0]).abs().max() > 1e-3
     torch.testing.assert_close(after[0], solo[0], atol=1e-4, rtol=1e-4)
+
+
+def test_every_type_that_promises_a_zero_delta_at_slot_zero_keeps_it():
+    """`zero_slot_is_identity` lets the core run a type's delta over rows of other pools (slot 0):
+    for those rows the delta must be exactly zero, whatever x and y are."""
+    zoo = _zoo()
+    with torch.inference_mode():
+        zoo.plan(list(ADAPTERS), training=False)  # every adapter into its pool
+    modules = dict(zoo.model.named_modules())
+    promising = [pool for pool in zoo.pools.values() if getattr(pool.atype, "zero_slot_is_identity", False)]
+    assert {pool.atype.name for pool in promising} == {"lora", "houlsby", "bitfit", "adapterbias"}
+    g = torch.Generator().manual_seed(0)
+    for pool in promising:
+        use = build_plan([(pool, 0, 0), (pool, 0, 0)], torch.device("cpu")).deltas[0]
+        for site, tensors in pool.tensors.items():
+            module = modules[site]
+            width_in = module.weight.shape[-1] if module.weight.dim() > 1 else module.weight.shape[0]
+            x = torch.randn(2, 1, width_in, generator=g)
+            y = module(x)
+            delta = pool.atype.delta(x, y, use.gather(tensors, site, module), False)
+            assert torch.count_nonzero(delta) == 0, f"{pool.atype.name} at {site}"
