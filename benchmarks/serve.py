@@ -442,7 +442,7 @@ def serve_mixed(args) -> None:
 def server_process(args) -> Iterator[str]:
     """The mixed-types server in a process of its own (same zoo, same options), as an operator runs
     it; yields its URL once it answers, and stops it by its pid (SIGTERM, then SIGKILL) on exit.
-    Its output goes to a log file, named if it fails to start."""
+    Its output goes to a log file, named if it fails to start and removed if it started."""
     import socket
 
     import httpx
@@ -456,6 +456,7 @@ def server_process(args) -> Iterator[str]:
     log = tempfile.NamedTemporaryFile("w+", prefix="serve_mixed_", suffix=".log", delete=False)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    started = False
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -467,6 +468,7 @@ def server_process(args) -> Iterator[str]:
             except httpx.TransportError:
                 pass
             time.sleep(1)
+        started = True
         yield url
     finally:
         process.terminate()
@@ -476,6 +478,8 @@ def server_process(args) -> Iterator[str]:
             process.kill()
             process.wait()
         log.close()
+        if started:
+            Path(log.name).unlink()
 
 
 def mixed_types(args) -> dict:
