@@ -81,6 +81,10 @@ def _pool_shapes_agree(atype, site: str, name: str, have: tuple, want: tuple) ->
 class SlotPool:
     """Device-resident slots for adapters of one type and one size bucket, with LRU eviction."""
 
+    # every write or eviction changes the slot's stamp, so what a current plan gathered from a
+    # slot is still what the slot holds (PoolUse.gather keeps it across decode steps)
+    slots_are_stamped = True
+
     def __init__(
         self,
         atype,
@@ -220,6 +224,8 @@ class LivePool:
 
     Stacking is differentiable, so each row's loss reaches exactly its own adapter's tensors.
     """
+
+    slots_are_stamped = False  # the adapters' own tensors change in place between steps
 
     def __init__(self, atype, variant: str, bucket: dict[str, int], adapters: list[Adapter], model, device, dtype):
         self.atype = atype

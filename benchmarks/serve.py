@@ -21,10 +21,13 @@ Reports medians over rounds; writes benchmarks/results/serve.{json,png}.
     python benchmarks/serve.py [--requests 48] [--adapters 100] [--max-tokens 16] [--batch 16] [--rounds 3] \
         [--threads 1]
 
-Two more scenarios, each against the HTTP server (in-process uvicorn), rounds interleaved:
+Two more scenarios, each against the HTTP server, rounds interleaved:
 
     python benchmarks/serve.py --scenario mixed-types --adapters 320 --clients 16 --max-tokens 16 [--per-type]
-        all six adapter types (Zipf over --adapters) vs base-only; writes results/serve_mixed_types.json
+        all six adapter types (Zipf over --adapters) vs base-only; writes results/serve_mixed_types.json.
+        The server runs in a process of its own, as an operator runs it (uvicorn on 127.0.0.1, stopped
+        by its pid at the end), the HTTP clients in this one; --in-process serves from this process
+        instead (clients, tokenizers and engine then share one interpreter, which the clients slow)
     python benchmarks/serve.py --scenario fairness --batch 32 --max-tokens 16
         a 4-token request idle vs during another tenant's 256-prompt flood; writes results/serve_fairness.json
 
@@ -37,9 +40,12 @@ import argparse
 import copy
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -217,6 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clients", type=int, default=16, help="mixed-types: closed-loop HTTP clients")
     ap.add_argument("--per-client", type=int, default=2, help="mixed-types: requests per client per round")
     ap.add_argument("--per-type", action="store_true", help="mixed-types: also each type alone")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="mixed-types: serve from the benchmark's own process (as before: its clients then slow the server)",
+    )
+    ap.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)  # the server process's port
     ap.add_argument("--samples", type=int, default=3, help="fairness: 4-token requests per phase (median)")
     ap.add_argument(
         "--no-shares", action="store_true", help="fairness: no queue or row shares (as before them), to compare"
@@ -224,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.serve_port is not None:  # the server process that mixed_types starts
+        serve_mixed(args)
+        return {}
     if args.scenario != "throughput":
         command = "python benchmarks/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
         with torch.inference_mode():
@@ -341,19 +356,24 @@ def _running_app():
     return running_app
 
 
+def mixed_names(adapters: int) -> dict[str, list[str]]:
+    """The mixed-types adapters' names by type: adapter i is of the i-th type in turn, "<type>-<i>"."""
+    from mixed_batch import TYPES
+
+    types = list(TYPES)
+    return {t: [f"{t}-{i}" for i in range(k, adapters, len(types))] for k, t in enumerate(types)}
+
+
 def build_mixed(adapters: int) -> tuple[Zoo, dict[str, list[str]]]:
     """SmolLM2 with `adapters` adapters, the six types in turn (the mixed-batch benchmark's
     configs: LoRA r=8 on q,v; Houlsby bottleneck 32; prefix and soft prompt of 16 tokens)."""
     from mixed_batch import TYPES
 
     zoo = Zoo.from_pretrained("smollm2", device="cpu", dtype=torch.float32, slots=16)
-    by_type: dict[str, list[str]] = {t: [] for t in TYPES}
-    types = list(TYPES)
+    by_type = mixed_names(adapters)
     for i in range(adapters):
-        t = types[i % len(types)]
-        name = f"{t}-{i}"
-        zoo.add_adapter(name, t, seed=i, trainable=False, **TYPES[t])
-        by_type[t].append(name)
+        t = list(TYPES)[i % len(TYPES)]
+        zoo.add_adapter(f"{t}-{i}", t, seed=i, trainable=False, **TYPES[t])
     return zoo, by_type
 
 
@@ -400,23 +420,84 @@ def closed_loop(url: str, names: list[str | None], clients: int, per_client: int
     return {"wall": wall, "tokens": sum(tokens), "tokens_per_s": sum(tokens) / wall}
 
 
+def mixed_server(adapters: int, batch: int):
+    """The mixed-types scenario's server: `build_mixed(adapters)` behind the HTTP API, open."""
+    from adapterzoo.serve.http import build_server
+    from adapterzoo.serve.tenants import Tenants
+
+    zoo, by_type = build_mixed(adapters)
+    return build_server(zoo, base_name="smollm2", tenants=Tenants.open(), max_batch=batch, max_queue=256), by_type
+
+
+def serve_mixed(args) -> None:
+    """Run the mixed-types server on 127.0.0.1:--serve-port until SIGTERM (the process that
+    `server_process` starts)."""
+    from adapterzoo.serve.http import create_app, serve
+
+    server, _ = mixed_server(args.adapters, args.batch)
+    serve(create_app(server), host="127.0.0.1", port=args.serve_port)
+
+
+@contextmanager
+def server_process(args) -> Iterator[str]:
+    """The mixed-types server in a process of its own (same zoo, same options), as an operator runs
+    it; yields its URL once it answers, and stops it by its pid (SIGTERM, then SIGKILL) on exit.
+    Its output goes to a log file, named if it fails to start and removed if it started."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, str(Path(__file__).resolve()), "--scenario", "mixed-types", "--serve-port", str(port)]
+    command += ["--adapters", str(args.adapters), "--batch", str(args.batch)]
+    command += ["--threads", str(args.threads)] if args.threads else []
+    log = tempfile.NamedTemporaryFile("w+", prefix="serve_mixed_", suffix=".log", delete=False)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    started = False
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the mixed-types server did not start; its log: {log.name}")
+            try:
+                if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        started = True
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        if started:
+            Path(log.name).unlink()
+
+
 def mixed_types(args) -> dict:
     """Mixed-type serving vs base-only over HTTP (the issue's workload, scaled to --adapters):
     Zipf over adapters of all six types, `--clients` closed-loop clients, `--max-tokens` each.
     With --per-type, each type alone too. Systems interleaved round by round."""
-    from adapterzoo.serve.http import build_server
-    from adapterzoo.serve.tenants import Tenants
-
-    running_app = _running_app()
-
-    zoo, by_type = build_mixed(args.adapters)
+    if args.in_process:
+        server, by_type = mixed_server(args.adapters, args.batch)
+        serving = _running_app()(server)
+    else:
+        by_type = mixed_names(args.adapters)
+        serving = server_process(args)
     everything = [n for names in by_type.values() for n in names]
-    server = build_server(zoo, base_name="smollm2", tenants=Tenants.open(), max_batch=args.batch, max_queue=256)
     systems: dict[str, list[str | None]] = {"mixed types": everything, "base only": [None]}
     if args.per_type:
         systems.update({t: names for t, names in by_type.items()})
     runs: dict[str, list[dict]] = {name: [] for name in systems}
-    with running_app(server) as url:
+    with serving as url:
         closed_loop(url, everything, args.clients, 1, 2, seed=99)  # warm-up: pools, hooks
         for r in range(args.rounds):
             for name, names in systems.items():
@@ -427,7 +508,9 @@ def mixed_types(args) -> dict:
     print(f"\n{'system':14} {'tok/s':>8} {'x base':>7}   (median of {args.rounds} interleaved rounds)")
     for name, tps in summary.items():
         print(f"{name:14} {tps:8.1f} {tps / base:7.2f}")
-    return {"tokens_per_s": summary, "mixed_over_base": summary["mixed types"] / base}
+    where = "in the benchmark's process" if args.in_process else "in a process of its own"
+    print(f"mixed / base: {summary['mixed types'] / base:.2f}x (aim: >= 0.87x, i.e. within 1.15x); server {where}")
+    return {"tokens_per_s": summary, "mixed_over_base": summary["mixed types"] / base, "server": where}
 
 
 # ----------------------------------------------------------------------------- scenario: fairness

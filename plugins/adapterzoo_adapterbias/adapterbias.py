@@ -29,6 +29,9 @@ class AdapterBias(AdapterType):
     name = "adapterbias"
     Config = AdapterBiasConfig
     kind = "delta"
+    # slot 0 (v = 0) adds exactly nothing: the core may run this delta over a whole batch, slot 0 for
+    # other pools' rows (runtime.apply_delta)
+    zero_slot_is_identity = True
     default_lr = 1e-2  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
     def sites(self, model, config):

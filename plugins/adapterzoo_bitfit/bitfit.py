@@ -36,6 +36,9 @@ class BitFit(AdapterType):
     name = "bitfit"
     Config = BitFitConfig
     kind = "delta"
+    # slot 0's bias is zero: the core may run this delta over a whole batch, slot 0 for other pools'
+    # rows (runtime.apply_delta)
+    zero_slot_is_identity = True
     default_lr = 1e-2  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
     def sites(self, model, config):

@@ -60,6 +60,9 @@ class Houlsby(AdapterType):
     name = "houlsby"
     Config = HoulsbyConfig
     kind = "delta"
+    # slot 0 adds exactly nothing (f(0 @ D + 0) @ 0 + 0, every activation has f(0) = 0): the core may
+    # run this delta over a whole batch, slot 0 for other pools' rows (runtime.apply_delta)
+    zero_slot_is_identity = True
     default_lr = 2e-3  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
     def sites(self, model, config):

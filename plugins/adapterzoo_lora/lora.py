@@ -442,6 +442,9 @@ class Lora(AdapterType):
     name = "lora"
     Config = LoraConfig
     kind = "delta"
+    # slot 0 (A, B, every extended tensor and scale all zero) adds exactly nothing: the core may run
+    # this delta over a whole batch, slot 0 for other pools' rows (runtime.apply_delta)
+    zero_slot_is_identity = True
     default_lr = 2e-3  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
     @classmethod

@@ -1,0 +1,126 @@
+"""A plan kept across decode steps (as the serving engine keeps it until its rows change):
+what it gathers is kept, delta types run over every row with slot 0 for other pools' rows, and
+each row still equals its solo run."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from adapterzoo.plan import build_plan
+from adapterzoo.testing.models import output, perturb, tiny_zoo
+from tests.test_plan import fake_pool
+
+ADAPTERS = {
+    "lora": ("lora", {"r": 4, "init_lora_weights": False}),
+    "houlsby": ("houlsby", {"bottleneck": 8}),
+    "bitfit": ("bitfit", {}),
+    "adapterbias": ("adapterbias", {}),
+    "prefix": ("prefix", {"num_virtual_tokens": 3}),
+    "prompt": ("soft_prompt", {"num_virtual_tokens": 2}),
+}
+
+
+def _zoo():
+    zoo = tiny_zoo("llama", slots=4)
+    for i, (name, (type_name, config)) in enumerate(ADAPTERS.items()):
+        zoo.add_adapter(name, type_name, seed=i, trainable=False, **config)
+        perturb(zoo, name, seed=i)
+    return zoo
+
+
+def _decode(zoo, names: list, prompt: torch.Tensor, steps: int, plan=None) -> list[torch.Tensor]:
+    """Prefill `prompt` (rows, T), then `steps` greedy-free decode steps feeding fixed tokens;
+    the logits of each step. With `plan`, every decode step reuses it."""
+    out = zoo.forward(prompt, None, names, cache=DynamicCache(config=zoo.model.config))
+    cache, mask = out.cache, out.attention_mask
+    logits = []
+    for step in range(steps):
+        token = torch.full((len(names), 1), 5 + step)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = zoo.forward(token, mask, names if plan is None else None, plan=plan, cache=cache)
+        cache = out.cache
+        logits.append(output(out)[:, -1])
+    return logits
+
+
+def test_each_row_of_a_kept_plan_equals_its_solo_run_at_every_decode_step():
+    zoo = _zoo()
+    names = ["lora", None, "houlsby", "bitfit", "prompt", "adapterbias", "prefix", "lora", None]
+    prompt = torch.randint(4, 100, (len(names), 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        plan = zoo.plan(names, training=False)
+        mixed = _decode(zoo, names, prompt, 3, plan=plan)
+        for i, name in enumerate(names):
+            solo = _decode(zoo, [name], prompt[i : i + 1], 3)
+            for step, (m, s) in enumerate(zip(mixed, solo)):
+                torch.testing.assert_close(m[i], s[0], atol=1e-4, rtol=1e-4, msg=f"row {i} ({name}) step {step}")
+
+
+def test_a_kept_plan_gathers_each_tensor_once_without_gradients():
+    pool, W = fake_pool()
+    pool.slots_are_stamped = True
+    use = build_plan([(pool, 2, 0), (pool, 4, 0)], torch.device("cpu")).deltas[0]
+    tensors = {"W": W}
+    with torch.inference_mode():
+        first = use.gather(tensors, "site")["W"]
+        assert use.gather(tensors, "site")["W"] is first
+        assert use.gather(tensors, "another site")["W"] is not first
+
+
+def test_gathers_are_made_afresh_while_gradients_are_on():
+    pool, W = fake_pool()
+    pool.slots_are_stamped = True
+    use = build_plan([(pool, 2, 0), (pool, 4, 0)], torch.device("cpu")).deltas[0]
+    W = W.requires_grad_()
+    assert use.gather({"W": W}, "site")["W"] is not use.gather({"W": W}, "site")["W"]
+
+
+def test_a_use_widened_to_every_row_reads_slot_zero_for_the_other_rows():
+    pool, W = fake_pool()
+    plan = build_plan([(pool, 3, 0), None, (pool, 5, 0), None], torch.device("cpu"))
+    wide = plan.deltas[0].every_row()
+    assert wide.rows is None and wide.slots.tolist() == [3, 0, 5, 0]
+    x = torch.randn(4, 1, W.shape[1])
+    got = wide.gather({"W": W}).matmul(x, "W")
+    assert got[1].abs().max() == 0 and got[3].abs().max() == 0
+    torch.testing.assert_close(got[0], x[0] @ W[3])
+
+
+def test_a_slot_written_again_makes_the_kept_plan_gather_again():
+    """An adapter edited and placed again changes its slot's stamp: the zoo re-plans, and the
+    next decode step reads the new weights, not what the old plan had gathered."""
+    zoo = _zoo()
+    names = ["bitfit", None]
+    prompt = torch.randint(4, 100, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        plan = zoo.plan(names, training=False)
+        before = _decode(zoo, names, prompt, 2, plan=plan)[-1]
+    perturb(zoo, "bitfit", seed=7)
+    with torch.inference_mode():
+        zoo.plan(["bitfit"], training=False)  # places the edited adapter again (a new stamp)
+        after = _decode(zoo, names, prompt, 2, plan=plan)[-1]
+        solo = _decode(zoo, ["bitfit"], prompt[:1], 2)[-1]
+    assert (after[0] - before[0]).abs().max() > 1e-3
+    torch.testing.assert_close(after[0], solo[0], atol=1e-4, rtol=1e-4)
+
+
+def test_every_type_that_promises_a_zero_delta_at_slot_zero_keeps_it():
+    """`zero_slot_is_identity` lets the core run a type's delta over rows of other pools (slot 0):
+    for those rows the delta must be exactly zero, whatever x and y are."""
+    zoo = _zoo()
+    with torch.inference_mode():
+        zoo.plan(list(ADAPTERS), training=False)  # every adapter into its pool
+    modules = dict(zoo.model.named_modules())
+    promising = [pool for pool in zoo.pools.values() if getattr(pool.atype, "zero_slot_is_identity", False)]
+    assert {pool.atype.name for pool in promising} == {"lora", "houlsby", "bitfit", "adapterbias"}
+    g = torch.Generator().manual_seed(0)
+    for pool in promising:
+        use = build_plan([(pool, 0, 0), (pool, 0, 0)], torch.device("cpu")).deltas[0]
+        for site, tensors in pool.tensors.items():
+            module = modules[site]
+            width_in = module.weight.shape[-1] if module.weight.dim() > 1 else module.weight.shape[0]
+            x = torch.randn(2, 1, width_in, generator=g)
+            y = module(x)
+            delta = pool.atype.delta(x, y, use.gather(tensors, site, module), False)
+            assert torch.count_nonzero(delta) == 0, f"{pool.atype.name} at {site}"
