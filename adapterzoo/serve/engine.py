@@ -243,7 +243,8 @@ class Engine:
         if drain:
             deadline = None if timeout is None else time.monotonic() + timeout
             with self._cond:
-                while self._waiting or self._batch.rows:
+                # taken: out of the queue, not yet a row (being prefilled); a drain waits for them too
+                while self._waiting or self._taken or self._batch.rows:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         break
