@@ -186,7 +186,7 @@ class Engine:
         # decode step does, whether it holds one prompt or several. While rows decode, up to
         # `prefill_wait` steps pass until `prefill_group` requests (max_batch // 4; or as many as
         # wait) can join together. Measured with benchmarks/vs_vllm.py (batch 16, 64 requests):
-        # 39 prefills -> ~15, see docs/serving.md "On the CPU". A lone waiting request never waits.
+        # 39 prefills -> 14, see docs/serving.md "On the CPU". A lone waiting request never waits.
         self.prefill_group = max(1, max_batch // 4) if prefill_group is None else max(1, prefill_group)
         self.prefill_wait = prefill_wait
         self._held_steps = 0  # decode steps the current joiners have been held back
