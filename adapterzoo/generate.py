@@ -87,8 +87,6 @@ def generate(
     skip_special_tokens: bool = True,
 ) -> list[str]:
     """Continuations of `prompts` (strings), row i with `adapters[i]`."""
-    from transformers import DynamicCache
-
     if zoo.tokenizer is None or not zoo.is_causal_lm:
         raise BatchError("generate needs a causal language model base with a tokenizer")
     if isinstance(prompts, str):
@@ -109,7 +107,7 @@ def generate(
     batch = len(prompts)
     out_tokens: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
-    cache = DynamicCache(config=zoo.model.config)
+    cache = zoo.new_cache()
     step_ids = input_ids
     for _ in range(max_new_tokens):
         out = zoo.forward(step_ids, mask, plan=plan, cache=cache)

@@ -10,6 +10,7 @@ texts = zoo.generate(["...", "..."], adapters=["sql", "chat"])
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 import threading
@@ -557,6 +558,11 @@ class Zoo:
         virtual_mask = virtual_columns(plan.prompt_lengths, width)
         return torch.cat([virtual, embeds], 1), torch.cat([virtual_mask.to(mask.dtype), mask], 1), width
 
+    def new_cache(self) -> Any:
+        """An empty KV cache for `forward(..., cache=...)`: transformers' `DynamicCache`, whose
+        layers append each step into spare room instead of copying the whole cache (`roomy_cache`)."""
+        return roomy_cache(self.model.config)
+
     # ------------------------------------------------------------------ generation
 
     def generate(
@@ -621,6 +627,75 @@ def _cache_keyword(model: nn.Module) -> str:
 
 def _cache_length(cache: Any) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
+
+
+# ------------------------------------------------------------------ the KV cache
+
+ROOM = 64  # spare columns a layer allocates past what it holds: appends copy nothing until they are used
+
+
+def roomy_cache(config: Any) -> Any:
+    """A `DynamicCache` for `config` whose layers append into spare room (`RoomyLayer`).
+
+    transformers' `DynamicLayer` appends a step's keys and values by concatenation, copying the
+    whole cache at every layer and step. Measured (a decode step of 16 rows, SmolLM2-135M,
+    1 thread, CPU time): with 500-token histories 211 ms -> 166 ms; with 20 no difference.
+    The values are the same either way: only where they are stored differs."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    cache.layers = [roomy_layer_class()() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+@functools.cache
+def roomy_layer_class() -> type:
+    """`RoomyLayer`, built on first use (transformers loads lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """A `DynamicLayer` that keeps `keys`/`values` as views of larger tensors with spare columns,
+        and writes a step's keys and values into them in place.
+
+        Anything else may still replace `keys`/`values` (a merge pads them, a trim or a row's
+        departure cuts them): `update` sees that they are no longer its own views and moves them
+        into new room first. A view handed out is never written again: writes go past its end,
+        and room is never shared with a replaced tensor."""
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self.room: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, values), ROOM columns longer
+            self.views: tuple[torch.Tensor, torch.Tensor] | None = None  # what this layer last set keys/values to
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            held, adding = self.get_seq_length(), key_states.shape[-2]
+            own = self.views is not None and self.keys is self.views[0] and self.values is self.views[1]
+            if not own or self.room[0].shape[-2] < held + adding or self.room[0].shape[0] != key_states.shape[0]:
+                self.move_into_room(key_states, value_states, held + adding)
+            room_k, room_v = self.room
+            room_k[..., held : held + adding, :].copy_(key_states)
+            room_v[..., held : held + adding, :].copy_(value_states)
+            self.keys, self.values = room_k[..., : held + adding, :], room_v[..., : held + adding, :]
+            self.views = (self.keys, self.values)
+            return self.keys, self.values
+
+        def move_into_room(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+            """New room for `needed` columns plus ROOM, holding what the layer holds now."""
+            held = self.get_seq_length()
+            rooms = []
+            for now, like in ((self.keys, key_states), (self.values, value_states)):
+                room = like.new_empty((*like.shape[:-2], needed + ROOM, like.shape[-1]))
+                if held:
+                    room[..., :held, :].copy_(now)
+                rooms.append(room)
+            self.room = (rooms[0], rooms[1])
+
+    return RoomyLayer
 
 
 def _looks_like_repo_id(source: str) -> bool:

@@ -167,6 +167,8 @@ class Engine:
         max_queue_per_tenant: int | None = None,
         max_rows_per_tenant: int | None = None,
         stuck_after: float = 60.0,
+        prefill_group: int | None = None,
+        prefill_wait: int = 6,
     ):
         if zoo.tokenizer is None or not zoo.is_causal_lm:
             raise EngineError("the engine needs a causal language model base with a tokenizer")
@@ -180,6 +182,14 @@ class Engine:
         self.max_queue_per_tenant = max_queue_per_tenant
         self.max_rows_per_tenant = max_rows_per_tenant
         self.stuck_after = stuck_after
+        # Joiners are prefilled in groups: a prefill reads every weight of the base once, as a
+        # decode step does, whether it holds one prompt or several. While rows decode, up to
+        # `prefill_wait` steps pass until `prefill_group` requests (max_batch // 4; or as many as
+        # wait) can join together. Measured with benchmarks/vs_vllm.py (batch 16, 64 requests):
+        # 39 prefills -> 14, see docs/serving.md "On the CPU". A lone waiting request never waits.
+        self.prefill_group = max(1, max_batch // 4) if prefill_group is None else max(1, prefill_group)
+        self.prefill_wait = prefill_wait
+        self._held_steps = 0  # decode steps the current joiners have been held back
         self.resolver: Resolver = resolver or HostResolver(zoo)
         self.resolver.attach(self)
         self.metrics = metrics or NullMetrics()
@@ -673,18 +683,25 @@ class Engine:
         )
         joiners: list[Request] = []
         left: set[int] = set()  # ids of the requests that leave the queue: joiners, and those ended in it
+        ready = 0  # waiting requests whose adapter is in host memory (they could join once rows free up)
         for req in self._in_turn(waiting):
             # requests that need no row leave the queue even when the batch is full, so that
             # they stop counting against max_queue
             if self._ended_in_queue(req):
                 left.add(id(req))
-            elif room.row_for(req.tenant) and self._may_join(req, room):
+                continue
+            ready += req.ready is None or req.ready.done()
+            if room.row_for(req.tenant) and self._may_join(req, room):
                 room.take(req, len(req.prompt_ids) + req.virtual)
                 joiners.append(req)
-                self._served(req.tenant)
-                left.add(id(req))
             elif req.handle.done:  # its adapter's virtual tokens overflow the context: failed in `_may_join`
                 left.add(id(req))
+                ready -= 1
+        if joiners and self._hold(joiners, ready):
+            joiners = []
+        for req in joiners:
+            self._served(req.tenant)
+            left.add(id(req))
         if left:
             now = time.monotonic()
             with self._cond:
@@ -693,6 +710,17 @@ class Engine:
                     r.progressed = now
                     self._taken.add(r)
         return joiners
+
+    def _hold(self, joiners: list[Request], ready: int) -> bool:
+        """Whether the joiners wait (one more decode step) for others to join in the same prefill:
+        only while rows decode meanwhile, fewer than `prefill_group` could join (counting every
+        ready request that waits), and for at most `prefill_wait` steps."""
+        want = min(self.prefill_group, ready)
+        if not self._batch.rows or len(joiners) >= want or self._held_steps >= self.prefill_wait:
+            self._held_steps = 0
+            return False
+        self._held_steps += 1
+        return True
 
     def _ended_in_queue(self, req: Request) -> bool:
         """Cancelled, or its adapter failed to load: ended here, with no row."""
@@ -791,8 +819,6 @@ class Engine:
         self._merge([joiners[i] for i in alive], new_cache, new_mask, new_next)
 
     def _prefill(self, joiners: list[Request]):
-        from transformers import DynamicCache
-
         zoo = self.zoo
         width = max(len(r.prompt_ids) for r in joiners)
         ids = torch.full((len(joiners), width), self.pad, dtype=torch.long)
@@ -801,7 +827,7 @@ class Engine:
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
         plan = zoo.plan([r.adapter for r in joiners], training=False)
-        cache = DynamicCache(config=zoo.model.config)
+        cache = zoo.new_cache()
         # only the last position's logits are sampled: skip the vocabulary projection of the others
         return zoo.forward(ids.to(zoo.device), mask.to(zoo.device), plan=plan, cache=cache, logits_to_keep=1)
 

@@ -342,3 +342,75 @@ def test_room_books_rows_pool_slots_a_tenants_resident_slots_and_the_prefill_bud
     assert not room.prefill_for(2) and room.prefill_for(1)
     room.take(Request([1], None, SamplingParams(), tenant="t"), 1)
     assert not room.row_for("u")  # three rows: the batch is full
+
+
+def test_joiners_wait_a_few_steps_to_share_one_prefill_and_still_get_their_solo_output():
+    """While rows decode, requests that could join one by one wait (at most `prefill_wait` steps)
+    until `prefill_group` of them join in the same prefill."""
+    zoo = zoo_for("llama")
+    jobs = [(PROMPTS[i % len(PROMPTS)], "lora" if i % 2 else None, 2 + (i * 3) % 7) for i in range(16)]
+    prefills = []
+
+    def counting(forward):
+        def run(*args, **kwargs):
+            if kwargs.get("logits_to_keep"):  # only the engine's prefills keep one position
+                prefills.append(args[0].shape[0])
+            return forward(*args, **kwargs)
+
+        return run
+
+    results = {}
+    for group in (1, 4):
+        prefills.clear()
+        with Engine(zoo, max_batch=4, prefill_group=group, prefill_wait=6) as engine:
+            zoo.forward = counting(type(zoo).forward.__get__(zoo))
+            try:
+                handles = [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs]
+                results[group] = [h.result(60) for h in handles]
+            finally:
+                del zoo.forward
+        results[group, "prefills"] = len(prefills)
+    assert results[4, "prefills"] < results[1, "prefills"]
+    for (prompt, adapter, n), alone, grouped in zip(jobs, results[1], results[4]):
+        assert grouped.error is None and alone.error is None
+        assert grouped.text == alone.text == solo(zoo, prompt, adapter, max_new_tokens=n)
+
+
+def test_a_lone_waiting_request_joins_at_once():
+    zoo = zoo_for("llama")
+    with Engine(zoo, max_batch=4, prefill_group=4, prefill_wait=1000) as engine:
+        first = engine.submit("hello", None, SamplingParams(max_tokens=40, ignore_eos=True))
+        while engine.steps < 2:
+            time.sleep(0.005)
+        steps = engine.steps
+        second = engine.submit("abc ->", "lora", SamplingParams(max_tokens=2))
+        assert second.result(30).error is None
+        assert not first.done or first.result().completion_tokens == 40
+        assert engine.steps - steps < 40  # it did not wait for the long row to finish
+    assert second.result().text == solo(zoo, "abc ->", "lora", max_new_tokens=2)
+
+
+def test_a_roomy_cache_holds_what_a_dynamic_cache_holds_and_never_rewrites_a_view_it_gave():
+    import torch
+    from transformers import DynamicCache
+
+    zoo = zoo_for("llama")
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    with torch.inference_mode():
+        outs = {}
+        for name, cache in (("dynamic", DynamicCache(config=zoo.model.config)), ("roomy", zoo.new_cache())):
+            out = zoo.forward(ids, mask, adapters=["lora", None], cache=cache)
+            m, logits, first_keys = out.attention_mask, [out.logits[:, -1]], None
+            for step in range(70):  # past the layer's spare room: it grows
+                m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+                out = zoo.forward(out.logits[:, -1].argmax(-1)[:, None], m, adapters=["lora", None], cache=out.cache)
+                logits.append(out.logits[:, -1])
+                if step == 2:
+                    layer = out.cache.layers[0]
+                    first_keys, snapshot = layer.keys, layer.keys.clone()
+                    layer.keys = layer.keys[..., 1:, :]  # replaced from outside (a trim): moved into new room
+                    layer.keys = torch.cat([snapshot[..., :1, :], layer.keys], -2)
+            assert torch.equal(first_keys, snapshot)
+            outs[name] = torch.stack(logits)
+    assert torch.equal(outs["roomy"], outs["dynamic"])
