@@ -4,10 +4,16 @@ each row still equals its solo run."""
 
 from __future__ import annotations
 
+import types
+from contextlib import contextmanager
+
+import pytest
 import torch
 from transformers import DynamicCache
 
+from adapterzoo import AdapterConfig, AdapterType, PluginError, hookimpl, plugins
 from adapterzoo.plan import build_plan
+from adapterzoo.sites import find_linear, linear_dims
 from adapterzoo.testing.models import output, perturb, tiny_zoo
 from tests.test_plan import fake_pool
 
@@ -124,3 +130,66 @@ def test_every_type_that_promises_a_zero_delta_at_slot_zero_keeps_it():
             y = module(x)
             delta = pool.atype.delta(x, y, use.gather(tensors, site, module), False)
             assert torch.count_nonzero(delta) == 0, f"{pool.atype.name} at {site}"
+
+
+class _Bottleneck(AdapterType):
+    """A third-party delta type: down (in, 4), up (4, out) at each MLP's down projection."""
+
+    name = "plan_reuse_bottleneck"
+    Config = AdapterConfig
+
+    def sites(self, model, config):
+        return find_linear(model, ["down_proj"])
+
+    def tensors(self, model, site, module, config):
+        fan_in, fan_out = linear_dims(module)
+        return {"down": (fan_in, 4), "up": (4, fan_out)}
+
+    def delta(self, x, y, w, training):
+        return w.matmul(w.matmul(x, "down"), "up")
+
+
+class _ClaimsZeroSlot(_Bottleneck):
+    """Promises a zero delta at slot 0 but adds a constant shift to every row it is given."""
+
+    name = "plan_reuse_liar"
+    zero_slot_is_identity = True
+
+    def delta(self, x, y, w, training):
+        return super().delta(x, y, w, training) + 1e-3
+
+
+@contextmanager
+def _registered(cls):
+    plugin = types.SimpleNamespace(register_adapter_types=hookimpl(lambda register: register(cls)))
+    plugins.pm.register(plugin, name=f"plan-reuse-{cls.name}")
+    try:
+        yield
+    finally:
+        plugins.pm.unregister(name=f"plan-reuse-{cls.name}")
+
+
+def test_a_type_without_the_zero_slot_promise_mixed_with_built_ins_equals_its_solo_run_at_every_step():
+    with _registered(_Bottleneck):
+        zoo = _zoo()
+        zoo.add_adapter("third", _Bottleneck.name, seed=9, trainable=False)
+        perturb(zoo, "third", seed=9)
+        names = ["third", "lora", None, "houlsby", "third", "bitfit"]
+        prompt = torch.randint(4, 100, (len(names), 5), generator=torch.Generator().manual_seed(2))
+        with torch.inference_mode():
+            plan = zoo.plan(names, training=False)
+            mixed = _decode(zoo, names, prompt, 4, plan=plan)
+            for i, name in enumerate(names):
+                solo = _decode(zoo, [name], prompt[i : i + 1], 4)
+                for step, (m, s) in enumerate(zip(mixed, solo)):
+                    torch.testing.assert_close(m[i], s[0], atol=1e-4, rtol=1e-4, msg=f"row {i} ({name}) step {step}")
+
+
+def test_a_type_whose_delta_at_slot_zero_is_not_zero_cannot_claim_zero_slot_is_identity():
+    """Else, run over every row of a decode step, it would shift the bare base's rows and other
+    adapters' rows: the contract check refuses it when its first adapter is added."""
+    with _registered(_ClaimsZeroSlot):
+        zoo = tiny_zoo("llama", slots=4)
+        with pytest.raises(PluginError, match="zero_slot_is_identity"):
+            zoo.add_adapter("liar", _ClaimsZeroSlot.name, seed=1, trainable=False)
+        assert "liar" not in zoo.adapter_names()
