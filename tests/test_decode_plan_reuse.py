@@ -193,3 +193,45 @@ def test_a_type_whose_delta_at_slot_zero_is_not_zero_cannot_claim_zero_slot_is_i
         with pytest.raises(PluginError, match="zero_slot_is_identity"):
             zoo.add_adapter("liar", _ClaimsZeroSlot.name, seed=1, trainable=False)
         assert "liar" not in zoo.adapter_names()
+
+
+def test_an_adapter_removed_and_added_again_under_its_name_is_read_anew_by_a_kept_plan():
+    zoo = _zoo()
+    names = ["lora", None, "houlsby"]
+    prompt = torch.randint(4, 100, (3, 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        plan = zoo.plan(names, training=False)
+        _decode(zoo, names, prompt, 2, plan=plan)
+    zoo.remove_adapter("lora")
+    zoo.add_adapter("lora", "lora", seed=11, trainable=False, r=4, init_lora_weights=False)
+    perturb(zoo, "lora", seed=11)
+    with torch.inference_mode():
+        after = _decode(zoo, names, prompt, 3, plan=plan)
+        for i, name in enumerate(names):
+            solo = _decode(zoo, [name], prompt[i : i + 1], 3)
+            for m, s in zip(after, solo):
+                torch.testing.assert_close(m[i], s[0], atol=1e-4, rtol=1e-4, msg=f"row {i} ({name})")
+
+
+def test_a_slot_taken_by_another_adapter_between_decode_steps_is_not_read_through_a_kept_plan():
+    """One LoRA slot: a plan for "a" is kept while "b" takes the slot between two decode steps."""
+    zoo = tiny_zoo("llama", slots=1)
+    for i, name in enumerate(["a", "b"]):
+        zoo.add_adapter(name, "lora", seed=i, trainable=False, r=4, init_lora_weights=False)
+        perturb(zoo, name, seed=i)
+    prompt = torch.randint(4, 100, (2, 5), generator=torch.Generator().manual_seed(4))
+    names = ["a", None]
+    with torch.inference_mode():
+        plan = zoo.plan(names, training=False)
+        out = zoo.forward(prompt, None, plan=plan, cache=zoo.new_cache())
+        cache, mask, mixed = out.cache, out.attention_mask, []
+        for step in range(3):
+            zoo.plan(["b"], training=False)  # evicts "a": its slot now holds "b"
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = zoo.forward(torch.full((2, 1), 5 + step), mask, plan=plan, cache=cache)
+            cache = out.cache
+            mixed.append(output(out)[:, -1])
+        for i, name in enumerate(names):
+            solo = _decode(zoo, [name], prompt[i : i + 1], 3)
+            for m, s in zip(mixed, solo):
+                torch.testing.assert_close(m[i], s[0], atol=1e-4, rtol=1e-4, msg=f"row {i} ({name})")
