@@ -94,6 +94,9 @@ def check_adapter(model: nn.Module, adapter, device: torch.device, dtype: torch.
                         f"{_shape(out)} for a module output of shape {tuple(y.shape)}; return "
                         "(n or 1, T, out), what is added to the output"
                     )
+                if getattr(atype, "zero_slot_is_identity", False):
+                    last = (x[:, -1:], y[:, -1:]) if x.shape[1] == y.shape[1] else (x, y)  # an embedding's x: ids
+                    _check_zero_slot(atype, site, modules[site], pool, *last)
         elif facts.attaches == "embeddings":
             site = next(iter(adapter.tensors))
             width = model.get_input_embeddings().embedding_dim
@@ -138,6 +141,26 @@ def check_adapter(model: nn.Module, adapter, device: torch.device, dtype: torch.
                         f"expected (keys, values), each (n, {kv_heads}, P, {head_dim}) with P >= "
                         f"length(config) = {adapter.length()}"
                     )
+
+
+def _check_zero_slot(atype: AdapterType, site: str, module: nn.Module, pool, x: torch.Tensor, y: torch.Tensor) -> None:
+    """A type that promises `zero_slot_is_identity` runs over every row of a decode step, slot 0
+    for the rows of other pools (runtime.apply_delta): its delta there must be exactly zero, or
+    it changes those rows (the bare base's, other adapters'). Checked as the core will call it:
+    one token, slots as a tensor."""
+    from .plan import PoolUse
+
+    use = PoolUse(pool=pool, rows=None, slots=torch.zeros(1, dtype=torch.long, device=x.device), batch_size=1)
+    out = _called(atype, "delta", site, lambda: atype.delta(x, y, use.gather(pool.site(site), site, module), False))
+    if isinstance(out, torch.Tensor) and torch.count_nonzero(out) == 0:
+        return
+    largest = f"up to {out.abs().max().item():.3g}" if isinstance(out, torch.Tensor) else _shape(out)
+    raise PluginError(
+        f"adapter type {atype.name!r} at site {site!r}: it sets zero_slot_is_identity, but delta() at slot 0 "
+        f"(every tensor and constant zero: no adapter) returned {largest}, not zeros; in a decode step that "
+        "would change the rows of other adapters and of the bare base. Make delta exactly zero there, or "
+        "remove zero_slot_is_identity (docs/plugins.md)"
+    )
 
 
 def _adds_to(delta: object, y: torch.Tensor) -> bool:

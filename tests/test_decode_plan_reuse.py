@@ -4,10 +4,16 @@ each row still equals its solo run."""
 
 from __future__ import annotations
 
+import types
+from contextlib import contextmanager
+
+import pytest
 import torch
 from transformers import DynamicCache
 
+from adapterzoo import AdapterConfig, AdapterType, PluginError, hookimpl, plugins
 from adapterzoo.plan import build_plan
+from adapterzoo.sites import find_linear, linear_dims
 from adapterzoo.testing.models import output, perturb, tiny_zoo
 from tests.test_plan import fake_pool
 
@@ -124,3 +130,108 @@ def test_every_type_that_promises_a_zero_delta_at_slot_zero_keeps_it():
             y = module(x)
             delta = pool.atype.delta(x, y, use.gather(tensors, site, module), False)
             assert torch.count_nonzero(delta) == 0, f"{pool.atype.name} at {site}"
+
+
+class _Bottleneck(AdapterType):
+    """A third-party delta type: down (in, 4), up (4, out) at each MLP's down projection."""
+
+    name = "plan_reuse_bottleneck"
+    Config = AdapterConfig
+
+    def sites(self, model, config):
+        return find_linear(model, ["down_proj"])
+
+    def tensors(self, model, site, module, config):
+        fan_in, fan_out = linear_dims(module)
+        return {"down": (fan_in, 4), "up": (4, fan_out)}
+
+    def delta(self, x, y, w, training):
+        return w.matmul(w.matmul(x, "down"), "up")
+
+
+class _ClaimsZeroSlot(_Bottleneck):
+    """Promises a zero delta at slot 0 but adds a constant shift to every row it is given."""
+
+    name = "plan_reuse_liar"
+    zero_slot_is_identity = True
+
+    def delta(self, x, y, w, training):
+        return super().delta(x, y, w, training) + 1e-3
+
+
+@contextmanager
+def _registered(cls):
+    plugin = types.SimpleNamespace(register_adapter_types=hookimpl(lambda register: register(cls)))
+    plugins.pm.register(plugin, name=f"plan-reuse-{cls.name}")
+    try:
+        yield
+    finally:
+        plugins.pm.unregister(name=f"plan-reuse-{cls.name}")
+
+
+def test_a_type_without_the_zero_slot_promise_mixed_with_built_ins_equals_its_solo_run_at_every_step():
+    with _registered(_Bottleneck):
+        zoo = _zoo()
+        zoo.add_adapter("third", _Bottleneck.name, seed=9, trainable=False)
+        perturb(zoo, "third", seed=9)
+        names = ["third", "lora", None, "houlsby", "third", "bitfit"]
+        prompt = torch.randint(4, 100, (len(names), 5), generator=torch.Generator().manual_seed(2))
+        with torch.inference_mode():
+            plan = zoo.plan(names, training=False)
+            mixed = _decode(zoo, names, prompt, 4, plan=plan)
+            for i, name in enumerate(names):
+                solo = _decode(zoo, [name], prompt[i : i + 1], 4)
+                for step, (m, s) in enumerate(zip(mixed, solo)):
+                    torch.testing.assert_close(m[i], s[0], atol=1e-4, rtol=1e-4, msg=f"row {i} ({name}) step {step}")
+
+
+def test_a_type_whose_delta_at_slot_zero_is_not_zero_cannot_claim_zero_slot_is_identity():
+    """Else, run over every row of a decode step, it would shift the bare base's rows and other
+    adapters' rows: the contract check refuses it when its first adapter is added."""
+    with _registered(_ClaimsZeroSlot):
+        zoo = tiny_zoo("llama", slots=4)
+        with pytest.raises(PluginError, match="zero_slot_is_identity"):
+            zoo.add_adapter("liar", _ClaimsZeroSlot.name, seed=1, trainable=False)
+        assert "liar" not in zoo.adapter_names()
+
+
+def test_an_adapter_removed_and_added_again_under_its_name_is_read_anew_by_a_kept_plan():
+    zoo = _zoo()
+    names = ["lora", None, "houlsby"]
+    prompt = torch.randint(4, 100, (3, 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        plan = zoo.plan(names, training=False)
+        _decode(zoo, names, prompt, 2, plan=plan)
+    zoo.remove_adapter("lora")
+    zoo.add_adapter("lora", "lora", seed=11, trainable=False, r=4, init_lora_weights=False)
+    perturb(zoo, "lora", seed=11)
+    with torch.inference_mode():
+        after = _decode(zoo, names, prompt, 3, plan=plan)
+        for i, name in enumerate(names):
+            solo = _decode(zoo, [name], prompt[i : i + 1], 3)
+            for m, s in zip(after, solo):
+                torch.testing.assert_close(m[i], s[0], atol=1e-4, rtol=1e-4, msg=f"row {i} ({name})")
+
+
+def test_a_slot_taken_by_another_adapter_between_decode_steps_is_not_read_through_a_kept_plan():
+    """One LoRA slot: a plan for "a" is kept while "b" takes the slot between two decode steps."""
+    zoo = tiny_zoo("llama", slots=1)
+    for i, name in enumerate(["a", "b"]):
+        zoo.add_adapter(name, "lora", seed=i, trainable=False, r=4, init_lora_weights=False)
+        perturb(zoo, name, seed=i)
+    prompt = torch.randint(4, 100, (2, 5), generator=torch.Generator().manual_seed(4))
+    names = ["a", None]
+    with torch.inference_mode():
+        plan = zoo.plan(names, training=False)
+        out = zoo.forward(prompt, None, plan=plan, cache=zoo.new_cache())
+        cache, mask, mixed = out.cache, out.attention_mask, []
+        for step in range(3):
+            zoo.plan(["b"], training=False)  # evicts "a": its slot now holds "b"
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = zoo.forward(torch.full((2, 1), 5 + step), mask, plan=plan, cache=cache)
+            cache = out.cache
+            mixed.append(output(out)[:, -1])
+        for i, name in enumerate(names):
+            solo = _decode(zoo, [name], prompt[i : i + 1], 3)
+            for m, s in zip(mixed, solo):
+                torch.testing.assert_close(m[i], s[0], atol=1e-4, rtol=1e-4, msg=f"row {i} ({name})")

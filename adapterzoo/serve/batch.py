@@ -182,6 +182,12 @@ class Room:
             return False
         return self.max_rows_per_tenant is None or self.per_tenant[tenant] < self.max_rows_per_tenant
 
+    def waits_for_rows(self, tenant: str | None) -> bool:
+        """Turned away only because the batch has no free row (within its tenant's share it has
+        one): it joins as rows end, so joiners may be held for it (`Engine._hold`)."""
+        within_share = self.max_rows_per_tenant is None or self.per_tenant[tenant] < self.max_rows_per_tenant
+        return self.used >= self.max_rows and within_share
+
     def slot_for(self, adapter: str, tenant: str | None, limit: int | None) -> bool:
         """Its adapter already has a slot in the batch, or its pool and its tenant have one free."""
         in_pool = self.by_pool.get(self.pool_of(adapter), set())

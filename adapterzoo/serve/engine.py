@@ -683,20 +683,27 @@ class Engine:
         )
         joiners: list[Request] = []
         left: set[int] = set()  # ids of the requests that leave the queue: joiners, and those ended in it
-        ready = 0  # waiting requests whose adapter is in host memory (they could join once rows free up)
+        # requests that could share the joiners' prefill: the joiners, and those in host memory
+        # turned away only for want of a free row (they join as rows end). Not those of a tenant
+        # at its row share, nor those over the prefill budget or without a slot: holding joiners
+        # for them let a tenant flooding at its share hold every other tenant's first token back
+        # `prefill_wait` steps (tests/serve/test_attacks_round4.py: 9 steps against 3 alone)
+        ready = 0
         for req in self._in_turn(waiting):
             # requests that need no row leave the queue even when the batch is full, so that
             # they stop counting against max_queue
             if self._ended_in_queue(req):
                 left.add(id(req))
                 continue
-            ready += req.ready is None or req.ready.done()
+            loaded = req.ready is None or req.ready.done()
             if room.row_for(req.tenant) and self._may_join(req, room):
                 room.take(req, len(req.prompt_ids) + req.virtual)
                 joiners.append(req)
+                ready += 1
             elif req.handle.done:  # its adapter's virtual tokens overflow the context: failed in `_may_join`
                 left.add(id(req))
-                ready -= 1
+            elif loaded and room.waits_for_rows(req.tenant):
+                ready += 1
         if joiners and self._hold(joiners, ready):
             joiners = []
         for req in joiners:
