@@ -52,24 +52,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, save_json  # noqa: E402
+from prompts import PROMPTS  # noqa: E402
 
 from adapterzoo import Zoo  # noqa: E402
 from adapterzoo.serve import Engine, SamplingParams  # noqa: E402
-
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Water boils at",
-    "My favourite colour is",
-    "The three primary colours are",
-    "Once upon a time, in a small village,",
-    "1, 2, 3, 4,",
-    "The opposite of hot is",
-    "Translate to French: good morning",
-    "A haiku about the sea:",
-    "SELECT name FROM users WHERE",
-    "The best way to learn is",
-]
 
 
 def workload(

@@ -44,24 +44,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from prompts import PROMPTS
+
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 MARK = "@@vs_vllm "  # the worker's replies start with this (vLLM logs to the same stdout)
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Water boils at",
-    "My favourite colour is",
-    "The three primary colours are",
-    "Once upon a time, in a small village,",
-    "1, 2, 3, 4,",
-    "The opposite of hot is",
-    "Translate to French: good morning",
-    "A haiku about the sea:",
-    "SELECT name FROM users WHERE",
-    "The best way to learn is",
-]
 # ~512-token prompts: this paragraph repeated and cut at 512 tokens, each opened by a short prompt
 LONG_TEXT = (
     "Operators choose a multi-adapter server by tokens per second. A serving engine keeps one frozen base in "
