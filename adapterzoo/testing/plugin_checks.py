@@ -18,17 +18,12 @@ plumbing (hooks, pools, training, serving), not the method's quality.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
 from .models import char_tokenizer, perturb, tiny_model, tiny_zoo
+from .serving import start_serve
 
 
 def random_ids(rows: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
@@ -77,12 +72,6 @@ def first_and_last_losses(report, name: str = "reverse", window: int = 5) -> tup
     return sum(losses[:window]) / len(losses[:window]), sum(losses[-window:]) / len(losses[-window:])
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def served_completions(
     folder: Path,
     type_name: str,
@@ -95,9 +84,6 @@ def served_completions(
     """Serve an adapter of `type_name` (perturbed off identity) with `adapterzoo serve` on
     127.0.0.1 and ask for greedy completions of `prompts` with the `openai` client; returns
     (served texts, the same zoo's own `generate` texts). The server is stopped before returning."""
-    import httpx
-    from openai import OpenAI
-
     base = folder / "base"
     tiny_model("llama").save_pretrained(base)
     char_tokenizer().save_pretrained(base)
@@ -108,41 +94,9 @@ def served_completions(
     with torch.no_grad():
         expected = zoo.generate(list(prompts), ["plugin-adapter"] * len(prompts), max_new_tokens=max_tokens)
 
-    port = _free_port()
-    log = open(folder / "serve.log", "wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "adapterzoo.cli",
-            "serve",
-            str(base),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--name",
-            "tiny",
-            "--device",
-            "cpu",
-            "--adapters",
-            str(folder / "adapters"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
-    )
+    server = start_serve(base, folder / "serve.log", "--adapters", str(folder / "adapters"), timeout=timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"adapterzoo serve did not start:\n{(folder / 'serve.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        client = server.client()
         served = [
             client.completions.create(model="plugin-adapter", prompt=p, max_tokens=max_tokens, temperature=0)
             .choices[0]
@@ -150,12 +104,5 @@ def served_completions(
             for p in prompts
         ]
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-        log.close()
+        server.stop()
     return served, expected
