@@ -12,7 +12,6 @@ OpenMP's wait policy before torch loads (`adapterzoo.cli.main`, docs/serving.md 
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from .errors import (
@@ -41,6 +40,7 @@ from .errors import (
     UnknownTaskError,
 )
 from .hookspecs import hookimpl
+from .lazy import lazy_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from .plan import SlotWeights
@@ -63,16 +63,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # later reads skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = [

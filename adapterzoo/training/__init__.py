@@ -20,7 +20,7 @@ stopped; `save_to` writes the final adapters only at the very end, and only fini
 nothing half-trained or diverged ever sits under the final name (docs/training.md).
 """
 
-import importlib
+from ..lazy import lazy_names
 
 # Loaded on first use (PEP 562), so `adapterzoo.training.cli` imports without torch: the
 # `adapterzoo` command sets OpenMP's wait policy before torch loads (adapterzoo/cli.py).
@@ -43,16 +43,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = [
