@@ -416,14 +416,20 @@ async def admin_load(request: Request) -> Response:
     return JSONResponse(request.app.state.adapters.describe(body.name), status_code=201)
 
 
+async def _tiers_action(request: Request, action: str, name: str, param: str | None = None) -> bool:
+    """`Tiers.unload` or `Tiers.delete` off the event loop: True when done, False when pending
+    (the adapter is still in use); an unknown adapter is a 404."""
+    try:
+        return await asyncio.to_thread(getattr(request.app.state.adapters, action), name)
+    except UnknownAdapterError as exc:
+        raise APIError(404, str(exc), param=param, code="adapter_not_found") from None
+
+
 @timed("/admin/adapters/{name}/unload")
 async def admin_unload(request: Request) -> Response:
     require_admin(request)
     name = request.path_params["name"]
-    try:
-        done = await asyncio.to_thread(request.app.state.adapters.unload, name)
-    except UnknownAdapterError as exc:
-        raise APIError(404, str(exc), code="adapter_not_found") from None
+    done = await _tiers_action(request, "unload", name)
     return JSONResponse({"id": name, "status": "unloaded" if done else "pending"}, status_code=200 if done else 202)
 
 
@@ -431,10 +437,7 @@ async def admin_unload(request: Request) -> Response:
 async def admin_delete(request: Request) -> Response:
     require_admin(request)
     name = request.path_params["name"]
-    try:
-        done = await asyncio.to_thread(request.app.state.adapters.delete, name)
-    except UnknownAdapterError as exc:
-        raise APIError(404, str(exc), code="adapter_not_found") from None
+    done = await _tiers_action(request, "delete", name)
     return JSONResponse(
         {"id": name, "deleted": True, "status": "deleted" if done else "pending"}, status_code=200 if done else 202
     )
@@ -452,10 +455,7 @@ async def load_lora_adapter(request: Request) -> Response:
 async def unload_lora_adapter(request: Request) -> Response:
     require_admin(request)
     body = await read_json(request, LoraUnloadBody)
-    try:
-        await asyncio.to_thread(request.app.state.adapters.delete, body.lora_name)
-    except UnknownAdapterError as exc:
-        raise APIError(404, str(exc), param="lora_name", code="adapter_not_found") from None
+    await _tiers_action(request, "delete", body.lora_name, param="lora_name")
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
