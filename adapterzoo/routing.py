@@ -262,11 +262,8 @@ def feature_space(zoo: Zoo, encoder: str | None = None, layer: int | None = None
         if layer is not None:
             raise BatchError("layer= chooses how many base layers the router runs; it needs encoder='base'")
         return FeatureSpace("sentence")
-    layers = decoder_layers(zoo.model)
-    layer = default_layer(zoo) if layer is None else layer
-    if not 0 <= layer <= len(layers):
-        raise BatchError(f"routing layer must be in 0..{len(layers)}, got {layer}")
-    return FeatureSpace("base", layer)
+    # the layer's range is checked where the layers run (`prompt_features`), before any work
+    return FeatureSpace("base", default_layer(zoo) if layer is None else layer)
 
 
 def features(zoo: Zoo, prompts: Sequence[str], space: FeatureSpace) -> torch.Tensor:
