@@ -229,6 +229,14 @@ def pull(repo_id: str, out_dir: Path, revision: str | None, token: str | None, e
     type=float,
     help="Seconds without progress before the watchdog calls a request stuck (/health turns 503).",
 )
+@click.option(
+    "--prefix-cache-mb",
+    default=256,
+    show_default=True,
+    type=int,
+    help="MiB of prompt openings' keys and values kept for later requests that start the same way "
+    "(per tenant and adapter; 0: off).",
+)
 @click.option("--ray", is_flag=True, help="Deploy on Ray Serve (pip install 'adapterzoo[ray]').")
 @click.option("--replicas", default=1, show_default=True, help="Ray Serve replicas (with --ray).")
 @click.option(

@@ -14,7 +14,11 @@ Cases, each run on both systems round by round (a noisy neighbour hits both alik
           alternating: the ratio noisy/quiet per system
 
 and larger shapes (LoRA and base, both systems): batch 32 and batch 64 (the same 64 requests),
-and prompts of about 512 tokens (16 requests, batch 16).
+and prompts of about 512 tokens (16 requests, batch 16): a ~500-token opening they share (a
+document, a system prompt) and each its own short question at the end.
+
+Both systems cache prompt blocks across requests (vLLM's automatic prefix caching, on by default;
+ours `adapterzoo serve`'s default `--prefix-cache-mb 256`), each burst from a cold cache.
 
 Reported: medians over rounds of tokens/s (generated tokens the requests asked for, over the
 burst's wall time), TTFT p50 and p99 (from the burst's start), and the share of requests whose
@@ -132,6 +136,9 @@ def vllm_worker(folder: str, adapters_dir: str, batch: int, max_model_len: int, 
         prompts = [{"prompt_token_ids": ids} for ids, _, _ in jobs]
         params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for _, _, n in jobs]
         requests = [LoRARequest(f"a{a}", a + 1, f"{adapters_dir}/a{a}") for _, a, _ in jobs] if lora else None
+        # every burst starts with a cold prefix cache, as ours does (a fresh engine per burst): within
+        # it, both reuse the blocks that requests share (vLLM's automatic prefix caching is on by default)
+        llm.reset_prefix_cache()
         t0 = time.time()
         outs = llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
         wall = time.time() - t0
@@ -239,7 +246,8 @@ def run_ours(zoo, jobs, batch: int, names: list[str] | None) -> dict:
     """One burst through a fresh engine: names[a] is request a's adapter (None: the base)."""
     from adapterzoo.serve import Engine, SamplingParams
 
-    engine = Engine(zoo, max_batch=batch, max_queue=len(jobs) + 1).start()
+    # the prefix cache `adapterzoo serve` has by default (--prefix-cache-mb 256), as vLLM has its own
+    engine = Engine(zoo, max_batch=batch, max_queue=len(jobs) + 1, prefix_cache_bytes=256 * 2**20).start()
     try:
         t0 = time.perf_counter()
         handles = [

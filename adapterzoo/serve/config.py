@@ -80,6 +80,8 @@ class ServeConfig:
     max_queue_per_tenant: int | None = None
     max_rows_per_tenant: int | None = None
     stuck_after: float = 60.0
+    # MiB for the keys and values of prompt openings reused across requests (serve/prefix_cache.py); 0: off
+    prefix_cache_mb: int = 256
     drain_timeout: float = 30.0
     # requests
     default_max_tokens: int = 16
@@ -126,6 +128,7 @@ class ServeConfig:
             "replicas": 1,
             "models_per_replica": 1,
             "threads": 1,
+            "prefix_cache_mb": 0,
         }
         for name, low in at_least.items():
             value = getattr(self, name)

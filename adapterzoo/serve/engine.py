@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import queue
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -52,6 +54,7 @@ from ..generate import find_stop, pad_token_id, sample_next
 from . import packed as packed_linear
 from .batch import Completion, Request, Room, RunningBatch  # noqa: F401 - Completion, Request: also from here
 from .cpu import ThreadGovernor
+from .prefix_cache import BLOCK, PrefixCache
 from .resolver import HostResolver, Resolver
 from .sampling import (  # noqa: F401 - the HTTP layer, Ray and users import these from here too
     MAX_LOGPROBS,
@@ -169,6 +172,7 @@ class Engine:
         stuck_after: float = 60.0,
         prefill_group: int | None = None,
         prefill_wait: int = 6,
+        prefix_cache_bytes: int = 0,
     ):
         if zoo.tokenizer is None or not zoo.is_causal_lm:
             raise EngineError("the engine needs a causal language model base with a tokenizer")
@@ -189,6 +193,14 @@ class Engine:
         # 39 prefills -> 14, see docs/serving.md "On the CPU". A lone waiting request never waits.
         self.prefill_group = max(1, max_batch // 4) if prefill_group is None else max(1, prefill_group)
         self.prefill_wait = prefill_wait
+        # prompt blocks earlier requests computed, reused by later ones that open with the same
+        # tokens, per tenant and adapter (serve/prefix_cache.py); 0 bytes: off
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        # each adapter object gets a serial of its own: a reloaded adapter (a new object, maybe at the
+        # same version) never meets the blocks of the one it replaced
+        self._adapters_seen: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> adapter
+        self._adapter_serials: dict[int, int] = {}  # id(adapter) -> serial
+        self._serials = itertools.count()
         self._held_steps = 0  # decode steps the current joiners have been held back
         self.resolver: Resolver = resolver or HostResolver(zoo)
         self.resolver.attach(self)
@@ -293,6 +305,7 @@ class Engine:
                 "running": len(self._batch.rows),
                 "steps": self.steps,
                 "tokens_generated": self.tokens_generated,
+                "cached_prompt_tokens": self.prefix_cache.hit_tokens,
             }
 
     # ------------------------------------------------------------------ the watchdog
@@ -793,8 +806,34 @@ class Engine:
             self._isolate_join_failure(joiners, exc, self._join)
             return
         for group in ([r for r in joiners if not r.virtual], [r for r in joiners if r.virtual]):
-            if group:
-                self._prefill_and_merge(group)
+            for part in self._leaders_first(group):
+                self._prefill_and_merge(part)
+
+    def _leaders_first(self, group: list[Request]) -> list[list[Request]]:
+        """The group as prefills to run in turn: when some of its rows open with the same block and
+        it is not cached yet, one of them (a leader) is prefilled first, so that the others find
+        its blocks cached. Without this, the 512-token shape of benchmarks/vs_vllm.py computed
+        the ~500-token opening its prompts share once per row of the first prefill (8 times)."""
+        if not group:
+            return []
+        if not self.prefix_cache.enabled or len(group) < 2:
+            return [group]
+        first_of: dict[bytes, Request] = {}
+        leaders: dict[int, Request] = {}
+        for r in group:
+            root = self._prefix_root(r)
+            if root is None or len(r.prompt_ids) <= BLOCK:
+                continue
+            first = self.prefix_cache.digests(root, r.prompt_ids[:BLOCK])[0]
+            if first in self.prefix_cache.blocks:
+                continue
+            if first in first_of:
+                leaders.setdefault(id(first_of[first]), first_of[first])
+            else:
+                first_of[first] = r
+        if not leaders:
+            return [group]
+        return [list(leaders.values()), [r for r in group if id(r) not in leaders]]
 
     def _isolate_join_failure(self, joiners: list[Request], exc: Exception, retry: Callable) -> None:
         if len(joiners) > 1:
@@ -826,17 +865,61 @@ class Engine:
         self._merge([joiners[i] for i in alive], new_cache, new_mask, new_next)
 
     def _prefill(self, joiners: list[Request]):
+        """One forward over the joiners' prompts. Each row's cached opening (`prefix_cache`) goes
+        into the KV cache first, right-aligned in `past` columns, and only the rest of its prompt
+        is computed; its positions count on from the cached tokens (the mask says which columns
+        are its own), so what it computes is what it would compute alone."""
         zoo = self.zoo
-        width = max(len(r.prompt_ids) for r in joiners)
+        roots = [self._prefix_root(r) for r in joiners]
+        if any(r.virtual or r.prefix for r in joiners):  # their virtual tokens go first: no cached openings
+            hits = [(0, None)] * len(joiners)
+        else:
+            hits = [
+                self.prefix_cache.lookup(root, r.prompt_ids) if root else (0, None) for r, root in zip(joiners, roots)
+            ]
+        past = max(tokens for tokens, _ in hits)
+        rests = [r.prompt_ids[tokens:] for r, (tokens, _) in zip(joiners, hits)]
+        width = max(len(rest) for rest in rests)
         ids = torch.full((len(joiners), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(joiners), width), dtype=torch.long)
-        for i, r in enumerate(joiners):
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids) :] = 1
+        mask = torch.zeros((len(joiners), past + width), dtype=torch.long)
+        for i, (rest, (tokens, _)) in enumerate(zip(rests, hits)):
+            ids[i, width - len(rest) :] = torch.tensor(rest)
+            mask[i, past + width - len(rest) :] = 1
+            mask[i, past - tokens : past] = 1
         plan = zoo.plan([r.adapter for r in joiners], training=False)
         cache = zoo.new_cache()
+        if past:
+            _fill(cache, hits, past)
         # only the last position's logits are sampled: skip the vocabulary projection of the others
-        return zoo.forward(ids.to(zoo.device), mask.to(zoo.device), plan=plan, cache=cache, logits_to_keep=1)
+        out = zoo.forward(ids.to(zoo.device), mask.to(zoo.device), plan=plan, cache=cache, logits_to_keep=1)
+        for i, (r, root, rest, (tokens, _)) in enumerate(zip(joiners, roots, rests, hits)):
+            if root is not None and len(r.prompt_ids) - tokens >= BLOCK:  # at least one new full block
+                kv = torch.stack(
+                    [
+                        torch.stack((la.keys[i, :, -len(rest) :], la.values[i, :, -len(rest) :]))
+                        for la in out.cache.layers
+                    ]
+                )
+                self.prefix_cache.store(root, r.prompt_ids, kv, tokens)
+        return out
+
+    def _prefix_root(self, req: Request) -> tuple | None:
+        """What a row's cached blocks are filed under (tenant, adapter by identity and version), or
+        None when it takes no part: caching off, or virtual tokens that shift its positions."""
+        if not self.prefix_cache.enabled or req.virtual or req.prefix:
+            return None
+        if req.adapter is None:
+            return (req.tenant, None)
+        adapter = self.zoo.find_adapter(req.adapter)
+        if adapter is None:
+            return None
+        key = id(adapter)
+        if self._adapters_seen.get(key) is not adapter:  # new, or an id() reused once an adapter was gone
+            if len(self._adapter_serials) > 2 * len(self._adapters_seen) + 64:
+                self._adapter_serials = {k: v for k, v in self._adapter_serials.items() if k in self._adapters_seen}
+            self._adapters_seen[key] = adapter
+            self._adapter_serials[key] = next(self._serials)
+        return (req.tenant, req.adapter, self._adapter_serials[key], adapter.version())
 
     def _merge(self, rows: list[Request], cache, mask: torch.Tensor, nxt: torch.Tensor) -> None:
         with self._cond:
@@ -1045,6 +1128,19 @@ class Engine:
         if req.acquired:
             req.acquired = False
             self.resolver.release(req.adapter)
+
+
+def _fill(cache: Any, hits: list[tuple[int, torch.Tensor | None]], past: int) -> None:
+    """Put each row's cached keys and values into an empty KV cache, right-aligned in `past`
+    columns (zeros, masked, before a shorter opening and for rows with none)."""
+    like = next(kv for tokens, kv in hits if tokens)
+    layers, _, heads, _, dim = like.shape
+    keys = like.new_zeros(layers, 2, len(hits), heads, past, dim)
+    for i, (tokens, kv) in enumerate(hits):
+        if tokens:
+            keys[:, :, i, :, past - tokens :] = kv
+    for layer in range(layers):
+        cache.update(keys[layer, 0], keys[layer, 1], layer)
 
 
 def _raise_if_unknown(ready: Future) -> None:

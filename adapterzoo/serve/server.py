@@ -85,6 +85,7 @@ def build_server(zoo, config: ServeConfig | None = None, *, tenants: Tenants | N
         max_queue_per_tenant=max_queue_per_tenant,
         max_rows_per_tenant=max_rows_per_tenant,
         stuck_after=config.stuck_after,
+        prefix_cache_bytes=config.prefix_cache_mb * 2**20,
     )
     return Server(engine, tiers, tenants, metrics, config)
 
