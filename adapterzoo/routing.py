@@ -81,6 +81,10 @@ SENTENCE_CHARS = 32 * SENTENCE_TOKENS
 #: held-out prompts and routing examples, general chat, 300-token prompts) x 2,809 prototypes; with
 #: half that again to spare. Decisions this close are settled by the float32 features.
 BFLOAT16_SCORE_ERROR = 1.5 * 0.0026
+#: How far (L2, as unit prototypes) a record's stored features may lie from what its examples
+#: encode to. Honest ones: float16 storage moves them by ~3e-4, another machine's float32 by less.
+#: Past it they are forged or stale, and replaced (a score can move at most this much either way).
+STORED_FEATURES_TOLERANCE = 0.01
 #: Arrow: an adapter must hold this much more than the uniform share (1/n) to be chosen.
 ARROW_MARGIN = 0.02
 
@@ -413,6 +417,9 @@ def add_routing_examples(
         "features": _pack(feats),
     }
     adapter.metadata = {**adapter.metadata, METADATA_KEY: record}
+    cache = _cache(zoo)  # encoded here, from these examples: nothing to check (as stored: float16)
+    with cache.lock:
+        cache.features[(space, _record_key(name, record))] = _unpack(record)
     return record
 
 
@@ -444,6 +451,7 @@ class _Prototypes:
     vectors: torch.Tensor  # (N, d) centred, unit length
     centre: torch.Tensor  # (d,)
     space: FeatureSpace
+    unchecked: set[str]  # names whose stored features are not yet checked against their examples
 
     def normalise(self, feats: torch.Tensor) -> torch.Tensor:
         return _normalise(feats, self.centre, self.space)
@@ -466,7 +474,8 @@ class _Prototypes:
 @dataclass
 class _Cache:
     key: tuple = ()
-    features: dict[tuple, torch.Tensor] = field(default_factory=dict)  # (name, space, examples) -> features
+    features: dict[tuple, torch.Tensor] = field(default_factory=dict)  # (space, _record_key) -> features
+    unchecked: set[tuple] = field(default_factory=set)  # keys of `features` stored, not yet checked
     background: dict[FeatureSpace, torch.Tensor] = field(default_factory=dict)  # BACKGROUND_PROMPTS' features
     prototypes: OrderedDict[tuple, _Prototypes] = field(default_factory=OrderedDict)  # by records' content
     arrow: dict[str, Any] = field(default_factory=dict)
@@ -540,24 +549,56 @@ def read_routing_record(folder: str | os.PathLike) -> dict[str, Any] | None:
 _disk_records: dict[str, tuple[int, dict[str, Any] | None]] = {}
 
 
-def _features(zoo: Zoo, cache: _Cache, name: str, record: dict[str, Any], space: FeatureSpace) -> torch.Tensor:
-    # A record comes from a file anyone may have written: only a list of strings counts, its first
-    # MAX_EXAMPLES entries, each cut to MAX_EXAMPLE_CHARS, so no adapter can make routing slow
-    # (reading all of 10^6 examples cost every routed request 0.13-0.2 s).
+def _examples(record: dict[str, Any]) -> tuple[str, ...]:
+    """The routing examples of a record the router reads. A record comes from a file anyone may
+    have written: only a list of strings counts, its first MAX_EXAMPLES entries, each cut to
+    MAX_EXAMPLE_CHARS, so no adapter can make routing slow (reading all of 10^6 examples cost every
+    routed request 0.13-0.2 s)."""
     given = record.get("examples")
     given = given[:MAX_EXAMPLES] if isinstance(given, list) else []
-    examples = tuple(p[:MAX_EXAMPLE_CHARS] for p in given if _is_text(p))
-    key = (name, space, examples)
+    return tuple(p[:MAX_EXAMPLE_CHARS] for p in given if _is_text(p))
+
+
+def _features(zoo: Zoo, cache: _Cache, name: str, record: dict[str, Any], space: FeatureSpace) -> torch.Tensor:
+    """The record's features in `space`: the stored ones where they are of this space (not yet
+    checked against the examples: `_check_stored`), else recomputed from its examples."""
+    key = (space, _record_key(name, record))
     if key not in cache.features:
+        examples = _examples(record)
         stored = _unpack(record) if record.get("kind") == space.kind else None
         same_base = space.encoder == "sentence" or (
             record.get("layer") == space.layer and record.get("base") == zoo.fingerprint.id
         )
         if stored is not None and same_base and len(stored) == len(examples):
             cache.features[key] = stored
+            cache.unchecked.add(key)
         else:  # another encoder, base or layer: recomputed from the stored prompts
             cache.features[key] = features(zoo, list(examples), space) if examples else torch.zeros(0, 0)
     return cache.features[key]
+
+
+def _check_stored(zoo: Zoo, protos: _Prototypes, name: str, record: dict[str, Any]) -> bool:
+    """Whether the record's stored features are what its examples encode to (within
+    STORED_FEATURES_TOLERANCE, as prototypes); if not, they are replaced by the recomputed ones.
+
+    Why: anyone may write a public adapter's record, and trusted features let a forger pair
+    harmless examples with the features of another tenant's prompts, and take that tenant's
+    `model="auto"` traffic (tests/test_routing_forged.py). Checked once per record's content, the
+    first time it would be chosen: only a chosen adapter changes a decision."""
+    cache, space = _cache(zoo), protos.space
+    key = (space, _record_key(name, record))
+    if key not in cache.unchecked:
+        return True
+    recomputed = features(zoo, list(_examples(record)), space)
+    gap = (protos.normalise(cache.features[key]) - protos.normalise(recomputed)).norm(dim=-1)
+    honest = bool((gap <= STORED_FEATURES_TOLERANCE).all())
+    with cache.lock:
+        if not honest:
+            cache.features[key] = recomputed
+            cache.prototypes.clear()  # every set holding the forged rows is rebuilt
+        cache.unchecked.discard(key)
+        protos.unchecked.discard(name)
+    return honest
 
 
 def _is_text(example: Any) -> bool:
@@ -617,13 +658,15 @@ def _build_prototypes(zoo: Zoo, cache: _Cache, records: dict[str, dict[str, Any]
     if space not in cache.background:
         cache.background[space] = features(zoo, list(BACKGROUND_PROMPTS), space)
     background = cache.background[space]
-    names, rows = [], []
+    names, rows, unchecked = [], [], set()
     for name, record in records.items():
         feats = _features(zoo, cache, name, record, space)
         if feats.numel() == 0 or feats.shape[-1] != background.shape[-1]:
             continue
         names.append(name)
         rows.append(feats)
+        if (space, _record_key(name, record)) in cache.unchecked:
+            unchecked.add(name)
     rows.append(background)
     # The base's features are centred on the background's mean (its raw embeddings share a large
     # common direction); the sentence encoder's are not (centring cost it 3 points, docs/routing.md).
@@ -634,7 +677,7 @@ def _build_prototypes(zoo: Zoo, cache: _Cache, records: dict[str, dict[str, Any]
     for g, r in enumerate(rows):
         groups[g, : len(r)] = torch.arange(start, start + len(r))
         start += len(r)
-    return _Prototypes(names, groups, vectors, centre, space)
+    return _Prototypes(names, groups, vectors, centre, space, unchecked)
 
 
 def _normalise(feats: torch.Tensor, centre: torch.Tensor, space: FeatureSpace) -> torch.Tensor:
@@ -681,11 +724,26 @@ def route(
     if not prompts:
         return []
     space = feature_space(zoo, encoder, layer)
-    protos = _prototypes(zoo, routing_records(zoo) if records is None else records, space)
-    allowed = set(protos.names if among is None else among) & set(protos.names)
-    if not allowed:
-        return [RouteDecision(None, float("nan"))] * len(prompts)
-    candidates = [k for k, n in enumerate(protos.names) if n in allowed]
+    records = routing_records(zoo) if records is None else records
+    while True:
+        protos = _prototypes(zoo, records, space)
+        allowed = set(protos.names if among is None else among) & set(protos.names)
+        if not allowed:
+            return [RouteDecision(None, float("nan"))] * len(prompts)
+        decisions = _decide(
+            zoo, protos, prompts, [k for k, n in enumerate(protos.names) if n in allowed], min_similarity
+        )
+        chosen = {d.adapter for d in decisions} & protos.unchecked
+        # a forged record found: its features are replaced, and the prompts decided again
+        if all([_check_stored(zoo, protos, name, records[name]) for name in sorted(chosen)]):
+            return decisions
+
+
+def _decide(
+    zoo: Zoo, protos: _Prototypes, prompts: Sequence[str], candidates: list[int], min_similarity: float
+) -> list[RouteDecision]:
+    """Each prompt's decision among `candidates` (indices into protos.names)."""
+    space = protos.space
     scores, base_score = protos.scores(protos.normalise(features(zoo, prompts, space, exact=False)), candidates)
     error = sentence_encoder(zoo).score_error if space.encoder == "sentence" else 0.0
     close = _close_calls(scores, base_score, min_similarity, error) if error else []
