@@ -169,3 +169,22 @@ def test_one_gather_scores_each_adapter_as_the_mean_of_its_nearest_examples(enco
         assert torch.allclose(scores[:, column], expected, atol=1e-6)
     background = queries @ protos.normalise(routing.features(zoo, list(routing.BACKGROUND_PROMPTS), space)).T
     assert torch.allclose(base, background.topk(routing.NEIGHBOURS, dim=1).values.mean(1), atol=1e-6)
+
+
+def test_a_bfloat16_linear_reordered_for_onednn_equals_f_linear_to_the_bit():
+    weight, bias = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
+    linear = routing.Linear(weight, bias)
+    for shape in [(1, 64), (15, 64), (3, 7, 64)]:
+        x = torch.randn(*shape).bfloat16()
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, weight, bias))
+
+
+def test_without_onednn_s_reordering_ops_a_linear_falls_back_to_f_linear(monkeypatch):
+    def missing(*args):
+        raise RuntimeError("no such op in this build")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing)
+    plain = routing.Linear(torch.randn(8, 4).bfloat16(), torch.zeros(8).bfloat16())
+    assert plain.packed is None
+    x = torch.randn(2, 4).bfloat16()
+    assert torch.equal(plain(x), torch.nn.functional.linear(x, plain.weight, plain.bias))
