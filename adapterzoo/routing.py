@@ -7,7 +7,8 @@
 
 The prototype router (the default) compares a prompt's features with *prototypes*: the same
 features of each adapter's routing examples, computed once and stored in the adapter's metadata (so
-they travel with the saved adapter and its registry copy). A fixed set of general prompts
+they travel with the saved adapter and its registry copy; checked against the examples the first
+time the adapter would be chosen, since anyone may write a public adapter's record). A fixed set of general prompts
 (`BACKGROUND_PROMPTS`) acts as the base's neighbours: a prompt nearer to general chat than to any
 specialist, or not similar enough to any (`min_similarity`), falls back to the bare base.
 
@@ -18,7 +19,8 @@ Two encoders make the features:
   mean-pooled over the prompt's tokens and scaled to unit length, as sentence-transformers does.
   A user rarely words an instruction the way the training set did; measured on the 116 tasks'
   held-out paraphrases it named the right adapter 0.90 of the time against 0.54 for the base's own
-  embeddings (docs/routing.md). It costs one small forward of the prompt, milliseconds.
+  embeddings (docs/routing.md). It costs one small forward of the prompt, 5-8 ms on one CPU thread
+  (bfloat16 where the CPU has it, float32 settling the close calls; `SentenceEncoder`).
 - `encoder="base"`: the base's own prefill, which the request needs anyway, run only to its start
   with no adapter -- the input embeddings (`layer=0`) or the first `layer` decoder layers --,
   mean-pooled and centred on the background prompts' mean. Nearly free, and needs no second model.
