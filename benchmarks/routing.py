@@ -17,13 +17,17 @@ Held-out inputs (test split) with instructions phrased differently from training
 
     python benchmarks/routing.py                       # shipped specialists
     python benchmarks/routing.py --scale 32,116 --n 10 # also routing accuracy among 32 and 116
+    python benchmarks/routing.py --against 9c4f77f     # cost A/B against routing.py at that commit
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +42,8 @@ from adapterzoo.formats.native import CONFIG_FILE  # noqa: E402
 from adapterzoo.library import exact_match, finished  # noqa: E402
 from adapterzoo.routing import BACKGROUND_PROMPTS, DEFAULT_ENCODER, route  # noqa: E402
 from adapterzoo.tasks import all_tasks, get_task, instructed_examples, routing_examples  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 GENERAL_PROMPTS = [
     "What should I cook for dinner tonight?",
@@ -185,8 +191,52 @@ def cost(zoo: Zoo, prompts: list[str], rounds: int, max_new_tokens: int, layer: 
         "rounds": rounds,
         "max_new_tokens": max_new_tokens,
         "route_ms": round(r * 1000, 2),
+        # the mean counts the close calls the router re-encodes in float32 (routing.SentenceEncoder)
+        "route_ms_mean": round(statistics.mean(route_s) * 1000, 2),
         "request_ms": round(q * 1000, 1),
         "routing_share": r / (r + q),
+    }
+
+
+def routing_at(rev: str):
+    """adapterzoo/routing.py as it was at git revision `rev`, imported beside today's (own caches)."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:adapterzoo/routing.py"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "routing_then.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("adapterzoo.routing_then", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "adapterzoo"  # its relative imports resolve to today's package
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def cost_against(zoo: Zoo, then, prompts: list[str], rounds: int, max_new_tokens: int) -> dict:
+    """Seconds of one prompt's routing, then (`routing_at`) vs now, and of the request, interleaved:
+    each round routes with both (alternating which goes first) and runs the request after each."""
+    route_then = [d.adapter for d in then.route(zoo, prompts)]
+    same = route_then == [d.adapter for d in route(zoo, prompts)]
+    times: dict[str, list[float]] = {"then": [], "now": [], "request": []}
+    for r in range(rounds):
+        prompt = prompts[r % len(prompts)]
+        order = [("then", then.route), ("now", route)]
+        for label, router in order if r % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            chosen = router(zoo, [prompt])[0].adapter
+            t1 = time.perf_counter()
+            zoo.generate([prompt], [chosen], max_new_tokens=max_new_tokens)
+            times[label].append(t1 - t0)
+            times["request"].append(time.perf_counter() - t1)
+    ms = {label: statistics.median(ts) * 1000 for label, ts in times.items()}
+    return {
+        "rounds": rounds,
+        "same_decisions": same,
+        **{f"{label}_ms": round(v, 2) for label, v in ms.items()},
+        "share_then": ms["then"] / (ms["then"] + ms["request"]),
+        "share_now": ms["now"] / (ms["now"] + ms["request"]),
+        "now_over_then": ms["now"] / ms["then"],
     }
 
 
@@ -204,6 +254,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--against", default="", help="git revision: also time routing.py as it was there (A/B)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     assert not set(GENERAL_PROMPTS) & set(BACKGROUND_PROMPTS)
@@ -224,6 +275,15 @@ def main() -> None:
         ex.prompt for task in tasks.values() for ex in instructed_examples(task, 2, "test", seed=9, held_out=True)
     ]
     results["cost"] = c = cost(zoo, prompts + GENERAL_PROMPTS[:5], args.rounds, 16, args.layer)
+    if args.against:
+        a = cost_against(zoo, routing_at(args.against), prompts + GENERAL_PROMPTS[:5], 2 * args.rounds, 16)
+        results["cost_against"] = {"revision": args.against, **a}
+        print(
+            f"\nrouting cost, {args.against} vs now ({a['rounds']} interleaved rounds, same decisions: "
+            f"{a['same_decisions']}): {a['then_ms']} ms -> {a['now_ms']} ms ({a['now_over_then']:.2f}x) of a "
+            f"{a['request_ms']} ms request: {100 * a['share_then']:.2f}% -> {100 * a['share_now']:.2f}%",
+            flush=True,
+        )
     results["scale"] = []
     for size in [int(s) for s in args.scale.split(",") if s]:
         print(f"routing among {size} adapters ...", flush=True)
@@ -246,7 +306,8 @@ def main() -> None:
         )
     print(
         f"\nrouting cost (prototype, 1 prompt): median {c['route_ms']} ms vs the request's {c['request_ms']} ms "
-        f"(16 new tokens): {100 * c['routing_share']:.1f}% of the request's time ({c['rounds']} interleaved rounds)"
+        f"(16 new tokens): {100 * c['routing_share']:.1f}% of the request's time ({c['rounds']} interleaved rounds; "
+        f"mean {c['route_ms_mean']} ms)"
     )
     if results["scale"]:
         print("\n| adapters | right adapter (prototype) | fell back | wrong family | general prompts to base |")
