@@ -47,11 +47,9 @@ class SlotWeights(dict):
         use: PoolUse,
         site: str | None = None,
         module=None,
-        kept: dict[str, torch.Tensor] | None = None,
     ):
         pool = use.pool
-        super().__init__(kept or (), variant=pool.variant)
-        self._kept = kept  # gathers made by earlier forwards with the same plan (PoolUse.gather), or None
+        super().__init__(variant=pool.variant)
         # what `w[name]` gathers from: the site's tensors, then the pool's constants (a constant
         # wins a name clash); looked up by name, never merged: a hook makes one `w` per pool and
         # site at every forward (~420 in a mixed SmolLM2 decode step)
@@ -81,8 +79,6 @@ class SlotWeights(dict):
         t = self._stored(name)
         value = t[self.slots : self.slots + 1] if isinstance(self.slots, int) else t[self.slots]
         self[name] = value
-        if self._kept is not None:
-            self._kept[name] = value
         return value
 
     def matmul(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -93,10 +89,11 @@ class SlotWeights(dict):
         n, T, fan_in = x.shape
         use = self._use
         if T == 1 and W.is_contiguous():
-            index, offsets = use.bag_index(fan_in, x.device)
+            index, offsets, weighed = use.bag_index(fan_in, x.device)
             table = W.view(-1, W.shape[-1])  # row (slot * in + k) is W[slot][k, :]
+            weights = x.reshape(-1) if weighed is None else x.reshape(-1).index_select(0, weighed)
             out = torch.nn.functional.embedding_bag(
-                index, table, offsets, mode="sum", per_sample_weights=x.reshape(-1).to(table.dtype)
+                index, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype)
             )
             return out[:, None, :]
         if use.run_slots is not None:  # runs of g rows with one slot: (runs, g*T, in) @ (runs, in, out)
@@ -143,10 +140,13 @@ class PoolUse:
         at every step was ~540 `index` ops per 16-row mixed decode step (~9 ms of ~300)."""
         if torch.is_grad_enabled() or not getattr(self.pool, "slots_are_stamped", False):
             return SlotWeights(tensors, self, site, module)  # training, or a LivePool: gathers stay in the graph
+        # the SlotWeights itself is kept, not only its gathers: building one per pool and site at
+        # every step was ~420 objects a 16-row mixed decode step
         kept = self._kept.get(site)
         if kept is None or kept[0] is not tensors or kept[1] != torch.is_inference_mode_enabled():
-            kept = self._kept[site] = (tensors, torch.is_inference_mode_enabled(), {})
-        return SlotWeights(tensors, self, site, module, kept[2])
+            weights = SlotWeights(tensors, self, site, module)
+            kept = self._kept[site] = (tensors, torch.is_inference_mode_enabled(), weights)
+        return kept[2]
 
     def every_row(self) -> PoolUse:
         """This use widened to every row of the batch, slot 0 (all zeros: "no adapter") for the
@@ -161,12 +161,24 @@ class PoolUse:
             self._every_row = PoolUse(pool=self.pool, rows=None, slots=slots, batch_size=self.batch_size)
         return self._every_row
 
-    def bag_index(self, fan_in: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """embedding_bag's indices and offsets for `SlotWeights.matmul`, made once per plan."""
+    def bag_index(self, fan_in: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """embedding_bag's indices and offsets for `SlotWeights.matmul`, made once per plan, and
+        which of x's values weigh them (None: all, in order).
+
+        A row at slot 0 (all zeros: another pool's row in an `every_row` use) gets an empty bag,
+        which sums to exactly zero, so it reads and multiplies nothing: in a 16-row decode step of
+        six types, where each pool's delta runs over every row, a pool's bags hold only its own
+        ~3 rows' weights instead of 16 rows' (benchmarks/mixed_batch.py)."""
         if fan_in not in self._bags:
-            n = len(self.slots)
-            index = (self.slots[:, None] * fan_in + torch.arange(fan_in, device=device)).reshape(-1)
-            self._bags[fan_in] = (index, torch.arange(0, n * fan_in, fan_in, device=device))
+            slots = self.slots.to(torch.long)
+            live = (slots != 0).nonzero().flatten()
+            cols = torch.arange(fan_in, device=device)
+            index = (slots[live, None] * fan_in + cols).reshape(-1)
+            sizes = torch.zeros(len(slots), dtype=torch.long, device=device)
+            sizes[live] = fan_in
+            offsets = sizes.cumsum(0) - sizes  # each row's bag starts where the previous one ends
+            weighed = None if len(live) == len(slots) else (live[:, None] * fan_in + cols).reshape(-1)
+            self._bags[fan_in] = (index, offsets, weighed)
         return self._bags[fan_in]
 
 
@@ -216,6 +228,20 @@ class BatchPlan:
     names: list[str | None] = field(default_factory=list)
     adapters: list = field(default_factory=list)  # the Adapter (or None) of each row
     residents: list[tuple] = field(default_factory=list)  # (SlotPool, slot, the slot's stamp) it reads
+
+    _deltas_at: dict = field(default_factory=dict, repr=False)
+
+    def deltas_at(self, site: str) -> list[tuple[PoolUse, dict[str, torch.Tensor]]]:
+        """The delta pools that have tensors at `site`, with those tensors: what a site's hook
+        runs. Looked up once per plan for slot pools (a kept plan then skips the pools that do not
+        attach there at every step: 4 pools x 271 hooked modules in a mixed SmolLM2 decode step);
+        again at every call for live pools, whose tensors are the adapters' own."""
+        found = self._deltas_at.get(site)
+        if found is None:
+            found = [(use, t) for use in self.deltas if (t := use.pool.site(site)) is not None]
+            if all(getattr(use.pool, "slots_are_stamped", False) for use, _ in found):
+                self._deltas_at[site] = found
+        return found
 
     @property
     def is_empty(self) -> bool:

@@ -102,10 +102,8 @@ def _delta_hook(path: str):
         shape = y.shape
         if y.dim() != 3:  # e.g. a pooler's (B, d): view as (B, T, d) for the types' math
             x, y = x.reshape(shape[0], -1, x.shape[-1]), y.reshape(shape[0], -1, shape[-1])
-        for use in plan.deltas:
-            tensors = use.pool.site(path)
-            if tensors is not None:
-                y = apply_delta(use, tensors, x, y, plan.training, path, module)
+        for use, tensors in plan.deltas_at(path):
+            y = apply_delta(use, tensors, x, y, plan.training, path, module)
         if y.shape != shape:
             y = y.reshape(shape)
         return (y, *output[1:]) if isinstance(output, tuple) else y

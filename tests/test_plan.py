@@ -62,3 +62,36 @@ def test_bag_indices_are_made_once_per_plan():
     use = PoolUse(pool=pool, rows=None, slots=torch.tensor([1, 3]))
     first = use.bag_index(5, torch.device("cpu"))
     assert use.bag_index(5, torch.device("cpu")) is first
+
+
+def test_a_decode_step_over_every_row_reads_no_weights_for_the_rows_of_other_pools():
+    # every_row() gives other pools' rows slot 0 (zeros): their bags are empty, so they add exactly
+    # nothing, and what they hold (even inf) never reaches the product
+    pool, W = fake_pool()
+    plan = build_plan([None, (pool, 3, 0), None, (pool, 1, 0)], torch.device("cpu"))
+    use = plan.deltas[0].every_row()
+    assert use.slots.tolist() == [0, 3, 0, 1]
+    index, offsets, weighed = use.bag_index(5, torch.device("cpu"))
+    assert (
+        len(index) == 2 * 5 and offsets.tolist() == [0, 0, 5, 5] and weighed.tolist() == [*range(5, 10), *range(15, 20)]
+    )
+    x = torch.randn(4, 1, 5)
+    x[0] = x[2] = float("inf")
+    got = use.gather({"W": W}).matmul(x, "W")
+    assert torch.equal(got[0], torch.zeros(1, 3)) and torch.equal(got[2], torch.zeros(1, 3))
+    torch.testing.assert_close(got[1], x[1] @ W[3])
+    torch.testing.assert_close(got[3], x[3] @ W[1])
+
+
+def test_a_kept_plan_hands_back_the_same_weights_and_site_lookups_at_every_step():
+    pool, W = fake_pool()
+    pool.slots_are_stamped = True
+    pool.site = lambda site: {"W": W} if site == "here" else None
+    plan = build_plan([(pool, 1, 0), (pool, 2, 0)], torch.device("cpu"))
+    with torch.inference_mode():
+        at = plan.deltas_at("here")
+        assert plan.deltas_at("here") is at and plan.deltas_at("elsewhere") == []
+        use, tensors = at[0]
+        w = use.gather(tensors, "here")
+        assert use.gather(tensors, "here") is w
+        assert use.gather({"W": W.clone()}, "here") is not w  # the pool's tensors replaced: gathered again
