@@ -119,6 +119,43 @@ def test_a_record_that_ties_with_another_adapter_cannot_make_every_routed_reques
     assert calls.count(True) <= exact_alone, (calls, exact_alone)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="a race between two routed requests: one builds prototypes from a forged record's stored "
+    "features while the other checks that record and replaces them; the first then caches its set "
+    "(forged rows, over the honest rebuild) and decides with it, and `_check_stored` answers True "
+    "because the record is no longer unchecked, so the forger takes the tenant's prompts for as "
+    "long as that set stays cached",
+)
+def test_a_forged_record_checked_while_another_request_builds_its_prototypes_cannot_win_afterwards(
+    zoo, encoder, monkeypatch
+):
+    """Two requests routed at once (the server routes on worker threads), interleaved
+    deterministically: the second runs whole while the first is between building its prototypes
+    and caching them."""
+    honest = routing.routing_records(zoo)
+    aimed = encoder([p for p in victims_prompts() for _ in range(routing.NEIGHBOURS)])
+    forged = record_with([f"A recipe for banana bread, number {i}" for i in range(len(aimed))], aimed)
+    records = {**honest, "forged": forged}
+    real_build = routing._build_prototypes
+    interleaved = []
+
+    def build_then_let_another_request_run(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        if not interleaved:
+            interleaved.append(None)
+            interleaved[0] = zoo.route(victims_prompts(), records=records)  # the other request
+        return built
+
+    monkeypatch.setattr(routing, "_build_prototypes", build_then_let_another_request_run)
+    first = zoo.route(victims_prompts(), records=records)
+    later = zoo.route(victims_prompts(), records=records)
+    assert [d.adapter for d in interleaved[0]] == ["reverse"] * 4  # the other request: checked, replaced
+    assert [d.adapter for d in first] == ["reverse"] * 4
+    assert [d.adapter for d in later] == ["reverse"] * 4
+
+
 @pytest.mark.parametrize(
     "damage",
     ["nan", "inf", "huge", "zeros", "wrong_rows", "wrong_cols", "not_base64", "float32_bytes", "list_of_floats"],
