@@ -94,15 +94,10 @@ def test_a_copy_of_a_tenants_examples_and_features_loses_the_exact_tie_to_the_te
     assert [d.adapter for d in decisions] == ["reverse"] * 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="only a chosen adapter's stored features are checked: a record with harmless examples whose "
-    "features copy another adapter's stored ones ties with it, loses the tie (listed later), is never "
-    "chosen so never checked, and makes every prompt routed to that adapter a 'close call' that "
-    "re-encodes in float32 (a second MiniLM forward per request, forever)",
-)
 def test_a_record_that_ties_with_another_adapter_cannot_make_every_routed_request_encode_twice(zoo, monkeypatch):
+    """Harmless examples with a copy of another adapter's stored features: a tie it loses (listed
+    later), so it is never chosen; had only chosen records been checked, every prompt routed to
+    that adapter would have been a close call, encoded again in float32, forever."""
     honest = routing.routing_records(zoo)
     stolen = honest["reverse"]
     banana = [f"A recipe for banana bread, number {i}" for i in range(len(stolen["examples"]))]
@@ -113,6 +108,7 @@ def test_a_record_that_ties_with_another_adapter_cannot_make_every_routed_reques
     calls = counting_encodes(monkeypatch)
     alone = [zoo.route([p], records=honest)[0].adapter for p in prompts]
     exact_alone = calls.count(True)
+    zoo.route(prompts[:1], records=records)  # the first request may check the shadow (once)
     calls.clear()
     shadowed = [zoo.route([p], records=records)[0].adapter for p in prompts]
     assert shadowed == alone == ["reverse"] * 4
@@ -228,13 +224,6 @@ def test_a_record_that_changes_on_every_request_does_not_grow_the_routers_memory
     assert kept <= routing.PROTOTYPE_SETS + 2, kept
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="read_routing_record caches a folder's record by its config's mtime alone: an adapter folder "
-    "replaced by a new version with the same mtime (rsync -t, cp -p, tar or a reproducible build's fixed "
-    "timestamps) keeps routing with the old version's examples and features until the server restarts",
-)
 def test_an_adapter_folder_replaced_with_the_same_mtime_is_routed_by_its_new_record(zoo, tmp_path):
     zoo.save_adapter("upper", tmp_path / "a")
     config = tmp_path / "a" / CONFIG_FILE
