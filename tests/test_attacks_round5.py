@@ -115,15 +115,6 @@ def test_a_record_that_ties_with_another_adapter_cannot_make_every_routed_reques
     assert calls.count(True) <= exact_alone, (calls, exact_alone)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a race between two routed requests: one builds prototypes from a forged record's stored "
-    "features while the other checks that record and replaces them; the first then caches its set "
-    "(forged rows, over the honest rebuild) and decides with it, and `_check_stored` answers True "
-    "because the record is no longer unchecked, so the forger takes the tenant's prompts for as "
-    "long as that set stays cached",
-)
 def test_a_forged_record_checked_while_another_request_builds_its_prototypes_cannot_win_afterwards(
     zoo, encoder, monkeypatch
 ):
