@@ -454,3 +454,21 @@ def test_an_engine_with_one_slot_per_pool_gives_every_row_its_solo_text_and_logp
         got = torch.tensor([t.logprob for t in m.logprobs])
         want = torch.tensor([t.logprob for t in a.logprobs])
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"{adapter}: {prompt!r}")
+
+
+def test_loras_of_several_ranks_in_one_kept_plan_each_equal_their_solo_run_at_every_step():
+    """Ranks 2, 4 and 8 land in three pools of one type; in a decode step each pool's delta runs
+    over every row, the other pools' rows at slot 0 with an empty bag. Rows of one rank in runs
+    and apart, with the bare base between them."""
+    zoo = tiny_zoo("llama", slots=2)
+    for i, r in enumerate((2, 4, 8, 8)):
+        name = f"lora-r{r}" + ("-b" if i == 3 else "")
+        zoo.add_adapter(name, "lora", r=r, seed=i, trainable=False, init_lora_weights=False)
+        perturb(zoo, name, scale=0.5, seed=i)
+    names = ["lora-r8", "lora-r8-b", None, "lora-r2", "lora-r4", "lora-r8", None, "lora-r2"]
+    prompt = prompt_rows(len(names), seed=5)
+    with torch.inference_mode():
+        plan = zoo.plan(names, training=False)
+        mixed = decode(zoo, names, prompt, 3, plan=plan)
+        for i, name in enumerate(names):
+            assert_rows_equal(mixed, decode(zoo, [name], prompt[i : i + 1], 3), [i], [0])
