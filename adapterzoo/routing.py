@@ -481,6 +481,7 @@ class _Prototypes:
     centre: torch.Tensor  # (d,)
     space: FeatureSpace
     unchecked: set[str]  # names whose stored features are not yet checked against their examples
+    generation: int = 0  # `_Cache.replacements` when built: a forged record replaced since makes it stale
 
     def normalise(self, feats: torch.Tensor) -> torch.Tensor:
         return _normalise(feats, self.centre, self.space)
@@ -508,6 +509,7 @@ class _Cache:
     background: dict[FeatureSpace, torch.Tensor] = field(default_factory=dict)  # BACKGROUND_PROMPTS' features
     prototypes: OrderedDict[tuple, _Prototypes] = field(default_factory=OrderedDict)  # by records' content
     arrow: dict[str, Any] = field(default_factory=dict)
+    replacements: int = 0  # forged features replaced so far: prototype sets built before one are stale
     sentence: SentenceEncoder | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -558,7 +560,10 @@ def read_routing_record(folder: str | os.PathLike) -> dict[str, Any] | None:
 
     path = Path(folder) / CONFIG_FILE
     try:
-        stamp = path.stat().st_mtime_ns
+        # not the mtime alone: a folder replaced by a version with the same mtime (cp -p, rsync -t,
+        # a reproducible build's fixed timestamps) kept the old record; ctime no writer can set
+        found = path.stat()
+        stamp = (found.st_mtime_ns, found.st_ctime_ns, found.st_size, found.st_ino)
     except OSError:
         return None
     with _caches_lock:
@@ -575,7 +580,7 @@ def read_routing_record(folder: str | os.PathLike) -> dict[str, Any] | None:
     return record
 
 
-_disk_records: dict[str, tuple[int, dict[str, Any] | None]] = {}
+_disk_records: dict[str, tuple[tuple[int, int, int, int], dict[str, Any] | None]] = {}
 
 
 def _examples(record: dict[str, Any]) -> tuple[str, ...]:
@@ -625,6 +630,7 @@ def _check_stored(zoo: Zoo, protos: _Prototypes, name: str, record: dict[str, An
         if not honest:
             cache.features[key] = recomputed
             cache.prototypes.clear()  # every set holding the forged rows is rebuilt
+            cache.replacements += 1  # and one being built now, from them, is neither kept nor used
         cache.unchecked.discard(key)
         protos.unchecked.discard(name)
     return honest
@@ -657,8 +663,12 @@ def _prototypes(zoo: Zoo, records: dict[str, dict[str, Any]], space: FeatureSpac
         if built is not None:
             cache.prototypes.move_to_end(key)
             return built
+    generation = cache.replacements
     built = _build_prototypes(zoo, cache, records, space)
+    built.generation = generation
     with cache.lock:
+        if cache.replacements != generation:  # another request replaced forged features meanwhile
+            return built
         cache.prototypes[key] = built
         while len(cache.prototypes) > PROTOTYPE_SETS:
             cache.prototypes.popitem(last=False)
@@ -762,9 +772,15 @@ def route(
         decisions = _decide(
             zoo, protos, prompts, [k for k, n in enumerate(protos.names) if n in allowed], min_similarity
         )
-        chosen = {d.adapter for d in decisions} & protos.unchecked
+        # the runner-up too: a record whose stored features tie with the chosen adapter (or the
+        # base) never wins, yet made every such prompt a close call re-encoded in float32
+        # (tests/test_attacks_round5.py); checking it once ends that
+        chosen = {name for d in decisions for name in (d.adapter, d.runner_up)} & protos.unchecked
         # a forged record found: its features are replaced, and the prompts decided again
-        if all([_check_stored(zoo, protos, name, records[name]) for name in sorted(chosen)]):
+        # a set built while another request replaced forged features may hold them (and say they
+        # are checked): decided again on a fresh one (tests/test_attacks_round5.py, the race)
+        checked = all([_check_stored(zoo, protos, name, records[name]) for name in sorted(chosen)])
+        if checked and protos.generation == _cache(zoo).replacements:
             return decisions
 
 
