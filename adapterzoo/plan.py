@@ -227,7 +227,7 @@ class BatchPlan:
     training: bool = False
     names: list[str | None] = field(default_factory=list)
     adapters: list = field(default_factory=list)  # the Adapter (or None) of each row
-    residents: list[tuple] = field(default_factory=list)  # (SlotPool, slot, the slot's stamp) it reads
+    residents: list[tuple] = field(default_factory=list)  # (SlotPool, slot, the slot's stamp, Adapter) it reads
 
     _deltas_at: dict = field(default_factory=dict, repr=False)
 
@@ -248,10 +248,15 @@ class BatchPlan:
         return not (self.deltas or self.prompts or self.prefixes)
 
     def is_current(self) -> bool:
-        """Whether every slot this plan reads still holds what was placed there: a later plan
-        may have evicted one of its adapters and reused the slot (a few int compares, so a
-        plan kept across decode steps is checked at every step)."""
-        return all(pool.stamps[slot] == stamp for pool, slot, stamp in self.residents)
+        """Whether every slot this plan reads still holds what was placed there, and each adapter is
+        as its slot holds it: a later plan may have evicted one and reused the slot, or the
+        adapter was edited in place (a trainer's step, an operator's `copy_`) since it was placed.
+        A plan kept across decode steps is checked at every step: int compares, and each
+        adapter's version (a sum over its tensors' version counters)."""
+        return all(
+            pool.stamps[slot] == stamp and pool.versions.get(adapter.name) == adapter.version()
+            for pool, slot, stamp, adapter in self.residents
+        )
 
 
 def build_plan(

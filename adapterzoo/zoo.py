@@ -415,7 +415,9 @@ class Zoo:
             plan = build_plan(assignments, self.device, training=bool(live))
             plan.names = list(adapters)
             plan.adapters = [None if n is None else distinct[n] for n in adapters]
-            plan.residents = [(pool, slot, pool.stamps[slot]) for n, (pool, slot) in placed.items() if n not in live]
+            plan.residents = [
+                (pool, slot, pool.stamps[slot], distinct[n]) for n, (pool, slot) in placed.items() if n not in live
+            ]
             return plan
 
     def _resident(self, adapter: Adapter, pinned: set[str]) -> tuple[SlotPool, int]:

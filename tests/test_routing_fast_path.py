@@ -166,7 +166,7 @@ def test_one_gather_scores_each_adapter_as_the_mean_of_its_nearest_examples(enco
         stored = routing._unpack(zoo.find_adapter(name).metadata["routing"])  # 12 rows and 1 row
         mine = queries @ protos.normalise(stored).T
         expected = mine.topk(min(routing.NEIGHBOURS, mine.shape[1]), dim=1).values.mean(1)
-        assert torch.allclose(scores[:, column], expected, atol=1e-6)
+        assert torch.allclose(scores[:, column], expected, atol=1e-3)  # router: float32; record: float16
     background = queries @ protos.normalise(routing.features(zoo, list(routing.BACKGROUND_PROMPTS), space)).T
     assert torch.allclose(base, background.topk(routing.NEIGHBOURS, dim=1).values.mean(1), atol=1e-6)
 

@@ -62,9 +62,10 @@ def test_a_forged_record_cannot_take_general_prompts_from_the_base(zoo, encoder)
     assert [d.adapter for d in decisions] == [None] * 3
 
 
-def test_honest_stored_features_are_kept_not_recomputed(encoder):
-    """The specialists shipped with adapterzoo were encoded elsewhere and stored in float16: their
-    features pass the check, and routing after it decides as it did before it."""
+def test_honest_stored_features_pass_the_check_and_routing_decides_as_before(encoder, caplog):
+    """The specialists shipped with adapterzoo were encoded elsewhere and stored in float16: checked,
+    they are replaced by what their examples encode to here (within float16's rounding, so none
+    is called forged), and routing after it decides as it did before it."""
     zoo = tiny_zoo("llama")
     routing._cache(zoo).sentence = encoder
     records = {}
@@ -77,7 +78,8 @@ def test_honest_stored_features_are_kept_not_recomputed(encoder):
     stored = {name: routing._unpack(record) for name, record in records.items()}
     for name, record in records.items():
         key = (routing.feature_space(zoo), routing._record_key(name, record))
-        assert torch.equal(cache.features[key], stored[name])
+        torch.testing.assert_close(cache.features[key], stored[name], atol=2e-3, rtol=0)
+    assert "not what its examples encode to" not in caplog.text
     assert [d.adapter for d in zoo.route(prompts, records=records)] == first
 
 

@@ -939,6 +939,7 @@ class Engine:
             self._isolate_decode_failure(exc)
             return
         batch.cache, batch.mask = out.cache, step_mask
+        batch.plan = out.plan  # planned again if an adapter changed under the old one (BatchPlan.is_current)
         nxt = self._choose(batch.rows, out.logits[:, -1])
         self.steps += 1
         self.metrics.decode_step(len(batch.rows))
