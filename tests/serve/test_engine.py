@@ -414,3 +414,16 @@ def test_a_roomy_cache_holds_what_a_dynamic_cache_holds_and_never_rewrites_a_vie
             assert torch.equal(first_keys, snapshot)
             outs[name] = torch.stack(logits)
     assert torch.equal(outs["roomy"], outs["dynamic"])
+
+
+def test_a_stopped_engine_leaves_no_thread_behind():
+    """Its watchdog leaves with it, not a period (up to 5 s) later: daemon threads still running
+    when the interpreter exits made it abort ("terminate called without an active exception")."""
+    zoo = zoo_for("llama")
+    before = {t.ident for t in threading.enumerate()}
+    with Engine(zoo) as engine:
+        engine.submit("hello", None, SamplingParams(max_tokens=2)).result(30)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and any(t.ident not in before and t.is_alive() for t in threading.enumerate()):
+        time.sleep(0.01)
+    assert [t.name for t in threading.enumerate() if t.ident not in before] == []
