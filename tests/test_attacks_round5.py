@@ -9,45 +9,19 @@ import os
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from adapterzoo import routing
 from adapterzoo.formats.native import CONFIG_FILE
-from adapterzoo.tasks import instructed_examples, routing_examples
-from adapterzoo.testing.models import ONE_OF_EACH, output, perturb, tiny_zoo
+from adapterzoo.tasks import instructed_examples
+from adapterzoo.testing.models import ONE_OF_EACH, perturb, tiny_zoo
+from tests import routing_fixtures
+from tests.test_decode_plan_reuse import _decode
+
+# the shared fixtures (tests/routing_fixtures.py)
+encoder, zoo, victims_prompts = routing_fixtures.encoder, routing_fixtures.zoo, routing_fixtures.victims_prompts
+record_with = routing_fixtures.record_with
 
 # ----------------------------------------------------------------------------- routing
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    return routing.SentenceEncoder()
-
-
-@pytest.fixture
-def zoo(encoder):
-    """A tenant's two adapters, "reverse" and "upper", with honest routing records."""
-    zoo = tiny_zoo("llama")
-    routing._cache(zoo).sentence = encoder
-    for task in ("reverse", "upper"):
-        zoo.add_adapter(task, "lora", r=4, trainable=False)
-        zoo.add_routing_examples(task, routing_examples(task, 12))
-    return zoo
-
-
-def victims_prompts() -> list[str]:
-    return [ex.prompt for ex in instructed_examples("reverse", 4, "test", seed=3, held_out=True)]
-
-
-def record_with(examples: list[str], feats: torch.Tensor) -> dict:
-    return {
-        "examples": examples,
-        "encoder": "sentence",
-        "layer": None,
-        "kind": routing.FEATURES["sentence"],
-        "shape": list(feats.shape),
-        "features": routing._pack(feats),
-    }
 
 
 def nudged(feats: torch.Tensor, towards: torch.Tensor, distance: float) -> torch.Tensor:
@@ -310,22 +284,7 @@ def decode_zoo(slots: int = 4, copies: int = 1, family: str = "llama"):
     return zoo
 
 
-def decode(zoo, names: list, prompt: torch.Tensor, steps: int, plan=None, between=None) -> list[torch.Tensor]:
-    """Prefill `prompt` (rows, T), then `steps` decode steps feeding fixed tokens; each step's
-    logits. With `plan`, every decode step is handed it (as the engine keeps one); `between(step)`
-    runs before each decode step (another thread's work between two steps)."""
-    out = zoo.forward(prompt, None, names, cache=DynamicCache(config=zoo.model.config))
-    cache, mask = out.cache, out.attention_mask
-    logits = []
-    for step in range(steps):
-        if between is not None:
-            between(step)
-        token = torch.full((len(names), 1), 5 + step)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = zoo.forward(token, mask, names if plan is None else None, plan=plan, cache=cache)
-        cache = out.cache
-        logits.append(output(out)[:, -1])
-    return logits
+decode = _decode  # tests/test_decode_plan_reuse.py: prefill, then decode steps with fixed tokens
 
 
 def assert_rows_equal(mixed: list, reference: list, rows: list[int], ref_rows: list[int] | None = None) -> None:

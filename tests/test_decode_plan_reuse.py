@@ -35,13 +35,16 @@ def _zoo():
     return zoo
 
 
-def _decode(zoo, names: list, prompt: torch.Tensor, steps: int, plan=None) -> list[torch.Tensor]:
+def _decode(zoo, names: list, prompt: torch.Tensor, steps: int, plan=None, between=None) -> list[torch.Tensor]:
     """Prefill `prompt` (rows, T), then `steps` greedy-free decode steps feeding fixed tokens;
-    the logits of each step. With `plan`, every decode step reuses it."""
+    the logits of each step. With `plan`, every decode step reuses it (as the engine keeps one);
+    `between(step)` runs before each decode step (another thread's work between two steps)."""
     out = zoo.forward(prompt, None, names, cache=DynamicCache(config=zoo.model.config))
     cache, mask = out.cache, out.attention_mask
     logits = []
     for step in range(steps):
+        if between is not None:
+            between(step)
         token = torch.full((len(names), 1), 5 + step)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         out = zoo.forward(token, mask, names if plan is None else None, plan=plan, cache=cache)

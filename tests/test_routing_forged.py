@@ -3,32 +3,16 @@ it take prompts its examples do not describe (adapterzoo/routing.py, `_check_sto
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from adapterzoo import routing
 from adapterzoo.demo import SPECIALISTS
-from adapterzoo.tasks import instructed_examples, routing_examples
+from adapterzoo.tasks import instructed_examples
 from adapterzoo.testing.models import tiny_zoo
+from tests import routing_fixtures
 
-
-@pytest.fixture(scope="module")
-def encoder():
-    return routing.SentenceEncoder()
-
-
-@pytest.fixture
-def zoo(encoder):
-    zoo = tiny_zoo("llama")
-    routing._cache(zoo).sentence = encoder
-    for task in ("reverse", "upper"):
-        zoo.add_adapter(task, "lora", r=4, trainable=False)
-        zoo.add_routing_examples(task, routing_examples(task, 12))
-    return zoo
-
-
-def victims_prompts() -> list[str]:
-    return [ex.prompt for ex in instructed_examples("reverse", 4, "test", seed=3, held_out=True)]
+# the shared fixtures (tests/routing_fixtures.py)
+encoder, zoo, victims_prompts = routing_fixtures.encoder, routing_fixtures.zoo, routing_fixtures.victims_prompts
 
 
 def forged_record(encoder, aimed_at: list[str]) -> dict:
@@ -36,15 +20,7 @@ def forged_record(encoder, aimed_at: list[str]) -> dict:
     each NEIGHBOURS times: the score is the mean of that many nearest rows."""
     aimed_at = [prompt for prompt in aimed_at for _ in range(routing.NEIGHBOURS)]
     examples = [f"A recipe for banana bread, number {i}" for i in range(len(aimed_at))]
-    feats = encoder(aimed_at)
-    return {
-        "examples": examples,
-        "encoder": "sentence",
-        "layer": None,
-        "kind": routing.FEATURES["sentence"],
-        "shape": list(feats.shape),
-        "features": routing._pack(feats),
-    }
+    return routing_fixtures.record_with(examples, encoder(aimed_at))
 
 
 def test_a_record_whose_features_do_not_match_its_examples_cannot_take_another_tenants_prompts(zoo, encoder):
