@@ -909,7 +909,7 @@ class Engine:
                         for la in out.cache.layers
                     ]
                 )
-                self.prefix_cache.store(root, r.prompt_ids, kv, tokens)
+                self.prefix_cache.store(root, r.prompt_ids, kv, tokens, owner=r.tenant)
         return out
 
     def _prefix_root(self, req: Request) -> tuple | None:

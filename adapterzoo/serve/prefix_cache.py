@@ -45,6 +45,10 @@ class PrefixCache:
         self.max_bytes = max(0, int(max_bytes))
         self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # digest -> (layers, 2, kv, BLOCK, hd)
         self.bytes = 0
+        # who stored each block, and how much each owner (tenant) holds: past an equal share of
+        # the budget, an owner's new blocks push out its own oldest ones, not another tenant's
+        self.owner: dict[bytes, Hashable] = {}
+        self.held: dict[Hashable, int] = {}
         self.hit_tokens = 0  # prompt tokens served from the cache, in all
         self.evictions = 0
 
@@ -80,9 +84,10 @@ class PrefixCache:
         self.hit_tokens += tokens
         return tokens, torch.cat([self.blocks[d] for d in found], dim=3)
 
-    def store(self, root: Hashable, ids: Sequence[int], kv: torch.Tensor, first: int) -> None:
+    def store(self, root: Hashable, ids: Sequence[int], kv: torch.Tensor, first: int, owner: Hashable = None) -> None:
         """Keep the full blocks of `ids` from token `first` on (a multiple of BLOCK), given `kv`,
-        (layers, 2, kv, len(ids) - first, hd): the keys and values of those tokens."""
+        (layers, 2, kv, len(ids) - first, hd): the keys and values of those tokens. `owner` (the
+        tenant) is charged for them."""
         if not self.enabled:
             return
         digests = self.digests(root, ids)
@@ -93,15 +98,35 @@ class PrefixCache:
             block = kv[:, :, :, start : start + BLOCK].clone()
             size = block.numel() * block.element_size()
             while self.bytes + size > self.max_bytes:
-                oldest = next(iter(self.blocks), None)
-                if oldest is None or oldest in digests[:j]:  # it would push out its own opening: keep that
+                victim = self._victim(owner, size)
+                if victim is None or victim in digests[:j]:  # it would push out its own opening: keep that
                     self._touch(digests[:j])
                     return
-                self.bytes -= self.blocks.pop(oldest).numel() * block.element_size()
-                self.evictions += 1
+                self._drop(victim)
             self.blocks[digests[j]] = block
+            self.owner[digests[j]] = owner
+            self.held[owner] = self.held.get(owner, 0) + size
             self.bytes += size
         self._touch(digests)
+
+    def _victim(self, owner: Hashable, size: int) -> bytes | None:
+        """The block to push out for `owner`'s next one: its own least recently used when it holds
+        over an equal share of the budget (one tenant's flood of one-off prompts churns only its
+        own blocks, tests/serve/test_prefix_cache.py), else the least recently used of all."""
+        share = self.max_bytes / max(1, len(self.held | {owner: 0}))
+        if self.held.get(owner, 0) + size > share:
+            return next((d for d in self.blocks if self.owner[d] == owner), None)
+        return next(iter(self.blocks), None)
+
+    def _drop(self, digest: bytes) -> None:
+        block = self.blocks.pop(digest)
+        owner = self.owner.pop(digest)
+        size = block.numel() * block.element_size()
+        self.bytes -= size
+        self.held[owner] -= size
+        if not self.held[owner]:
+            del self.held[owner]
+        self.evictions += 1
 
     def _touch(self, chain: list[bytes]) -> None:
         """Mark a chain's blocks used, its opening last: a block is useless without those before

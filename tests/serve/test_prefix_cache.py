@@ -137,3 +137,19 @@ def test_requests_that_arrive_together_with_one_opening_compute_it_once(zoo):
     assert cached.prefix_cache.hit_tokens == 3 * BLOCK * (len(jobs) - 1)
     for done, solo in zip(got, alone):
         assert_same(done, solo)
+
+
+def test_a_tenant_flooding_distinct_prompts_cannot_push_another_tenants_blocks_out_of_its_share():
+    """Eviction takes a tenant's own least recently used blocks first once it holds more than an
+    equal share of the budget: a flood of one-off prompts churns only its own blocks."""
+    block = torch.zeros(2, 2, 2, BLOCK, 8)
+    size = block.numel() * block.element_size()
+    cache = PrefixCache(8 * size)
+    mine = list(range(100, 100 + 3 * BLOCK + 1))
+    cache.store(("acme", None), mine, torch.zeros(2, 2, 2, len(mine), 8), 0, owner="acme")
+    for i in range(40):  # globex: 40 distinct two-block prompts
+        theirs = [1000 + 50 * i + k for k in range(2 * BLOCK + 1)]
+        cache.store(("globex", None), theirs, torch.zeros(2, 2, 2, len(theirs), 8), 0, owner="globex")
+        assert cache.bytes <= cache.max_bytes
+    assert cache.lookup(("acme", None), mine)[0] == 3 * BLOCK
+    assert cache.held["globex"] <= 5 * size  # its share of 8 blocks, less acme's 3
