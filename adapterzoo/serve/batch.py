@@ -41,6 +41,7 @@ class Completion:
     error: BaseException | None = None
     replica: str | None = None  # which Ray Serve replica produced it (None: this process)
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids (when asked for)
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass(eq=False)
@@ -59,6 +60,7 @@ class Request:
     ready: Future | None = None  # resolves when the adapter is in host memory
     virtual: int = 0  # virtual tokens (soft prompt) that enter the cache
     prefix: int = 0  # prefix tokens (positions shift by this much)
+    cached: int = 0  # prompt tokens the prefix cache gave it (serve/prefix_cache.py)
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text already sent as deltas
     text: str = ""

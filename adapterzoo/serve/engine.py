@@ -886,6 +886,8 @@ class Engine:
             hits = [
                 self.prefix_cache.lookup(root, r.prompt_ids) if root else (0, None) for r, root in zip(joiners, roots)
             ]
+        for r, (tokens, _) in zip(joiners, hits):
+            r.cached = tokens
         past = max(tokens for tokens, _ in hits)
         rests = [r.prompt_ids[tokens:] for r, (tokens, _) in zip(joiners, hits)]
         width = max(len(rest) for rest in rests)
@@ -1128,6 +1130,7 @@ class Engine:
             latency=now - req.submitted,
             error=error,
             logprobs=logprobs,
+            cached_tokens=req.cached,
         )
         try:
             self.metrics.finished(done)

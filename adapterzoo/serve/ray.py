@@ -84,6 +84,7 @@ FIELDS = (
     "completion_tokens",
     "ttft",
     "latency",
+    "cached_tokens",
 )
 
 
@@ -107,6 +108,7 @@ def _failed(exc: BaseException, replica: str | None = None) -> dict[str, Any]:
         "completion_tokens": 0,
         "ttft": None,
         "latency": 0.0,
+        "cached_tokens": 0,
         "replica": replica,
         "error": _error(exc),
     }

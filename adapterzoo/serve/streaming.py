@@ -25,10 +25,17 @@ def finish_reason(done: Completion) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-def usage(results: list[Completion], n: int = 1) -> dict[str, int]:
+def usage(results: list[Completion], n: int = 1) -> dict:
     p = sum(d.prompt_tokens for d in results[::n])  # the n choices of a prompt share it
     c = sum(d.completion_tokens for d in results)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = sum(d.cached_tokens for d in results[::n])
+    # prompt tokens served from the prefix cache, where OpenAI (and vLLM) report them
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def event(obj: dict[str, Any]) -> str:

@@ -235,9 +235,10 @@ def test_logprobs_and_request_failures_cross_the_ray_boundary():
         ttft=0.1,
         latency=0.2,
         logprobs=[TokenLogprob(5, -0.5, ((5, -0.5), (7, -1.5))), TokenLogprob(6, -0.25, ())],
+        cached_tokens=32,
     )
     back = _completion(_done(done, "replica-1"))
-    assert back.logprobs == done.logprobs and back.replica == "replica-1"
+    assert back.logprobs == done.logprobs and back.replica == "replica-1" and back.cached_tokens == 32
     failed = Completion(
         id="r2",
         adapter="bad",
@@ -299,3 +300,16 @@ def test_streamed_logprobs_come_with_each_choices_last_chunk(served):
     final = [c for c in chat if c.choices and c.choices[0].finish_reason][0].choices[0]
     content = "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
     assert "".join(t.token for t in final.logprobs.content) == content
+
+
+def test_usage_reports_the_prompt_tokens_served_from_the_prefix_cache(served):
+    """As OpenAI and vLLM report them: usage.prompt_tokens_details.cached_tokens, per request."""
+    url, _ = served
+    client = openai_client(url, "k-acme")
+    opening = "the quick brown fox jumps over the lazy dog and runs "  # 3 full blocks of 16 characters
+    first = client.completions.create(model="lora", prompt=opening + "far ->", max_tokens=2, temperature=0)
+    again = client.completions.create(model="lora", prompt=opening + "home ->", max_tokens=2, temperature=0)
+    other = client.completions.create(model="houlsby", prompt=opening + "home ->", max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 48
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # another adapter's blocks are its own

@@ -56,9 +56,9 @@ def test_a_request_that_opens_like_an_earlier_one_reuses_its_blocks_and_gets_its
         assert_same(done, solo)
 
 
-def test_rows_with_different_cached_openings_share_one_prefill_with_uncached_rows(zoo):
-    """One prefill holds a row with 3 cached blocks, one with 1, and rows with none (another
-    adapter, the base, a soft prompt's group), whatever order they come in."""
+def test_rows_with_different_cached_openings_join_with_uncached_rows_and_get_their_solo_output(zoo):
+    """A row with 3 cached blocks, one with 1, and rows with none (another adapter, the base, a
+    soft prompt's group), submitted at once: in one prefill or several, as the engine admits them."""
     jobs = [
         (OPENING + "far away ->", "lora", "acme"),
         (OPENING[:20] + "something else entirely ->", "lora", "acme"),
@@ -131,8 +131,10 @@ def test_a_prompt_always_leaves_one_token_to_compute():
 def test_requests_that_arrive_together_with_one_opening_compute_it_once(zoo):
     """A leader is prefilled first; the others of the same prefill find its blocks cached."""
     jobs = [(OPENING + tail, "lora", "acme") for tail in TAILS]
-    with Engine(zoo, prefix_cache_bytes=2**20, max_batch=8) as cached, Engine(zoo, max_batch=8) as plain:
-        got = run(cached, jobs)
+    cached = Engine(zoo, prefix_cache_bytes=2**20, max_batch=8)
+    handles = [cached.submit(p, a, params(), tenant=t) for p, a, t in jobs]  # queued before it starts:
+    with cached, Engine(zoo, max_batch=8) as plain:  # its first step admits all four together
+        got = [h.result(60) for h in handles]
         alone = [run(plain, [job])[0] for job in jobs]
     assert cached.prefix_cache.hit_tokens == 3 * BLOCK * (len(jobs) - 1)
     for done, solo in zip(got, alone):
