@@ -254,8 +254,7 @@ class BatchPlan:
         A plan kept across decode steps is checked at every step: int compares, and each
         adapter's version (a sum over its tensors' version counters)."""
         return all(
-            pool.stamps[slot] == stamp and pool.versions.get(adapter.name) == adapter.version()
-            for pool, slot, stamp, adapter in self.residents
+            pool.stamps[slot] == stamp and pool.is_current(adapter) for pool, slot, stamp, adapter in self.residents
         )
 
 

@@ -53,17 +53,21 @@ def _decode(zoo, names: list, prompt: torch.Tensor, steps: int, plan=None, betwe
     return logits
 
 
+def _assert_each_row_of_a_kept_plan_equals_its_solo_run(zoo, names: list, prompt: torch.Tensor, steps: int) -> None:
+    with torch.inference_mode():
+        plan = zoo.plan(names, training=False)
+        mixed = _decode(zoo, names, prompt, steps, plan=plan)
+        for i, name in enumerate(names):
+            solo = _decode(zoo, [name], prompt[i : i + 1], steps)
+            for step, (m, s) in enumerate(zip(mixed, solo)):
+                torch.testing.assert_close(m[i], s[0], atol=1e-4, rtol=1e-4, msg=f"row {i} ({name}) step {step}")
+
+
 def test_each_row_of_a_kept_plan_equals_its_solo_run_at_every_decode_step():
     zoo = _zoo()
     names = ["lora", None, "houlsby", "bitfit", "prompt", "adapterbias", "prefix", "lora", None]
     prompt = torch.randint(4, 100, (len(names), 6), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        plan = zoo.plan(names, training=False)
-        mixed = _decode(zoo, names, prompt, 3, plan=plan)
-        for i, name in enumerate(names):
-            solo = _decode(zoo, [name], prompt[i : i + 1], 3)
-            for step, (m, s) in enumerate(zip(mixed, solo)):
-                torch.testing.assert_close(m[i], s[0], atol=1e-4, rtol=1e-4, msg=f"row {i} ({name}) step {step}")
+    _assert_each_row_of_a_kept_plan_equals_its_solo_run(zoo, names, prompt, 3)
 
 
 def test_a_kept_plan_gathers_each_tensor_once_without_gradients():
@@ -179,13 +183,7 @@ def test_a_type_without_the_zero_slot_promise_mixed_with_built_ins_equals_its_so
         perturb(zoo, "third", seed=9)
         names = ["third", "lora", None, "houlsby", "third", "bitfit"]
         prompt = torch.randint(4, 100, (len(names), 5), generator=torch.Generator().manual_seed(2))
-        with torch.inference_mode():
-            plan = zoo.plan(names, training=False)
-            mixed = _decode(zoo, names, prompt, 4, plan=plan)
-            for i, name in enumerate(names):
-                solo = _decode(zoo, [name], prompt[i : i + 1], 4)
-                for step, (m, s) in enumerate(zip(mixed, solo)):
-                    torch.testing.assert_close(m[i], s[0], atol=1e-4, rtol=1e-4, msg=f"row {i} ({name}) step {step}")
+        _assert_each_row_of_a_kept_plan_equals_its_solo_run(zoo, names, prompt, 4)
 
 
 def test_a_type_whose_delta_at_slot_zero_is_not_zero_cannot_claim_zero_slot_is_identity():
