@@ -26,6 +26,7 @@ _ACTIVE: ContextVar[BatchPlan | None] = ContextVar("adapterzoo_plan", default=No
 _SITES: ContextVar[dict[int, str] | None] = ContextVar(
     "adapterzoo_attention_sites", default=None
 )  # None: prefixes are in the cache
+_ATTENTION: ContextVar[object | None] = ContextVar("adapterzoo_attention", default=None)  # see attention_by
 ATTENTION_NAME = "adapterzoo"
 
 
@@ -39,6 +40,20 @@ def active(plan: BatchPlan | None, attention_sites: dict[int, str] | None) -> It
     finally:
         _ACTIVE.reset(token)
         _SITES.reset(sites_token)
+
+
+@contextmanager
+def attention_by(runner: object) -> Iterator[None]:
+    """Let `runner.attend(module, query, key, value, **kwargs)` compute every attention layer's output
+    (in place of SDPA over the layer's own keys and values) for forwards in this context: a
+    forward whose rows are not sequences, such as the engine's step that feeds running rows
+    and joining prompts together (serve/ragged.py), knows better than the model which keys
+    each query may see."""
+    token = _ATTENTION.set(runner)
+    try:
+        yield
+    finally:
+        _ATTENTION.reset(token)
 
 
 class Runtime:
@@ -171,6 +186,9 @@ def prefixed_attention(module, query, key, value, attention_mask, **kwargs):
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    runner = _ATTENTION.get()
+    if runner is not None:
+        return runner.attend(module, query, key, value, **kwargs)
     plan = _ACTIVE.get()
     if plan is not None and plan.prefixes:
         path = (_SITES.get() or {}).get(id(module))

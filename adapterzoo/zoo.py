@@ -38,7 +38,7 @@ from .formats import FormatContext, detect_format, format_named
 from .heads import HeadConfig, class_logits, new_head
 from .plan import BatchPlan, build_plan, fit_tokens, place_rows, virtual_columns
 from .pool import LivePool, SlotPool
-from .runtime import Runtime, active, prefix_columns
+from .runtime import Runtime, active, attention_by, prefix_columns
 from .sites import hidden_size
 from .types import AdapterType
 
@@ -544,6 +544,60 @@ class Zoo:
             result.loss = causal_lm_loss(result.logits, labels.to(self.device))
         return result
 
+    def runs_token_rows(self, plan: BatchPlan | None = None) -> bool:
+        """Whether `forward_tokens` can run on this base (and `plan`): a causal LM of
+        `TOKEN_ROWS_MODELS`, whose LM head no adapter hooks, and whose prefix adapters, if the
+        plan has any, keep their prefixes in the KV cache (every attention layer a prefix site)."""
+        if not self.is_causal_lm or getattr(self.model.config, "model_type", None) not in TOKEN_ROWS_MODELS:
+            return False
+        head = self.model.get_output_embeddings()
+        if head is None or any(self.runtime.modules.get(p) is head for p in self.runtime.delta_sites):
+            return False
+        return plan is None or not plan.prefixes or self.runtime.prefix_fits_cache()
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        plan: BatchPlan,
+        cache: Any,
+        attention: Any,
+        keep: torch.Tensor,
+    ) -> ZooOutput:
+        """One token per row: row i feeds `tokens[i]` at position `positions[i]` through `plan`
+        (one entry per row), and the caller decides what each row attends to. Every attention
+        layer hands its new keys and values to `cache.update(keys, values, layer_idx)`, then
+        `attention.attend(module, query, key, value)` computes its output (runtime.attention_by).
+
+        Why rows of one token: every linear layer, norm and adapter delta works token by token,
+        so tokens of different requests (one a running request's next token, twenty a joining
+        prompt's) can share one forward, and read the base's weights once (serve/ragged.py).
+        Returns the LM logits of rows `keep` only, (len(keep), vocab); only where
+        `runs_token_rows(plan)`."""
+        if not self.runs_token_rows(plan):
+            raise BatchError(
+                "forward_tokens needs a causal LM of a supported family whose LM head no adapter hooks "
+                "(Zoo.runs_token_rows); use forward"
+            )
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        rows = tokens.shape[0]
+        with self._lock:
+            plan = self._plan_for(rows, None, plan)
+            with active(plan, None), attention_by(attention):
+                embeds = self.model.get_input_embeddings()(tokens[:, None])
+                # a 4-D mask goes to the layers as it is (no mask is built): `attention` ignores it
+                unused_mask = torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=self.device)
+                out = self.model.get_decoder()(
+                    inputs_embeds=embeds,
+                    attention_mask=unused_mask,
+                    position_ids=positions[:, None],
+                    use_cache=True,
+                    **{self._cache_kw: cache},
+                )
+                hidden = out.last_hidden_state[keep.to(self.device), 0]
+            logits = self.model.get_output_embeddings()(hidden)
+        return ZooOutput(logits=logits, plan=plan)
+
     def _prepend_prompts(self, plan: BatchPlan, embeds: torch.Tensor, mask: torch.Tensor):
         """Lester et al. (2021): [P_e; X_e], the virtual token embeddings before the input's.
 
@@ -625,6 +679,13 @@ def _cache_keyword(model: nn.Module) -> str:
 
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+#: Model types whose causal LM is decoder -> final norm -> LM head, with every attention layer
+#: calling `cache.update(keys, values, layer_idx)` and then the attention function named in its
+#: config, full (no sliding window): what `Zoo.forward_tokens` relies on (checked in transformers 5;
+#: Mistral's and Qwen's sliding windows would need the attention runner to apply them)
+TOKEN_ROWS_MODELS = ("llama",)
 
 
 def _cache_length(cache: Any) -> int:

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -55,6 +57,7 @@ from . import packed as packed_linear
 from .batch import Completion, Request, Room, RunningBatch  # noqa: F401 - Completion, Request: also from here
 from .cpu import ThreadGovernor
 from .prefix_cache import BLOCK, PrefixCache
+from .ragged import JoinStep
 from .resolver import HostResolver, Resolver
 from .sampling import (  # noqa: F401 - the HTTP layer, Ray and users import these from here too
     MAX_LOGPROBS,
@@ -152,6 +155,25 @@ class RequestHandle:
         raise EngineError("stream ended without a result")  # pragma: no cover
 
 
+@dataclasses.dataclass
+class Prompts:
+    """Joiners' prompts as one left-padded batch (`Engine._prompts`): `ids` (joiners, width) to
+    compute, `mask` (joiners, past + width), `cache` holding the cached openings in `past`
+    columns; per joiner its prefix-cache root, how many tokens it computes, and its cache hit."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    cache: Any
+    width: int
+    roots: list
+    computed: list[int]
+    hits: list
+
+
+class _Apart(Exception):
+    """This step's joiners must prefill apart (a plan `Zoo.forward_tokens` cannot run)."""
+
+
 class NullMetrics:
     """Metrics that record nothing (an engine or tiers built without `ServeMetrics`)."""
 
@@ -177,6 +199,7 @@ class Engine:
         prefill_group: int | None = None,
         prefill_wait: int = 6,
         prefix_cache_bytes: int = 0,
+        join_in_step: bool | None = None,
     ):
         if zoo.tokenizer is None or not zoo.is_causal_lm:
             raise EngineError("the engine needs a causal language model base with a tokenizer")
@@ -197,6 +220,14 @@ class Engine:
         # 39 prefills -> 14, see docs/serving.md "On the CPU". A lone waiting request never waits.
         self.prefill_group = max(1, max_batch // 4) if prefill_group is None else max(1, prefill_group)
         self.prefill_wait = prefill_wait
+        # Joiners prefill inside the running rows' decode step (serve/ragged.py), in one forward that
+        # reads the weights once, where the base allows it (None: Zoo.runs_token_rows). Then they
+        # are never held back: joining costs no forward of its own. False: always prefill apart.
+        if join_in_step is None:  # ADAPTERZOO_JOIN_IN_STEP=0 turns it off (an A/B, or a suspected bug)
+            join_in_step = os.environ.get("ADAPTERZOO_JOIN_IN_STEP", "1").strip().lower() not in ("0", "false", "off")
+            join_in_step = join_in_step and zoo.runs_token_rows()
+        self.join_in_step = bool(join_in_step)
+        self.joined_in_step = 0  # requests that joined inside a decode step
         # prompt blocks earlier requests computed, reused by later ones that open with the same
         # tokens, per tenant and adapter (serve/prefix_cache.py); 0 bytes: off
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -310,6 +341,7 @@ class Engine:
                 "steps": self.steps,
                 "tokens_generated": self.tokens_generated,
                 "cached_prompt_tokens": self.prefix_cache.hit_tokens,
+                "joined_in_step": self.joined_in_step,
             }
 
     # ------------------------------------------------------------------ the watchdog
@@ -642,9 +674,10 @@ class Engine:
     def _iteration(self) -> None:
         self._drop_finished()
         joiners = self._admit()
-        if joiners:
-            self._join(joiners)
-        if self._batch.rows:
+        in_step = self._join(joiners) if joiners else []
+        if in_step:
+            self._decode_and_join(in_step)
+        elif self._batch.rows:
             self._decode()
         with self._cond:
             self.metrics.queue_depth(len(self._waiting))
@@ -741,6 +774,8 @@ class Engine:
         """Whether the joiners wait (one more decode step) for others to join in the same prefill:
         only while rows decode meanwhile, fewer than `prefill_group` could join (counting every
         ready request that waits), and for at most `prefill_wait` steps."""
+        if self.join_in_step and all(not r.virtual and not r.prefix for r in joiners):
+            return False  # they join inside the next decode step, at no forward of their own
         want = min(self.prefill_group, ready)
         if not self._batch.rows or len(joiners) >= want or self._held_steps >= self.prefill_wait:
             self._held_steps = 0
@@ -798,7 +833,28 @@ class Engine:
         self.resolver.placed(new, time.perf_counter() - t0)
         self._batch.plan = None
 
-    def _join(self, joiners: list[Request]) -> None:
+    def _join(self, joiners: list[Request]) -> list[Request]:
+        """Place the joiners' adapters; prefill apart those that cannot join inside the decode
+        step, and return the others, for `_decode_and_join`.
+
+        Inside the step (serve/ragged.py) when rows are running and the base allows it
+        (`join_in_step`): a prefill of its own reads every weight of the base once more. Apart:
+        joiners whose adapter adds virtual tokens or prefixes, and the leaders of a shared
+        opening (`_leaders_first`: the others find its blocks cached in the step after)."""
+        try:
+            self._place(joiners)
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            self._isolate_join_failure(joiners, exc, self._join_apart)
+            return []
+        in_step: list[Request] = []
+        if self.join_in_step and self._batch.rows:
+            in_step = self._leaders_first([r for r in joiners if not r.virtual and not r.prefix])[-1:]
+            in_step = in_step[0] if in_step else []
+        taken = {id(r) for r in in_step}
+        self._join_apart([r for r in joiners if id(r) not in taken])
+        return in_step
+
+    def _join_apart(self, joiners: list[Request]) -> None:
         """Place the joiners' adapters, prefill them and merge them into the batch. If that raises
         (an adapter that throws, a slot it cannot get), each joiner is tried alone: only the ones
         that fail alone fail.
@@ -806,10 +862,12 @@ class Engine:
         Soft-prompt joiners are prefilled apart from the others: a prefill pads every row to the
         widest, and their virtual tokens would otherwise be paid as padding by every other row
         (a 16-token soft prompt made a mixed prefill 2-3x a base one)."""
+        if not joiners:
+            return
         try:
             self._place(joiners)
         except Exception as exc:  # noqa: BLE001 - isolated below
-            self._isolate_join_failure(joiners, exc, self._join)
+            self._isolate_join_failure(joiners, exc, self._join_apart)
             return
         for group in ([r for r in joiners if not r.virtual], [r for r in joiners if r.virtual]):
             for part in self._leaders_first(group):
@@ -859,25 +917,38 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - isolated: only the joiners that fail alone fail
             self._isolate_join_failure(joiners, exc, self._prefill_and_merge)
             return
-        zoo = self.zoo
+        self._joined(joiners, out.cache, out.attention_mask, out.logits[:, -1])
+
+    def _joined(self, joiners: list[Request], cache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """After the joiners' prompts ran: sample each one's first token, and merge the rows that
+        go on (with their cache and mask) into the running batch."""
         self.metrics.prefill(sum(len(r.prompt_ids) for r in joiners))
-        nxt = self._choose(joiners, out.logits[:, -1])
+        nxt = self._choose(joiners, logits)
         alive = [i for i, r in enumerate(joiners) if nxt[i] is not None and self._take(r, nxt[i])]
         if not alive:
             return
-        new_cache, new_mask = out.cache, out.attention_mask
         if len(alive) < len(joiners):
-            idx = torch.tensor(alive, device=new_mask.device)
-            new_cache.batch_select_indices(idx)
-            new_mask = new_mask.index_select(0, idx)
-        new_next = torch.tensor([nxt[i] for i in alive], dtype=torch.long, device=zoo.device)
-        self._merge([joiners[i] for i in alive], new_cache, new_mask, new_next)
+            idx = torch.tensor(alive, device=mask.device)
+            cache.batch_select_indices(idx)
+            mask = mask.index_select(0, idx)
+        new_next = torch.tensor([nxt[i] for i in alive], dtype=torch.long, device=self.zoo.device)
+        self._merge([joiners[i] for i in alive], cache, mask, new_next)
 
     def _prefill(self, joiners: list[Request]):
-        """One forward over the joiners' prompts. Each row's cached opening (`prefix_cache`) goes
-        into the KV cache first, right-aligned in `past` columns, and only the rest of its prompt
-        is computed; its positions count on from the cached tokens (the mask says which columns
-        are its own), so what it computes is what it would compute alone."""
+        """One forward over the joiners' prompts (`_prompts`), with the logits of each last token."""
+        zoo = self.zoo
+        prompts = self._prompts(joiners)
+        plan = zoo.plan([r.adapter for r in joiners], training=False)
+        # only the last position's logits are sampled: skip the vocabulary projection of the others
+        out = zoo.forward(prompts.ids.to(zoo.device), prompts.mask, plan=plan, cache=prompts.cache, logits_to_keep=1)
+        self._store_blocks(joiners, prompts, out.cache)
+        return out
+
+    def _prompts(self, joiners: list[Request]) -> Prompts:
+        """The joiners' prompts as one left-padded batch. Each row's cached opening (`prefix_cache`)
+        goes into a fresh KV cache first, right-aligned in `past` columns, and only the rest of its
+        prompt is to be computed; its positions count on from the cached tokens (the mask says
+        which columns are its own), so what it computes is what it would compute alone."""
         zoo = self.zoo
         roots = [self._prefix_root(r) for r in joiners]
         if any(r.virtual or r.prefix for r in joiners):  # their virtual tokens go first: no cached openings
@@ -897,22 +968,21 @@ class Engine:
             ids[i, width - len(rest) :] = torch.tensor(rest)
             mask[i, past + width - len(rest) :] = 1
             mask[i, past - tokens : past] = 1
-        plan = zoo.plan([r.adapter for r in joiners], training=False)
         cache = zoo.new_cache()
         if past:
             _fill(cache, hits, past)
-        # only the last position's logits are sampled: skip the vocabulary projection of the others
-        out = zoo.forward(ids.to(zoo.device), mask.to(zoo.device), plan=plan, cache=cache, logits_to_keep=1)
-        for i, (r, root, rest, (tokens, _)) in enumerate(zip(joiners, roots, rests, hits)):
+        return Prompts(ids, mask.to(zoo.device), cache, width, roots, [len(rest) for rest in rests], hits)
+
+    def _store_blocks(self, joiners: list[Request], prompts: Prompts, cache) -> None:
+        """Offer each joiner's newly computed full prompt blocks to the prefix cache."""
+        for i, (r, root, computed, (tokens, _)) in enumerate(
+            zip(joiners, prompts.roots, prompts.computed, prompts.hits)
+        ):
             if root is not None and len(r.prompt_ids) - tokens >= BLOCK:  # at least one new full block
                 kv = torch.stack(
-                    [
-                        torch.stack((la.keys[i, :, -len(rest) :], la.values[i, :, -len(rest) :]))
-                        for la in out.cache.layers
-                    ]
+                    [torch.stack((la.keys[i, :, -computed:], la.values[i, :, -computed:])) for la in cache.layers]
                 )
                 self.prefix_cache.store(root, r.prompt_ids, kv, tokens, owner=r.tenant)
-        return out
 
     def _prefix_root(self, req: Request) -> tuple | None:
         """What a row's cached blocks are filed under (tenant, adapter by identity and version), or
@@ -949,16 +1019,50 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - find whose adapter raised; fail only those rows
             self._isolate_decode_failure(exc)
             return
-        batch.cache, batch.mask = out.cache, step_mask
+        batch.cache = out.cache
         batch.plan = out.plan  # planned again if an adapter changed under the old one (BatchPlan.is_current)
-        nxt = self._choose(batch.rows, out.logits[:, -1])
+        self._decoded(step_mask, out.logits[:, -1])
+
+    def _decoded(self, step_mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """After a decode forward: each running row takes its next token."""
+        batch = self._batch
+        batch.mask = step_mask
+        nxt = self._choose(batch.rows, logits)
         self.steps += 1
         self.metrics.decode_step(len(batch.rows))
         for r, t in zip(batch.rows, nxt):
             if t is not None:
                 self._take(r, t)
         # a failed row feeds a pad token until the next step drops it
-        batch.next = torch.tensor([self.pad if t is None else t for t in nxt], dtype=torch.long, device=zoo.device)
+        batch.next = torch.tensor([self.pad if t is None else t for t in nxt], dtype=torch.long, device=self.zoo.device)
+
+    def _decode_and_join(self, joiners: list[Request]) -> None:
+        """One forward for the running rows' next tokens and the joiners' prompts (serve/ragged.py):
+        every token a row of one, so the base's weights are read once for both. If it raises, the
+        running rows' cache is cut back and both run apart, where failures are isolated per adapter."""
+        zoo, batch = self.zoo, self._batch
+        step_mask = batch.step_mask()
+        try:
+            prompts = self._prompts(joiners)
+            step = JoinStep(batch.cache, step_mask, prompts.cache, prompts.mask, prompts.width)
+            names = [r.adapter for r in batch.rows] + [r.adapter for r in joiners for _ in range(prompts.width)]
+            plan = zoo.plan(names, training=False)
+            if not zoo.runs_token_rows(plan):  # a prefix adapter whose prefixes are not in the cache
+                raise _Apart
+            tokens = torch.cat([batch.next, prompts.ids.flatten().to(zoo.device)])
+            out = zoo.forward_tokens(tokens, step.positions(), plan, step, step, step.last_tokens())
+        except Exception as exc:  # noqa: BLE001 - run apart, where each failure is isolated
+            if not isinstance(exc, _Apart):
+                log.info("a decode step with joiners failed (%s); running them apart", type(exc).__name__)
+            batch.undo_step()
+            self._join_apart(joiners)
+            self._decode()
+            return
+        self._store_blocks(joiners, prompts, prompts.cache)
+        self.joined_in_step += len(joiners)
+        rows = len(batch.rows)
+        self._decoded(step_mask, out.logits[:rows])
+        self._joined(joiners, prompts.cache, prompts.mask, out.logits[rows:])
 
     def _isolate_decode_failure(self, exc: Exception) -> None:
         """A decode forward raised. No token was taken, so the step can be run again exactly:

@@ -50,7 +50,8 @@ class CountingResolver(HostResolver):
 
 def _held_group(engine: Engine) -> tuple:
     """A long base row fills one of two rows; then three "b-lora" requests come at once: one has a
-    row, two wait for rows, so the one is held to share their prefill. Returns (long, the three)."""
+    row, two wait for rows, so the one is held to share their prefill (engines that prefill joiners
+    apart, `join_in_step=False`). Returns (long, the three)."""
     long = engine.submit("abc", None, SamplingParams(max_tokens=40, ignore_eos=True), tenant="x")
     while engine.stats()["running"] < 1:
         time.sleep(0.001)
@@ -63,7 +64,9 @@ def _held_group(engine: Engine) -> tuple:
 
 def test_a_held_group_that_is_cancelled_leaves_no_row_and_no_hold_on_its_adapter():
     resolver = CountingResolver(zoo())
-    with Engine(zoo(), max_batch=2, prefill_group=4, prefill_wait=10_000, resolver=resolver) as engine:
+    with Engine(
+        zoo(), max_batch=2, prefill_group=4, prefill_wait=10_000, resolver=resolver, join_in_step=False
+    ) as engine:
         long, three = _held_group(engine)
         assert engine.stats()["waiting"] == 3 and engine.stats()["running"] == 1  # held, not joined
         for h in three:
@@ -75,7 +78,7 @@ def test_a_held_group_that_is_cancelled_leaves_no_row_and_no_hold_on_its_adapter
 
 
 def test_a_draining_stop_finishes_held_joiners():
-    with Engine(zoo(), max_batch=2, prefill_group=4, prefill_wait=10_000) as engine:
+    with Engine(zoo(), max_batch=2, prefill_group=4, prefill_wait=10_000, join_in_step=False) as engine:
         long, three = _held_group(engine)
         engine.stop(drain=True, timeout=60)
     assert long.result(1).finish_reason == "length"

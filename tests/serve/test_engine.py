@@ -346,7 +346,8 @@ def test_room_books_rows_pool_slots_a_tenants_resident_slots_and_the_prefill_bud
 
 def test_joiners_wait_a_few_steps_to_share_one_prefill_and_still_get_their_solo_output():
     """While rows decode, requests that could join one by one wait (at most `prefill_wait` steps)
-    until `prefill_group` of them join in the same prefill."""
+    until `prefill_group` of them join in the same prefill (when they prefill apart: a base
+    whose decode step cannot take them, `join_in_step=False`)."""
     zoo = zoo_for("llama")
     jobs = [(PROMPTS[i % len(PROMPTS)], "lora" if i % 2 else None, 2 + (i * 3) % 7) for i in range(16)]
     prefills = []
@@ -362,7 +363,7 @@ def test_joiners_wait_a_few_steps_to_share_one_prefill_and_still_get_their_solo_
     results = {}
     for group in (1, 4):
         prefills.clear()
-        with Engine(zoo, max_batch=4, prefill_group=group, prefill_wait=6) as engine:
+        with Engine(zoo, max_batch=4, prefill_group=group, prefill_wait=6, join_in_step=False) as engine:
             zoo.forward = counting(type(zoo).forward.__get__(zoo))
             try:
                 handles = [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs]
@@ -378,7 +379,7 @@ def test_joiners_wait_a_few_steps_to_share_one_prefill_and_still_get_their_solo_
 
 def test_a_lone_waiting_request_joins_at_once():
     zoo = zoo_for("llama")
-    with Engine(zoo, max_batch=4, prefill_group=4, prefill_wait=1000) as engine:
+    with Engine(zoo, max_batch=4, prefill_group=4, prefill_wait=1000, join_in_step=False) as engine:
         first = engine.submit("hello", None, SamplingParams(max_tokens=40, ignore_eos=True))
         while engine.steps < 2:
             time.sleep(0.005)

@@ -112,7 +112,8 @@ def test_a_nan_adapter_fails_only_its_own_request(zoo):
 
 
 def _raise_for(zoo, monkeypatch, adapter: str, *, at: str):
-    """Make `zoo.forward` raise for any batch that has a row of `adapter`, at prefill or decode."""
+    """Make `zoo.forward` raise for any batch that has a row of `adapter`, at prefill or decode
+    (and `zoo.forward_tokens`, the decode step that joiners join, for any such step)."""
     forward = zoo.forward
 
     def flaky(input_ids, attention_mask=None, adapters=None, *, plan=None, cache=None, **kw):
@@ -123,6 +124,14 @@ def _raise_for(zoo, monkeypatch, adapter: str, *, at: str):
         return forward(input_ids, attention_mask, adapters, plan=plan, cache=cache, **kw)
 
     monkeypatch.setattr(zoo, "forward", flaky)
+    forward_tokens = zoo.forward_tokens
+
+    def flaky_tokens(tokens, positions, plan, *args, **kw):  # a step of running rows and joiners (ragged.py)
+        if adapter in plan.names:  # its kernel crashes whichever rows it has: they go apart, and fail there
+            raise RuntimeError(f"adapter kernel crashed (simulated, {at})")
+        return forward_tokens(tokens, positions, plan, *args, **kw)
+
+    monkeypatch.setattr(zoo, "forward_tokens", flaky_tokens)
 
 
 @pytest.mark.parametrize("at", ["prefill", "decode"])
