@@ -563,6 +563,7 @@ class Zoo:
         cache: Any,
         attention: Any,
         keep: torch.Tensor,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> ZooOutput:
         """One token per row: row i feeds `tokens[i]` at position `positions[i]` through `plan`
         (one entry per row), and the caller decides what each row attends to. Every attention
@@ -572,8 +573,9 @@ class Zoo:
         Why rows of one token: every linear layer, norm and adapter delta works token by token,
         so tokens of different requests (one a running request's next token, twenty a joining
         prompt's) can share one forward, and read the base's weights once (serve/ragged.py).
-        Returns the LM logits of rows `keep` only, (len(keep), vocab); only where
-        `runs_token_rows(plan)`."""
+        `embeds` = (rows, vectors): those rows take these input embeddings instead of their
+        token's (a soft prompt's virtual tokens, `virtual_tokens`). Returns the LM logits of rows
+        `keep` only, (len(keep), vocab); only where `runs_token_rows(plan)`."""
         if not self.runs_token_rows(plan):
             raise BatchError(
                 "forward_tokens needs a causal LM of a supported family whose LM head no adapter hooks "
@@ -584,11 +586,14 @@ class Zoo:
         with self._lock:
             plan = self._plan_for(rows, None, plan)
             with active(plan, None), attention_by(attention):
-                embeds = self.model.get_input_embeddings()(tokens[:, None])
+                inputs = self.model.get_input_embeddings()(tokens[:, None])
+                if embeds is not None:
+                    rows_of, vectors = embeds
+                    inputs = inputs.index_put((rows_of.to(self.device),), vectors.to(inputs)[:, None])
                 # a 4-D mask goes to the layers as it is (no mask is built): `attention` ignores it
                 unused_mask = torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=self.device)
                 out = self.model.get_decoder()(
-                    inputs_embeds=embeds,
+                    inputs_embeds=inputs,
                     attention_mask=unused_mask,
                     position_ids=positions[:, None],
                     use_cache=True,
@@ -604,15 +609,25 @@ class Zoo:
         Virtual tokens go in the first `width` columns, left-aligned; a row with fewer (or none)
         masks the rest, so its real tokens see exactly what they would see alone.
         """
-        batch, _, dim = embeds.shape
-        width = plan.prompt_width
-        virtual = embeds.new_zeros(batch, width, dim)
-        for use in plan.prompts:
-            site = self.runtime.embedding_path
-            tokens = use.pool.atype.virtual_tokens(use.gather(use.pool.site(site), site))  # (n, P, d)
-            virtual = place_rows(virtual, use, fit_tokens(tokens, width, 1).to(embeds.dtype))
-        virtual_mask = virtual_columns(plan.prompt_lengths, width)
-        return torch.cat([virtual, embeds], 1), torch.cat([virtual_mask.to(mask.dtype), mask], 1), width
+        virtual, virtual_mask = self.virtual_tokens(plan, embeds.dtype)
+        return torch.cat([virtual, embeds], 1), torch.cat([virtual_mask.to(mask.dtype), mask], 1), plan.prompt_width
+
+    def virtual_tokens(self, plan: BatchPlan, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The soft-prompt rows' virtual token embeddings, (B, plan.prompt_width, d) left-aligned
+        (zeros past a row's own count, and for rows without one), and which columns each row uses
+        (B, width) bool: what `forward` puts before the input's embeddings."""
+        with self._lock:
+            width = plan.prompt_width
+            dim = self.model.get_input_embeddings().weight.shape[-1]
+            virtual = torch.zeros(plan.batch_size, width, dim, dtype=dtype or self.dtype, device=self.device)
+            for use in plan.prompts:
+                site = self.runtime.embedding_path
+                tokens = use.pool.atype.virtual_tokens(use.gather(use.pool.site(site), site))  # (n, P, d)
+                virtual = place_rows(virtual, use, fit_tokens(tokens, width, 1).to(virtual.dtype))
+            lengths = plan.prompt_lengths
+            if lengths is None:
+                lengths = torch.zeros(plan.batch_size, dtype=torch.long, device=self.device)
+            return virtual, virtual_columns(lengths, width)
 
     def new_cache(self) -> Any:
         """An empty KV cache for `forward(..., cache=...)`: transformers' `DynamicCache`, whose

@@ -53,6 +53,7 @@ from ..errors import (  # noqa: F401  (their home is errors.py; importable from 
     UnknownAdapterError,
 )
 from ..generate import find_stop, pad_token_id, sample_next
+from ..runtime import prefix_columns
 from . import packed as packed_linear
 from .batch import Completion, Request, Room, RunningBatch  # noqa: F401 - Completion, Request: also from here
 from .cpu import ThreadGovernor
@@ -158,8 +159,9 @@ class RequestHandle:
 @dataclasses.dataclass
 class Prompts:
     """Joiners' prompts as one left-padded batch (`Engine._prompts`): `ids` (joiners, width) to
-    compute, `mask` (joiners, past + width), `cache` holding the cached openings in `past`
-    columns; per joiner its prefix-cache root, how many tokens it computes, and its cache hit."""
+    compute, `mask` (joiners, past + width), `cache` holding the cached openings (or prefixes) in
+    `past` columns; per joiner its prefix-cache root, how many prompt tokens it computes, and its
+    cache hit."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -168,6 +170,8 @@ class Prompts:
     roots: list
     computed: list[int]
     hits: list
+    lengths: list[int] | None = None  # tokens each row feeds (virtual ones included, inside a step)
+    embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, vectors): virtual tokens' inputs
 
 
 class _Apart(Exception):
@@ -839,20 +843,20 @@ class Engine:
 
         Inside the step (serve/ragged.py) when rows are running and the base allows it
         (`join_in_step`): a prefill of its own reads every weight of the base once more. Apart:
-        joiners whose adapter adds virtual tokens or prefixes, and the leaders of a shared
-        opening (`_leaders_first`: the others find its blocks cached in the step after)."""
+        the leaders of a shared opening (`_leaders_first`: the others find its blocks cached in
+        the step after), and every joiner when no row is running."""
         try:
             self._place(joiners)
         except Exception as exc:  # noqa: BLE001 - isolated below
             self._isolate_join_failure(joiners, exc, self._join_apart)
             return []
-        in_step: list[Request] = []
-        if self.join_in_step and self._batch.rows:
-            in_step = self._leaders_first([r for r in joiners if not r.virtual and not r.prefix])[-1:]
-            in_step = in_step[0] if in_step else []
-        taken = {id(r) for r in in_step}
-        self._join_apart([r for r in joiners if id(r) not in taken])
-        return in_step
+        if not (self.join_in_step and self._batch.rows):
+            self._join_apart(joiners)
+            return []
+        leaders = self._leaders_first([r for r in joiners if not r.virtual and not r.prefix])
+        leaders = {id(r) for r in leaders[0]} if len(leaders) > 1 else set()
+        self._join_apart([r for r in joiners if id(r) in leaders])
+        return [r for r in joiners if id(r) not in leaders]
 
     def _join_apart(self, joiners: list[Request]) -> None:
         """Place the joiners' adapters, prefill them and merge them into the batch. If that raises
@@ -944,11 +948,16 @@ class Engine:
         self._store_blocks(joiners, prompts, out.cache)
         return out
 
-    def _prompts(self, joiners: list[Request]) -> Prompts:
+    def _prompts(self, joiners: list[Request], inside: bool = False) -> Prompts:
         """The joiners' prompts as one left-padded batch. Each row's cached opening (`prefix_cache`)
         goes into a fresh KV cache first, right-aligned in `past` columns, and only the rest of its
         prompt is to be computed; its positions count on from the cached tokens (the mask says
-        which columns are its own), so what it computes is what it would compute alone."""
+        which columns are its own), so what it computes is what it would compute alone.
+
+        `inside` (a decode step the joiners join, serve/ragged.py): the tokens `Zoo.forward`
+        would add are laid out here instead, as a solo run has them: a soft prompt's virtual
+        tokens before the row's prompt (`Prompts.embeds` holds their vectors), a prefix adapter's
+        keys and values in the cache's first columns, masked per row."""
         zoo = self.zoo
         roots = [self._prefix_root(r) for r in joiners]
         if any(r.virtual or r.prefix for r in joiners):  # their virtual tokens go first: no cached openings
@@ -961,17 +970,36 @@ class Engine:
             r.cached = tokens
         past = max(tokens for tokens, _ in hits)
         rests = [r.prompt_ids[tokens:] for r, (tokens, _) in zip(joiners, hits)]
-        width = max(len(rest) for rest in rests)
+        virtual = [r.virtual if inside else 0 for r in joiners]
+        lengths = [v + len(rest) for v, rest in zip(virtual, rests)]
+        width = max(lengths)
         ids = torch.full((len(joiners), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(joiners), past + width), dtype=torch.long)
-        for i, (rest, (tokens, _)) in enumerate(zip(rests, hits)):
+        for i, (rest, n, (tokens, _)) in enumerate(zip(rests, lengths, hits)):
             ids[i, width - len(rest) :] = torch.tensor(rest)
-            mask[i, past + width - len(rest) :] = 1
+            mask[i, past + width - n :] = 1
             mask[i, past - tokens : past] = 1
         cache = zoo.new_cache()
         if past:
             _fill(cache, hits, past)
-        return Prompts(ids, mask.to(zoo.device), cache, width, roots, [len(rest) for rest in rests], hits)
+        mask = mask.to(zoo.device)
+        embeds = None
+        if inside and any(r.virtual or r.prefix for r in joiners):
+            plan = zoo.plan([r.adapter for r in joiners], training=False)
+            if any(virtual):
+                vectors, _ = zoo.virtual_tokens(plan)
+                starts = [sum(lengths[:i]) for i in range(len(joiners))]
+                embeds = (
+                    torch.tensor([starts[i] + c for i, v in enumerate(virtual) for c in range(v)], dtype=torch.long),
+                    torch.cat([vectors[i, :v] for i, v in enumerate(virtual)]),
+                )  # rows counted from the first joiner token
+            if any(r.prefix for r in joiners):
+                if not zoo.runtime.prefix_fits_cache():
+                    raise _Apart  # prefixes that live beside the cache: `Zoo.forward` puts them in every layer
+                zoo.runtime.write_prefixes(plan, cache, vectors_like(zoo))
+                mask = torch.cat([prefix_columns(plan).to(mask.dtype), mask], 1)
+        computed = [len(rest) for rest in rests]
+        return Prompts(ids, mask, cache, width, roots, computed, hits, lengths, embeds)
 
     def _store_blocks(self, joiners: list[Request], prompts: Prompts, cache) -> None:
         """Offer each joiner's newly computed full prompt blocks to the prefix cache."""
@@ -1043,14 +1071,20 @@ class Engine:
         zoo, batch = self.zoo, self._batch
         step_mask = batch.step_mask()
         try:
-            prompts = self._prompts(joiners)
-            step = JoinStep(batch.cache, step_mask, prompts.cache, prompts.mask, prompts.width)
-            names = [r.adapter for r in batch.rows] + [r.adapter for r in joiners for _ in range(prompts.width)]
+            prompts = self._prompts(joiners, inside=True)
+            step = JoinStep(batch.cache, step_mask, prompts.cache, prompts.mask, prompts.lengths)
+            names = [r.adapter for r in batch.rows] + [
+                r.adapter for r, n in zip(joiners, prompts.lengths) for _ in range(n)
+            ]
             plan = zoo.plan(names, training=False)
             if not zoo.runs_token_rows(plan):  # a prefix adapter whose prefixes are not in the cache
                 raise _Apart
-            tokens = torch.cat([batch.next, prompts.ids.flatten().to(zoo.device)])
-            out = zoo.forward_tokens(tokens, step.positions(), plan, step, step, step.last_tokens())
+            tokens = torch.cat([batch.next, prompts.ids.flatten().to(zoo.device)[step.padded_at]])
+            embeds = None
+            if prompts.embeds is not None:
+                rows_of, vectors = prompts.embeds
+                embeds = (rows_of + len(batch.rows), vectors)
+            out = zoo.forward_tokens(tokens, step.positions(), plan, step, step, step.last_tokens(), embeds)
         except Exception as exc:  # noqa: BLE001 - run apart, where each failure is isolated
             if not isinstance(exc, _Apart):
                 log.info("a decode step with joiners failed (%s); running them apart", type(exc).__name__)
@@ -1255,6 +1289,11 @@ def _shared(a: list[bytes], b: list[bytes]) -> int:
             break
         n += 1
     return n
+
+
+def vectors_like(zoo: Zoo) -> torch.Tensor:
+    """An empty tensor of the zoo's dtype and device (what `Runtime.write_prefixes` casts to)."""
+    return torch.empty(0, dtype=zoo.dtype, device=zoo.device)
 
 
 def _fill(cache: Any, hits: list[tuple[int, torch.Tensor | None]], past: int) -> None:
