@@ -778,7 +778,7 @@ class Engine:
         """Whether the joiners wait (one more decode step) for others to join in the same prefill:
         only while rows decode meanwhile, fewer than `prefill_group` could join (counting every
         ready request that waits), and for at most `prefill_wait` steps."""
-        if self.join_in_step and all(not r.virtual and not r.prefix for r in joiners):
+        if self.join_in_step:
             return False  # they join inside the next decode step, at no forward of their own
         want = min(self.prefill_group, ready)
         if not self._batch.rows or len(joiners) >= want or self._held_steps >= self.prefill_wait:
