@@ -960,9 +960,10 @@ class Engine:
         keys and values in the cache's first columns, masked per row."""
         zoo = self.zoo
         roots = [self._prefix_root(r) for r in joiners]
-        if any(r.virtual or r.prefix for r in joiners):  # their virtual tokens go first: no cached openings
+        if not inside and any(r.virtual or r.prefix for r in joiners):  # their virtual tokens go first: no hits
             hits = [(0, None)] * len(joiners)
-        else:
+        else:  # inside a step every joiner is a row of its own: only those with virtual tokens miss the cache
+            # (a tenant's soft-prompt joiner used to cost every other tenant's joiner its cached opening)
             hits = [
                 self.prefix_cache.lookup(root, r.prompt_ids) if root else (0, None) for r, root in zip(joiners, roots)
             ]
@@ -980,11 +981,11 @@ class Engine:
             mask[i, past + width - n :] = 1
             mask[i, past - tokens : past] = 1
         cache = zoo.new_cache()
-        if past:
-            _fill(cache, hits, past)
         mask = mask.to(zoo.device)
         embeds = None
         if inside and any(r.virtual or r.prefix for r in joiners):
+            # the caller holds zoo.exclusive(): no other thread's plan may move a slot between this
+            # plan and the reads of its vectors and prefixes below (they would be another adapter's)
             plan = zoo.plan([r.adapter for r in joiners], training=False)
             if any(virtual):
                 vectors, _ = zoo.virtual_tokens(plan)
@@ -996,8 +997,10 @@ class Engine:
             if any(r.prefix for r in joiners):
                 if not zoo.runtime.prefix_fits_cache():
                     raise _Apart  # prefixes that live beside the cache: `Zoo.forward` puts them in every layer
-                zoo.runtime.write_prefixes(plan, cache, vectors_like(zoo))
+                zoo.runtime.write_prefixes(plan, cache, vectors_like(zoo))  # the first columns; cached openings after
                 mask = torch.cat([prefix_columns(plan).to(mask.dtype), mask], 1)
+        if past:
+            _fill(cache, hits, past)
         computed = [len(rest) for rest in rests]
         return Prompts(ids, mask, cache, width, roots, computed, hits, lengths, embeds)
 
@@ -1071,20 +1074,25 @@ class Engine:
         zoo, batch = self.zoo, self._batch
         step_mask = batch.step_mask()
         try:
-            prompts = self._prompts(joiners, inside=True)
-            step = JoinStep(batch.cache, step_mask, prompts.cache, prompts.mask, prompts.lengths)
-            names = [r.adapter for r in batch.rows] + [
-                r.adapter for r, n in zip(joiners, prompts.lengths) for _ in range(n)
-            ]
-            plan = zoo.plan(names, training=False)
-            if not zoo.runs_token_rows(plan):  # a prefix adapter whose prefixes are not in the cache
-                raise _Apart
-            tokens = torch.cat([batch.next, prompts.ids.flatten().to(zoo.device)[step.padded_at]])
-            embeds = None
-            if prompts.embeds is not None:
-                rows_of, vectors = prompts.embeds
-                embeds = (rows_of + len(batch.rows), vectors)
-            out = zoo.forward_tokens(tokens, step.positions(), plan, step, step, step.last_tokens(), embeds)
+            # one hold of the zoo from the joiners' plan to the forward: a training thread's plan in
+            # between took a soft prompt's slot, and the joiner ran with another tenant's vectors
+            # (tests/serve/test_attacks_round6.py)
+            with zoo.exclusive():
+                self._check_lengths_unchanged(joiners)
+                prompts = self._prompts(joiners, inside=True)
+                step = JoinStep(batch.cache, step_mask, prompts.cache, prompts.mask, prompts.lengths)
+                names = [r.adapter for r in batch.rows] + [
+                    r.adapter for r, n in zip(joiners, prompts.lengths) for _ in range(n)
+                ]
+                plan = zoo.plan(names, training=False)
+                if not zoo.runs_token_rows(plan):  # a prefix adapter whose prefixes are not in the cache
+                    raise _Apart
+                tokens = torch.cat([batch.next, prompts.ids.flatten().to(zoo.device)[step.padded_at]])
+                embeds = None
+                if prompts.embeds is not None:
+                    rows_of, vectors = prompts.embeds
+                    embeds = (rows_of + len(batch.rows), vectors)
+                out = zoo.forward_tokens(tokens, step.positions(), plan, step, step, step.last_tokens(), embeds)
         except Exception as exc:  # noqa: BLE001 - run apart, where each failure is isolated
             if not isinstance(exc, _Apart):
                 log.info("a decode step with joiners failed (%s); running them apart", type(exc).__name__)
@@ -1097,6 +1105,20 @@ class Engine:
         rows = len(batch.rows)
         self._decoded(step_mask, out.logits[:rows])
         self._joined(joiners, prompts.cache, prompts.mask, out.logits[rows:])
+
+    def _check_lengths_unchanged(self, joiners: list[Request]) -> None:
+        """Raise `_Apart` if a joiner's adapter was replaced since its admission by one with another
+        number of virtual or prefix tokens (its step's rows were laid out for the old one): apart,
+        `Zoo.forward` adds what the adapter has now. Its lengths are counted again first."""
+        stale = False
+        for r in joiners:
+            if r.adapter is not None:
+                now = self.zoo.token_lengths(r.adapter)
+                if now != (r.virtual, r.prefix):
+                    r.virtual, r.prefix = now
+                    stale = True
+        if stale:
+            raise _Apart
 
     def _isolate_decode_failure(self, exc: Exception) -> None:
         """A decode forward raised. No token was taken, so the step can be run again exactly:

@@ -1,0 +1,239 @@
+"""Attacks on joiners prefilled inside the running rows' decode step (serve/ragged.py), as a
+hostile tenant (or a careless training thread) would try them. Each test is one attack; its
+docstring says what it tries."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from adapterzoo.serve import Engine, SamplingParams
+from adapterzoo.serve.ragged import JoinStep
+from adapterzoo.testing.models import ONE_OF_EACH, perturb, tiny_zoo
+
+from .conftest import TYPE_NAMES, make_adapters
+
+LONG = "the opening every request of tenant a shares, long enough for blocks: "
+
+
+def _zoo(slots: int = 8):
+    zoo = tiny_zoo("llama", slots=slots)
+    make_adapters(zoo, None, TYPE_NAMES)
+    return zoo
+
+
+def _solo(zoo, prompt, adapter, n):
+    return zoo.generate([prompt], [adapter], max_new_tokens=n)[0]
+
+
+def _add(zoo, name, kind, seed, **config):
+    type_name, base = ONE_OF_EACH[kind]
+    zoo.add_adapter(name, type_name, seed=seed, trainable=False, **{**base, **config})
+    perturb(zoo, name, scale=1.0, seed=seed)
+
+
+def _wait_steps(engine, n):
+    while engine.steps < n:
+        time.sleep(0.002)
+
+
+def _in_one_step(engine, jobs):
+    """Submit `jobs` [(prompt, adapter, params, tenant)] between two steps, so that all of them are
+    waiting at the same admission."""
+    return engine.call_between_steps(
+        lambda: [engine.submit(p, a, params, tenant=t) for p, a, params, t in jobs]
+    ).result(30)
+
+
+@pytest.mark.parametrize("kind, hooked", [("prompt", "virtual_tokens"), ("prefix", "write_prefixes")])
+def test_a_training_threads_plan_between_a_joiners_plan_and_its_step_never_gives_it_another_tenants_vectors(
+    kind, hooked
+):
+    """Attack: tenant b's soft prompt (or prefix) shares the one slot of tenant a's. A training thread plans b's
+    adapter just after the engine planned a joiner of tenant a for the step and before it reads the
+    joiner's virtual vectors (or prefix keys): a must get its own vectors, never b's."""
+    zoo = tiny_zoo("llama", slots=1)
+    _add(zoo, "a", kind, seed=1)
+    _add(zoo, "b", kind, seed=2)
+    want = _solo(zoo, "zz top", "a", 6)
+    assert want != _solo(zoo, "zz top", "b", 6)
+    target = zoo if hooked == "virtual_tokens" else zoo.runtime
+    real = getattr(target, hooked)
+    seen = []
+
+    def training_plans_b_meanwhile(*args, **kwargs):
+        if not seen and threading.current_thread().name != "MainThread":
+
+            def train():
+                if zoo.exclusive().acquire(blocking=False):  # the engine does not hold the zoo
+                    try:
+                        zoo.plan(["b"], training=False)
+                        seen.append("planned b in between")
+                    finally:
+                        zoo.exclusive().release()
+                else:
+                    seen.append("the engine held the zoo")
+
+            t = threading.Thread(target=train)
+            t.start()
+            t.join()
+        return real(*args, **kwargs)
+
+    with Engine(zoo, max_batch=4) as engine:
+        running = engine.submit("the quick brown", None, SamplingParams(max_tokens=20, ignore_eos=True))
+        _wait_steps(engine, 2)
+        setattr(target, hooked, training_plans_b_meanwhile)
+        try:
+            joiner = engine.submit("zz top", "a", SamplingParams(max_tokens=6), tenant="a").result(60)
+        finally:
+            delattr(target, hooked)
+        assert engine.stats()["joined_in_step"] == 1
+        assert running.result(60).error is None
+    assert seen
+    assert joiner.error is None and joiner.text == want, seen
+
+
+def test_a_soft_prompt_joiner_in_the_same_step_does_not_cost_another_tenants_joiner_its_cached_opening():
+    """Attack: tenant b sends soft-prompt (and prefix) requests so that they join the same decode
+    step as tenant a's request with a cached opening. Before, any joiner with virtual tokens
+    switched the prefix cache off for the whole step: a recomputed its whole opening."""
+    zoo = _zoo()
+    prompt_a1, prompt_a2 = LONG + "first", LONG + "second"
+    with Engine(zoo, max_batch=6, prefix_cache_bytes=1 << 24) as engine:
+        engine.submit(prompt_a1, "lora", SamplingParams(max_tokens=2), tenant="a").result(60)
+        running = engine.submit("the quick brown", None, SamplingParams(max_tokens=30, ignore_eos=True))
+        _wait_steps(engine, 2)
+        before = engine.stats()["joined_in_step"]
+        handles = _in_one_step(
+            engine,
+            [
+                (prompt_a2, "lora", SamplingParams(max_tokens=5), "a"),
+                ("hello", "prompt", SamplingParams(max_tokens=5), "b"),
+                ("abc ->", "prefix", SamplingParams(max_tokens=5), "b"),
+                ("x", None, SamplingParams(max_tokens=5), "b"),
+            ],
+        )
+        results = [h.result(60) for h in handles]
+        assert engine.stats()["joined_in_step"] - before == 4
+        assert running.result(60).error is None
+    assert results[0].cached_tokens >= 16 * ((len(LONG) + 1) // 16 - 1)
+    for done, (prompt, adapter) in zip(
+        results, [(prompt_a2, "lora"), ("hello", "prompt"), ("abc ->", "prefix"), ("x", None)]
+    ):
+        assert done.error is None and done.text == _solo(zoo, prompt, adapter, 5), adapter
+
+
+def test_a_soft_prompt_replaced_by_a_longer_one_between_admission_and_the_step_gives_the_new_ones_solo_output():
+    """Attack: a tenant replaces its soft prompt (4 virtual tokens -> 7) after its request was
+    admitted and before the step it joins: the request must not run with 4 of the 7 new vectors."""
+    zoo = _zoo()
+    _add(zoo, "mine", "prompt", seed=5)
+    with Engine(zoo, max_batch=4) as engine:
+        running = engine.submit("the quick brown", "lora", SamplingParams(max_tokens=20, ignore_eos=True))
+        _wait_steps(engine, 2)
+        real = engine._decode_and_join
+
+        def replaced_meanwhile(joiners):
+            zoo.remove_adapter("mine")
+            _add(zoo, "mine", "prompt", seed=6, num_virtual_tokens=7)
+            engine._decode_and_join = real
+            return real(joiners)
+
+        engine._decode_and_join = replaced_meanwhile
+        done = engine.submit("hello", "mine", SamplingParams(max_tokens=6)).result(60)
+        assert running.result(60).error is None
+    assert done.error is None and done.text == _solo(zoo, "hello", "mine", 6)
+
+
+def test_seeded_sampling_penalties_logprobs_and_n_joining_inside_a_step_equal_joining_apart():
+    zoo = _zoo()
+    params = [
+        SamplingParams(max_tokens=6, temperature=0.9, seed=7, logprobs=2),
+        SamplingParams(max_tokens=6, temperature=1.3, top_k=5, seed=3, presence_penalty=0.5),
+        SamplingParams(max_tokens=6, temperature=0.7, top_p=0.8, seed=11, repetition_penalty=1.3),
+        SamplingParams(max_tokens=6, frequency_penalty=1.0, logprobs=1),
+    ]
+    jobs = [
+        (p, a, params[i % 4])
+        for i, (p, a) in enumerate(
+            [
+                ("hello", "prompt"),
+                ("abc ->", "prefix"),
+                ("x", "lora"),
+                ("zz top", None),
+                ("1 2 3", "houlsby"),
+                ("q", "bitfit"),
+            ]
+        )
+    ]
+    out = {}
+    for flag in (True, False):
+        with Engine(zoo, max_batch=8, join_in_step=flag) as engine:
+            running = engine.submit("the quick brown", "adapterbias", SamplingParams(max_tokens=20, ignore_eos=True))
+            _wait_steps(engine, 2)
+            handles = _in_one_step(engine, [(p, a, s, "t") for p, a, s in jobs])
+            handles += _in_one_step(engine, [(p, a, s, "u") for p, a, s in jobs])  # the same again: n = 2
+            out[flag] = [h.result(60) for h in handles] + [running.result(60)]
+            out[flag, "in step"] = engine.stats()["joined_in_step"]
+    assert out[True, "in step"] == 12 and out[False, "in step"] == 0
+    for mine, theirs in zip(out[True], out[False]):
+        assert mine.error is None and mine.token_ids == theirs.token_ids
+        for a, b in zip(mine.logprobs or [], theirs.logprobs or []):
+            assert abs(a.logprob - b.logprob) < 1e-4
+    for i in range(len(jobs)):
+        assert out[True][i].token_ids == out[True][i + len(jobs)].token_ids  # the same seed: the same tokens
+
+
+def test_a_step_where_every_joiner_fails_fails_only_them_and_the_running_rows_stay_exact():
+    zoo = _zoo()
+    for name in ("bad1", "bad2"):
+        _add(zoo, name, "lora", seed=9)
+        with torch.no_grad():
+            for t in zoo.get_adapter(name).parameters():
+                t.fill_(float("inf"))
+    with Engine(zoo, max_batch=6) as engine:
+        running = engine.submit("the quick brown", "houlsby", SamplingParams(max_tokens=12), tenant="a")
+        _wait_steps(engine, 2)
+        bad = _in_one_step(
+            engine,
+            [("hello", "bad1", SamplingParams(max_tokens=4), "b"), ("abc", "bad2", SamplingParams(max_tokens=4), "b")],
+        )
+        bad = [h.result(60) for h in bad]
+        running = running.result(60)
+    assert all(b.finish_reason == "error" for b in bad)
+    assert running.error is None and running.text == _solo(zoo, "the quick brown", "houlsby", 12)
+
+
+def test_a_step_that_raises_after_some_layers_wrote_both_caches_runs_again_apart_exactly():
+    """An exception in the middle of the step (after layer 0 appended to the running cache and the
+    joiners' cache): the running rows' cache is cut back, the joiners prefill apart, and every
+    output is the solo one."""
+    zoo = _zoo()
+    real = JoinStep.update
+    raised = []
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        out = real(self, keys, values, layer_idx, *args, **kwargs)
+        if layer_idx == 1 and not raised:
+            raised.append(1)
+            raise RuntimeError("boom after layer 1 wrote")
+        return out
+
+    jobs = [("hello", "prompt"), ("abc ->", "lora"), ("x", None)]
+    with Engine(zoo, max_batch=6) as engine:
+        running = engine.submit("the quick brown", "prefix", SamplingParams(max_tokens=14, ignore_eos=True))
+        _wait_steps(engine, 2)
+        JoinStep.update = update
+        try:
+            handles = _in_one_step(engine, [(p, a, SamplingParams(max_tokens=5), "b") for p, a in jobs])
+            results = [h.result(60) for h in handles]
+        finally:
+            JoinStep.update = real
+        running = running.result(60)
+    assert raised
+    assert running.error is None and running.text == _solo(zoo, "the quick brown", "prefix", 14)
+    for done, (p, a) in zip(results, jobs):
+        assert done.error is None and done.text == _solo(zoo, p, a, 5), a
