@@ -237,3 +237,168 @@ def test_a_step_that_raises_after_some_layers_wrote_both_caches_runs_again_apart
     assert running.error is None and running.text == _solo(zoo, "the quick brown", "prefix", 14)
     for done, (p, a) in zip(results, jobs):
         assert done.error is None and done.text == _solo(zoo, p, a, 5), a
+
+
+def test_nan_soft_prompt_vectors_and_inf_prefix_keys_joining_a_step_fail_alone_and_their_step_mates_stay_exact():
+    zoo = _zoo()
+    _add(zoo, "nan_prompt", "prompt", seed=3)
+    _add(zoo, "inf_prefix", "prefix", seed=4)
+    with torch.no_grad():
+        for name, value in (("nan_prompt", float("nan")), ("inf_prefix", float("inf"))):
+            for t in zoo.get_adapter(name).parameters():
+                t.fill_(value)
+    good = [("abc ->", "prompt"), ("x", "prefix"), ("zz top", None), ("1 2 3", "houlsby")]
+    with Engine(zoo, max_batch=8) as engine:
+        running = engine.submit("the quick brown", "lora", SamplingParams(max_tokens=12), tenant="a")
+        _wait_steps(engine, 2)
+        jobs = [("hello", "nan_prompt", "b"), ("q", "inf_prefix", "b")] + [(p, a, "a") for p, a in good]
+        handles = _in_one_step(engine, [(p, a, SamplingParams(max_tokens=5), t) for p, a, t in jobs])
+        results = [h.result(60) for h in handles]
+        assert engine.stats()["joined_in_step"] >= len(good)
+        running = running.result(60)
+    assert all(r.finish_reason == "error" for r in results[:2])
+    assert running.error is None and running.text == _solo(zoo, "the quick brown", "lora", 12)
+    for done, (p, a) in zip(results[2:], good):
+        assert done.error is None and done.text == _solo(zoo, p, a, 5), a
+
+
+def test_a_plugin_type_without_the_zero_slot_promise_and_one_that_raises_for_many_rows_join_a_step_exactly():
+    """A third-party delta type (no `zero_slot_is_identity`) joins inside a step; another raises
+    whenever more than 4 rows use it at once (a joiner's 5+ tokens in one step): that step runs
+    apart, and every output is still the solo one."""
+    from tests.test_decode_plan_reuse import _Bottleneck, _registered
+
+    class _Flaky(_Bottleneck):
+        name = "round6_flaky"
+
+        def delta(self, x, y, w, training):
+            if x.shape[0] > 4:
+                raise RuntimeError("too many rows")
+            return super().delta(x, y, w, training)
+
+    with _registered(_Bottleneck), _registered(_Flaky):
+        zoo = _zoo()
+        for name, kind in (("third", _Bottleneck.name), ("flaky", _Flaky.name)):
+            zoo.add_adapter(name, kind, seed=9, trainable=False)
+            perturb(zoo, name, seed=9)
+        jobs = [("hello", "third"), ("abc ->", "flaky"), ("x", "prompt"), ("zz top", "lora")]
+        want = [_solo(zoo, p, a, 5) for p, a in jobs]
+        with Engine(zoo, max_batch=8) as engine:
+            running = engine.submit("the quick brown", "third", SamplingParams(max_tokens=14, ignore_eos=True))
+            _wait_steps(engine, 2)
+            first = _in_one_step(engine, [(p, a, SamplingParams(max_tokens=5), "b") for p, a in jobs[:1]])
+            first[0].result(60)
+            assert engine.stats()["joined_in_step"] == 1  # the plugin type joined inside a step
+            handles = _in_one_step(engine, [(p, a, SamplingParams(max_tokens=5), "b") for p, a in jobs])
+            results = first + handles
+            done = [h.result(60) for h in results]
+            running = running.result(60)
+        assert running.error is None
+        assert [d.text for d in done] == [want[0], *want], [d.error for d in done]
+
+
+def test_a_joiner_cancelled_between_admission_and_its_step_ends_cancelled_and_frees_its_row_and_adapter():
+    zoo = _zoo()
+    with Engine(zoo, max_batch=4) as engine:
+        running = engine.submit("the quick brown", "lora", SamplingParams(max_tokens=16, ignore_eos=True))
+        _wait_steps(engine, 2)
+        real = engine._decode_and_join
+
+        def cancelled_meanwhile(joiners):
+            for r in joiners:
+                r.handle.cancel()
+            engine._decode_and_join = real
+            return real(joiners)
+
+        engine._decode_and_join = cancelled_meanwhile
+        handles = _in_one_step(
+            engine,
+            [("hello", "prompt", SamplingParams(max_tokens=8), "b"), ("abc", None, SamplingParams(max_tokens=8), "b")],
+        )
+        results = [h.result(60) for h in handles]
+        running = running.result(60)
+        engine.submit("q", None, SamplingParams(max_tokens=2)).result(60)  # a step after they ended
+        live = engine.call_between_steps(lambda: [r for r in engine._batch.rows if not r.handle.done]).result(30)
+    assert [r.finish_reason for r in results] == ["cancelled", "cancelled"]
+    assert live == []
+    assert running.error is None and running.text == _solo(zoo, "the quick brown", "lora", 16)
+
+
+def test_a_joiner_whose_prompt_and_virtual_tokens_fill_the_context_exactly_joins_a_step_and_one_more_token_is_refused():
+    zoo = _zoo()
+    with Engine(zoo, max_batch=4) as engine:
+        context = engine.context_length
+        virtual = zoo.token_lengths("prompt")[0]
+        prompt = ("abcdefghij" * 40)[: context - virtual - 3]
+        running = engine.submit("the quick brown", "lora", SamplingParams(max_tokens=16, ignore_eos=True))
+        _wait_steps(engine, 2)
+        fits = engine.submit(prompt, "prompt", SamplingParams(max_tokens=3)).result(60)
+        over = engine.submit(prompt + "a", "prompt", SamplingParams(max_tokens=3)).result(60)
+        assert engine.stats()["joined_in_step"] == 1
+        assert running.result(60).error is None
+    assert fits.error is None and fits.text == _solo(zoo, prompt, "prompt", 3)
+    assert over.finish_reason == "error" and "context length" in str(over.error)
+
+
+def test_an_adapter_removed_between_admission_and_the_step_fails_or_refetches_its_own_request_only():
+    zoo = _zoo()
+    with Engine(zoo, max_batch=4) as engine:
+        running = engine.submit("the quick brown", "houlsby", SamplingParams(max_tokens=16, ignore_eos=True))
+        _wait_steps(engine, 2)
+        real = engine._decode_and_join
+
+        def removed_meanwhile(joiners):
+            zoo.remove_adapter("bitfit")
+            engine._decode_and_join = real
+            return real(joiners)
+
+        engine._decode_and_join = removed_meanwhile
+        handles = _in_one_step(
+            engine,
+            [
+                ("hello", "bitfit", SamplingParams(max_tokens=5), "b"),
+                ("abc ->", "lora", SamplingParams(max_tokens=5), "a"),
+            ],
+        )
+        gone, other = [h.result(60) for h in handles]
+        running = running.result(60)
+    assert gone.finish_reason == "error" and "bitfit" in str(gone.error)
+    assert other.error is None and other.text == _solo(zoo, "abc ->", "lora", 5)
+    assert running.error is None and running.text == _solo(zoo, "the quick brown", "houlsby", 16)
+
+
+def test_huge_prompts_joining_a_running_batch_keep_to_the_prefill_budget_and_the_running_row_a_token_a_forward():
+    """Attack: tenant b sends prompts as long as the prefill budget while tenant a's row decodes.
+    Every forward holds at most the budget's prompt tokens (one prompt over it joins alone), and a's
+    row takes a token at every forward: none of b's prompts is a forward a's row waits through."""
+    zoo = _zoo()
+    sizes = []
+    real = type(zoo).forward_tokens.__get__(zoo)
+    forwards = []
+
+    def forward_tokens(tokens, *args, **kwargs):
+        sizes.append(len(tokens))
+        return real(tokens, *args, **kwargs)
+
+    real_forward = type(zoo).forward.__get__(zoo)
+    zoo.forward = lambda *a, **k: forwards.append(1) or real_forward(*a, **k)
+    zoo.forward_tokens = forward_tokens
+    try:
+        with Engine(zoo, max_batch=8, max_prefill_tokens=64) as engine:
+            running = engine.submit(
+                "the quick brown", "lora", SamplingParams(max_tokens=24, ignore_eos=True), tenant="a"
+            )
+            _wait_steps(engine, 2)
+            before = len(sizes) + len(forwards)
+            prompts = [("abcdefghij" * 10)[i : i + 60] for i in range(3)] + ["z" * 100]
+            handles = _in_one_step(engine, [(p, None, SamplingParams(max_tokens=2), "b") for p in prompts])
+            done = [h.result(60) for h in handles]
+            running = running.result(60)
+            during = len(sizes) + len(forwards) - before
+    finally:
+        del zoo.forward, zoo.forward_tokens
+    assert all(d.error is None for d in done) and running.error is None
+    # at most 8 rows decode; two 60-token prompts never share a step, the 100-token one joins alone
+    assert all(s <= 8 + 64 or 100 <= s <= 100 + 8 for s in sizes), sizes
+    assert during <= 24  # a's row took a token at every forward after the flood came
+    assert running.text == _solo(zoo, "the quick brown", "lora", 24)
