@@ -778,8 +778,10 @@ class Engine:
         """Whether the joiners wait (one more decode step) for others to join in the same prefill:
         only while rows decode meanwhile, fewer than `prefill_group` could join (counting every
         ready request that waits), and for at most `prefill_wait` steps."""
-        if self.join_in_step and all(not r.virtual and not r.prefix for r in joiners):
-            return False  # they join inside the next decode step, at no forward of their own
+        if self.join_in_step and (self.zoo.runtime.prefix_fits_cache() or all(not r.prefix for r in joiners)):
+            # they join inside the next decode step, at no forward of their own: soft-prompt and
+            # prefix joiners too (they were held up to `prefill_wait` steps for nothing)
+            return False
         want = min(self.prefill_group, ready)
         if not self._batch.rows or len(joiners) >= want or self._held_steps >= self.prefill_wait:
             self._held_steps = 0

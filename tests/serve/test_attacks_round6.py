@@ -402,3 +402,30 @@ def test_huge_prompts_joining_a_running_batch_keep_to_the_prefill_budget_and_the
     assert all(s <= 8 + 64 or 100 <= s <= 100 + 8 for s in sizes), sizes
     assert during <= 24  # a's row took a token at every forward after the flood came
     assert running.text == _solo(zoo, "the quick brown", "lora", 24)
+
+
+@pytest.mark.parametrize("adapter", ["prompt", "prefix"])
+def test_a_soft_prompt_or_prefix_joiner_is_never_held_back_for_a_group_when_it_can_join_inside_the_step(adapter):
+    """Joiners inside a step share the running rows' forward, so holding them back for a group
+    (`prefill_wait`) only delays their first token: a soft-prompt or prefix request that has a row
+    joins at the first admission, even while other requests wait for rows."""
+    zoo = _zoo()
+    with Engine(zoo, max_batch=3, prefill_group=4) as engine:
+        running = engine.submit("the quick brown", "lora", SamplingParams(max_tokens=30, ignore_eos=True), tenant="a")
+        _wait_steps(engine, 2)
+        real = engine._admit
+        admitted: list[list] = []
+        engine._admit = lambda: admitted.append(real()) or admitted[-1]
+
+        def submit():
+            admitted.clear()
+            jobs = [("hello", adapter, "b"), ("x", None, "c"), ("q", None, "c")]
+            return [engine.submit(p, a, SamplingParams(max_tokens=3), tenant=t) for p, a, t in jobs]
+
+        handles = engine.call_between_steps(submit).result(30)
+        first = handles[0].result(60)
+        engine._admit = real
+        assert first.error is None and first.text == _solo(zoo, "hello", adapter, 3)
+        assert handles[0] in [r.handle for r in admitted[0]], (adapter, admitted)
+        assert engine.stats()["joined_in_step"] >= 1
+        running.cancel()
