@@ -1007,15 +1007,20 @@ class Engine:
         return Prompts(ids, mask, cache, width, roots, computed, hits, lengths, embeds)
 
     def _store_blocks(self, joiners: list[Request], prompts: Prompts, cache) -> None:
-        """Offer each joiner's newly computed full prompt blocks to the prefix cache."""
+        """Offer each joiner's newly computed full prompt blocks to the prefix cache. Caching is only
+        a saving: if it raises (out of memory copying the blocks), the request goes on uncached; it
+        used to fail every request of the step (inside a decode step: the whole batch)."""
         for i, (r, root, computed, (tokens, _)) in enumerate(
             zip(joiners, prompts.roots, prompts.computed, prompts.hits)
         ):
             if root is not None and len(r.prompt_ids) - tokens >= BLOCK:  # at least one new full block
-                kv = torch.stack(
-                    [torch.stack((la.keys[i, :, -computed:], la.values[i, :, -computed:])) for la in cache.layers]
-                )
-                self.prefix_cache.store(root, r.prompt_ids, kv, tokens, owner=r.tenant)
+                try:
+                    kv = torch.stack(
+                        [torch.stack((la.keys[i, :, -computed:], la.values[i, :, -computed:])) for la in cache.layers]
+                    )
+                    self.prefix_cache.store(root, r.prompt_ids, kv, tokens, owner=r.tenant)
+                except Exception as exc:  # noqa: BLE001 - not cached, nothing else
+                    log.warning("request %s's prompt blocks were not cached (%s)", r.id, type(exc).__name__)
 
     def _prefix_root(self, req: Request) -> tuple | None:
         """What a row's cached blocks are filed under (tenant, adapter by identity and version), or

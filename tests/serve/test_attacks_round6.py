@@ -429,3 +429,32 @@ def test_a_soft_prompt_or_prefix_joiner_is_never_held_back_for_a_group_when_it_c
         assert handles[0] in [r.handle for r in admitted[0]], (adapter, admitted)
         assert engine.stats()["joined_in_step"] >= 1
         running.cancel()
+
+
+@pytest.mark.parametrize("in_step", [True, False])
+def test_storing_a_joiners_blocks_failing_after_its_step_fails_no_request(in_step):
+    """Fault: offering a joiner's new prompt blocks to the prefix cache raises after the step's
+    forward (say, out of memory copying them). Caching is only a saving: every request of that step
+    still gets its solo output, nothing is cached for it, and the running rows go on exactly."""
+    zoo = _zoo()
+    with Engine(zoo, max_batch=6, prefix_cache_bytes=1 << 24, join_in_step=in_step) as engine:
+        running = engine.submit(
+            "the quick brown", "houlsby", SamplingParams(max_tokens=14, ignore_eos=True), tenant="a"
+        )
+        _wait_steps(engine, 2)
+        real = engine.prefix_cache.store
+
+        def store(root, *args, **kwargs):
+            if root[0] == "b":
+                raise MemoryError("no room to copy the blocks")
+            return real(root, *args, **kwargs)
+
+        engine.prefix_cache.store = store
+        jobs = [(LONG + "b", "lora", "b"), (LONG + "a", "lora", "a"), ("x", None, "a")]
+        handles = _in_one_step(engine, [(p, ad, SamplingParams(max_tokens=5), t) for p, ad, t in jobs])
+        results = [h.result(60) for h in handles]
+        assert engine.stats()["joined_in_step"] == (3 if in_step else 0)
+        running = running.result(60)
+    assert running.error is None and running.text == _solo(zoo, "the quick brown", "houlsby", 14)
+    for done, (p, ad, _) in zip(results, jobs):
+        assert done.error is None and done.text == _solo(zoo, p, ad, 5), ad
