@@ -626,6 +626,8 @@ class Zoo:
                 site = self.runtime.embedding_path
                 tokens = use.pool.atype.virtual_tokens(use.gather(use.pool.site(site), site))  # (n, P, d)
                 virtual = place_rows(virtual, use, fit_tokens(tokens, width, 1).to(virtual.dtype))
+            if plan.prompts and plan.prompts[0].rows is None:  # place_rows gave a view of the slot: copy it,
+                virtual = virtual.clone()  # else a later plan taking the slot turns it into another adapter's
             lengths = plan.prompt_lengths
             if lengths is None:
                 lengths = torch.zeros(plan.batch_size, dtype=torch.long, device=self.device)

@@ -458,3 +458,21 @@ def test_storing_a_joiners_blocks_failing_after_its_step_fails_no_request(in_ste
     assert running.error is None and running.text == _solo(zoo, "the quick brown", "houlsby", 14)
     for done, (p, ad, _) in zip(results, jobs):
         assert done.error is None and done.text == _solo(zoo, p, ad, 5), ad
+
+
+@torch.inference_mode()
+def test_the_virtual_vectors_zoo_virtual_tokens_returns_stay_the_adapters_when_another_takes_its_slot():
+    """`Zoo.virtual_tokens` gave a view of the slot itself when every row used one soft prompt:
+    a caller holding the vectors (as `Engine._prompts` holds them until the step) saw them turn
+    into another tenant's once a later plan took the slot. They are a copy now; and a stale plan
+    is planned again rather than read from a slot that holds another adapter."""
+    zoo = tiny_zoo("llama", slots=1)
+    _add(zoo, "a", "prompt", seed=1)
+    _add(zoo, "b", "prompt", seed=2)
+    plan_a = zoo.plan(["a"], training=False)
+    mine, _ = zoo.virtual_tokens(plan_a)
+    kept = mine.clone()
+    theirs, _ = zoo.virtual_tokens(zoo.plan(["b"], training=False))
+    assert not torch.equal(kept, theirs)
+    assert torch.equal(mine, kept)
+    assert torch.equal(zoo.virtual_tokens(plan_a)[0], kept)  # a stale plan reads a's vectors, not b's
