@@ -476,3 +476,47 @@ def test_the_virtual_vectors_zoo_virtual_tokens_returns_stay_the_adapters_when_a
     assert not torch.equal(kept, theirs)
     assert torch.equal(mine, kept)
     assert torch.equal(zoo.virtual_tokens(plan_a)[0], kept)  # a stale plan reads a's vectors, not b's
+
+
+def test_a_step_whose_joiners_all_raise_fails_them_alone_and_a_forced_step_on_gpt2_still_serves():
+    """Every joiner of a step has an adapter that raises: the step runs apart, each fails with
+    its own error, the running row is exact. And `join_in_step=True` forced on a base whose step
+    cannot take joiners (GPT-2) runs them apart instead of failing."""
+    from tests.test_decode_plan_reuse import _Bottleneck, _registered
+
+    class _Raises(_Bottleneck):
+        name = "round6_raises"
+        armed = False
+
+        def delta(self, x, y, w, training):
+            if type(self).armed:
+                raise RuntimeError("this adapter always raises")
+            return super().delta(x, y, w, training)
+
+    with _registered(_Raises):
+        zoo = _zoo()
+        for name in ("r1", "r2"):
+            zoo.add_adapter(name, _Raises.name, seed=3, trainable=False)
+        _Raises.armed = True
+        with Engine(zoo, max_batch=6) as engine:
+            running = engine.submit("the quick brown", "prompt", SamplingParams(max_tokens=12), tenant="a")
+            _wait_steps(engine, 2)
+            jobs = [("hello", "r1", "b"), ("abc", "r2", "c"), ("x", "r1", "b")]
+            handles = _in_one_step(engine, [(p, a, SamplingParams(max_tokens=4), t) for p, a, t in jobs])
+            bad = [h.result(60) for h in handles]
+            running = running.result(60)
+    assert all(b.finish_reason == "error" and "always raises" in str(b.error) for b in bad)
+    assert running.error is None and running.text == _solo(zoo, "the quick brown", "prompt", 12)
+
+    gpt2 = tiny_zoo("gpt2", slots=4)
+    make_adapters(gpt2, None, TYPE_NAMES)
+    with Engine(gpt2, max_batch=4, join_in_step=True) as engine:
+        running = engine.submit("the quick brown", "lora", SamplingParams(max_tokens=10, ignore_eos=True))
+        _wait_steps(engine, 2)
+        jobs = [("hello", "prompt"), ("abc ->", "prefix"), ("x", None)]
+        handles = _in_one_step(engine, [(p, a, SamplingParams(max_tokens=4), "b") for p, a in jobs])
+        done = [h.result(60) for h in handles]
+        assert running.result(60).error is None
+        assert engine.stats()["joined_in_step"] == 0
+    for d, (p, a) in zip(done, jobs):
+        assert d.error is None and d.text == _solo(gpt2, p, a, 4), a
