@@ -1104,7 +1104,7 @@ class Engine:
             if not isinstance(exc, _Apart):
                 log.info("a decode step with joiners failed (%s); running them apart", type(exc).__name__)
             batch.undo_step()
-            self._join_apart(joiners)
+            self._join_apart([r for r in joiners if not r.handle.done])  # not those ended meanwhile
             self._decode()
             return
         self._store_blocks(joiners, prompts, prompts.cache)
@@ -1116,7 +1116,8 @@ class Engine:
     def _check_lengths_unchanged(self, joiners: list[Request]) -> None:
         """Raise `_Apart` if a joiner's adapter was replaced since its admission by one with another
         number of virtual or prefix tokens (its step's rows were laid out for the old one): apart,
-        `Zoo.forward` adds what the adapter has now. Its lengths are counted again first."""
+        `Zoo.forward` adds what the adapter has now. Its lengths are counted again first, and if they
+        no longer fit the context with its prompt and max_tokens, it fails (as at admission)."""
         stale = False
         for r in joiners:
             if r.adapter is not None:
@@ -1124,6 +1125,17 @@ class Engine:
                 if now != (r.virtual, r.prefix):
                     r.virtual, r.prefix = now
                     stale = True
+                    if sum(now) + len(r.prompt_ids) + r.params.max_tokens > self.context_length:
+                        self._finish(
+                            r,
+                            "error",
+                            ContextLengthError(
+                                f"adapter {r.adapter!r} was replaced while this request waited; with its "
+                                f"{sum(now)} virtual tokens, the prompt's {len(r.prompt_ids)} and max_tokens "
+                                f"{r.params.max_tokens} it is over this model's context length of "
+                                f"{self.context_length}; lower max_tokens or shorten the prompt"
+                            ),
+                        )
         if stale:
             raise _Apart
 

@@ -520,3 +520,29 @@ def test_a_step_whose_joiners_all_raise_fails_them_alone_and_a_forced_step_on_gp
         assert engine.stats()["joined_in_step"] == 0
     for d, (p, a) in zip(done, jobs):
         assert d.error is None and d.text == _solo(gpt2, p, a, 4), a
+
+
+def test_a_soft_prompt_replaced_by_one_too_long_for_the_context_before_the_step_fails_only_its_request():
+    zoo = _zoo()
+    _add(zoo, "mine", "prompt", seed=5)
+    prompt = ("abcdefghij" * 30)[:200]
+    with Engine(zoo, max_batch=4) as engine:
+        running = engine.submit("the quick brown", "lora", SamplingParams(max_tokens=20, ignore_eos=True))
+        _wait_steps(engine, 2)
+        real = engine._decode_and_join
+
+        def replaced_meanwhile(joiners):
+            zoo.remove_adapter("mine")
+            _add(zoo, "mine", "prompt", seed=6, num_virtual_tokens=60)
+            engine._decode_and_join = real
+            return real(joiners)
+
+        engine._decode_and_join = replaced_meanwhile
+        jobs = [(prompt, "mine", "b"), ("abc ->", "houlsby", "a")]
+        over, other = [
+            h.result(60) for h in _in_one_step(engine, [(p, a, SamplingParams(max_tokens=10), t) for p, a, t in jobs])
+        ]
+        running = running.result(60)
+    assert over.finish_reason == "error" and "context length" in str(over.error)
+    assert other.error is None and other.text == _solo(zoo, "abc ->", "houlsby", 10)
+    assert running.error is None and running.text == _solo(zoo, "the quick brown", "lora", 20)
