@@ -1081,11 +1081,12 @@ class Engine:
         zoo, batch = self.zoo, self._batch
         step_mask = batch.step_mask()
         try:
+            self._check_lengths_unchanged(joiners)  # not under the zoo's lock: it may end requests
             # one hold of the zoo from the joiners' plan to the forward: a training thread's plan in
             # between took a soft prompt's slot, and the joiner ran with another tenant's vectors
-            # (tests/serve/test_attacks_round6.py)
+            # (tests/serve/test_attacks_round6.py). Nothing in it may wait for another lock (the
+            # resolver's threads take theirs, then the zoo's)
             with zoo.exclusive():
-                self._check_lengths_unchanged(joiners)
                 prompts = self._prompts(joiners, inside=True)
                 step = JoinStep(batch.cache, step_mask, prompts.cache, prompts.mask, prompts.lengths)
                 names = [r.adapter for r in batch.rows] + [
