@@ -546,3 +546,38 @@ def test_a_soft_prompt_replaced_by_one_too_long_for_the_context_before_the_step_
     assert over.finish_reason == "error" and "context length" in str(over.error)
     assert other.error is None and other.text == _solo(zoo, "abc ->", "houlsby", 10)
     assert running.error is None and running.text == _solo(zoo, "the quick brown", "lora", 20)
+
+
+def test_soft_prompts_and_prefixes_of_different_lengths_and_cached_openings_in_one_step_each_get_their_solo_output():
+    zoo = _zoo()
+    for name, kind, n, seed in (
+        ("p2", "prompt", 2, 11),
+        ("p9", "prompt", 9, 12),
+        ("x1", "prefix", 1, 13),
+        ("x5", "prefix", 5, 14),
+    ):
+        _add(zoo, name, kind, seed=seed, num_virtual_tokens=n)
+    jobs = [
+        (LONG + "one", "lora", "a"),
+        ("hello", "p2", "b"),
+        ("q", "p9", "c"),
+        (LONG + "two", None, "a"),
+        ("abc ->", "x1", "b"),
+        ("the quick brown fox", "x5", "c"),
+        ("zz", "prompt", "d"),
+        ("1 2 3 4 5 6 7", "prefix", "d"),
+    ]
+    with Engine(zoo, max_batch=12, prefix_cache_bytes=1 << 24) as engine:
+        for p, a, t in ((LONG, "lora", "a"), (LONG, None, "a")):
+            engine.submit(p, a, SamplingParams(max_tokens=1), tenant=t).result(60)  # their openings cached
+        running = engine.submit("the quick brown", "bitfit", SamplingParams(max_tokens=20, ignore_eos=True), tenant="e")
+        _wait_steps(engine, 2)
+        before = engine.stats()["joined_in_step"]
+        handles = _in_one_step(engine, [(p, a, SamplingParams(max_tokens=6), t) for p, a, t in jobs])
+        done = [h.result(60) for h in handles]
+        assert engine.stats()["joined_in_step"] - before == len(jobs)
+        running = running.result(60)
+    assert done[0].cached_tokens > 0 and done[3].cached_tokens > 0
+    assert running.error is None and running.text == _solo(zoo, "the quick brown", "bitfit", 20)
+    for d, (p, a, _) in zip(done, jobs):
+        assert d.error is None and d.text == _solo(zoo, p, a, 6), a
