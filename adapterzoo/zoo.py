@@ -617,6 +617,8 @@ class Zoo:
         (zeros past a row's own count, and for rows without one), and which columns each row uses
         (B, width) bool: what `forward` puts before the input's embeddings."""
         with self._lock:
+            if not plan.is_current():  # a later plan took one of its slots: it would read another adapter's vectors
+                plan = self.plan(plan.names, training=plan.training)
             width = plan.prompt_width
             dim = self.model.get_input_embeddings().weight.shape[-1]
             virtual = torch.zeros(plan.batch_size, width, dim, dtype=dtype or self.dtype, device=self.device)
@@ -624,6 +626,8 @@ class Zoo:
                 site = self.runtime.embedding_path
                 tokens = use.pool.atype.virtual_tokens(use.gather(use.pool.site(site), site))  # (n, P, d)
                 virtual = place_rows(virtual, use, fit_tokens(tokens, width, 1).to(virtual.dtype))
+            if plan.prompts and plan.prompts[0].rows is None:  # place_rows gave a view of the slot: copy it,
+                virtual = virtual.clone()  # else a later plan taking the slot turns it into another adapter's
             lengths = plan.prompt_lengths
             if lengths is None:
                 lengths = torch.zeros(plan.batch_size, dtype=torch.long, device=self.device)

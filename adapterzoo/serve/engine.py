@@ -778,8 +778,10 @@ class Engine:
         """Whether the joiners wait (one more decode step) for others to join in the same prefill:
         only while rows decode meanwhile, fewer than `prefill_group` could join (counting every
         ready request that waits), and for at most `prefill_wait` steps."""
-        if self.join_in_step:
-            return False  # they join inside the next decode step, at no forward of their own
+        if self.join_in_step and (self.zoo.runtime.prefix_fits_cache() or all(not r.prefix for r in joiners)):
+            # they join inside the next decode step, at no forward of their own: soft-prompt and
+            # prefix joiners too (they were held up to `prefill_wait` steps for nothing)
+            return False
         want = min(self.prefill_group, ready)
         if not self._batch.rows or len(joiners) >= want or self._held_steps >= self.prefill_wait:
             self._held_steps = 0
@@ -960,9 +962,10 @@ class Engine:
         keys and values in the cache's first columns, masked per row."""
         zoo = self.zoo
         roots = [self._prefix_root(r) for r in joiners]
-        if any(r.virtual or r.prefix for r in joiners):  # their virtual tokens go first: no cached openings
+        if not inside and any(r.virtual or r.prefix for r in joiners):  # their virtual tokens go first: no hits
             hits = [(0, None)] * len(joiners)
-        else:
+        else:  # inside a step every joiner is a row of its own: only those with virtual tokens miss the cache
+            # (a tenant's soft-prompt joiner used to cost every other tenant's joiner its cached opening)
             hits = [
                 self.prefix_cache.lookup(root, r.prompt_ids) if root else (0, None) for r, root in zip(joiners, roots)
             ]
@@ -980,11 +983,11 @@ class Engine:
             mask[i, past + width - n :] = 1
             mask[i, past - tokens : past] = 1
         cache = zoo.new_cache()
-        if past:
-            _fill(cache, hits, past)
         mask = mask.to(zoo.device)
         embeds = None
         if inside and any(r.virtual or r.prefix for r in joiners):
+            # the caller holds zoo.exclusive(): no other thread's plan may move a slot between this
+            # plan and the reads of its vectors and prefixes below (they would be another adapter's)
             plan = zoo.plan([r.adapter for r in joiners], training=False)
             if any(virtual):
                 vectors, _ = zoo.virtual_tokens(plan)
@@ -996,21 +999,28 @@ class Engine:
             if any(r.prefix for r in joiners):
                 if not zoo.runtime.prefix_fits_cache():
                     raise _Apart  # prefixes that live beside the cache: `Zoo.forward` puts them in every layer
-                zoo.runtime.write_prefixes(plan, cache, vectors_like(zoo))
+                zoo.runtime.write_prefixes(plan, cache, vectors_like(zoo))  # the first columns; cached openings after
                 mask = torch.cat([prefix_columns(plan).to(mask.dtype), mask], 1)
+        if past:
+            _fill(cache, hits, past)
         computed = [len(rest) for rest in rests]
         return Prompts(ids, mask, cache, width, roots, computed, hits, lengths, embeds)
 
     def _store_blocks(self, joiners: list[Request], prompts: Prompts, cache) -> None:
-        """Offer each joiner's newly computed full prompt blocks to the prefix cache."""
+        """Offer each joiner's newly computed full prompt blocks to the prefix cache. Caching is only
+        a saving: if it raises (out of memory copying the blocks), the request goes on uncached; it
+        used to fail every request of the step (inside a decode step: the whole batch)."""
         for i, (r, root, computed, (tokens, _)) in enumerate(
             zip(joiners, prompts.roots, prompts.computed, prompts.hits)
         ):
             if root is not None and len(r.prompt_ids) - tokens >= BLOCK:  # at least one new full block
-                kv = torch.stack(
-                    [torch.stack((la.keys[i, :, -computed:], la.values[i, :, -computed:])) for la in cache.layers]
-                )
-                self.prefix_cache.store(root, r.prompt_ids, kv, tokens, owner=r.tenant)
+                try:
+                    kv = torch.stack(
+                        [torch.stack((la.keys[i, :, -computed:], la.values[i, :, -computed:])) for la in cache.layers]
+                    )
+                    self.prefix_cache.store(root, r.prompt_ids, kv, tokens, owner=r.tenant)
+                except Exception as exc:  # noqa: BLE001 - not cached, nothing else
+                    log.warning("request %s's prompt blocks were not cached (%s)", r.id, type(exc).__name__)
 
     def _prefix_root(self, req: Request) -> tuple | None:
         """What a row's cached blocks are filed under (tenant, adapter by identity and version), or
@@ -1071,25 +1081,31 @@ class Engine:
         zoo, batch = self.zoo, self._batch
         step_mask = batch.step_mask()
         try:
-            prompts = self._prompts(joiners, inside=True)
-            step = JoinStep(batch.cache, step_mask, prompts.cache, prompts.mask, prompts.lengths)
-            names = [r.adapter for r in batch.rows] + [
-                r.adapter for r, n in zip(joiners, prompts.lengths) for _ in range(n)
-            ]
-            plan = zoo.plan(names, training=False)
-            if not zoo.runs_token_rows(plan):  # a prefix adapter whose prefixes are not in the cache
-                raise _Apart
-            tokens = torch.cat([batch.next, prompts.ids.flatten().to(zoo.device)[step.padded_at]])
-            embeds = None
-            if prompts.embeds is not None:
-                rows_of, vectors = prompts.embeds
-                embeds = (rows_of + len(batch.rows), vectors)
-            out = zoo.forward_tokens(tokens, step.positions(), plan, step, step, step.last_tokens(), embeds)
+            self._check_lengths_unchanged(joiners)  # not under the zoo's lock: it may end requests
+            # one hold of the zoo from the joiners' plan to the forward: a training thread's plan in
+            # between took a soft prompt's slot, and the joiner ran with another tenant's vectors
+            # (tests/serve/test_attacks_round6.py). Nothing in it may wait for another lock (the
+            # resolver's threads take theirs, then the zoo's)
+            with zoo.exclusive():
+                prompts = self._prompts(joiners, inside=True)
+                step = JoinStep(batch.cache, step_mask, prompts.cache, prompts.mask, prompts.lengths)
+                names = [r.adapter for r in batch.rows] + [
+                    r.adapter for r, n in zip(joiners, prompts.lengths) for _ in range(n)
+                ]
+                plan = zoo.plan(names, training=False)
+                if not zoo.runs_token_rows(plan):  # a prefix adapter whose prefixes are not in the cache
+                    raise _Apart
+                tokens = torch.cat([batch.next, prompts.ids.flatten().to(zoo.device)[step.padded_at]])
+                embeds = None
+                if prompts.embeds is not None:
+                    rows_of, vectors = prompts.embeds
+                    embeds = (rows_of + len(batch.rows), vectors)
+                out = zoo.forward_tokens(tokens, step.positions(), plan, step, step, step.last_tokens(), embeds)
         except Exception as exc:  # noqa: BLE001 - run apart, where each failure is isolated
             if not isinstance(exc, _Apart):
                 log.info("a decode step with joiners failed (%s); running them apart", type(exc).__name__)
             batch.undo_step()
-            self._join_apart(joiners)
+            self._join_apart([r for r in joiners if not r.handle.done])  # not those ended meanwhile
             self._decode()
             return
         self._store_blocks(joiners, prompts, prompts.cache)
@@ -1097,6 +1113,32 @@ class Engine:
         rows = len(batch.rows)
         self._decoded(step_mask, out.logits[:rows])
         self._joined(joiners, prompts.cache, prompts.mask, out.logits[rows:])
+
+    def _check_lengths_unchanged(self, joiners: list[Request]) -> None:
+        """Raise `_Apart` if a joiner's adapter was replaced since its admission by one with another
+        number of virtual or prefix tokens (its step's rows were laid out for the old one): apart,
+        `Zoo.forward` adds what the adapter has now. Its lengths are counted again first, and if they
+        no longer fit the context with its prompt and max_tokens, it fails (as at admission)."""
+        stale = False
+        for r in joiners:
+            if r.adapter is not None:
+                now = self.zoo.token_lengths(r.adapter)
+                if now != (r.virtual, r.prefix):
+                    r.virtual, r.prefix = now
+                    stale = True
+                    if sum(now) + len(r.prompt_ids) + r.params.max_tokens > self.context_length:
+                        self._finish(
+                            r,
+                            "error",
+                            ContextLengthError(
+                                f"adapter {r.adapter!r} was replaced while this request waited; with its "
+                                f"{sum(now)} virtual tokens, the prompt's {len(r.prompt_ids)} and max_tokens "
+                                f"{r.params.max_tokens} it is over this model's context length of "
+                                f"{self.context_length}; lower max_tokens or shorten the prompt"
+                            ),
+                        )
+        if stale:
+            raise _Apart
 
     def _isolate_decode_failure(self, exc: Exception) -> None:
         """A decode forward raised. No token was taken, so the step can be run again exactly:
