@@ -18,6 +18,7 @@ Held-out inputs (test split) with instructions phrased differently from training
     python benchmarks/routing.py                       # shipped specialists
     python benchmarks/routing.py --scale 32,116 --n 10 # also routing accuracy among 32 and 116
     python benchmarks/routing.py --against 9c4f77f     # cost A/B against routing.py at that commit
+    python benchmarks/routing.py --cv                  # tune the choice on routing examples only
 """
 
 from __future__ import annotations
@@ -174,6 +175,61 @@ def _spread(size: int) -> list[str]:
     return out
 
 
+def cross_validate(sizes: dict[str, list[str]], shrinkages: tuple[float, ...] = (0.3, 0.5, 0.7)) -> dict:
+    """How to choose among adapters, tuned on the *training* side only: leave one routing phrasing out.
+
+    Each task's 24 routing examples cycle through its eight routing phrasings; fold j keeps the
+    examples of the seven others as the adapters' examples and asks which adapter each of the three
+    under phrasing j names (it fits a specialist: the fallback is not in question here). The held-out
+    paraphrases are never read. Rows: the whole prompt (the router before), the instruction line,
+    and the instruction line whitened at each shrinkage (`routing._Chooser`)."""
+    from adapterzoo import routing
+    from adapterzoo.tasks import routing_phrasings
+
+    encoder = routing.SentenceEncoder("cpu", fast_dtype=torch.float32)
+    names = sorted({name for group in sizes.values() for name in group})
+    examples = {name: routing_examples(name, 24) for name in names}
+    whole = dict(zip(names, encoder([p for name in names for p in examples[name]]).split(24)))
+    lines = sorted({routing.instruction_of(p) for name in names for p in examples[name]})
+    line_features = dict(zip(lines, encoder(lines)))
+    instruction = {
+        name: torch.stack([line_features[routing.instruction_of(p)] for p in examples[name]]) for name in names
+    }
+    phrasings = {name: len(routing_phrasings(name)) for name in names}
+
+    def nearest(per_adapter: list[torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
+        return routing._nearest_mean(queries @ torch.cat(per_adapter).T, routing._grouped(per_adapter)).argmax(1)
+
+    def whitened(shrinkage: float):
+        def choose(per_adapter: list[torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
+            kept, routing.WHITENING_SHRINKAGE = routing.WHITENING_SHRINKAGE, shrinkage
+            try:
+                return routing._Chooser(per_adapter).scores(queries).argmax(1)
+            finally:
+                routing.WHITENING_SHRINKAGE = kept
+
+        return choose
+
+    methods = {"whole prompt": (whole, nearest), "instruction line": (instruction, nearest)}
+    methods.update({f"instruction line, whitened {s}": (instruction, whitened(s)) for s in shrinkages})
+    table: dict[str, dict[str, float]] = {}
+    for label, (feats, choose) in methods.items():
+        for size, group in sizes.items():
+            right = total = 0
+            for fold in range(max(phrasings[name] for name in group)):
+                keep = [[i for i in range(24) if i % phrasings[name] != fold] for name in group]
+                ask = [[i for i in range(24) if i % phrasings[name] == fold] for name in group]
+                chosen = choose(
+                    [feats[n][k] for n, k in zip(group, keep)], torch.cat([feats[n][a] for n, a in zip(group, ask)])
+                )
+                truth = torch.tensor([g for g, a in enumerate(ask) for _ in a])
+                right += int((chosen == truth).sum())
+                total += len(truth)
+            table.setdefault(label, {})[size] = right / total
+        table[label]["mean"] = sum(table[label][size] for size in sizes) / len(sizes)
+    return table
+
+
 def cost(zoo: Zoo, prompts: list[str], rounds: int, max_new_tokens: int, layer: int | None) -> dict:
     """Seconds of `route` for one prompt against one request (generate), interleaved per round."""
     route_s, request_s = [], []
@@ -255,9 +311,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--against", default="", help="git revision: also time routing.py as it was there (A/B)")
+    parser.add_argument(
+        "--cv", action="store_true", help="only cross-validate the choice among adapters on the routing examples"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     assert not set(GENERAL_PROMPTS) & set(BACKGROUND_PROMPTS)
+    if args.cv:
+        specialists = sorted(p.parent.name for p in args.library.glob(f"*/{CONFIG_FILE}"))
+        sizes = {str(len(specialists)): specialists, "32": _spread(32), "116": list(all_tasks())}
+        table = cross_validate(sizes)
+        print("\nleave one routing phrasing out: right adapter (held-out paraphrases never read)\n")
+        print(f"| choice by | {' | '.join(sizes)} | mean |")
+        print("|---|" + "---:|" * (len(sizes) + 1))
+        for label, row in table.items():
+            print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
+        print(f"\nwrote {save_json('routing_cv', {'machine': machine(), 'right_adapter': table})}")
+        return
 
     zoo = Zoo.from_pretrained(args.base, device="cpu")
     tasks = load_library(zoo, args.library)

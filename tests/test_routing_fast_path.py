@@ -96,23 +96,28 @@ def test_a_close_call_is_settled_by_the_float32_features(encoder, monkeypatch):
     assert settled == []  # no decision here is within bfloat16's error
     monkeypatch.setattr(encoder, "score_error", 1.0)  # now every decision is
     assert [d.adapter for d in zoo.route(PROMPTS)] == [d.adapter for d in zoo.route(PROMPTS)]
-    assert settled == PROMPTS * 2
+    # each prompt and its instruction line, every distinct text once
+    encoded = list(dict.fromkeys([*PROMPTS, *map(routing.instruction_of, PROMPTS)]))
+    assert settled == encoded * 2
 
 
 @pytest.mark.parametrize(
-    ("top", "second", "base", "close"),
+    ("whole", "base", "choice", "close"),
     [
-        (0.80, 0.50, 0.30, False),  # clearly the best adapter
-        (0.80, 0.795, 0.30, True),  # the runner-up within 2 * error
-        (0.80, 0.80, 0.795, True),  # the background within 2 * error
-        (0.503, 0.20, 0.10, True),  # the threshold (0.5) within error
-        (0.30, 0.299, 0.60, False),  # below the background: the base answers whichever adapter is first
-        (0.40, 0.399, 0.10, False),  # below the threshold: likewise
+        ((0.80, 0.50), 0.30, (0.9, 0.5), False),  # clearly a specialist, clearly this one
+        ((0.80, 0.795), 0.30, (0.9, 0.5), False),  # whole prompts close: only the choice's scores choose
+        ((0.80, 0.50), 0.30, (0.9, 0.895), True),  # the choice's runner-up within 2 * its error
+        ((0.80, 0.50), 0.30, (0.9, 0.9), False),  # an exact tie (the same examples): the first listed, always
+        ((0.80, 0.80), 0.795, (0.9, 0.5), True),  # the background within 2 * error
+        ((0.503, 0.20), 0.10, (0.9, 0.5), True),  # the threshold (0.5) within error
+        ((0.30, 0.299), 0.60, (0.9, 0.899), False),  # below the background: the base answers, whatever the choice
+        ((0.40, 0.399), 0.10, (0.9, 0.899), False),  # below the threshold: likewise
     ],
 )
-def test_a_decision_is_a_close_call_only_if_an_error_could_change_the_adapter_chosen(top, second, base, close):
-    scores, base_score = torch.tensor([[top, second]]), torch.tensor([base])
-    assert routing._close_calls(scores, base_score, 0.5, error=0.004) == ([0] if close else [])
+def test_a_decision_is_a_close_call_only_if_an_error_could_change_the_adapter_chosen(whole, base, choice, close):
+    scores, base_score = torch.tensor([whole]), torch.tensor([base])
+    found = routing._close_calls(scores, base_score, 0.5, 0.004, torch.tensor([choice]), 0.004)
+    assert found == ([0] if close else [])
 
 
 def test_prototypes_are_built_once_for_the_same_records(encoder, monkeypatch):

@@ -66,4 +66,5 @@ def test_a_forged_record_is_checked_once_and_its_replacement_kept(zoo, encoder, 
     real_features = routing.features
     monkeypatch.setattr(routing, "features", lambda *a, **k: encoded.append(a[1]) or real_features(*a, **k))
     zoo.route(victims_prompts(), records=records)
-    assert all(batch == victims_prompts() for batch in encoded)  # only the prompts: nothing re-checked
+    prompts_and_instructions = [*victims_prompts(), *dict.fromkeys(map(routing.instruction_of, victims_prompts()))]
+    assert all(batch == prompts_and_instructions for batch in encoded)  # only the prompts: nothing re-checked

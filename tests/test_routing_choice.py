@@ -1,0 +1,117 @@
+"""Which specialist a routed prompt gets (adapterzoo/routing.py, `_Chooser`): its instruction line,
+whitened by the visible candidates' own examples, and nothing outside what the caller may see."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterzoo import routing
+from adapterzoo.tasks import instructed_examples, routing_examples
+from adapterzoo.testing.models import tiny_zoo
+
+TENANT = ("reverse", "upper")
+OTHERS = ("digits-sort", "sort-desc", "rotate-left")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return routing.SentenceEncoder(fast_dtype=torch.bfloat16)
+
+
+def zoo_with(encoder, tasks):
+    zoo = tiny_zoo("llama")
+    routing._cache(zoo).sentence = encoder
+    for task in tasks:
+        zoo.add_adapter(task, "lora", r=4, trainable=False)
+        zoo.add_routing_examples(task, routing_examples(task, 12))
+    return zoo
+
+
+def held_out(task: str, n: int = 4) -> list[str]:
+    return [ex.prompt for ex in instructed_examples(task, n, "test", seed=3, held_out=True)]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "line"),
+    [
+        ("Reverse the word: h e l l o ->", "Reverse the word"),
+        ("Sort these\n3 1 2", "Sort these"),
+        ("Who painted the Mona Lisa?", "Who painted the Mona Lisa?"),  # no input: the whole prompt
+        ("At 10:30, remind me", "At 10:30, remind me"),  # a colon inside a word does not end it
+        (": h e l l o", ": h e l l o"),  # nothing before the colon: the whole prompt
+    ],
+)
+def test_a_prompts_instruction_line_ends_at_its_first_colon_and_space_or_line_break(prompt, line):
+    assert routing.instruction_of(prompt) == line
+
+
+def test_a_tenants_decisions_are_the_same_whatever_adapters_other_tenants_hold(encoder):
+    """The whitening is fit to the candidates a caller may see: adapters outside them change no
+    score, so a tenant's routing reveals nothing of another tenant's adapters."""
+    alone = zoo_with(encoder, TENANT)
+    shared = zoo_with(encoder, (*TENANT, *OTHERS))
+    prompts = [*held_out("reverse"), *held_out("upper"), *held_out("digits-sort"), "Who painted the Mona Lisa?"]
+    mine = alone.route(prompts)
+    among = shared.route(prompts, among=list(TENANT))
+    assert [d.adapter for d in among] == [d.adapter for d in mine]
+    assert [d.runner_up for d in among] == [d.runner_up for d in mine]
+    torch.testing.assert_close(torch.tensor([d.score for d in among]), torch.tensor([d.score for d in mine]))
+    records = routing.routing_records(shared)  # a server's path: the tenant's records only
+    by_records = shared.route(prompts, records={name: records[name] for name in TENANT})
+    assert [d.score for d in by_records] == [d.score for d in among]
+
+
+def test_an_adapter_added_later_with_routing_examples_is_routed_to(encoder):
+    zoo = zoo_with(encoder, TENANT)
+    assert "digits-sort" not in {d.adapter for d in zoo.route(held_out("digits-sort"))}
+    zoo.add_adapter("digits-sort", "lora", r=4, trainable=False)  # a third party's, after routing began
+    zoo.add_routing_examples("digits-sort", routing_examples("digits-sort", 12))
+    assert {d.adapter for d in zoo.route(held_out("digits-sort"))} == {"digits-sort"}
+    assert {d.adapter for d in zoo.route(held_out("reverse"))} == {"reverse"}
+
+
+def test_whitening_discounts_a_direction_along_which_one_adapters_own_examples_vary():
+    """Two adapters whose examples differ a little along axis 1 and each vary a lot along axis 0
+    (one task's many phrasings): a query on adapter a's side of axis 1 but with much of axis 0 is,
+    by plain cosine, nearer b's examples; whitened, axis 0 counts less and a is chosen."""
+    spread = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0])
+
+    def examples(side: float, lean: float) -> torch.Tensor:
+        rows = torch.zeros(len(spread), 4)
+        rows[:, 0], rows[:, 1], rows[:, 2] = spread + lean, side, 1.0
+        return routing._unit(rows)
+
+    a, b = examples(0.2, 0.0), examples(-0.2, 0.6)
+    query = routing._unit(torch.tensor([[1.0, 0.2, 1.0, 0.0]]))
+    plain = [float((query @ rows.T).topk(routing.NEIGHBOURS).values.mean()) for rows in (a, b)]
+    assert plain[1] > plain[0]
+    scores = routing._Chooser([a, b]).scores(query)
+    assert int(scores.argmax()) == 0
+
+
+def test_bfloat16_features_move_no_choice_score_by_more_than_the_stated_error(encoder):
+    tasks = ("reverse", "digits-sort", "upper", "sort-desc")
+    per_adapter = [encoder([routing.instruction_of(p) for p in routing_examples(t, 24)]) for t in tasks]
+    chooser = routing._Chooser(per_adapter)
+    lines = [routing.instruction_of(p) for t in tasks for p in held_out(t, 2)] + ["Who painted the Mona Lisa?"]
+    exact, fast = chooser.scores(encoder(lines)), chooser.scores(encoder(lines, exact=False))
+    assert 0 < (exact - fast).abs().max() < routing.BFLOAT16_CHOICE_ERROR
+
+
+def test_adapters_with_the_same_examples_tie_and_the_first_listed_wins_without_a_close_call(encoder, monkeypatch):
+    zoo = zoo_with(encoder, TENANT)
+    records = routing.routing_records(zoo)
+    copy = {**records, "copycat": dict(records["reverse"])}
+    zoo.route(held_out("reverse"), records=copy)  # warm: the copy is checked once
+    settled = []
+    real_features = routing.features
+    monkeypatch.setattr(
+        routing,
+        "features",
+        lambda zoo, prompts, space, exact=True: (
+            settled.extend(prompts * exact) or real_features(zoo, prompts, space, exact)
+        ),
+    )
+    assert {d.adapter for d in zoo.route(held_out("reverse"), records=copy)} == {"reverse"}
+    assert settled == []
