@@ -9,11 +9,15 @@ One scheduler thread owns the base, the slot pools and every KV cache. Each loop
 3. admits waiting requests whose adapter is in host memory, within the batch size, the slots of
    each pool, the tenant's resident-slot limit and a prefill token budget; puts every adapter the
    batch will use into its slot (`zoo.plan` over the union, so none evicts another that is in
-   use), prefills the joiners together (left-padded, their own fresh cache: soft-prompt virtual
-   tokens enter here and then live in the cache), samples their first token, and merges their
-   cache and mask into the running batch (left-padding the shorter side with masked zeros);
-4. runs one decode step for the whole batch: one `zoo.forward` with the batch's `BatchPlan`
-   (built once per membership), every row feeding its last token.
+   use);
+4. runs one decode step for the whole batch, every row feeding its last token: one `zoo.forward`
+   with the batch's `BatchPlan` (built once per membership). When requests join and rows are
+   running, the joiners' prompts are computed inside that same forward (`zoo.forward_tokens`,
+   serve/ragged.py: every token a row of one), so the base's weights are read once for both;
+   otherwise (an empty batch, a base that cannot) they are prefilled together first (left-padded,
+   their own fresh cache). Either way soft-prompt virtual tokens and prefixes enter the joiner's
+   cache there and then live in it, its first token is sampled, and its cache and mask are merged
+   into the running batch (left-padding the shorter side with masked zeros).
 
 Each row keeps its own left-padded mask, and `Zoo.forward` takes positions from the mask
 (+ prefix length), so a row's positions, keys and values are exactly those of a solo run:
