@@ -7,7 +7,8 @@ batch, 8 rows each. This times that step four ways, interleaved round by round (
 - "answer logits": left-padded so that the answers share the last columns, and only those columns
   projected onto the vocabulary (`logits_to_keep`);
 - "length groups": the rows split into forwards of similar length (`data.length_groups`);
-- "both": the default.
+- "both": the default;
+- "both + bf16": and `autocast="bfloat16"` (opt-in: not the same loss to the last bit).
 
     python benchmarks/train_step.py [--rounds 5] [--threads 1] [--steps 2]
 """
@@ -37,10 +38,12 @@ WAYS = {  # (LOGITS_AT_ANSWERS_ONLY, FORWARD_OVERHEAD_TOKENS)
     "answer logits": (True, 10**9),
     "length groups": (False, loop.FORWARD_OVERHEAD_TOKENS),
     "both": (True, loop.FORWARD_OVERHEAD_TOKENS),
+    "both + bf16": (True, loop.FORWARD_OVERHEAD_TOKENS),
+    "answer logits + bf16": (True, 10**9),
 }
 
 
-def step_seconds(zoo: Zoo, data: list, steps: int, seed: int) -> list[float]:
+def step_seconds(zoo: Zoo, data: list, steps: int, seed: int, autocast: str | None = None) -> list[float]:
     """Seconds of each of `steps` training steps of the 8 adapters (fresh ones, the same each time)."""
     for t in TASKS:
         if zoo.find_adapter(t) is not None:
@@ -57,6 +60,7 @@ def step_seconds(zoo: Zoo, data: list, steps: int, seed: int) -> list[float]:
         seed=seed,
         progress=False,
         on_step=lambda info: stamps.append(time.perf_counter()),
+        autocast=autocast,
     )
     return [b - a for a, b in zip([start] + stamps, stamps)]
 
@@ -66,18 +70,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--ways", default=",".join(WAYS), help="Comma-separated subset of: " + ", ".join(WAYS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     zoo = Zoo.from_pretrained("smollm2")
     data = [instructed_examples(t, 8 * args.steps, "train", seed=0) for t in TASKS]
-    times: dict[str, list[float]] = {way: [] for way in WAYS}
+    ways = {way: WAYS[way] for way in args.ways.split(",")}
+    times: dict[str, list[float]] = {way: [] for way in ways}
     step_seconds(zoo, data, 1, 0)  # warm-up
     for r in range(args.rounds):
-        for way, (answers_only, overhead) in WAYS.items():
+        for way, (answers_only, overhead) in ways.items():
             loop.LOGITS_AT_ANSWERS_ONLY, loop.FORWARD_OVERHEAD_TOKENS = answers_only, overhead
-            times[way] += step_seconds(zoo, data, args.steps, r)
+            times[way] += step_seconds(zoo, data, args.steps, r, "bfloat16" if "bf16" in way else None)
         print(f"round {r + 1}: " + ", ".join(f"{w} {statistics.median(t):.2f}s" for w, t in times.items()), flush=True)
-    base = statistics.median(times["one forward"])
+    base = statistics.median(next(iter(times.values())))
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.2f}; median seconds per step of 8 x 8 rows:")
     for way, t in times.items():
         print(f"  {way:14} {statistics.median(t):6.2f} s  ({base / statistics.median(t):.2f}x)")

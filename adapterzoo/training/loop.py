@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -193,7 +193,9 @@ def _run_steps(
             t0 = time.perf_counter()
             tokens_before = sum(j.report.tokens for j in active)
             try:
-                losses = train_step(zoo, active, options.batch_size, options.grad_accum, options.max_grad_norm)
+                losses = train_step(
+                    zoo, active, options.batch_size, options.grad_accum, options.max_grad_norm, options.autocast
+                )
             except _Diverged as bad:
                 _raise_diverged(bad, ckpt)
             elapsed = time.perf_counter() - t0
@@ -313,14 +315,20 @@ def _bucket(adapter: Adapter) -> int:
 
 
 def train_step(
-    zoo: Zoo, active: list[Job], batch_size: int, grad_accum: int, max_grad_norm: float | None
+    zoo: Zoo,
+    active: list[Job],
+    batch_size: int,
+    grad_accum: int,
+    max_grad_norm: float | None,
+    autocast: str | None = None,
 ) -> dict[str, float]:
     """One optimizer step of every active job, in mixed batches. Returns each job's train loss.
 
     Each micro-batch of the step is one mixed forward and backward per bucket (see `_bucket`);
     every job's loss lives in exactly one of them, so the gradients are the same either way.
     """
-    loss_sum = _accumulate_gradients(zoo, active, batch_size, grad_accum)
+    with _autocast(zoo, autocast):
+        loss_sum = _accumulate_gradients(zoo, active, batch_size, grad_accum)
     _check_gradients(active, max_grad_norm)
     _update(active, loss_sum)
     return loss_sum
@@ -399,6 +407,13 @@ def _forward_backward(zoo: Zoo, present: list[Job], rows: list[tuple[int, Item]]
             raise _diverged_before_update(bad, "loss")
         (sums * weights.to(sums.device)).sum().backward()
     return values
+
+
+def _autocast(zoo: Zoo, dtype: str | None):
+    """torch.autocast to `dtype` on the zoo's device, or nothing (`TrainOptions.autocast`)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=zoo.device.type, dtype=getattr(torch, dtype))
 
 
 @contextmanager

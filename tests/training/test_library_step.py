@@ -4,6 +4,7 @@ The step now left-pads answer rows, projects only the columns that predict answe
 vocabulary (`logits_to_keep`) and splits a micro-batch into forwards of similar length. None of
 that may change the loss or its gradient: adapters of every type, trained together on examples of
 many lengths, end where the old step (one right-padded forward, logits everywhere) takes them.
+Training under bfloat16 autocast, which is faster but not exact, is opt-in.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import random
 import pytest
 import torch
 
-from adapterzoo import Zoo
+from adapterzoo import TrainingError, Zoo
+from adapterzoo.formats.native import CONFIG_FILE
+from adapterzoo.library import build_library
+from adapterzoo.storage import read_json
 from adapterzoo.tasks import Example, LabeledExample
 from adapterzoo.testing.models import char_tokenizer, tiny_model
 from adapterzoo.training import loop
@@ -108,3 +112,26 @@ def test_length_groups_cover_every_row_once_shortest_first():
     assert [[lengths[i] for i in g] for g in groups] == [[5, 5, 6], [19, 20, 21]]
     assert length_groups(lengths, overhead=10**9) == [sorted(range(6), key=lambda i: lengths[i])]
     assert len(length_groups(lengths, overhead=0)) == 5  # one forward per distinct length
+
+
+def test_bfloat16_autocast_is_opt_in_trains_close_to_float32_and_names_a_bad_value(tmp_path):
+    def losses(autocast):
+        zoo = Zoo(tiny_model("llama"), char_tokenizer(), device="cpu")
+        zoo.add_adapter("a", "lora", seed=0, **TYPES["lora"])
+        report = zoo.train("a", ragged_examples(32, 0), max_steps=4, lr=1e-2, progress=False, autocast=autocast)
+        assert all(p.dtype == torch.float32 for p in zoo.get_adapter("a").parameters())  # the adapter stays float32
+        return [h["train_loss"] for h in report["a"].history]
+
+    exact, autocast = losses(None), losses("bfloat16")
+    assert autocast != exact  # not the same loss to the last bit: why it is opt-in
+    assert autocast == pytest.approx(exact, rel=0.05)
+    zoo = Zoo(tiny_model("llama"), char_tokenizer(), device="cpu")
+    zoo.add_adapter("a", "lora", **TYPES["lora"])
+    with pytest.raises(TrainingError, match="autocast must be None or 'bfloat16'"):
+        zoo.train("a", ragged_examples(8, 0), max_steps=1, progress=False, autocast="float16")
+
+
+def test_the_library_build_records_its_autocast_on_each_card(tmp_path):
+    zoo = Zoo(tiny_model("llama"), char_tokenizer(), device="cpu")
+    build_library(zoo, ["upper"], tmp_path, steps=2, batch_size=2, n_test=2, autocast="bfloat16", progress=False)
+    assert read_json(tmp_path / "upper" / CONFIG_FILE)["metadata"]["metrics"]["autocast"] == "bfloat16"
