@@ -68,25 +68,31 @@ def step_seconds(zoo: Zoo, data: list, steps: int, seed: int, autocast: str | No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", default="1", help="torch threads; a list (1,2) also compares thread counts")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--ways", default=",".join(WAYS), help="Comma-separated subset of: " + ", ".join(WAYS))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    torch.set_num_threads(thread_counts[0])
     zoo = Zoo.from_pretrained("smollm2")
     data = [instructed_examples(t, 8 * args.steps, "train", seed=0) for t in TASKS]
-    ways = {way: WAYS[way] for way in args.ways.split(",")}
+    ways = {
+        (f"{way}, threads={t}" if len(thread_counts) > 1 else way): (*WAYS[way], t)
+        for way in args.ways.split(",")
+        for t in thread_counts
+    }
     times: dict[str, list[float]] = {way: [] for way in ways}
     step_seconds(zoo, data, 1, 0)  # warm-up
     for r in range(args.rounds):
-        for way, (answers_only, overhead) in ways.items():
+        for way, (answers_only, overhead, threads) in ways.items():
+            torch.set_num_threads(threads)
             loop.LOGITS_AT_ANSWERS_ONLY, loop.FORWARD_OVERHEAD_TOKENS = answers_only, overhead
             times[way] += step_seconds(zoo, data, args.steps, r, "bfloat16" if "bf16" in way else None)
         print(f"round {r + 1}: " + ", ".join(f"{w} {statistics.median(t):.2f}s" for w, t in times.items()), flush=True)
     base = statistics.median(next(iter(times.values())))
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.2f}; median seconds per step of 8 x 8 rows:")
     for way, t in times.items():
-        print(f"  {way:14} {statistics.median(t):6.2f} s  ({base / statistics.median(t):.2f}x)")
+        print(f"  {way:24} {statistics.median(t):6.2f} s  ({base / statistics.median(t):.2f}x)")
 
 
 if __name__ == "__main__":
