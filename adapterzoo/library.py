@@ -111,10 +111,14 @@ def build_library(
     n_test: int = 50,
     lr: float | None = None,
     seed: int = 0,
+    autocast: str | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> list[LibraryEntry]:
-    """Train, score and save one adapter per task under `out`; returns the score table."""
+    """Train, score and save one adapter per task under `out`; returns the score table.
+
+    `autocast="bfloat16"` trains under torch.autocast (`TrainOptions.autocast`; faster on a CPU
+    with AMX, not the same loss to the last bit); scoring always runs in the base's own dtype."""
     from .routing import MAX_EXAMPLES
     from .tasks import get_task, instructed_examples, routing_examples
     from .training import save_final
@@ -157,6 +161,7 @@ def build_library(
             checkpoint_dir=checkpoints,
             checkpoint_every=max(1, steps // 4),
             resume=checkpoints.exists(),
+            autocast=autocast,
             progress=progress,
         )
         seconds = time.perf_counter() - start
@@ -179,6 +184,7 @@ def build_library(
                     "eval": "greedy exact match, held-out inputs, paraphrased instructions",
                     "steps": steps,
                     "batch_size": batch_size,
+                    "autocast": autocast,
                     "seconds": entry.seconds,
                 },
             }

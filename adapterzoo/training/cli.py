@@ -366,6 +366,12 @@ def library_command() -> None:
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the type's default_lr).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (e.g. 1 to leave cores to others).")
+@click.option(
+    "--autocast",
+    type=click.Choice(["bfloat16"]),
+    default=None,
+    help="Train under torch.autocast (faster on a CPU with AMX; not the same loss to the last bit).",
+)
 @click.option("--push", "push_org", default=None, help="After building, push every adapter to ORG/<task>.")
 @click.option("--endpoint", default=None, help="Hub or registry URL for --push (default: $HF_ENDPOINT).")
 @click.option("--token", default=None, help="Token for --push (default: $HF_TOKEN or the stored login).")
@@ -385,6 +391,7 @@ def library_build_command(
     lr: float | None,
     seed: int,
     threads: int | None,
+    autocast: str | None,
     push_org: str | None,
     endpoint: str | None,
     token: str | None,
@@ -430,6 +437,7 @@ def library_build_command(
             n_test=n_test,
             lr=lr,
             seed=seed,
+            autocast=autocast,
             progress=not quiet,
             echo=click.echo,
         )

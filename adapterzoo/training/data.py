@@ -159,10 +159,12 @@ def max_positions(zoo: Zoo) -> int | None:
     return None
 
 
-def collate(zoo: Zoo, rows: list[tuple[int, Item]], names: list[str]):
-    """Right-padded input ids, mask, token labels, class labels, job index per row, adapter per row.
+def collate(zoo: Zoo, rows: list[tuple[int, Item]], names: list[str], *, pad_left: bool = False):
+    """Padded input ids, mask, token labels, class labels, job index per row, adapter per row.
 
-    `rows` are (job index, item); `names[k]` is job k's adapter."""
+    `rows` are (job index, item); `names[k]` is job k's adapter. Rows are right-padded, or with
+    `pad_left` left-padded: then every row's answer ends in the last column, so the answer
+    positions of the whole batch are its last few columns (`answer_columns`)."""
     width = max(len(item.ids) for _, item in rows)
     n = len(rows)
     ids = torch.full((n, width), pad_token_id(zoo.tokenizer), dtype=torch.long)
@@ -171,12 +173,55 @@ def collate(zoo: Zoo, rows: list[tuple[int, Item]], names: list[str]):
     classes = torch.full((n,), -100, dtype=torch.long)
     for r, (_, item) in enumerate(rows):
         L = len(item.ids)
-        ids[r, :L] = torch.tensor(item.ids)
-        mask[r, :L] = 1
+        cols = slice(width - L, width) if pad_left else slice(0, L)
+        ids[r, cols] = torch.tensor(item.ids)
+        mask[r, cols] = 1
         if item.labels is not None:
-            labels[r, :L] = torch.tensor(item.labels)
+            labels[r, cols] = torch.tensor(item.labels)
         if item.label is not None:
             classes[r] = item.label
     job_of_row = torch.tensor([j for j, _ in rows])
     adapters = [names[j] for j, _ in rows]
     return ids, mask, labels, classes, job_of_row, adapters
+
+
+def answer_columns(labels: torch.Tensor) -> int:
+    """How many last columns of a batch predict a labelled token: the first labelled column's
+    predecessor onwards (0 when nothing is labelled). `zoo.forward(..., logits_to_keep=k)` then
+    projects only those columns onto the vocabulary."""
+    labelled = (labels != -100).any(0).nonzero()
+    if labelled.numel() == 0:
+        return 0
+    return labels.shape[1] - int(labelled[0, 0]) + 1
+
+
+def loss_terms(item: Item) -> int:
+    """The loss terms one item adds to its job's mean: its labelled tokens (bar the first column,
+    which nothing predicts), or one class label."""
+    if item.label is not None:
+        return 1
+    return sum(1 for t in (item.labels or [])[1:] if t != -100)
+
+
+def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
+    """Rows (by index) split into forwards of similar length, shortest first.
+
+    Rows sorted by length are cut where the padding a cut saves outweighs one more forward, which
+    costs about `overhead` tokens' time: the split minimizes sum(rows x longest row) + overhead
+    per forward over all cuts of the sorted rows (dynamic programming, O(n^2) for n rows)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[e]: cheapest split of the first e sorted rows
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        widest = lengths[order[end - 1]]
+        for start in range(end):
+            cost = best[start] + (end - start) * widest + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups = []
+    end = n
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]

@@ -112,6 +112,15 @@ def find_adapters(zoo: Zoo, names: list[str], adapter_type: str | None) -> list[
 
 def job_losses(zoo: Zoo, out, labels, classes, job_of_row, n_jobs: int):
     """Per-job mean loss (n_jobs,) and the number of loss terms per job (tokens or rows)."""
+    sums, counts = job_loss_sums(zoo, out, labels, classes, job_of_row, n_jobs)
+    return sums / counts.clamp(min=1), counts
+
+
+def job_loss_sums(zoo: Zoo, out, labels, classes, job_of_row, n_jobs: int):
+    """Per-job sum of token (or class) losses (n_jobs,) and the number of loss terms per job.
+
+    `out.logits` may cover only the last columns of the batch (`logits_to_keep`); it must cover
+    every column that predicts a labelled token (`data.answer_columns`)."""
     device = zoo.device
     sums = torch.zeros(n_jobs, device=device, dtype=torch.float32)
     counts = torch.zeros(n_jobs, device=device, dtype=torch.float32)
@@ -119,8 +128,14 @@ def job_losses(zoo: Zoo, out, labels, classes, job_of_row, n_jobs: int):
     labels = labels.to(device)
     classes = classes.to(device)
     if out.logits is not None and bool((labels != -100).any()):
-        target = labels[:, 1:]
-        sel = target != -100  # (R, T-1)
+        first = labels.shape[1] - out.logits.shape[1]  # the column the first logit sits at
+        target = labels[:, first + 1 :]  # the token each logit but the last predicts
+        if bool((labels[:, 1 : first + 1] != -100).any()):
+            raise TrainingError(
+                f"the logits start at column {first}, after a labelled token; keep at least "
+                f"answer_columns(labels) = {labels.shape[1] - first} columns"
+            )
+        sel = target != -100  # (R, K-1)
         logits = out.logits[:, :-1][sel].float()  # (N, V): only the answer positions
         tok_loss = torch.nn.functional.cross_entropy(logits, target[sel], reduction="none")  # (N,)
         row = torch.arange(labels.shape[0], device=device)[:, None].expand_as(sel)[sel]
@@ -133,4 +148,4 @@ def job_losses(zoo: Zoo, out, labels, classes, job_of_row, n_jobs: int):
         row_loss = torch.nn.functional.cross_entropy(logits, classes[rows], reduction="none")
         sums = sums.index_add(0, job_of_row[rows], row_loss)
         counts = counts.index_add(0, job_of_row[rows], torch.ones_like(row_loss))
-    return sums / counts.clamp(min=1), counts
+    return sums, counts
