@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from adapterzoo import routing
-from adapterzoo.tasks import instructed_examples, routing_examples
-from adapterzoo.testing.models import tiny_zoo
+from adapterzoo.tasks import routing_examples
+
+from .test_routing_fast_path import held_out, sentence_zoo
 
 TENANT = ("reverse", "upper")
 OTHERS = ("digits-sort", "sort-desc", "rotate-left")
@@ -17,19 +18,6 @@ OTHERS = ("digits-sort", "sort-desc", "rotate-left")
 @pytest.fixture(scope="module")
 def encoder():
     return routing.SentenceEncoder(fast_dtype=torch.bfloat16)
-
-
-def zoo_with(encoder, tasks):
-    zoo = tiny_zoo("llama")
-    routing._cache(zoo).sentence = encoder
-    for task in tasks:
-        zoo.add_adapter(task, "lora", r=4, trainable=False)
-        zoo.add_routing_examples(task, routing_examples(task, 12))
-    return zoo
-
-
-def held_out(task: str, n: int = 4) -> list[str]:
-    return [ex.prompt for ex in instructed_examples(task, n, "test", seed=3, held_out=True)]
 
 
 @pytest.mark.parametrize(
@@ -49,8 +37,8 @@ def test_a_prompts_instruction_line_ends_at_its_first_colon_and_space_or_line_br
 def test_a_tenants_decisions_are_the_same_whatever_adapters_other_tenants_hold(encoder):
     """The whitening is fit to the candidates a caller may see: adapters outside them change no
     score, so a tenant's routing reveals nothing of another tenant's adapters."""
-    alone = zoo_with(encoder, TENANT)
-    shared = zoo_with(encoder, (*TENANT, *OTHERS))
+    alone = sentence_zoo(encoder, TENANT)
+    shared = sentence_zoo(encoder, (*TENANT, *OTHERS))
     prompts = [*held_out("reverse"), *held_out("upper"), *held_out("digits-sort"), "Who painted the Mona Lisa?"]
     mine = alone.route(prompts)
     among = shared.route(prompts, among=list(TENANT))
@@ -63,7 +51,7 @@ def test_a_tenants_decisions_are_the_same_whatever_adapters_other_tenants_hold(e
 
 
 def test_an_adapter_added_later_with_routing_examples_is_routed_to(encoder):
-    zoo = zoo_with(encoder, TENANT)
+    zoo = sentence_zoo(encoder, TENANT)
     assert "digits-sort" not in {d.adapter for d in zoo.route(held_out("digits-sort"))}
     zoo.add_adapter("digits-sort", "lora", r=4, trainable=False)  # a third party's, after routing began
     zoo.add_routing_examples("digits-sort", routing_examples("digits-sort", 12))
@@ -100,7 +88,7 @@ def test_bfloat16_features_move_no_choice_score_by_more_than_the_stated_error(en
 
 
 def test_adapters_with_the_same_examples_tie_and_the_first_listed_wins_without_a_close_call(encoder, monkeypatch):
-    zoo = zoo_with(encoder, TENANT)
+    zoo = sentence_zoo(encoder, TENANT)
     records = routing.routing_records(zoo)
     copy = {**records, "copycat": dict(records["reverse"])}
     zoo.route(held_out("reverse"), records=copy)  # warm: the copy is checked once

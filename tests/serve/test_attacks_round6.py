@@ -126,6 +126,20 @@ def test_a_soft_prompt_joiner_in_the_same_step_does_not_cost_another_tenants_joi
         assert done.error is None and done.text == _solo(zoo, prompt, adapter, 5), adapter
 
 
+def _replace_before_the_step(engine, zoo, name: str, virtual_tokens: int) -> None:
+    """The next decode step that requests join first replaces soft prompt `name` by another one
+    with `virtual_tokens` tokens: after the joiners' admission, before their step."""
+    real = engine._decode_and_join
+
+    def replaced_meanwhile(joiners):
+        zoo.remove_adapter(name)
+        _add(zoo, name, "prompt", seed=6, num_virtual_tokens=virtual_tokens)
+        engine._decode_and_join = real
+        return real(joiners)
+
+    engine._decode_and_join = replaced_meanwhile
+
+
 def test_a_soft_prompt_replaced_by_a_longer_one_between_admission_and_the_step_gives_the_new_ones_solo_output():
     """Attack: a tenant replaces its soft prompt (4 virtual tokens -> 7) after its request was
     admitted and before the step it joins: the request must not run with 4 of the 7 new vectors."""
@@ -134,15 +148,7 @@ def test_a_soft_prompt_replaced_by_a_longer_one_between_admission_and_the_step_g
     with Engine(zoo, max_batch=4) as engine:
         running = engine.submit("the quick brown", "lora", SamplingParams(max_tokens=20, ignore_eos=True))
         _wait_steps(engine, 2)
-        real = engine._decode_and_join
-
-        def replaced_meanwhile(joiners):
-            zoo.remove_adapter("mine")
-            _add(zoo, "mine", "prompt", seed=6, num_virtual_tokens=7)
-            engine._decode_and_join = real
-            return real(joiners)
-
-        engine._decode_and_join = replaced_meanwhile
+        _replace_before_the_step(engine, zoo, "mine", virtual_tokens=7)
         done = engine.submit("hello", "mine", SamplingParams(max_tokens=6)).result(60)
         assert running.result(60).error is None
     assert done.error is None and done.text == _solo(zoo, "hello", "mine", 6)
@@ -529,15 +535,7 @@ def test_a_soft_prompt_replaced_by_one_too_long_for_the_context_before_the_step_
     with Engine(zoo, max_batch=4) as engine:
         running = engine.submit("the quick brown", "lora", SamplingParams(max_tokens=20, ignore_eos=True))
         _wait_steps(engine, 2)
-        real = engine._decode_and_join
-
-        def replaced_meanwhile(joiners):
-            zoo.remove_adapter("mine")
-            _add(zoo, "mine", "prompt", seed=6, num_virtual_tokens=60)
-            engine._decode_and_join = real
-            return real(joiners)
-
-        engine._decode_and_join = replaced_meanwhile
+        _replace_before_the_step(engine, zoo, "mine", virtual_tokens=60)
         jobs = [(prompt, "mine", "b"), ("abc ->", "houlsby", "a")]
         over, other = [
             h.result(60) for h in _in_one_step(engine, [(p, a, SamplingParams(max_tokens=10), t) for p, a, t in jobs])

@@ -23,6 +23,8 @@ from adapterzoo.testing.models import char_tokenizer, tiny_model
 from adapterzoo.training import loop
 from adapterzoo.training.data import Item, answer_columns, length_groups, loss_terms
 
+from ..test_train import one_thread  # noqa: F401 - the fixture (autouse): tiny models on one thread
+
 TYPES = {
     "lora": {"r": 4, "target_modules": "all-linear", "lora_alpha": 8},
     "houlsby": {"bottleneck": 8},
@@ -30,14 +32,6 @@ TYPES = {
     "prefix": {"num_virtual_tokens": 3},
     "soft_prompt": {"num_virtual_tokens": 3},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def ragged_examples(n: int, seed: int) -> list[Example]:
