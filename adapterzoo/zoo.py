@@ -617,8 +617,7 @@ class Zoo:
         (zeros past a row's own count, and for rows without one), and which columns each row uses
         (B, width) bool: what `forward` puts before the input's embeddings."""
         with self._lock:
-            if not plan.is_current():  # a later plan took one of its slots: it would read another adapter's vectors
-                plan = self.plan(plan.names, training=plan.training)
+            plan = self._plan_for(plan.batch_size, None, plan)  # a stale one would read another adapter's vectors
             width = plan.prompt_width
             dim = self.model.get_input_embeddings().weight.shape[-1]
             virtual = torch.zeros(plan.batch_size, width, dim, dtype=dtype or self.dtype, device=self.device)

@@ -162,20 +162,19 @@ class RequestHandle:
 
 @dataclasses.dataclass
 class Prompts:
-    """Joiners' prompts as one left-padded batch (`Engine._prompts`): `ids` (joiners, width) to
-    compute, `mask` (joiners, past + width), `cache` holding the cached openings (or prefixes) in
+    """Joiners' prompts as one left-padded batch (`Engine._prompts`): `ids` (joiners, max(lengths))
+    to compute, `mask` (joiners, past + width), `cache` holding the cached openings (or prefixes) in
     `past` columns; per joiner its prefix-cache root, how many prompt tokens it computes, and its
     cache hit."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     cache: Any
-    width: int
     roots: list
     computed: list[int]
     hits: list
-    lengths: list[int] | None = None  # tokens each row feeds (virtual ones included, inside a step)
-    embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, vectors): virtual tokens' inputs
+    lengths: list[int]  # tokens each row feeds (virtual ones included, inside a step)
+    embeds: tuple[torch.Tensor, torch.Tensor] | None  # (rows, vectors): virtual tokens' inputs
 
 
 class _Apart(Exception):
@@ -1008,7 +1007,7 @@ class Engine:
         if past:
             _fill(cache, hits, past)
         computed = [len(rest) for rest in rests]
-        return Prompts(ids, mask, cache, width, roots, computed, hits, lengths, embeds)
+        return Prompts(ids, mask, cache, roots, computed, hits, lengths, embeds)
 
     def _store_blocks(self, joiners: list[Request], prompts: Prompts, cache) -> None:
         """Offer each joiner's newly computed full prompt blocks to the prefix cache. Caching is only

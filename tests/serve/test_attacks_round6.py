@@ -126,18 +126,27 @@ def test_a_soft_prompt_joiner_in_the_same_step_does_not_cost_another_tenants_joi
         assert done.error is None and done.text == _solo(zoo, prompt, adapter, 5), adapter
 
 
-def _replace_before_the_step(engine, zoo, name: str, virtual_tokens: int) -> None:
-    """The next decode step that requests join first replaces soft prompt `name` by another one
-    with `virtual_tokens` tokens: after the joiners' admission, before their step."""
+def _before_the_step(engine, meanwhile) -> None:
+    """The next decode step that requests join first runs `meanwhile(joiners)`: after the joiners'
+    admission, before their step (once)."""
     real = engine._decode_and_join
+
+    def step(joiners):
+        meanwhile(joiners)
+        engine._decode_and_join = real
+        return real(joiners)
+
+    engine._decode_and_join = step
+
+
+def _replace_before_the_step(engine, zoo, name: str, virtual_tokens: int) -> None:
+    """Before the joiners' step, soft prompt `name` is replaced by one with `virtual_tokens` tokens."""
 
     def replaced_meanwhile(joiners):
         zoo.remove_adapter(name)
         _add(zoo, name, "prompt", seed=6, num_virtual_tokens=virtual_tokens)
-        engine._decode_and_join = real
-        return real(joiners)
 
-    engine._decode_and_join = replaced_meanwhile
+    _before_the_step(engine, replaced_meanwhile)
 
 
 def test_a_soft_prompt_replaced_by_a_longer_one_between_admission_and_the_step_gives_the_new_ones_solo_output():
@@ -308,15 +317,7 @@ def test_a_joiner_cancelled_between_admission_and_its_step_ends_cancelled_and_fr
     with Engine(zoo, max_batch=4) as engine:
         running = engine.submit("the quick brown", "lora", SamplingParams(max_tokens=16, ignore_eos=True))
         _wait_steps(engine, 2)
-        real = engine._decode_and_join
-
-        def cancelled_meanwhile(joiners):
-            for r in joiners:
-                r.handle.cancel()
-            engine._decode_and_join = real
-            return real(joiners)
-
-        engine._decode_and_join = cancelled_meanwhile
+        _before_the_step(engine, lambda joiners: [r.handle.cancel() for r in joiners])
         handles = _in_one_step(
             engine,
             [("hello", "prompt", SamplingParams(max_tokens=8), "b"), ("abc", None, SamplingParams(max_tokens=8), "b")],
@@ -351,14 +352,7 @@ def test_an_adapter_removed_between_admission_and_the_step_fails_or_refetches_it
     with Engine(zoo, max_batch=4) as engine:
         running = engine.submit("the quick brown", "houlsby", SamplingParams(max_tokens=16, ignore_eos=True))
         _wait_steps(engine, 2)
-        real = engine._decode_and_join
-
-        def removed_meanwhile(joiners):
-            zoo.remove_adapter("bitfit")
-            engine._decode_and_join = real
-            return real(joiners)
-
-        engine._decode_and_join = removed_meanwhile
+        _before_the_step(engine, lambda joiners: zoo.remove_adapter("bitfit"))
         handles = _in_one_step(
             engine,
             [
