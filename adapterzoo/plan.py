@@ -148,6 +148,11 @@ class PoolUse:
             kept = self._kept[site] = (tensors, torch.is_inference_mode_enabled(), weights)
         return kept[2]
 
+    def ran_at(self, site: str | None) -> bool:
+        """Whether a forward with this use already gathered at `site` and kept it: the use is being
+        run again, as a decode plan kept across steps is (`runtime.apply_delta` widens it then)."""
+        return site in self._kept
+
     def every_row(self) -> PoolUse:
         """This use widened to every row of the batch, slot 0 (all zeros: "no adapter") for the
         rows of other pools: for a type whose delta at slot 0 is exactly zero

@@ -38,7 +38,7 @@ from .formats import FormatContext, detect_format, format_named
 from .heads import HeadConfig, class_logits, new_head
 from .plan import BatchPlan, build_plan, fit_tokens, place_rows, virtual_columns
 from .pool import LivePool, SlotPool
-from .runtime import Runtime, active, attention_by, prefix_columns
+from .runtime import Runtime, active, attention_by, prefix_columns, strip_delta_sites
 from .sites import hidden_size
 from .types import AdapterType
 
@@ -322,9 +322,7 @@ class Zoo:
                 "serve it from the zoo instead (only types with a merge, such as lora and bitfit, can be)"
             )
         model = copy.deepcopy(self.model)
-        for module in model.modules():
-            module._forward_hooks.clear()  # the copy must not answer to this zoo's batch plans
-            module._forward_hooks_with_kwargs.clear()
+        strip_delta_sites(model)  # the copy must not answer to this zoo's batch plans
         model.config._attn_implementation = "sdpa"
         modules = dict(model.named_modules())
         try:

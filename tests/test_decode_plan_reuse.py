@@ -236,3 +236,34 @@ def test_a_slot_taken_by_another_adapter_between_decode_steps_is_not_read_throug
             solo = _decode(zoo, [name], prompt[i : i + 1], 3)
             for m, s in zip(mixed, solo):
                 torch.testing.assert_close(m[i], s[0], atol=1e-4, rtol=1e-4, msg=f"row {i} ({name})")
+
+
+def test_a_zoo_puts_no_forward_hook_on_the_base_so_base_only_steps_take_torchs_fast_call_path():
+    # a module with any forward hook is called through PyTorch's slower path (~10 us a call); the
+    # delta sites wrap the modules' forwards instead (runtime.DeltaSite)
+    zoo = _zoo()
+    with torch.inference_mode():
+        zoo.forward(torch.randint(3, 40, (2, 4)), None, ["houlsby", None])
+    assert zoo.runtime.delta_sites
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in zoo.model.modules())
+
+
+def test_a_plans_first_forward_takes_each_pools_own_rows_and_later_decode_steps_widen_to_every_row(monkeypatch):
+    from adapterzoo.plan import PoolUse
+
+    widened = []
+    real = PoolUse.every_row
+    monkeypatch.setattr(PoolUse, "every_row", lambda self: widened.append(1) or real(self))
+    zoo = _zoo()
+    names = ["lora", None, "houlsby", "bitfit", "adapterbias", "lora"]
+    prompt = torch.randint(3, 40, (len(names), 4), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        out = zoo.forward(prompt, None, names, cache=DynamicCache(config=zoo.model.config))
+        plan = zoo.plan(names, training=False)  # the decode steps' plan, as the engine makes one
+        mask = torch.cat([out.attention_mask, torch.ones_like(out.attention_mask[:, :1])], 1)
+        zoo.forward(torch.full((len(names), 1), 5), mask, plan=plan, cache=out.cache)
+        assert widened == []  # the first decode forward of this plan: the pools' own rows only
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        zoo.forward(torch.full((len(names), 1), 6), mask, plan=plan, cache=out.cache)
+    assert widened  # from the second on, every row
+    _assert_each_row_of_a_kept_plan_equals_its_solo_run(_zoo(), names, prompt, steps=4)

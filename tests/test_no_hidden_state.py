@@ -13,7 +13,7 @@ import textwrap
 import torch
 
 from adapterzoo import Zoo
-from adapterzoo.runtime import ATTENTION_NAME, register_attention
+from adapterzoo.runtime import ATTENTION_NAME, DeltaSite, register_attention
 from adapterzoo.testing.models import tiny_model
 
 
@@ -82,6 +82,7 @@ def test_a_zoo_records_the_callers_attention_implementation_and_detach_restores_
     zoo.runtime.detach()
     assert model.config._attn_implementation == "eager"
     assert not any(m._forward_hooks or m._forward_hooks_with_kwargs for m in model.modules())
+    assert not any(isinstance(m.__dict__.get("forward"), DeltaSite) for m in model.modules())
     with torch.inference_mode():
         assert torch.allclose(model(ids).logits, before, atol=1e-5)
 

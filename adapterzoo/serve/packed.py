@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..runtime import instance_forward, set_instance_forward
+
 PACKABLE = (torch.float32, torch.bfloat16)
 
 
@@ -51,8 +53,8 @@ def pack_linears(model: nn.Module, rows_hint: int = 16) -> int:
         w = module.weight
         if w.device.type != "cpu" or w.dtype not in PACKABLE or w.requires_grad:
             continue
-        if not isinstance(module.__dict__.get("forward"), PackedForward):
-            module.forward = PackedForward(module, rows_hint)
+        if not isinstance(instance_forward(module), PackedForward):
+            set_instance_forward(module, PackedForward(module, rows_hint))  # under a delta site, if any
         packed += 1
     return packed
 
@@ -60,8 +62,8 @@ def pack_linears(model: nn.Module, rows_hint: int = 16) -> int:
 def unpack_linears(model: nn.Module) -> None:
     """Back to `F.linear` (frees the packed copies)."""
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), PackedForward):
-            del module.forward  # the instance attribute: the class's forward again
+        if isinstance(instance_forward(module), PackedForward):
+            set_instance_forward(module, None)  # the class's forward again
 
 
 class PackedForward:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from adapterzoo.base import base_state_checksum
+from adapterzoo.runtime import instance_forward
 from adapterzoo.serve import Engine, SamplingParams
 from adapterzoo.serve.packed import PackedForward, available, pack_linears, unpack_linears
 from adapterzoo.testing.models import tiny_zoo
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(not available(), reason="this torch has no oneDN
 
 
 def packed_count(model: nn.Module) -> int:
-    return sum(isinstance(m.__dict__.get("forward"), PackedForward) for m in model.modules())
+    return sum(isinstance(instance_forward(m), PackedForward) for m in model.modules())
 
 
 def test_a_packed_base_gives_the_same_logits_for_every_type_and_each_row_its_solo_result():
@@ -91,3 +92,24 @@ def test_a_weight_written_in_place_is_packed_again():
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
     unpack_linears(layer)
     assert packed_count(layer) == 0
+
+
+def test_adapters_added_after_packing_wrap_the_packed_forward_and_unpacking_keeps_their_deltas():
+    # a delta site installed on a packed linear runs the packed product, then the deltas; packing or
+    # unpacking under an installed site swaps only the product (runtime.set_instance_forward)
+    plain = tiny_zoo("llama", slots=16)
+    make_adapters(plain, None, TYPE_NAMES)
+    zoo = tiny_zoo("llama", slots=16)
+    assert pack_linears(zoo.model) > 0
+    make_adapters(zoo, None, TYPE_NAMES)
+    names = [*TYPE_NAMES, None]
+    ids = torch.randint(3, 40, (len(names), 6))
+    with torch.inference_mode():
+        expected = plain.forward(ids, None, names).logits
+        packed = zoo.forward(ids, None, names).logits
+        unpack_linears(zoo.model)
+        assert packed_count(zoo.model) == 0
+        unpacked = zoo.forward(ids, None, names).logits
+    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unpacked, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(expected[0], expected[-1])  # the adapters changed their rows
