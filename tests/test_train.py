@@ -980,3 +980,17 @@ def test_a_checkpoint_keeps_its_version_1_layout(tmp_path):
     n = len(zoo.get_adapter("a").parameters())
     assert {"rng.torch"} | {f"param.0.{i}" for i in range(n)} | {f"best.0.{i}" for i in range(n)} <= keys
     assert {f"opt.0.{i}.{k}" for i in range(n) for k in ("exp_avg", "exp_avg_sq")} <= keys
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_a_lora_forward_in_training_draws_a_dropout_mask_only_when_some_row_has_dropout(dropout):
+    # PEFT's lora_dropout=0 is an nn.Identity: no random numbers drawn, so nothing else's draws move
+    from adapterzoo.testing.models import tiny_zoo
+
+    zoo = tiny_zoo("llama", slots=4)
+    zoo.add_adapter("a", "lora", r=4, lora_dropout=dropout, init_lora_weights=False)
+    ids = torch.randint(3, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    zoo.forward(ids, None, ["a", None], plan=zoo.plan(["a", None], training=True))
+    assert torch.equal(torch.get_rng_state(), before) == (dropout == 0.0)
