@@ -17,6 +17,7 @@ Held-out inputs (test split) with instructions phrased differently from training
 
     python benchmarks/routing.py                       # shipped specialists
     python benchmarks/routing.py --scale 32,116 --n 10 # also routing accuracy among 32 and 116
+    python benchmarks/routing.py --library lib116 --n 12  # a whole built library: results/routing_116.json
     python benchmarks/routing.py --against 9c4f77f     # cost A/B against routing.py at that commit
     python benchmarks/routing.py --cv                  # tune the choice on routing examples only
 """
