@@ -115,6 +115,8 @@ BFLOAT16_CHOICE_ERROR = 1.5 * 0.0024
 CHOOSERS_PER_SET = 2
 #: Where a prompt's instruction line ends: its first colon followed by a space, or line break.
 INSTRUCTION_END = re.compile(r":\s|\n")
+#: The numbers of an instruction line ("Caesar shift by 3", "cipher 07" -> 3, 7), for `_rule_out_other_numbers`.
+NUMBER = re.compile(r"\d+")
 
 #: General prompts that fit no specialist: the centre of the feature space, and the base's side of
 #: the vote. Benchmarks measure the fallback rate on *other* general prompts (benchmarks/routing.py).
@@ -464,6 +466,11 @@ def instruction_of(prompt: str) -> str:
     return head or prompt
 
 
+def numbers_of(line: str) -> frozenset[int]:
+    """The numbers written in digits in an instruction line, as integers ("cipher 07" -> {7})."""
+    return frozenset(int(n) for n in NUMBER.findall(line))
+
+
 def _instruction_features(zoo: Zoo, cache: _Cache, records: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
     """name -> the unit sentence features of the instruction lines of the record's examples.
 
@@ -548,6 +555,8 @@ class _Prototypes:
     generation: int = 0  # `_Cache.replacements` when built: a forged record replaced since makes it stale
     #: sentence encoder: name -> its examples' instruction lines' features (`_instruction_features`)
     instructions: dict[str, torch.Tensor] | None = None
+    #: name -> the numbers its examples' instruction lines say (`numbers_of`; empty: a task with none)
+    numbers: dict[str, frozenset[int]] = field(default_factory=dict)
     choosers: OrderedDict[tuple[int, ...], _Chooser] = field(default_factory=OrderedDict)
 
     def normalise(self, feats: torch.Tensor) -> torch.Tensor:
@@ -866,7 +875,12 @@ def _build_prototypes(zoo: Zoo, cache: _Cache, records: dict[str, dict[str, Any]
     instructions = None
     if space.encoder == "sentence":
         instructions = _instruction_features(zoo, cache, {name: records[name] for name in names})
-    return _Prototypes(names, _grouped(rows), vectors, centre, space, unchecked, instructions=instructions)
+    numbers = {
+        name: frozenset().union(*(numbers_of(instruction_of(e)) for e in _examples(records[name]))) for name in names
+    }
+    return _Prototypes(
+        names, _grouped(rows), vectors, centre, space, unchecked, instructions=instructions, numbers=numbers
+    )
 
 
 def _normalise(feats: torch.Tensor, centre: torch.Tensor, space: FeatureSpace) -> torch.Tensor:
@@ -950,7 +964,9 @@ def _decide(
     def scored(rows: Sequence[str], exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         whole, lines = _prompt_features(zoo, protos, rows, exact)
         scores, base_score = protos.scores(whole, candidates)
-        return scores, base_score, (scores if chooser is None else chooser.scores(lines))
+        if chooser is None:
+            return scores, base_score, scores
+        return scores, base_score, _rule_out_other_numbers(chooser.scores(lines), rows, protos, candidates)
 
     scores, base_score, choice = scored(prompts, exact=False)
     # within the fast features' error of going the other way: settled by the exact ones
@@ -979,6 +995,29 @@ def _decide(
     return decisions, relied_on
 
 
+def _rule_out_other_numbers(
+    choice: torch.Tensor, prompts: Sequence[str], protos: _Prototypes, candidates: list[int]
+) -> torch.Tensor:
+    """`choice` with every candidate whose examples' instructions name numbers, none of them a
+    number of the prompt's instruction line, scored -inf (unless that is every candidate).
+
+    Why: numbered tasks differ only by their number, and a sentence encoder weighs it as one word
+    among many: on the 116 tasks' held-out paraphrases, "Increase all digits by 1, wrapping past
+    nine" went to `dshift-9` and "Raise each numeral by 2 modulo ten" to `addmod-19` (18 of 1,392
+    prompts; benchmarks/routing.py). A number the prompt says rules out a task of another number; a
+    task whose instructions name no number (`reverse`) is never ruled out, so "Sort the 5 letters"
+    can still reach `sort`. Only the choice among specialists, never the fallback to the base."""
+    numbers = [protos.numbers.get(protos.names[k], frozenset()) for k in candidates]
+    for i, prompt in enumerate(prompts):
+        said = numbers_of(instruction_of(prompt))
+        if not said:
+            continue
+        out = torch.tensor([bool(n) and not n & said for n in numbers])
+        if not bool(out.all()):
+            choice[i, out] = float("-inf")
+    return choice
+
+
 #: Scores closer than this are a tie (their adapters' examples are the same): the first listed wins.
 TIE = 1e-5
 
@@ -989,7 +1028,8 @@ def _first_best(row: torch.Tensor) -> tuple[int, int | None]:
     first = int((row >= best - TIE).nonzero()[0])
     rest = row.clone()
     rest[first] = float("-inf")
-    second = int(rest.argmax()) if len(row) > 1 else None
+    # no runner-up among candidates ruled out (-inf, `_rule_out_other_numbers`)
+    second = int(rest.argmax()) if len(row) > 1 and float(rest.max()) > float("-inf") else None
     return first, second
 
 

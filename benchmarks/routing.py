@@ -17,6 +17,7 @@ Held-out inputs (test split) with instructions phrased differently from training
 
     python benchmarks/routing.py                       # shipped specialists
     python benchmarks/routing.py --scale 32,116 --n 10 # also routing accuracy among 32 and 116
+    python benchmarks/routing.py --library lib116 --n 12  # a whole built library: results/routing_116.json
     python benchmarks/routing.py --against 9c4f77f     # cost A/B against routing.py at that commit
     python benchmarks/routing.py --cv                  # tune the choice on routing examples only
 """
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ from adapterzoo.routing import BACKGROUND_PROMPTS, DEFAULT_ENCODER, route  # noq
 from adapterzoo.tasks import all_tasks, get_task, instructed_examples, routing_examples  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+ROUTERS = ("prototype", "arrow")
 
 GENERAL_PROMPTS = [
     "What should I cook for dinner tonight?",
@@ -100,36 +103,52 @@ def load_library(zoo: Zoo, folder: Path) -> dict[str, object]:
     return tasks
 
 
-def trained(zoo: Zoo, tasks: dict, n: int, layer: int | None) -> dict:
+def trained(zoo: Zoo, tasks: dict, n: int, layer: int | None, methods: tuple[str, ...] = ROUTERS) -> dict:
     names = list(tasks)
     data = {name: instructed_examples(task, n, "test", seed=5, held_out=True) for name, task in tasks.items()}
     prompts = [ex.prompt for name in names for ex in data[name]]
     truth = [name for name in names for _ in data[name]]
+    # each row group: (adapter or None, task, examples), and the task whose inputs they are
     rows = {
         "oracle": [(name, tasks[name], data[name]) for name in names],
         "base": [(None, tasks[name], data[name]) for name in names],
     }
+    owners = {"oracle": names, "base": names}
     result = {"adapters": names, "n_per_task": n}
-    for method in ("prototype", "arrow"):
+    for method in methods:
         start = time.perf_counter()
         options = {"layer": layer} if method == "prototype" else {}
         chosen = [d.adapter for d in route(zoo, prompts, method=method, **options)]
         result[f"{method}_route_s_per_prompt"] = (time.perf_counter() - start) / len(prompts)
         result[f"{method}_right_adapter"] = sum(c == t for c, t in zip(chosen, truth)) / len(truth)
         result[f"{method}_fell_back"] = sum(c is None for c in chosen) / len(truth)
+        # what each misrouted task went to: the confusion list says which tasks to tell apart
+        wrong = Counter((t, c) for c, t in zip(chosen, truth) if c != t)
+        result[f"{method}_confusion"] = [
+            {"task": t, "chosen": c, "count": k, "of": len(data[t])} for (t, c), k in wrong.most_common()
+        ]
         # routed rows: each example with the adapter its router chose (or the base)
         per = {}
         for (c, name), ex in zip(zip(chosen, truth), [ex for task in names for ex in data[task]]):
             per.setdefault((c, name), []).append(ex)
         rows[method] = [(c, tasks[name], exs) for (c, name), exs in per.items()]
-    scores = {}
+        owners[method] = [name for _, name in per]
+    scores, per_task = {}, {name: {} for name in names}
     for label, group in rows.items():
         ems = exact_match(zoo, group)
-        hits = sum(em * len(exs) for em, (_, _, exs) in zip(ems, group))
-        scores[label] = hits / len(prompts)
+        hits = [em * len(exs) for em, (_, _, exs) in zip(ems, group)]
+        scores[label] = sum(hits) / len(prompts)
+        for name, h in zip(owners[label], hits):
+            per_task[name][label] = per_task[name].get(label, 0.0) + h / len(data[name])
     result.update({f"{k}_exact_match": v for k, v in scores.items()})
-    for method in ("prototype", "arrow"):
+    result["per_task"] = per_task
+    # tasks whose specialist learned nothing (oracle 0) have no ratio: routing cannot lose there
+    learned = [name for name in names if per_task[name]["oracle"] > 0]
+    result["tasks_oracle_above_0"] = len(learned)
+    for method in methods:
         result[f"{method}_vs_oracle"] = scores[method] / scores["oracle"] if scores["oracle"] else float("nan")
+        ratios = [per_task[name][method] / per_task[name]["oracle"] for name in learned]
+        result[f"{method}_vs_oracle_per_task_mean"] = statistics.mean(ratios) if ratios else float("nan")
     return result
 
 
@@ -309,6 +328,9 @@ def main() -> None:
         help="base layers the router runs (default: routing.default_layer; 0: embeddings only)",
     )
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--routers", default=",".join(ROUTERS), help="routers measured on the trained specialists (prototype,arrow)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--against", default="", help="git revision: also time routing.py as it was there (A/B)")
     parser.add_argument(
@@ -329,16 +351,21 @@ def main() -> None:
         print(f"\nwrote {save_json('routing_cv', {'machine': machine(), 'right_adapter': table})}")
         return
 
-    zoo = Zoo.from_pretrained(args.base, device="cpu")
+    routers = tuple(m for m in args.routers.split(",") if m)
+    # 32 slots: a batch of 32 routed rows may name up to 32 different adapters of a large library
+    zoo = Zoo.from_pretrained(args.base, device="cpu", slots=32)
     tasks = load_library(zoo, args.library)
     results: dict = {"machine": machine(), "base": args.base, "library": str(args.library)}
     print(f"{len(tasks)} specialists from {args.library}: {', '.join(tasks)}", flush=True)
     results["layer"] = args.layer
     results["encoder"] = "base" if args.layer is not None else DEFAULT_ENCODER
-    results["trained"] = t = trained(zoo, tasks, args.n, args.layer)
+    results["trained"] = t = trained(zoo, tasks, args.n, args.layer, routers)
     general = {
-        "prototype": [d.adapter for d in route(zoo, GENERAL_PROMPTS, layer=args.layer)],
-        "arrow": [d.adapter for d in route(zoo, GENERAL_PROMPTS, method="arrow")],
+        m: [
+            d.adapter
+            for d in route(zoo, GENERAL_PROMPTS, method=m, **({"layer": args.layer} if m == "prototype" else {}))
+        ]
+        for m in routers
     }
     results["general_fallback"] = {m: sum(c is None for c in g) / len(g) for m, g in general.items()}
     prompts = [
@@ -364,16 +391,28 @@ def main() -> None:
         f"\n{len(tasks)} trained specialists, {args.n} held-out inputs each, paraphrased instructions, "
         f"encoder {results['encoder']}, router layer {layer}:\n"
     )
-    print("| router | right adapter | exact match | vs oracle | fell back on task prompts | general prompts to base |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| oracle (named) | 1.00 | {t['oracle_exact_match']:.3f} | 1.00 | - | - |")
+    learned = t["tasks_oracle_above_0"]
+    print(
+        f"| router | right adapter | exact match | vs oracle | mean per-task ratio ({learned} tasks, oracle > 0) "
+        "| fell back on task prompts | general prompts to base |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| oracle (named) | 1.00 | {t['oracle_exact_match']:.3f} | 1.00 | 1.00 | - | - |")
     base_share = t["base_exact_match"] / max(t["oracle_exact_match"], 1e-9)
-    print(f"| bare base | - | {t['base_exact_match']:.3f} | {base_share:.2f} | - | - |")
-    for m in ("prototype", "arrow"):
+    print(f"| bare base | - | {t['base_exact_match']:.3f} | {base_share:.2f} | - | - | - |")
+    for m in routers:
         print(
             f"| {m} | {t[m + '_right_adapter']:.3f} | {t[m + '_exact_match']:.3f} | {t[m + '_vs_oracle']:.3f} | "
-            f"{t[m + '_fell_back']:.3f} | {results['general_fallback'][m]:.3f} |"
+            f"{t[m + '_vs_oracle_per_task_mean']:.3f} | {t[m + '_fell_back']:.3f} | "
+            f"{results['general_fallback'][m]:.3f} |"
         )
+    for m in routers:
+        # the misroutings that cost exact match first: a wrong choice on a task its specialist cannot do costs nothing
+        confusion = sorted(t[m + "_confusion"], key=lambda w: -w["count"] * t["per_task"][w["task"]]["oracle"])
+        print(f"\n{m}: misrouted held-out prompts (task -> chosen, count of n; oracle exact match of the task)")
+        for w in confusion[:30]:
+            oracle = t["per_task"][w["task"]]["oracle"]
+            print(f"  {w['task']} -> {w['chosen'] or 'base'}: {w['count']}/{w['of']} (oracle {oracle:.2f})")
     print(
         f"\nrouting cost (prototype, 1 prompt): median {c['route_ms']} ms vs the request's {c['request_ms']} ms "
         f"(16 new tokens): {100 * c['routing_share']:.1f}% of the request's time ({c['rounds']} interleaved rounds; "
@@ -388,7 +427,9 @@ def main() -> None:
                 f"{s['general_fallback']:.3f} |"
             )
     suffix = "" if args.layer is None else f"_layer{args.layer}"
-    print(f"\nwrote {save_json('routing' + suffix, results)}")
+    # a library of its own (--library DIR) gets its own file, so it never overwrites the shipped specialists' figures
+    name = "routing" if args.library == SPECIALISTS else f"routing_{len(tasks)}"
+    print(f"\nwrote {save_json(name + suffix, results)}")
 
 
 if __name__ == "__main__":

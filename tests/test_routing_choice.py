@@ -103,3 +103,39 @@ def test_adapters_with_the_same_examples_tie_and_the_first_listed_wins_without_a
     )
     assert {d.adapter for d in zoo.route(held_out("reverse"), records=copy)} == {"reverse"}
     assert settled == []
+
+
+def test_a_number_in_the_instruction_rules_out_numbered_tasks_of_other_numbers():
+    """Only tasks whose examples name numbers, none of them the prompt's, are ruled out; a task with
+    no number never is, and when every candidate would be, none is."""
+    protos = routing._Prototypes(
+        ["reverse", "caesar-3", "caesar-5", "perm-05"], torch.zeros(0), torch.zeros(0), torch.zeros(0), None, set()
+    )
+    protos.numbers = {"reverse": frozenset(), "caesar-3": frozenset({3}), "caesar-5": frozenset({5})}
+    protos.numbers["perm-05"] = routing.numbers_of("Apply letter cipher 05")
+    candidates = [0, 1, 2, 3]
+    prompts = [
+        "Move every letter 5 steps along the alphabet: h e l l o ->",  # rules out caesar-3
+        "Reverse the word: h e l l o ->",  # no number: nothing ruled out
+        "Shift the 7 letters by 9: h e l l o ->",  # no numbered task says 7 or 9: all of them out
+    ]
+    choice = routing._rule_out_other_numbers(torch.ones(3, 4), prompts, protos, candidates)
+    assert choice.tolist() == [
+        [1.0, float("-inf"), 1.0, 1.0],
+        [1.0, 1.0, 1.0, 1.0],
+        [1.0, float("-inf"), float("-inf"), float("-inf")],
+    ]
+    only_numbered = routing._rule_out_other_numbers(torch.ones(1, 2), prompts[2:], protos, [1, 2])
+    assert only_numbered.tolist() == [[1.0, 1.0]]  # all would be ruled out: the choice stands
+
+
+def test_a_digit_shift_paraphrase_saying_nine_reaches_the_shift_its_number_names(encoder, monkeypatch):
+    """ "Increase all digits by 1, wrapping past nine" (a held-out paraphrase) went to dshift-9 among
+    the 116 tasks; the number 1 now rules dshift-9 out. General prompts with numbers still fall back."""
+    zoo = sentence_zoo(encoder, ("dshift-1", "dshift-2", "dshift-9", "addmod-19", "reverse"))
+    asked = [*held_out("dshift-1", 4), *held_out("dshift-2", 4)]
+    assert [d.adapter for d in zoo.route(asked)] == ["dshift-1"] * 4 + ["dshift-2"] * 4
+    general = ["Convert 10 miles to kilometers.", "What year did the first moon landing happen in 1969?"]
+    assert [d.adapter for d in zoo.route(general)] == [None, None]
+    decisions = zoo.route(held_out("dshift-1", 2))
+    assert all(d.runner_up != "dshift-9" for d in decisions)  # ruled out: never the runner-up either
