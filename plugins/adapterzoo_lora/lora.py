@@ -576,12 +576,14 @@ class Lora(AdapterType):
 
     @staticmethod
     def _dropped(x: torch.Tensor, w, training: bool) -> torch.Tensor:
-        """LoRA's dropout, on the input of A only (as PEFT's lora_dropout). When no row has any
-        dropout, no mask is drawn (PEFT's `lora_dropout=0` is an `nn.Identity`): a mask of ones cost
-        about 2% of a library training step."""
-        if not training or not bool(w["dropout"].any()):
+        """LoRA's dropout, on the input of A only (as PEFT's lora_dropout). On the CPU, when no row
+        has any dropout, no mask is drawn (PEFT's `lora_dropout=0` is an `nn.Identity`): a mask of
+        ones cost about 2% of a library training step. On an accelerator the mask is drawn anyway:
+        asking whether the rates are all zero would wait for the device at every site."""
+        rates = w["dropout"]
+        if not training or (rates.device.type == "cpu" and not bool(rates.any())):
             return x
-        keep = 1 - w["dropout"][:, None, None]
+        keep = 1 - rates[:, None, None]
         return x * (torch.rand_like(x) < keep) / keep
 
     # PEFT's file format (adapterzoo.formats); the key and config mapping is in peft.py beside this file
