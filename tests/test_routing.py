@@ -299,18 +299,19 @@ def test_the_sentence_encoder_tokenizes_only_the_start_of_a_huge_prompt(zoo):
     # characters (the server's cap for SmolLM2) took 1.1 s of CPU per model="auto" request
     encoder = routing._cache(zoo).sentence or routing.SentenceEncoder()
     seen = []
-    tokenize = encoder.tokenizer
+    pieces = encoder.pieces
 
-    def spy(texts, **kwargs):
-        seen.extend(len(t) for t in texts)
-        return tokenize(texts, **kwargs)
+    class Spy:
+        def encode(self, text):
+            seen.append(len(text))
+            return pieces.encode(text)
 
-    encoder.tokenizer = spy
+    encoder.pieces = Spy()
     try:
         huge = held_out("reverse", 1)[0] + " " + "漢" * 262_144
         whole, start = encoder([huge]), encoder([huge[: routing.SENTENCE_CHARS]])
     finally:
-        encoder.tokenizer = tokenize
+        encoder.pieces = pieces
     assert max(seen) <= routing.SENTENCE_CHARS
     assert torch.allclose(whole, start)  # the tokens it reads are the same
 

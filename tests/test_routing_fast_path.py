@@ -193,3 +193,27 @@ def test_without_onednn_s_reordering_ops_a_linear_falls_back_to_f_linear(monkeyp
     assert plain.packed is None
     x = torch.randn(2, 4).bfloat16()
     assert torch.equal(plain(x), torch.nn.functional.linear(x, plain.weight, plain.bias))
+
+
+def test_the_encoders_own_tokenizing_gives_the_ids_and_mask_the_hf_tokenizer_gives(encoder):
+    texts = [
+        *PROMPTS,
+        *routing.BACKGROUND_PROMPTS,
+        "word " * 400,  # past SENTENCE_TOKENS: cut the same way, [SEP] kept
+        "é" * 3000,
+        "a\nb",
+        "日本語のテキスト" * 200,
+        " ",
+    ]
+    for start in range(0, len(texts), 5):
+        chunk = texts[start : start + 5]
+        ids, mask = encoder.tokenize(chunk)
+        expected = encoder.tokenizer(
+            [text[: routing.SENTENCE_CHARS] for text in chunk],
+            padding=True,
+            truncation=True,
+            max_length=routing.SENTENCE_TOKENS,
+            return_tensors="pt",
+        )
+        assert torch.equal(ids, expected["input_ids"]), chunk
+        assert torch.equal(mask, expected["attention_mask"]), chunk
