@@ -63,12 +63,12 @@ def _counted(monkeypatch, name: str) -> list:
     return calls
 
 
-@pytest.mark.parametrize("type_name", sorted(KERNELS))
-@pytest.mark.parametrize("activation", ["swish", "gelu", "relu", "tanh"])
-def test_each_types_kernel_gives_its_eager_delta_row_by_row(built, monkeypatch, type_name, activation):
-    if activation != "swish" and type_name != "houlsby":
-        pytest.skip("only Houlsby has an activation")
-    zoo = _zoo(type_name, **({"activation": activation} if type_name == "houlsby" else {}))
+@pytest.mark.parametrize(
+    "type_name, config",
+    [("lora", {}), ("adapterbias", {})] + [("houlsby", {"activation": a}) for a in ("swish", "gelu", "relu", "tanh")],
+)
+def test_each_types_kernel_gives_its_eager_delta_row_by_row(built, monkeypatch, type_name, config):
+    zoo = _zoo(type_name, **config)
     names = [f"{type_name}-0", None, f"{type_name}-1", f"{type_name}-0", None]  # two slots, rows without one
     calls = _counted(monkeypatch, KERNELS[type_name])
     monkeypatch.setenv("ADAPTERZOO_KERNELS", "0")
