@@ -182,3 +182,22 @@ def test_a_subclass_that_overrides_delta_keeps_its_own_math():
 
     assert runtime._fuses(Houlsby())
     assert not runtime._fuses(Shifted())
+
+
+def test_what_the_kernels_cannot_take_goes_back_to_the_eager_delta(built):
+    """None (the eager `delta` runs) rather than a read past a table: the C side trusts shapes."""
+    y, x = torch.zeros(2, 1, 8), torch.zeros(2, 1, 6)
+    A, B, scale = torch.zeros(3, 6, 4), torch.zeros(3, 4, 8), torch.zeros(3)
+    slots = torch.tensor([1, 2])
+    assert kernels.lora(x, y, A, B, scale, None, slots) is not None
+    assert kernels.lora(x, y, A, torch.zeros(3, 4, 9), scale, None, slots) is None  # B's width is not y's
+    assert kernels.lora(torch.zeros(2, 1, 7), y, A, B, scale, None, slots) is None  # x's width is not A's
+    assert kernels.lora(x, y, A, B, scale, None, slots.int()) is None  # int32 slots
+    assert kernels.lora(x, y, A, B, scale, None, torch.tensor([1, 2, 1])) is None  # a slot too many
+    assert kernels.lora(x, y.double(), A, B, scale, None, slots) is None  # dtypes differ
+    assert (
+        kernels.bottleneck(
+            y, torch.zeros(3, 8, 4), torch.zeros(3, 4), torch.zeros(3, 4, 8), torch.zeros(3, 8), "softsign", None, slots
+        )
+        is None
+    )  # an activation the kernel lacks

@@ -131,15 +131,17 @@ def decode_step(x: torch.Tensor, y: torch.Tensor, training: bool) -> bool:
     )
 
 
-def _rows(rows: torch.Tensor | None, slots: torch.Tensor | int, batch: int) -> tuple:
-    """(rows pointer, slots pointer, slot, n) for the C side; rows and slots as int64."""
-    if rows is not None and rows.dtype != torch.int64:
-        raise TypeError(f"rows must be int64, got {rows.dtype}")
+def _rows(rows: torch.Tensor | None, slots: torch.Tensor | int, batch: int) -> tuple | None:
+    """(rows pointer, slots pointer, slot, n) for the C side; None (run eagerly) unless rows and slots
+    are int64 on the CPU, contiguous, one slot a row."""
+    for t in (rows, slots):
+        if isinstance(t, torch.Tensor) and not (t.dtype == torch.int64 and t.is_cpu and t.is_contiguous()):
+            return None
     n = batch if rows is None else len(rows)
     if isinstance(slots, int):
         return (None if rows is None else rows.data_ptr(), None, slots, n)
-    if slots.dtype != torch.int64:
-        raise TypeError(f"slots must be int64, got {slots.dtype}")
+    if len(slots) != n:
+        return None
     return (None if rows is None else rows.data_ptr(), slots.data_ptr(), 0, n)
 
 
@@ -154,12 +156,14 @@ def _ready(*tensors: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def adapterbias(y: torch.Tensor, v: torch.Tensor, L: torch.Tensor, b: torch.Tensor, rows, slots):
     """y + (L[slot] . y + b[slot]) v[slot] for each listed row. v, L (S, d), b (S, 1)."""
-    if not _ready(y, v, L, b, dtype=y.dtype):
-        return None
+    index = _rows(rows, slots, y.shape[0])
+    S, d = v.shape[0], y.shape[-1]
+    if index is None or not _ready(y, v, L, b, dtype=y.dtype) or not v.shape == L.shape == (S, d) or b.shape != (S, 1):
+        return None  # (shapes checked here: the C side trusts them)
     out = torch.empty_like(y)
     B, _, d = y.shape
     code = _state["lib"].az_adapterbias(
-        DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), B, d, *_rows(rows, slots, B), len(v),
+        DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), B, d, *index, len(v),
         v.data_ptr(), L.data_ptr(), b.data_ptr(),
     )  # fmt: skip
     _check(code, "adapterbias kernel")
@@ -168,12 +172,15 @@ def adapterbias(y: torch.Tensor, v: torch.Tensor, L: torch.Tensor, b: torch.Tens
 
 def lora(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scale: torch.Tensor, rows, slots):
     """y + scale[slot] (x A[slot]) B[slot] for each listed row. x (B, 1, in), A (S, in, r), B (S, r, out)."""
-    if not _ready(x, y, A, Bt, scale, dtype=y.dtype):
-        return None
+    index = _rows(rows, slots, y.shape[0])
+    S, din, r = A.shape
+    shapes = x.shape == (y.shape[0], 1, din) and Bt.shape == (S, r, y.shape[-1]) and scale.shape == (S,)
+    if index is None or not shapes or not _ready(x, y, A, Bt, scale, dtype=y.dtype):
+        return None  # (shapes checked here: the C side trusts them)
     out = torch.empty_like(y)
     B, _, dout = y.shape
     code = _state["lib"].az_lora(
-        DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), x.data_ptr(), B, x.shape[-1], dout, *_rows(rows, slots, B),
+        DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), x.data_ptr(), B, x.shape[-1], dout, *index,
         len(A), A.data_ptr(), Bt.data_ptr(), A.shape[-1], scale.data_ptr(),
     )  # fmt: skip
     _check(code, "lora kernel")
@@ -183,13 +190,15 @@ def lora(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, sc
 def bottleneck(y, down, down_bias, up, up_bias, activation: str, rows, slots):
     """y + f(y D[slot] + b_d[slot]) U[slot] + b_u[slot] for each listed row (Houlsby). down (S, d, m),
     up (S, m, d), down_bias (S, m), up_bias (S, d). None for an activation the kernel lacks."""
-    act = ACTIVATIONS.get(activation)
-    if act is None or not _ready(y, down, down_bias, up, up_bias, dtype=y.dtype):
-        return None
+    act, index = ACTIVATIONS.get(activation), _rows(rows, slots, y.shape[0])
+    S, d, m = down.shape
+    shapes = y.shape[-1] == d and up.shape == (S, m, d) and down_bias.shape == (S, m) and up_bias.shape == (S, d)
+    if act is None or index is None or not shapes or not _ready(y, down, down_bias, up, up_bias, dtype=y.dtype):
+        return None  # (shapes checked here: the C side trusts them)
     out = torch.empty_like(y)
     B, _, d = y.shape
     code = _state["lib"].az_bottleneck(
-        DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), B, d, *_rows(rows, slots, B), len(down),
+        DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), B, d, *index, len(down),
         down.data_ptr(), down_bias.data_ptr(), up.data_ptr(), up_bias.data_ptr(), down.shape[-1], act,
     )  # fmt: skip
     _check(code, "bottleneck kernel")
