@@ -70,20 +70,20 @@ class SlotWeights(dict):
         whose derived tensors depend on the pool's shapes can ask which form it got."""
         return dict.__contains__(self, name) or name in self._constants or name in self._tensors
 
-    def _stored(self, name: str) -> torch.Tensor:
+    def stored(self, name: str) -> torch.Tensor:
         """The pool's whole tensor (or constant) `name`, every slot; KeyError if it has none."""
         t = self._constants.get(name)
         return self._tensors[name] if t is None else t
 
     def __missing__(self, name: str) -> torch.Tensor:
-        t = self._stored(name)
+        t = self.stored(name)
         value = t[self.slots : self.slots + 1] if isinstance(self.slots, int) else t[self.slots]
         self[name] = value
         return value
 
     def matmul(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """Per row i: x[i] @ W[slot_i], with W (slots, in, out) in the pool. Returns (n, T, out)."""
-        W = self._stored(name)
+        W = self.stored(name)
         if isinstance(self.slots, int):
             return x @ W[self.slots]
         n, T, fan_in = x.shape
@@ -106,7 +106,7 @@ class SlotWeights(dict):
         """Per row i: W[slot_i][index[i]], with W (slots, rows, d) in the pool and `index` (n, T) row
         numbers (token ids): an embedding lookup in each row's own table, without copying tables
         (a LoRA adapter's replaced `embed_tokens`). Returns (n, T, d)."""
-        W = self._stored(name)
+        W = self.stored(name)
         if isinstance(self.slots, int):
             return W[self.slots][index]
         return W[self.slots[:, None], index]

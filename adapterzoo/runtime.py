@@ -20,6 +20,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from . import kernels
 from .plan import BatchPlan, PoolUse, fit_tokens, place_rows, virtual_columns
 
 _ACTIVE: ContextVar[BatchPlan | None] = ContextVar("adapterzoo_plan", default=None)
@@ -188,6 +189,13 @@ def apply_delta(
     """y + delta for the rows of `use`; the other rows are left exactly as they are. `site` and
     `module` reach the type as `w.site` / `w.module` (base-aware deltas such as DoRA's)."""
     atype = use.pool.atype
+    if _fuses(atype) and kernels.decode_step(x, y, training):
+        # one C++ call for the pool's whole delta here (adapterzoo/kernels) instead of the type's
+        # few small eager ops; for the pool's own rows only (no widening: the kernel selects rows
+        # itself). None: not fusable here (an extended LoRA, an unknown activation): eager below.
+        out = atype.fused_delta(x, y, use.gather(tensors, site, module), use.rows)
+        if out is not None:
+            return out
     if (
         use.rows is not None
         and y.shape[1] == 1
@@ -214,6 +222,20 @@ def apply_delta(
     ys = y.index_select(0, rows)
     d = atype.delta(x.index_select(0, rows), ys, w, training)
     return y.index_add(0, rows, d.to(y.dtype).expand(ys.shape))
+
+
+_FUSES: dict[type, bool] = {}
+
+
+def _fuses(atype) -> bool:
+    """Whether a type's `fused_delta` computes its `delta`: both defined by one class. A subclass that
+    overrides `delta` only (DoRA over LoRA, a test's type) keeps its own math, eagerly."""
+    cls = type(atype)
+    fuses = _FUSES.get(cls)
+    if fuses is None:
+        owner = next((c for c in cls.__mro__ if "fused_delta" in c.__dict__), None)
+        fuses = _FUSES[cls] = owner is not None and "delta" in owner.__dict__ and cls.delta is owner.delta
+    return fuses
 
 
 # ------------------------------------------------------------------------------- attention

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterzoo import AdapterConfig, AdapterType, require
+from adapterzoo import AdapterConfig, AdapterType, kernels, require
 from adapterzoo.sites import find_role, linear_dims
 
 
@@ -51,3 +51,7 @@ class AdapterBias(AdapterType):
         v, L, b = w["v"], w["L"], w["b"]  # (n, d), (n, d), (n, 1)
         alpha = torch.matmul(y, L[:, :, None]) + b[:, None, :]  # (n, T, 1)
         return alpha * v[:, None, :]  # (n, T, d)
+
+    def fused_delta(self, x, y, w, rows):
+        # a decode step's y + delta in one call (runtime.apply_delta, adapterzoo/kernels)
+        return kernels.adapterbias(y, w.stored("v"), w.stored("L"), w.stored("b"), rows, w.slots)

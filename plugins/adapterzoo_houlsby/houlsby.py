@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adapterzoo import AdapterConfig, AdapterType, require
+from adapterzoo import AdapterConfig, AdapterType, kernels, require
 from adapterzoo.sites import find_role, linear_dims
 
 from . import adapterhub as _adapterhub
@@ -101,3 +101,8 @@ class Houlsby(AdapterType):
         z = w.matmul(y, "down") + w["down_bias"][:, None, :]  # (n, T, m): D h + b_d, per row's slot
         z = ACTIVATIONS[w["variant"]](z)
         return w.matmul(z, "up") + w["up_bias"][:, None, :]  # (n, T, d): U f(.) + b_u
+
+    def fused_delta(self, x, y, w, rows):
+        # a decode step's y + delta in one call (runtime.apply_delta, adapterzoo/kernels)
+        down, up = w.stored("down"), w.stored("up")
+        return kernels.bottleneck(y, down, w.stored("down_bias"), up, w.stored("up_bias"), w.variant, rows, w.slots)

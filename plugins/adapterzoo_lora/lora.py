@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterzoo import AdapterConfig, AdapterType, require
+from adapterzoo import AdapterConfig, AdapterType, kernels, require
 from adapterzoo.errors import InvalidConfigError
 from adapterzoo.sites import Conv1D, is_linear, is_norm, linear_dims, linear_suffixes
 
@@ -573,6 +573,13 @@ class Lora(AdapterType):
         if isinstance(out, int):  # nothing here (cannot happen for a site some adapter uses): no change
             return torch.zeros_like(y[:1])
         return out
+
+    def fused_delta(self, x, y, w, rows):
+        # a decode step's y + delta in one call (runtime.apply_delta, adapterzoo/kernels): plain A and B
+        # only; an extended pool (biases, replaced modules) runs `delta`
+        if w.variant != "":
+            return None
+        return kernels.lora(x, y, w.stored("A"), w.stored("B"), w.stored("scale"), rows, w.slots)
 
     @staticmethod
     def _dropped(x: torch.Tensor, w, training: bool) -> torch.Tensor:
