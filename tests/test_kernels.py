@@ -201,3 +201,27 @@ def test_what_the_kernels_cannot_take_goes_back_to_the_eager_delta(built):
         )
         is None
     )  # an activation the kernel lacks
+
+
+@pytest.mark.parametrize("kind", ["adapterbias", "lora", "bottleneck"])
+@pytest.mark.parametrize("row", [2, 1000, -1])
+def test_a_row_outside_the_batch_is_refused_before_the_c_side_writes_it(built, kind, row):
+    # the eager path's index_select raises for such a row (a stale plan's); the kernel wrote past `out`
+    S, d, din, m = 3, 8, 6, 4
+    tables = {
+        "adapterbias": {"v": torch.ones(S, d), "L": torch.ones(S, d), "b": torch.ones(S, 1)},
+        "lora": {"A": torch.ones(S, din, m), "B": torch.ones(S, m, d), "scale": torch.ones(S)},
+        "bottleneck": {"down": torch.ones(S, d, m), "down_bias": torch.ones(S, m), "up": torch.ones(S, m, d),
+                       "up_bias": torch.ones(S, d)},
+    }[kind]  # fmt: skip
+    x, y = torch.ones(2, 1, din), torch.ones(2, 1, d)
+    with pytest.raises(IndexError, match="outside the batch"):
+        _call(kind, x, y, tables, torch.tensor([0, row]), torch.tensor([1, 2]))
+
+
+def test_a_kernel_given_more_than_one_token_a_row_leaves_it_to_the_eager_delta(built):
+    # the C side reads one token a row: (B, T > 1, d) gave rows of uninitialized memory
+    y, v = torch.randn(2, 3, 8), torch.ones(3, 8)
+    assert kernels.adapterbias(y, v, v, torch.ones(3, 1), None, torch.tensor([1, 2])) is None
+    A, B = torch.ones(3, 6, 4), torch.ones(3, 4, 8)
+    assert kernels.lora(torch.ones(2, 1, 6), y, A, B, torch.ones(3), None, torch.tensor([1, 2])) is None

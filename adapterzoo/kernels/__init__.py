@@ -147,11 +147,14 @@ def _rows(rows: torch.Tensor | None, slots: torch.Tensor | int, batch: int) -> t
 
 def _check(code: int, what: str) -> None:
     if code != 0:
-        raise IndexError(f"{what}: a slot is outside its pool (a stale plan?); rebuild the plan")
+        raise IndexError(
+            f"{what}: a row is outside the batch or a slot outside its pool (a stale plan?); rebuild the plan"
+        )
 
 
-def _ready(*tensors: torch.Tensor, dtype: torch.dtype) -> bool:
-    return all(t.dtype == dtype and t.is_contiguous() for t in tensors)
+def _ready(y: torch.Tensor, *tensors: torch.Tensor, dtype: torch.dtype) -> bool:
+    # y (B, 1, d): the C side reads one token a row
+    return y.dim() == 3 and y.shape[1] == 1 and all(t.dtype == dtype and t.is_contiguous() for t in (y, *tensors))
 
 
 def adapterbias(y: torch.Tensor, v: torch.Tensor, L: torch.Tensor, b: torch.Tensor, rows, slots):
@@ -175,7 +178,7 @@ def lora(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, sc
     index = _rows(rows, slots, y.shape[0])
     S, din, r = A.shape
     shapes = x.shape == (y.shape[0], 1, din) and Bt.shape == (S, r, y.shape[-1]) and scale.shape == (S,)
-    if index is None or not shapes or not _ready(x, y, A, Bt, scale, dtype=y.dtype):
+    if index is None or not shapes or not _ready(y, x, A, Bt, scale, dtype=y.dtype):
         return None  # (shapes checked here: the C side trusts them)
     out = torch.empty_like(y)
     B, _, dout = y.shape

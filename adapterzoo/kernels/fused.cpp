@@ -6,7 +6,8 @@
 // 0..n-1) or n row numbers; `slots` is NULL (every row at `slot`) or n slots. A row at slot 0 is
 // skipped: every type served here holds exactly zero there (`zero_slot_is_identity`). Tables are
 // (S, ...) row-major with the slot first, in the pool's dtype; accumulation is in float.
-// Returns 0, or -1 when a slot is outside 0..S-1 (nothing is read out of bounds).
+// Returns 0, or -1 when a slot is outside 0..S-1 or a row outside 0..B-1 (nothing is read or written
+// out of bounds).
 
 #include <cmath>
 #include <cstdint>
@@ -62,11 +63,13 @@ struct BF16 {  // bfloat16 as its bits; stores round to nearest even, as PyTorch
 
 struct Rows {
     const int64_t *rows, *slots;
-    int64_t slot, n, S;
+    int64_t slot, n, S, B;
     bool valid() const {
+        if (!rows && n > B) return false;
         for (int64_t i = 0; i < n; ++i) {
             int64_t s = slots ? slots[i] : slot;
             if (s < 0 || s >= S) return false;
+            if (rows && (rows[i] < 0 || rows[i] >= B)) return false;  // a stale plan's row: never written past out
         }
         return true;
     }
@@ -248,14 +251,14 @@ extern "C" {
 int az_adapterbias(int dtype, void* out, const void* y, int64_t B, int64_t d, const int64_t* rows,
                    const int64_t* slots, int64_t slot, int64_t n, int64_t S, const void* v, const void* L,
                    const void* b) {
-    Rows r{rows, slots, slot, n, S};
+    Rows r{rows, slots, slot, n, S, B};
     return dtype ? adapterbias<BF16>(out, y, B, d, r, v, L, b) : adapterbias<F32>(out, y, B, d, r, v, L, b);
 }
 
 int az_lora(int dtype, void* out, const void* y, const void* x, int64_t B, int64_t din, int64_t dout,
             const int64_t* rows, const int64_t* slots, int64_t slot, int64_t n, int64_t S, const void* A,
             const void* Bt, int64_t rank, const void* scale) {
-    Rows r{rows, slots, slot, n, S};
+    Rows r{rows, slots, slot, n, S, B};
     return dtype ? lora<BF16>(out, y, x, B, din, dout, r, A, Bt, rank, scale)
                  : lora<F32>(out, y, x, B, din, dout, r, A, Bt, rank, scale);
 }
@@ -263,7 +266,7 @@ int az_lora(int dtype, void* out, const void* y, const void* x, int64_t B, int64
 int az_bottleneck(int dtype, void* out, const void* y, int64_t B, int64_t d, const int64_t* rows,
                   const int64_t* slots, int64_t slot, int64_t n, int64_t S, const void* down, const void* db,
                   const void* up, const void* ub, int64_t m, int act) {
-    Rows r{rows, slots, slot, n, S};
+    Rows r{rows, slots, slot, n, S, B};
     return dtype ? bottleneck<BF16>(out, y, B, d, r, down, db, up, ub, m, act)
                  : bottleneck<F32>(out, y, B, d, r, down, db, up, ub, m, act);
 }
