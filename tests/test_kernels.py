@@ -225,3 +225,21 @@ def test_a_kernel_given_more_than_one_token_a_row_leaves_it_to_the_eager_delta(b
     assert kernels.adapterbias(y, v, v, torch.ones(3, 1), None, torch.tensor([1, 2])) is None
     A, B = torch.ones(3, 6, 4), torch.ones(3, 4, 8)
     assert kernels.lora(torch.ones(2, 1, 6), y, A, B, torch.ones(3), None, torch.tensor([1, 2])) is None
+
+
+def test_the_build_goes_under_torch_extensions_dir_when_it_is_set(built, monkeypatch, tmp_path):
+    # a read-only or shared home sets TORCH_EXTENSIONS_DIR, as torch's own extension builds honour it
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    kernels.reset()
+    try:
+        assert kernels.library() is not None
+        assert list((tmp_path / "adapterzoo_kernels").glob("fused_*"))
+    finally:
+        kernels.reset()
+
+
+def test_a_kernel_called_before_the_library_is_loaded_loads_it(built):
+    kernels.reset()
+    y, v = torch.ones(2, 1, 8), torch.ones(3, 8)
+    out = kernels.adapterbias(y, v, v, torch.ones(3, 1), None, torch.tensor([1, 2]))
+    assert out is not None and torch.equal(out, torch.full_like(y, 10.0))

@@ -84,9 +84,9 @@ def _load() -> ctypes.CDLL:
     compiler = _compiler()
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_flags().encode()]))
-    from torch.utils.cpp_extension import get_default_build_root  # $TORCH_EXTENSIONS_DIR or the user's cache
+    from torch.utils.cpp_extension import get_default_build_root  # the user's cache
 
-    folder = Path(get_default_build_root())
+    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     path = folder / "adapterzoo_kernels" / f"fused_{key.hexdigest()[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,9 +163,12 @@ def adapterbias(y: torch.Tensor, v: torch.Tensor, L: torch.Tensor, b: torch.Tens
     S, d = v.shape[0], y.shape[-1]
     if index is None or not _ready(y, v, L, b, dtype=y.dtype) or not v.shape == L.shape == (S, d) or b.shape != (S, 1):
         return None  # (shapes checked here: the C side trusts them)
+    lib = library()  # loaded by decode_step in a forward; a direct call loads it here
+    if lib is None:
+        return None
     out = torch.empty_like(y)
     B, _, d = y.shape
-    code = _state["lib"].az_adapterbias(
+    code = lib.az_adapterbias(
         DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), B, d, *index, len(v),
         v.data_ptr(), L.data_ptr(), b.data_ptr(),
     )  # fmt: skip
@@ -180,9 +183,12 @@ def lora(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, sc
     shapes = x.shape == (y.shape[0], 1, din) and Bt.shape == (S, r, y.shape[-1]) and scale.shape == (S,)
     if index is None or not shapes or not _ready(y, x, A, Bt, scale, dtype=y.dtype):
         return None  # (shapes checked here: the C side trusts them)
+    lib = library()  # loaded by decode_step in a forward; a direct call loads it here
+    if lib is None:
+        return None
     out = torch.empty_like(y)
     B, _, dout = y.shape
-    code = _state["lib"].az_lora(
+    code = lib.az_lora(
         DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), x.data_ptr(), B, x.shape[-1], dout, *index,
         len(A), A.data_ptr(), Bt.data_ptr(), A.shape[-1], scale.data_ptr(),
     )  # fmt: skip
@@ -198,9 +204,12 @@ def bottleneck(y, down, down_bias, up, up_bias, activation: str, rows, slots):
     shapes = y.shape[-1] == d and up.shape == (S, m, d) and down_bias.shape == (S, m) and up_bias.shape == (S, d)
     if act is None or index is None or not shapes or not _ready(y, down, down_bias, up, up_bias, dtype=y.dtype):
         return None  # (shapes checked here: the C side trusts them)
+    lib = library()  # loaded by decode_step in a forward; a direct call loads it here
+    if lib is None:
+        return None
     out = torch.empty_like(y)
     B, _, d = y.shape
-    code = _state["lib"].az_bottleneck(
+    code = lib.az_bottleneck(
         DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), B, d, *index, len(down),
         down.data_ptr(), down_bias.data_ptr(), up.data_ptr(), up_bias.data_ptr(), down.shape[-1], act,
     )  # fmt: skip
