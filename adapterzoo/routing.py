@@ -951,9 +951,13 @@ def route(
         allowed = set(protos.names if among is None else among) & set(protos.names)
         if not allowed:
             return [RouteDecision(None, float("nan"))] * len(prompts)
-        decisions, relied_on = _decide(
-            zoo, protos, prompts, [k for k, n in enumerate(protos.names) if n in allowed], min_similarity
-        )
+        try:
+            decisions, relied_on = _decide(
+                zoo, protos, prompts, [k for k, n in enumerate(protos.names) if n in allowed], min_similarity
+            )
+        except TypeError:  # checked only then: a valid prompt costs nothing more
+            _refuse_unreadable(prompts)
+            raise
         # the runner-ups too: a record whose stored features tie with the chosen adapter (or the
         # base) never wins, yet made every such prompt a close call re-encoded in float32
         # (tests/test_attacks_round5.py); checking it once ends that
@@ -964,6 +968,21 @@ def route(
         checked = all([_check_stored(zoo, protos, name, records[name]) for name in sorted(chosen)])
         if checked and protos.generation == _cache(zoo).replacements:
             return decisions
+
+
+def _refuse_unreadable(prompts: Sequence[Any]) -> None:
+    """A clear error for the first prompt the encoders cannot read (not a string, or a lone surrogate,
+    which the tokenizer refused as "TextInputSequence must be str")."""
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise BatchError(f"prompt {i} is a {type(prompt).__name__}, not a string; routing reads text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BatchError(
+                f"prompt {i} is not valid Unicode (it holds a lone UTF-16 surrogate, such as \\ud800); "
+                "routing reads text"
+            ) from None
 
 
 def _decide(
