@@ -243,3 +243,15 @@ def test_a_kernel_called_before_the_library_is_loaded_loads_it(built):
     y, v = torch.ones(2, 1, 8), torch.ones(3, 8)
     out = kernels.adapterbias(y, v, v, torch.ones(3, 1), None, torch.tensor([1, 2]))
     assert out is not None and torch.equal(out, torch.full_like(y, 10.0))
+
+
+@pytest.mark.parametrize("value", ["0", "false", "False", "off", "no", " 0 "])
+def test_every_usual_spelling_of_off_turns_the_kernels_off(monkeypatch, value):
+    monkeypatch.setenv("ADAPTERZOO_KERNELS", value)
+    assert not kernels.enabled()
+
+
+@pytest.mark.parametrize("value", ["1", "true", "on"])
+def test_the_kernels_stay_on_unless_switched_off(monkeypatch, value):
+    monkeypatch.setenv("ADAPTERZOO_KERNELS", value)
+    assert kernels.enabled()

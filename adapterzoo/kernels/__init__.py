@@ -41,7 +41,8 @@ _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
 
 def enabled() -> bool:
     """Whether fused kernels may run (ADAPTERZOO_KERNELS=0 turns them off)."""
-    return os.environ.get("ADAPTERZOO_KERNELS", "1") != "0"
+    # "false" and "off" turned them on while only "0" turned them off (found by an attack review)
+    return os.environ.get("ADAPTERZOO_KERNELS", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
 def library() -> ctypes.CDLL | None:
