@@ -164,17 +164,8 @@ def adapterbias(y: torch.Tensor, v: torch.Tensor, L: torch.Tensor, b: torch.Tens
     S, d = v.shape[0], y.shape[-1]
     if index is None or not _ready(y, v, L, b, dtype=y.dtype) or not v.shape == L.shape == (S, d) or b.shape != (S, 1):
         return None  # (shapes checked here: the C side trusts them)
-    lib = library()  # loaded by decode_step in a forward; a direct call loads it here
-    if lib is None:
-        return None
-    out = torch.empty_like(y)
     B, _, d = y.shape
-    code = lib.az_adapterbias(
-        DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), B, d, *index, len(v),
-        v.data_ptr(), L.data_ptr(), b.data_ptr(),
-    )  # fmt: skip
-    _check(code, "adapterbias kernel")
-    return out
+    return _run("adapterbias", y, B, d, *index, len(v), v.data_ptr(), L.data_ptr(), b.data_ptr())
 
 
 def lora(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scale: torch.Tensor, rows, slots):
@@ -184,17 +175,8 @@ def lora(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, sc
     shapes = x.shape == (y.shape[0], 1, din) and Bt.shape == (S, r, y.shape[-1]) and scale.shape == (S,)
     if index is None or not shapes or not _ready(y, x, A, Bt, scale, dtype=y.dtype):
         return None  # (shapes checked here: the C side trusts them)
-    lib = library()  # loaded by decode_step in a forward; a direct call loads it here
-    if lib is None:
-        return None
-    out = torch.empty_like(y)
     B, _, dout = y.shape
-    code = lib.az_lora(
-        DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), x.data_ptr(), B, x.shape[-1], dout, *index,
-        len(A), A.data_ptr(), Bt.data_ptr(), A.shape[-1], scale.data_ptr(),
-    )  # fmt: skip
-    _check(code, "lora kernel")
-    return out
+    return _run("lora", y, x.data_ptr(), B, din, dout, *index, S, A.data_ptr(), Bt.data_ptr(), r, scale.data_ptr())
 
 
 def bottleneck(y, down, down_bias, up, up_bias, activation: str, rows, slots):
@@ -205,14 +187,16 @@ def bottleneck(y, down, down_bias, up, up_bias, activation: str, rows, slots):
     shapes = y.shape[-1] == d and up.shape == (S, m, d) and down_bias.shape == (S, m) and up_bias.shape == (S, d)
     if act is None or index is None or not shapes or not _ready(y, down, down_bias, up, up_bias, dtype=y.dtype):
         return None  # (shapes checked here: the C side trusts them)
+    B = y.shape[0]
+    pointers = (down.data_ptr(), down_bias.data_ptr(), up.data_ptr(), up_bias.data_ptr())
+    return _run("bottleneck", y, B, d, *index, S, *pointers, m, act)
+
+
+def _run(kernel: str, y: torch.Tensor, *args) -> torch.Tensor | None:
+    """A new y with the delta added: the library's az_<kernel>(dtype, out, y, *args); None without it."""
     lib = library()  # loaded by decode_step in a forward; a direct call loads it here
     if lib is None:
         return None
     out = torch.empty_like(y)
-    B, _, d = y.shape
-    code = lib.az_bottleneck(
-        DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), B, d, *index, len(down),
-        down.data_ptr(), down_bias.data_ptr(), up.data_ptr(), up_bias.data_ptr(), down.shape[-1], act,
-    )  # fmt: skip
-    _check(code, "bottleneck kernel")
+    _check(getattr(lib, f"az_{kernel}")(DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), *args), f"{kernel} kernel")
     return out
