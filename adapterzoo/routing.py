@@ -814,10 +814,13 @@ def _check_stored(zoo: Zoo, protos: _Prototypes, name: str, record: dict[str, An
 def _is_text(example: Any) -> bool:
     """A routing example the encoders can read: a non-blank string that is valid Unicode. A lone
     surrogate ("\\ud800" is valid JSON) made the tokenizer raise, and with it every routed request."""
-    if not isinstance(example, str) or not example.strip():
-        return False
+    return isinstance(example, str) and bool(example.strip()) and _valid_unicode(example)
+
+
+def _valid_unicode(text: str) -> bool:
+    """Whether `text` holds no lone UTF-16 surrogate (which the tokenizer refuses)."""
     try:
-        example.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
@@ -976,13 +979,11 @@ def _refuse_unreadable(prompts: Sequence[Any]) -> None:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise BatchError(f"prompt {i} is a {type(prompt).__name__}, not a string; routing reads text")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:
+        if not _valid_unicode(prompt):
             raise BatchError(
                 f"prompt {i} is not valid Unicode (it holds a lone UTF-16 surrogate, such as \\ud800); "
                 "routing reads text"
-            ) from None
+            )
 
 
 def _decide(
