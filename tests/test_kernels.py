@@ -13,11 +13,12 @@ from adapterzoo import kernels, runtime
 from adapterzoo.testing.models import output, perturb, tiny_zoo
 from adapterzoo_houlsby.houlsby import Houlsby
 
-KERNELS = {"lora": "lora", "houlsby": "bottleneck", "adapterbias": "adapterbias"}
+KERNELS = {"lora": "lora", "houlsby": "bottleneck", "adapterbias": "adapterbias", "bitfit": "bias"}
 CONFIGS = {
     "lora": {"r": 4, "init_lora_weights": False},
     "houlsby": {"bottleneck": 8},
     "adapterbias": {},
+    "bitfit": {},
 }
 
 
@@ -65,7 +66,8 @@ def _counted(monkeypatch, name: str) -> list:
 
 @pytest.mark.parametrize(
     "type_name, config",
-    [("lora", {}), ("adapterbias", {})] + [("houlsby", {"activation": a}) for a in ("swish", "gelu", "relu", "tanh")],
+    [("lora", {}), ("adapterbias", {}), ("bitfit", {})]
+    + [("houlsby", {"activation": a}) for a in ("swish", "gelu", "relu", "tanh")],
 )
 def test_each_types_kernel_gives_its_eager_delta_row_by_row(built, monkeypatch, type_name, config):
     zoo = _zoo(type_name, **config)
@@ -97,6 +99,8 @@ def _reference(kind: str, y, x, tables, slot):
     t = {k: v[slot].double() for k, v in tables.items()}
     if kind == "adapterbias":
         return (t["L"] @ y + t["b"]) * t["v"]
+    if kind == "bias":
+        return t["bias"]
     if kind == "lora":
         return t["scale"] * ((x @ t["A"]) @ t["B"])
     return torch.nn.functional.silu(y @ t["down"] + t["down_bias"]) @ t["up"] + t["up_bias"]
@@ -105,13 +109,15 @@ def _reference(kind: str, y, x, tables, slot):
 def _call(kind: str, x, y, tables, rows, slots):
     if kind == "adapterbias":
         return kernels.adapterbias(y, tables["v"], tables["L"], tables["b"], rows, slots)
+    if kind == "bias":
+        return kernels.bias(y, tables["bias"], rows, slots)
     if kind == "lora":
         return kernels.lora(x, y, tables["A"], tables["B"], tables["scale"], rows, slots)
     t = tables
     return kernels.bottleneck(y, t["down"], t["down_bias"], t["up"], t["up_bias"], "swish", rows, slots)
 
 
-@pytest.mark.parametrize("kind", ["adapterbias", "lora", "bottleneck"])
+@pytest.mark.parametrize("kind", ["adapterbias", "lora", "bottleneck", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d, din, m", [(24, 20, 6), (72, 33, 16)])  # each loop's general and blocked forms
 def test_kernels_match_their_definition_for_listed_rows_only(built, kind, dtype, d, din, m):
@@ -123,6 +129,7 @@ def test_kernels_match_their_definition_for_listed_rows_only(built, kind, dtype,
 
     shapes = {
         "adapterbias": {"v": (S, d), "L": (S, d), "b": (S, 1)},
+        "bias": {"bias": (S, d)},
         "lora": {"A": (S, din, m), "B": (S, m, d), "scale": (S,)},
         "bottleneck": {"down": (S, d, m), "down_bias": (S, m), "up": (S, m, d), "up_bias": (S, d)},
     }[kind]
@@ -203,13 +210,14 @@ def test_what_the_kernels_cannot_take_goes_back_to_the_eager_delta(built):
     )  # an activation the kernel lacks
 
 
-@pytest.mark.parametrize("kind", ["adapterbias", "lora", "bottleneck"])
+@pytest.mark.parametrize("kind", ["adapterbias", "lora", "bottleneck", "bias"])
 @pytest.mark.parametrize("row", [2, 1000, -1])
 def test_a_row_outside_the_batch_is_refused_before_the_c_side_writes_it(built, kind, row):
     # the eager path's index_select raises for such a row (a stale plan's); the kernel wrote past `out`
     S, d, din, m = 3, 8, 6, 4
     tables = {
         "adapterbias": {"v": torch.ones(S, d), "L": torch.ones(S, d), "b": torch.ones(S, 1)},
+        "bias": {"bias": torch.ones(S, d)},
         "lora": {"A": torch.ones(S, din, m), "B": torch.ones(S, m, d), "scale": torch.ones(S)},
         "bottleneck": {"down": torch.ones(S, d, m), "down_bias": torch.ones(S, m), "up": torch.ones(S, m, d),
                        "up_bias": torch.ones(S, d)},

@@ -4,9 +4,7 @@ In a decode step (one token a row, no autograd, on the CPU) a type that offers `
 its delta for its rows in one call here, instead of its eager `delta` (a few small PyTorch ops
 per pool and site, each a round trip through memory). Punica's BGMV idea, one kernel per type:
 `lora` (shrink and expand fused), `bottleneck` (Houlsby: down, activation, up, residual) and
-`adapterbias`. BitFit has none: its eager delta is already one add of a kept gather per site, and a
-kernel call measured the same (4.35 vs 4.36 ms a 16-row step). Measured effect: docs/serving.md,
-"Fused delta kernels".
+`adapterbias` and `bias` (BitFit). Measured effect: docs/serving.md, "Fused delta kernels".
 
 The library is plain C (no torch headers, so it builds in about a second), compiled once with the
 system compiler ($CXX, else c++ or g++) into the torch extensions folder, keyed by its source and
@@ -109,6 +107,7 @@ def _load() -> ctypes.CDLL:
     rows = [i64, i64, ptr, ptr, i64, i64, i64]  # B, d, rows, slots, slot, n, S
     signatures = {
         "az_adapterbias": [ctypes.c_int, ptr, ptr, *rows, ptr, ptr, ptr],
+        "az_bias": [ctypes.c_int, ptr, ptr, *rows, ptr],
         "az_lora": [ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr],
         "az_bottleneck": [ctypes.c_int, ptr, ptr, *rows, ptr, ptr, ptr, ptr, i64, ctypes.c_int],
     }
@@ -166,6 +165,15 @@ def adapterbias(y: torch.Tensor, v: torch.Tensor, L: torch.Tensor, b: torch.Tens
         return None  # (shapes checked here: the C side trusts them)
     B, _, d = y.shape
     return _run("adapterbias", y, B, d, *index, len(v), v.data_ptr(), L.data_ptr(), b.data_ptr())
+
+
+def bias(y: torch.Tensor, b: torch.Tensor, rows, slots):
+    """y + b[slot] for each listed row (BitFit). b (S, d)."""
+    index = _rows(rows, slots, y.shape[0])
+    if index is None or not _ready(y, b, dtype=y.dtype) or b.dim() != 2 or b.shape[1] != y.shape[-1]:
+        return None  # (shapes checked here: the C side trusts them)
+    B, _, d = y.shape
+    return _run("bias", y, B, d, *index, len(b), b.data_ptr())
 
 
 def lora(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scale: torch.Tensor, rows, slots):

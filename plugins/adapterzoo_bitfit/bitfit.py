@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapterzoo import AdapterConfig, AdapterType, require
+from adapterzoo import AdapterConfig, AdapterType, kernels, require
 from adapterzoo.sites import find_linear, find_norms, is_linear, linear_dims
 
 
@@ -53,6 +53,12 @@ class BitFit(AdapterType):
 
     def delta(self, x, y, w, training):
         return w["bias"][:, None, :]  # (n, 1, out): the same shift for every token of a row
+
+    def fused_delta(self, x, y, w, rows):
+        # a decode step's y + delta in one call (runtime.apply_delta, adapterzoo/kernels), reading each
+        # row's bias from its slot: the eager delta gathers every row's bias first, which cost a fresh
+        # plan ~25 us at each of 271 sites
+        return kernels.bias(y, w.stored("bias"), rows, w.slots)
 
     def merge(self, module, tensors, config, sign=1.0):
         with torch.no_grad():
