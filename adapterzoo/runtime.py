@@ -189,7 +189,7 @@ def apply_delta(
     """y + delta for the rows of `use`; the other rows are left exactly as they are. `site` and
     `module` reach the type as `w.site` / `w.module` (base-aware deltas such as DoRA's)."""
     atype = use.pool.atype
-    if _fuses(atype) and kernels.decode_step(x, y, training):
+    if _fuses(atype) and kernels.decode_step(x, y, training) and (atype.fused_when_kept or not use.ran_at(site)):
         # one C++ call for the pool's whole delta here (adapterzoo/kernels) instead of the type's
         # few small eager ops; for the pool's own rows only (no widening: the kernel selects rows
         # itself). None: not fusable here (an extended LoRA, an unknown activation): eager below.
@@ -221,7 +221,10 @@ def apply_delta(
     rows = use.rows
     ys = y.index_select(0, rows)
     d = atype.delta(x.index_select(0, rows), ys, w, training)
-    return y.index_add(0, rows, d.to(y.dtype).expand(ys.shape))
+    # index_copy of ys + d, not index_add of d: index_add runs as a parallel scatter that wakes every
+    # OpenMP thread, ~500 us a call with two threads at the PASSIVE wait policy against ~5 us (a
+    # plan's rows are distinct, so the values are the same)
+    return y.index_copy(0, rows, ys + d.to(y.dtype))
 
 
 _FUSES: dict[type, bool] = {}

@@ -587,7 +587,9 @@ class Zoo:
                 inputs = self.model.get_input_embeddings()(tokens[:, None])
                 if embeds is not None:
                     rows_of, vectors = embeds
-                    inputs = inputs.index_put((rows_of.to(self.device),), vectors.to(inputs)[:, None])
+                    # index_copy, not index_put: advanced indexing wakes every OpenMP thread for a few
+                    # rows (~75 us against ~5 us with two threads at the PASSIVE wait policy)
+                    inputs = inputs.index_copy(0, rows_of.to(self.device), vectors.to(inputs)[:, None])
                 # a 4-D mask goes to the layers as it is (no mask is built): `attention` ignores it
                 unused_mask = torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=self.device)
                 out = self.model.get_decoder()(
@@ -597,7 +599,7 @@ class Zoo:
                     use_cache=True,
                     **{self._cache_kw: cache},
                 )
-                hidden = out.last_hidden_state[keep.to(self.device), 0]
+                hidden = out.last_hidden_state.index_select(0, keep.to(self.device))[:, 0]
             logits = self.model.get_output_embeddings()(hidden)
         return ZooOutput(logits=logits, plan=plan)
 
@@ -762,6 +764,14 @@ def roomy_layer_class() -> type:
             self.keys, self.values = room_k[..., : held + adding, :], room_v[..., : held + adding, :]
             self.views = (self.keys, self.values)
             return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Only the rows at `indices` stay (a request left the batch). index_select, not
+            transformers' `keys[indices, ...]`: advanced indexing ran a parallel kernel that woke every
+            OpenMP thread, at each layer for keys and values (the next `update` moves them into room)."""
+            if self.get_seq_length() > 0:
+                self.keys = self.keys.index_select(0, indices)
+                self.values = self.values.index_select(0, indices)
 
         def move_into_room(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
             """New room for `needed` columns plus ROOM, holding what the layer holds now."""

@@ -263,3 +263,14 @@ def test_every_usual_spelling_of_off_turns_the_kernels_off(monkeypatch, value):
 def test_the_kernels_stay_on_unless_switched_off(monkeypatch, value):
     monkeypatch.setenv("ADAPTERZOO_KERNELS", value)
     assert kernels.enabled()
+
+
+def test_bitfits_kernel_runs_on_a_plans_first_decode_step_only_and_kept_steps_add_the_gathered_bias(built, monkeypatch):
+    # fused_when_kept = False: a kept plan's eager delta is one add of its kept gather, cheaper than a call
+    zoo = _zoo("bitfit")
+    names = ["bitfit-0", None, "bitfit-1"]
+    calls = _counted(monkeypatch, "bias")
+    fused = _decode(zoo, names, steps=3)
+    assert calls == [True] * len(zoo.find_adapter("bitfit-0").tensors)  # every site, the first step only
+    monkeypatch.setenv("ADAPTERZOO_KERNELS", "0")
+    torch.testing.assert_close(fused, _decode(zoo, names, steps=3), atol=1e-6, rtol=1e-6)

@@ -75,7 +75,7 @@ class JoinStep:
         """Each token's position, as its request's solo run has it (counted from the masks)."""
         decode = self.step_mask.long().sum(-1) - 1
         joining = self.joining_mask.long().cumsum(-1)[:, -self.width :] - 1
-        return torch.cat([decode, joining.clamp(min=0).flatten()[self.padded_at]])
+        return torch.cat([decode, joining.clamp(min=0).flatten().index_select(0, self.padded_at)])
 
     def last_tokens(self) -> torch.Tensor:
         """The rows whose logits are sampled: every running row, and each joiner's last token."""
@@ -93,8 +93,9 @@ class JoinStep:
     def _padded(self, t: torch.Tensor) -> torch.Tensor:
         """(joiner tokens, heads, 1, head_dim) -> (joiners, heads, width, head_dim), zeros at padding."""
         heads, dim = t.shape[1], t.shape[3]
-        out = t.new_zeros(self.joiners * self.width, heads, dim)
-        out[self.padded_at] = t[:, :, 0]
+        # index_copy / index_select, not out[padded_at] = ... / t[padded_at]: advanced indexing runs
+        # a parallel kernel that wakes the other OpenMP threads for a few KB (three calls a layer)
+        out = t.new_zeros(self.joiners * self.width, heads, dim).index_copy_(0, self.padded_at, t[:, :, 0])
         return out.view(self.joiners, self.width, heads, dim).transpose(1, 2)
 
     # -- the attention (runtime.attention_by)
@@ -109,5 +110,5 @@ class JoinStep:
         joining, _ = sdpa_attention_forward(
             module, self._padded(query[d:]), joining_keys, joining_values, self.join_mask, **kwargs
         )  # (joiners, width, heads, head_dim)
-        joining = joining.reshape(self.joiners * self.width, 1, *joining.shape[2:])[self.padded_at]
+        joining = joining.reshape(self.joiners * self.width, 1, *joining.shape[2:]).index_select(0, self.padded_at)
         return torch.cat([decode, joining], 0), None

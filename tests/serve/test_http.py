@@ -309,7 +309,9 @@ def test_metrics_and_health(setup):
 def test_burst_beyond_the_queue_limit(tiny_base, tmp_path):
     server = start_serve(tiny_base, tmp_path / "burst.log", "--max-queue", "2", "--max-batch", "1")
     try:
-        body = {"model": "tiny", "prompt": "hello", "max_tokens": 30, "temperature": 0}
+        # long requests (200 tokens, EOS ignored), so that the burst arrives while the first ones still
+        # run: with 30 tokens the engine could finish each before the next client posted (a flake)
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
 
         def call(_):
             return httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
