@@ -28,6 +28,9 @@ _SITES: ContextVar[dict[int, str] | None] = ContextVar(
     "adapterzoo_attention_sites", default=None
 )  # None: prefixes are in the cache
 _ATTENTION: ContextVar[object | None] = ContextVar("adapterzoo_attention", default=None)  # see attention_by
+# whether this forward's deltas may run fused (kernels.may_fuse), asked at its first delta site: a
+# one-item list that `active` makes per forward (None: not asked yet)
+_MAY_FUSE: ContextVar[list[bool | None] | None] = ContextVar("adapterzoo_may_fuse", default=None)
 ATTENTION_NAME = "adapterzoo"
 
 
@@ -36,11 +39,13 @@ def active(plan: BatchPlan | None, attention_sites: dict[int, str] | None) -> It
     """Make `plan` the one the hooks see; `attention_sites` None: prefixes are in the KV cache."""
     token = _ACTIVE.set(plan)
     sites_token = _SITES.set(attention_sites)
+    fuse_token = _MAY_FUSE.set([None])
     try:
         yield
     finally:
         _ACTIVE.reset(token)
         _SITES.reset(sites_token)
+        _MAY_FUSE.reset(fuse_token)
 
 
 @contextmanager
@@ -189,7 +194,7 @@ def apply_delta(
     """y + delta for the rows of `use`; the other rows are left exactly as they are. `site` and
     `module` reach the type as `w.site` / `w.module` (base-aware deltas such as DoRA's)."""
     atype = use.pool.atype
-    if _fuses(atype) and kernels.decode_step(x, y, training) and (atype.fused_when_kept or not use.ran_at(site)):
+    if _fuses(atype) and (atype.fused_when_kept or not use.ran_at(site)) and kernels.fits(y) and _may_fuse(training):
         # one C++ call for the pool's whole delta here (adapterzoo/kernels) instead of the type's
         # few small eager ops; for the pool's own rows only (no widening: the kernel selects rows
         # itself). None: not fusable here (an extended LoRA, an unknown activation): eager below.
@@ -225,6 +230,16 @@ def apply_delta(
     # OpenMP thread, ~500 us a call with two threads at the PASSIVE wait policy against ~5 us (a
     # plan's rows are distinct, so the values are the same)
     return y.index_copy(0, rows, ys + d.to(y.dtype))
+
+
+def _may_fuse(training: bool) -> bool:
+    """`kernels.may_fuse`, asked once a forward (inside `active`), else at every call."""
+    cell = _MAY_FUSE.get()
+    if cell is None:
+        return kernels.may_fuse(training)
+    if cell[0] is None:
+        cell[0] = kernels.may_fuse(training)
+    return cell[0]
 
 
 _FUSES: dict[type, bool] = {}

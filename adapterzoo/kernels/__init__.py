@@ -120,15 +120,18 @@ def _load() -> ctypes.CDLL:
 def decode_step(x: torch.Tensor, y: torch.Tensor, training: bool) -> bool:
     """Whether this site's deltas may run fused: one token a row, no autograd, on the CPU, float32 or
     bfloat16, kernels on and built. Anything else (training, a prefill, CUDA) runs eagerly."""
-    return (
-        y.shape[1] == 1
-        and not training
-        and y.is_cpu
-        and y.dtype in DTYPES
-        and not torch.is_grad_enabled()
-        and enabled()
-        and library() is not None
-    )
+    return fits(y) and may_fuse(training)
+
+
+def may_fuse(training: bool) -> bool:
+    """The part of `decode_step` that is the same at every site of a forward (the core asks once a
+    forward: reading the environment at each of ~420 sites a mixed decode step cost ~1 us each)."""
+    return not training and not torch.is_grad_enabled() and enabled() and library() is not None
+
+
+def fits(y: torch.Tensor) -> bool:
+    """The part of `decode_step` that depends on the site's output: one token a row, CPU, float32 or bfloat16."""
+    return y.shape[1] == 1 and y.is_cpu and y.dtype in DTYPES
 
 
 def _rows(rows: torch.Tensor | None, slots: torch.Tensor | int, batch: int) -> tuple | None:
@@ -145,10 +148,10 @@ def _rows(rows: torch.Tensor | None, slots: torch.Tensor | int, batch: int) -> t
     return (None if rows is None else rows.data_ptr(), slots.data_ptr(), 0, n)
 
 
-def _check(code: int, what: str) -> None:
+def _check(code: int, kernel: str) -> None:
     if code != 0:
         raise IndexError(
-            f"{what}: a row is outside the batch or a slot outside its pool (a stale plan?); rebuild the plan"
+            f"{kernel} kernel: a row is outside the batch or a slot outside its pool (a stale plan?); rebuild the plan"
         )
 
 
@@ -206,5 +209,8 @@ def _run(kernel: str, y: torch.Tensor, *args) -> torch.Tensor | None:
     if lib is None:
         return None
     out = torch.empty_like(y)
-    _check(getattr(lib, f"az_{kernel}")(DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), *args), f"{kernel} kernel")
+    _check(getattr(lib, _NAMES[kernel])(DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), *args), kernel)
     return out
+
+
+_NAMES = {kernel: f"az_{kernel}" for kernel in ("adapterbias", "bias", "lora", "bottleneck")}
