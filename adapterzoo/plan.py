@@ -239,6 +239,9 @@ class BatchPlan:
     residents: list[tuple] = field(default_factory=list)  # (SlotPool, slot, the slot's stamp, Adapter) it reads
 
     _deltas_at: dict = field(default_factory=dict, repr=False)
+    #: site -> its pools' `kernels.Call`s (None: a pool there has none), checked once for this plan
+    #: (runtime._fused_site); only for slot pools, whose slots cannot change under a current plan
+    kernel_calls: dict = field(default_factory=dict, repr=False)
 
     def deltas_at(self, site: str) -> list[tuple[PoolUse, dict[str, torch.Tensor]]]:
         """The delta pools that have tensors at `site`, with those tensors: what a site's hook

@@ -141,8 +141,13 @@ class DeltaSite:
         shape = y.shape
         if y.dim() != 3:  # e.g. a pooler's (B, d): view as (B, T, d) for the types' math
             x, y = x.reshape(shape[0], -1, x.shape[-1]), y.reshape(shape[0], -1, shape[-1])
-        for use, tensors in plan.deltas_at(self.path):
-            y = apply_delta(use, tensors, x, y, plan.training, self.path, module)
+        pairs = plan.deltas_at(self.path)
+        fused = _fused_site(plan, self.path, pairs, x, y, module) if y.shape[1] == 1 else None
+        if fused is not None:
+            y = fused
+        else:
+            for use, tensors in pairs:
+                y = apply_delta(use, tensors, x, y, plan.training, self.path, module)
         if y.shape != shape:
             y = y.reshape(shape)
         return (y, *output[1:]) if isinstance(output, tuple) else y
@@ -194,11 +199,17 @@ def apply_delta(
     """y + delta for the rows of `use`; the other rows are left exactly as they are. `site` and
     `module` reach the type as `w.site` / `w.module` (base-aware deltas such as DoRA's)."""
     atype = use.pool.atype
-    if _fuses(atype) and (atype.fused_when_kept or not use.ran_at(site)) and kernels.fits(y) and _may_fuse(training):
+    fuses = _fuses(atype)
+    if fuses and kernels.fits(y) and _may_fuse(training):
         # one C++ call for the pool's whole delta here (adapterzoo/kernels) instead of the type's
         # few small eager ops; for the pool's own rows only (no widening: the kernel selects rows
         # itself). None: not fusable here (an extended LoRA, an unknown activation): eager below.
-        out = atype.fused_delta(x, y, use.gather(tensors, site, module), use.rows)
+        w = use.gather(tensors, site, module)
+        if fuses == "call":
+            call = atype.fused_call(x, y, w, use.rows)
+            out = kernels.run((call,), x, y) if call is not None else None
+        else:
+            out = atype.fused_delta(x, y, w, use.rows)
         if out is not None:
             return out
     if (
@@ -242,18 +253,53 @@ def _may_fuse(training: bool) -> bool:
     return cell[0]
 
 
-_FUSES: dict[type, bool] = {}
+def _fused_site(
+    plan: BatchPlan, path: str, pairs: list, x: torch.Tensor, y: torch.Tensor, module
+) -> torch.Tensor | None:
+    """Every pool's delta at a site of a decode step in one `kernels.run`, with the kernels' calls
+    checked once per plan and site (kept with a plan whose pools are all slot pools); None where a
+    pool offers no `fused_call` here (then each pool runs `apply_delta`, as before).
+
+    Why: a kept decode plan calls the same kernels with the same tables at every step, and each
+    pool's `apply_delta` and kernel wrapper cost Python checks at each of ~420 pool sites of a mixed
+    16-row step (the deltas' C work is a fraction of it)."""
+    if not pairs or not kernels.fits(y) or not _may_fuse(plan.training):
+        return None
+    calls = plan.kernel_calls.get(path, _UNBOUND)
+    if calls is _UNBOUND:
+        calls = []
+        for use, tensors in pairs:
+            atype = use.pool.atype
+            call = (
+                atype.fused_call(x, y, use.gather(tensors, path, module), use.rows) if _fuses(atype) == "call" else None
+            )
+            if call is None:
+                calls = None
+                break
+            calls.append(call)
+        calls = tuple(calls) if calls is not None else None
+        if all(getattr(use.pool, "slots_are_stamped", False) for use, _ in pairs):
+            plan.kernel_calls[path] = calls
+    return kernels.run(calls, x, y) if calls is not None else None
 
 
-def _fuses(atype) -> bool:
-    """Whether a type's `fused_delta` computes its `delta`: both defined by one class. A subclass that
+_UNBOUND = object()
+_FUSES: dict[type, str | None] = {}
+
+
+def _fuses(atype) -> str | None:
+    """ "call" or "delta": which of `fused_call` / `fused_delta` a type's kernels run through, where the
+    class that defines it also defines the `delta` the type runs; None otherwise. A subclass that
     overrides `delta` only (DoRA over LoRA, a test's type) keeps its own math, eagerly."""
     cls = type(atype)
-    fuses = _FUSES.get(cls)
-    if fuses is None:
-        owner = next((c for c in cls.__mro__ if "fused_delta" in c.__dict__), None)
-        fuses = _FUSES[cls] = owner is not None and "delta" in owner.__dict__ and cls.delta is owner.delta
-    return fuses
+    if cls not in _FUSES:
+        _FUSES[cls] = None
+        for method in ("fused_call", "fused_delta"):
+            owner = next((c for c in cls.__mro__ if method in c.__dict__), None)
+            if owner is not None and "delta" in owner.__dict__ and cls.delta is owner.delta:
+                _FUSES[cls] = method.removeprefix("fused_")
+                break
+    return _FUSES[cls]
 
 
 # ------------------------------------------------------------------------------- attention

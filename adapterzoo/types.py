@@ -166,10 +166,6 @@ class AdapterType:
     Config: ClassVar[type[AdapterConfig]]
     kind: ClassVar[Kind] = "delta"
     default_lr: ClassVar[float] = 1e-3  # AdamW learning rate `zoo.train` uses unless told otherwise
-    #: With `fused_delta`: whether it also runs when a decode plan is kept across steps. False for a
-    #: type whose eager `delta` over the plan's kept gather costs less than a kernel call (BitFit: one
-    #: add); the kernel then runs only on a plan's first forward, where it spares the gather.
-    fused_when_kept: ClassVar[bool] = True
 
     @property
     def facts(self) -> KindFacts:

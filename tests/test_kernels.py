@@ -13,7 +13,7 @@ from adapterzoo import kernels, runtime
 from adapterzoo.testing.models import output, perturb, tiny_zoo
 from adapterzoo_houlsby.houlsby import Houlsby
 
-KERNELS = {"lora": "lora", "houlsby": "bottleneck", "adapterbias": "adapterbias", "bitfit": "bias"}
+KERNELS = {"lora": "lora_call", "houlsby": "bottleneck_call", "adapterbias": "adapterbias_call", "bitfit": "bias_call"}
 CONFIGS = {
     "lora": {"r": 4, "init_lora_weights": False},
     "houlsby": {"bottleneck": 8},
@@ -88,7 +88,7 @@ def test_an_extended_lora_runs_its_eager_delta(built, monkeypatch):
     names = ["lora-0", None, "lora-1"]
     calls = _counted(monkeypatch, "lora")
     fused = _decode(zoo, names)
-    assert calls == []  # its pools are extended: not asked
+    assert calls == []  # its pools are extended: no kernel runs
     monkeypatch.setenv("ADAPTERZOO_KERNELS", "0")
     torch.testing.assert_close(fused, _decode(zoo, names), atol=0, rtol=0)
 
@@ -265,12 +265,30 @@ def test_the_kernels_stay_on_unless_switched_off(monkeypatch, value):
     assert kernels.enabled()
 
 
-def test_bitfits_kernel_runs_on_a_plans_first_decode_step_only_and_kept_steps_add_the_gathered_bias(built, monkeypatch):
-    # fused_when_kept = False: a kept plan's eager delta is one add of its kept gather, cheaper than a call
-    zoo = _zoo("bitfit")
-    names = ["bitfit-0", None, "bitfit-1"]
-    calls = _counted(monkeypatch, "bias")
+def test_a_sites_pools_run_as_one_kernel_run_with_their_calls_checked_once_per_plan(built, monkeypatch):
+    # a kept decode plan binds each site's kernel calls at its first step and reuses them; every row
+    # equals the eager run, and a row at no adapter is left as the base gives it
+    zoo = tiny_zoo("llama", slots=4)
+    for t in ("lora", "bitfit", "houlsby", "adapterbias"):
+        for i in range(2):
+            zoo.add_adapter(f"{t}-{i}", t, seed=i, trainable=False, **CONFIGS[t])
+            perturb(zoo, f"{t}-{i}", seed=i)
+    names = ["lora-0", "bitfit-1", None, "houlsby-0", "adapterbias-1", "lora-1", "bitfit-0", "houlsby-1"]
+    bound = _counted(monkeypatch, "bias_call")
+    runs = _counted(monkeypatch, "run")
     fused = _decode(zoo, names, steps=3)
-    assert calls == [True] * len(zoo.find_adapter("bitfit-0").tensors)  # every site, the first step only
+    sites = len(zoo.find_adapter("bitfit-0").tensors)
+    assert bound == [True] * sites  # bound at the first decode step only, then kept with the plan
+    assert len(runs) == 3 * sites  # one run a site and step: the site's pools together
     monkeypatch.setenv("ADAPTERZOO_KERNELS", "0")
-    torch.testing.assert_close(fused, _decode(zoo, names, steps=3), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused, _decode(zoo, names, steps=3), atol=1e-5, rtol=1e-5)
+
+
+def test_a_bound_call_refuses_a_y_it_was_not_checked_for(built):
+    # a kept call must never run on another shape or dtype (the C side trusts the shapes it was given)
+    b, slots = torch.ones(3, 8), torch.tensor([1, 2])
+    call = kernels.bias_call(torch.zeros(2, 1, 8), b, None, slots)
+    assert kernels.run((call,), torch.zeros(2, 1, 8), torch.zeros(2, 1, 8)) is not None
+    assert kernels.run((call,), torch.zeros(3, 1, 8), torch.zeros(3, 1, 8)) is None  # another batch
+    assert kernels.run((call,), torch.zeros(2, 1, 8), torch.zeros(2, 1, 8, dtype=torch.bfloat16)) is None
+    assert kernels.run((call,), torch.zeros(2, 1, 8), torch.zeros(2, 1, 16)[..., ::2]) is None  # strided

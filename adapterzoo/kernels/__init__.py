@@ -1,10 +1,12 @@
 """Fused decode-step deltas: a pool's whole delta at a site in one C++ call (fused.cpp beside this file).
 
-In a decode step (one token a row, no autograd, on the CPU) a type that offers `fused_delta` adds
-its delta for its rows in one call here, instead of its eager `delta` (a few small PyTorch ops
-per pool and site, each a round trip through memory). Punica's BGMV idea, one kernel per type:
-`lora` (shrink and expand fused), `bottleneck` (Houlsby: down, activation, up, residual) and
-`adapterbias` and `bias` (BitFit). Measured effect: docs/serving.md, "Fused delta kernels".
+In a decode step (one token a row, no autograd, on the CPU) a type that offers `fused_call` hands
+the core a checked call of one kernel here for its rows (`lora_call`, ...), instead of running its
+eager `delta` (a few small PyTorch ops per pool and site, each a round trip through memory).
+Punica's BGMV idea, one kernel per type: `lora` (shrink and expand fused), `bottleneck` (Houlsby:
+down, activation, up, residual), `adapterbias` and `bias` (BitFit). The core keeps a site's calls
+with a decode plan and runs all of them in one `run` per step (runtime._fused_site). Measured
+effect: docs/serving.md, "Fused delta kernels".
 
 The library is plain C (no torch headers, so it builds in about a second), compiled once with the
 system compiler ($CXX, else c++ or g++) into the torch extensions folder, keyed by its source and
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -160,26 +163,67 @@ def _ready(y: torch.Tensor, *tensors: torch.Tensor, dtype: torch.dtype) -> bool:
     return y.dim() == 3 and y.shape[1] == 1 and all(t.dtype == dtype and t.is_contiguous() for t in (y, *tensors))
 
 
-def adapterbias(y: torch.Tensor, v: torch.Tensor, L: torch.Tensor, b: torch.Tensor, rows, slots):
+@dataclass(frozen=True)
+class Call:
+    """One pool's kernel at one site, checked and converted once (`lora_call`, ...): what `run` needs
+    besides the step's x and y. A decode plan kept across steps calls the same kernels with the same
+    tables at every step, so the core keeps a site's calls with the plan (`runtime.DeltaSite`) and runs
+    them all in one `run`: checking them again cost a mixed 16-row step a few Python checks at each of
+    ~420 pool sites. `keep` holds the tensors its pointers point into, so they live as long as it does
+    (pools and plans never resize or move a tensor they hold)."""
+
+    kernel: str
+    args: tuple  # az_<kernel>'s arguments after (dtype, out, y[, x])
+    shape: torch.Size  # the y it was checked for: (B, 1, d)
+    dtype: torch.dtype
+    x_shape: torch.Size | None  # the x it reads, None: it reads no x
+    keep: tuple
+
+
+def run(calls: list[Call] | tuple[Call, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """y plus every call's delta, in one new tensor; None (run them eagerly) where x or y is not what a
+    call was checked for, or the library is missing. The first call reads y, the others add in place:
+    a row belongs to one pool, and a kernel leaves the other rows as they are."""
+    lib = library()
+    if lib is None or not y.is_contiguous():
+        return None
+    for c in calls:
+        if c.shape != y.shape or c.dtype != y.dtype:
+            return None
+        if c.x_shape is not None and (c.x_shape != x.shape or x.dtype != y.dtype or not x.is_contiguous()):
+            return None
+    out = torch.empty_like(y)
+    dtype, dst, src, xp = DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), x.data_ptr()
+    for c in calls:
+        fn = getattr(lib, _NAMES[c.kernel])
+        _check(fn(dtype, dst, src, xp, *c.args) if c.x_shape is not None else fn(dtype, dst, src, *c.args), c.kernel)
+        src = dst
+    return out
+
+
+def _bound(kernel: str, y: torch.Tensor, x: torch.Tensor | None, args: tuple, keep: tuple) -> Call:
+    return Call(kernel, args, y.shape, y.dtype, None if x is None else x.shape, keep)
+
+
+def adapterbias_call(y: torch.Tensor, v: torch.Tensor, L: torch.Tensor, b: torch.Tensor, rows, slots) -> Call | None:
     """y + (L[slot] . y + b[slot]) v[slot] for each listed row. v, L (S, d), b (S, 1)."""
     index = _rows(rows, slots, y.shape[0])
     S, d = v.shape[0], y.shape[-1]
     if index is None or not _ready(y, v, L, b, dtype=y.dtype) or not v.shape == L.shape == (S, d) or b.shape != (S, 1):
         return None  # (shapes checked here: the C side trusts them)
-    B, _, d = y.shape
-    return _run("adapterbias", y, B, d, *index, len(v), v.data_ptr(), L.data_ptr(), b.data_ptr())
+    args = (y.shape[0], d, *index, S, v.data_ptr(), L.data_ptr(), b.data_ptr())
+    return _bound("adapterbias", y, None, args, (v, L, b, rows, slots))
 
 
-def bias(y: torch.Tensor, b: torch.Tensor, rows, slots):
+def bias_call(y: torch.Tensor, b: torch.Tensor, rows, slots) -> Call | None:
     """y + b[slot] for each listed row (BitFit). b (S, d)."""
     index = _rows(rows, slots, y.shape[0])
     if index is None or not _ready(y, b, dtype=y.dtype) or b.dim() != 2 or b.shape[1] != y.shape[-1]:
         return None  # (shapes checked here: the C side trusts them)
-    B, _, d = y.shape
-    return _run("bias", y, B, d, *index, len(b), b.data_ptr())
+    return _bound("bias", y, None, (y.shape[0], y.shape[-1], *index, len(b), b.data_ptr()), (b, rows, slots))
 
 
-def lora(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scale: torch.Tensor, rows, slots):
+def lora_call(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scale: torch.Tensor, rows, slots):
     """y + scale[slot] (x A[slot]) B[slot] for each listed row. x (B, 1, in), A (S, in, r), B (S, r, out)."""
     index = _rows(rows, slots, y.shape[0])
     S, din, r = A.shape
@@ -187,10 +231,11 @@ def lora(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, sc
     if index is None or not shapes or not _ready(y, x, A, Bt, scale, dtype=y.dtype):
         return None  # (shapes checked here: the C side trusts them)
     B, _, dout = y.shape
-    return _run("lora", y, x.data_ptr(), B, din, dout, *index, S, A.data_ptr(), Bt.data_ptr(), r, scale.data_ptr())
+    args = (B, din, dout, *index, S, A.data_ptr(), Bt.data_ptr(), r, scale.data_ptr())
+    return _bound("lora", y, x, args, (A, Bt, scale, rows, slots))
 
 
-def bottleneck(y, down, down_bias, up, up_bias, activation: str, rows, slots):
+def bottleneck_call(y, down, down_bias, up, up_bias, activation: str, rows, slots) -> Call | None:
     """y + f(y D[slot] + b_d[slot]) U[slot] + b_u[slot] for each listed row (Houlsby). down (S, d, m),
     up (S, m, d), down_bias (S, m), up_bias (S, d). None for an activation the kernel lacks."""
     act, index = ACTIVATIONS.get(activation), _rows(rows, slots, y.shape[0])
@@ -198,19 +243,35 @@ def bottleneck(y, down, down_bias, up, up_bias, activation: str, rows, slots):
     shapes = y.shape[-1] == d and up.shape == (S, m, d) and down_bias.shape == (S, m) and up_bias.shape == (S, d)
     if act is None or index is None or not shapes or not _ready(y, down, down_bias, up, up_bias, dtype=y.dtype):
         return None  # (shapes checked here: the C side trusts them)
-    B = y.shape[0]
     pointers = (down.data_ptr(), down_bias.data_ptr(), up.data_ptr(), up_bias.data_ptr())
-    return _run("bottleneck", y, B, d, *index, S, *pointers, m, act)
+    args = (y.shape[0], d, *index, S, *pointers, m, act)
+    return _bound("bottleneck", y, None, args, (down, down_bias, up, up_bias, rows, slots))
 
 
-def _run(kernel: str, y: torch.Tensor, *args) -> torch.Tensor | None:
-    """A new y with the delta added: the library's az_<kernel>(dtype, out, y, *args); None without it."""
-    lib = library()  # loaded by decode_step in a forward; a direct call loads it here
-    if lib is None:
+def _once(call: Call | None, x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
+    if call is None:
         return None
-    out = torch.empty_like(y)
-    _check(getattr(lib, _NAMES[kernel])(DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), *args), kernel)
-    return out
+    return run((call,), y if x is None else x, y)
+
+
+def adapterbias(y, v, L, b, rows, slots):
+    """`adapterbias_call` run once: y plus the delta, or None."""
+    return _once(adapterbias_call(y, v, L, b, rows, slots), None, y)
+
+
+def bias(y, b, rows, slots):
+    """`bias_call` run once: y plus the delta, or None."""
+    return _once(bias_call(y, b, rows, slots), None, y)
+
+
+def lora(x, y, A, Bt, scale, rows, slots):
+    """`lora_call` run once: y plus the delta, or None."""
+    return _once(lora_call(x, y, A, Bt, scale, rows, slots), x, y)
+
+
+def bottleneck(y, down, down_bias, up, up_bias, activation: str, rows, slots):
+    """`bottleneck_call` run once: y plus the delta, or None."""
+    return _once(bottleneck_call(y, down, down_bias, up, up_bias, activation, rows, slots), None, y)
 
 
 _NAMES = {kernel: f"az_{kernel}" for kernel in ("adapterbias", "bias", "lora", "bottleneck")}

@@ -52,6 +52,6 @@ class AdapterBias(AdapterType):
         alpha = torch.matmul(y, L[:, :, None]) + b[:, None, :]  # (n, T, 1)
         return alpha * v[:, None, :]  # (n, T, d)
 
-    def fused_delta(self, x, y, w, rows):
-        # a decode step's y + delta in one call (runtime.apply_delta, adapterzoo/kernels)
-        return kernels.adapterbias(y, w.stored("v"), w.stored("L"), w.stored("b"), rows, w.slots)
+    def fused_call(self, x, y, w, rows):
+        # a decode step's y + delta in one kernel (runtime, adapterzoo/kernels)
+        return kernels.adapterbias_call(y, w.stored("v"), w.stored("L"), w.stored("b"), rows, w.slots)

@@ -39,9 +39,6 @@ class BitFit(AdapterType):
     # slot 0's bias is zero: the core may run this delta over a whole batch, slot 0 for other pools'
     # rows (runtime.apply_delta)
     zero_slot_is_identity = True
-    # a kept decode plan's gathered biases make the eager delta one add, cheaper than a kernel call
-    # (2.0 vs 5.9 us a site, one thread): the kernel runs on a plan's first forward only
-    fused_when_kept = False
     default_lr = 1e-2  # zoo.train's default (measured on SmolLM2, see README "Specialists")
 
     def sites(self, model, config):
@@ -57,11 +54,11 @@ class BitFit(AdapterType):
     def delta(self, x, y, w, training):
         return w["bias"][:, None, :]  # (n, 1, out): the same shift for every token of a row
 
-    def fused_delta(self, x, y, w, rows):
-        # a decode step's y + delta in one call (runtime.apply_delta, adapterzoo/kernels), reading each
-        # row's bias from its slot: the eager delta gathers every row's bias first, which cost a fresh
-        # plan ~25 us at each of 271 sites
-        return kernels.bias(y, w.stored("bias"), rows, w.slots)
+    def fused_call(self, x, y, w, rows):
+        # a decode step's y + delta in one kernel (runtime, adapterzoo/kernels), reading each row's bias
+        # from its slot: the eager delta gathers every row's bias first, which cost a fresh plan ~25 us
+        # at each of 271 sites
+        return kernels.bias_call(y, w.stored("bias"), rows, w.slots)
 
     def merge(self, module, tensors, config, sign=1.0):
         with torch.no_grad():

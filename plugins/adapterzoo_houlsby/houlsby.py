@@ -102,7 +102,9 @@ class Houlsby(AdapterType):
         z = ACTIVATIONS[w["variant"]](z)
         return w.matmul(z, "up") + w["up_bias"][:, None, :]  # (n, T, d): U f(.) + b_u
 
-    def fused_delta(self, x, y, w, rows):
-        # a decode step's y + delta in one call (runtime.apply_delta, adapterzoo/kernels)
+    def fused_call(self, x, y, w, rows):
+        # a decode step's y + delta in one kernel (runtime, adapterzoo/kernels)
         down, up = w.stored("down"), w.stored("up")
-        return kernels.bottleneck(y, down, w.stored("down_bias"), up, w.stored("up_bias"), w.variant, rows, w.slots)
+        return kernels.bottleneck_call(
+            y, down, w.stored("down_bias"), up, w.stored("up_bias"), w.variant, rows, w.slots
+        )

@@ -574,12 +574,12 @@ class Lora(AdapterType):
             return torch.zeros_like(y[:1])
         return out
 
-    def fused_delta(self, x, y, w, rows):
-        # a decode step's y + delta in one call (runtime.apply_delta, adapterzoo/kernels): plain A and B
-        # only; an extended pool (biases, replaced modules) runs `delta`
+    def fused_call(self, x, y, w, rows):
+        # a decode step's y + delta in one kernel (runtime, adapterzoo/kernels): plain A and B only; an
+        # extended pool (biases, replaced modules) runs `delta`
         if w.variant != "":
             return None
-        return kernels.lora(x, y, w.stored("A"), w.stored("B"), w.stored("scale"), rows, w.slots)
+        return kernels.lora_call(x, y, w.stored("A"), w.stored("B"), w.stored("scale"), rows, w.slots)
 
     @staticmethod
     def _dropped(x: torch.Tensor, w, training: bool) -> torch.Tensor:
