@@ -25,8 +25,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -163,8 +163,7 @@ def _ready(y: torch.Tensor, *tensors: torch.Tensor, dtype: torch.dtype) -> bool:
     return y.dim() == 3 and y.shape[1] == 1 and all(t.dtype == dtype and t.is_contiguous() for t in (y, *tensors))
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     """One pool's kernel at one site, checked and converted once (`lora_call`, ...): what `run` needs
     besides the step's x and y. A decode plan kept across steps calls the same kernels with the same
     tables at every step, so the core keeps a site's calls with the plan (`runtime.DeltaSite`) and runs
@@ -173,7 +172,8 @@ class Call:
     (pools and plans never resize or move a tensor they hold)."""
 
     kernel: str
-    args: tuple  # az_<kernel>'s arguments after (dtype, out, y[, x])
+    fn: Any  # the library's az_<kernel>
+    args: tuple  # its arguments after (dtype, out, y[, x])
     shape: torch.Size  # the y it was checked for: (B, 1, d)
     dtype: torch.dtype
     x_shape: torch.Size | None  # the x it reads, None: it reads no x
@@ -195,14 +195,17 @@ def run(calls: list[Call] | tuple[Call, ...], x: torch.Tensor, y: torch.Tensor) 
     out = torch.empty_like(y)
     dtype, dst, src, xp = DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), x.data_ptr()
     for c in calls:
-        fn = getattr(lib, _NAMES[c.kernel])
-        _check(fn(dtype, dst, src, xp, *c.args) if c.x_shape is not None else fn(dtype, dst, src, *c.args), c.kernel)
+        code = c.fn(dtype, dst, src, xp, *c.args) if c.x_shape is not None else c.fn(dtype, dst, src, *c.args)
+        _check(code, c.kernel)
         src = dst
     return out
 
 
-def _bound(kernel: str, y: torch.Tensor, x: torch.Tensor | None, args: tuple, keep: tuple) -> Call:
-    return Call(kernel, args, y.shape, y.dtype, None if x is None else x.shape, keep)
+def _bound(kernel: str, y: torch.Tensor, x: torch.Tensor | None, args: tuple, keep: tuple) -> Call | None:
+    lib = library()
+    if lib is None:
+        return None
+    return Call(kernel, getattr(lib, f"az_{kernel}"), args, y.shape, y.dtype, None if x is None else x.shape, keep)
 
 
 def adapterbias_call(y: torch.Tensor, v: torch.Tensor, L: torch.Tensor, b: torch.Tensor, rows, slots) -> Call | None:
@@ -272,6 +275,3 @@ def lora(x, y, A, Bt, scale, rows, slots):
 def bottleneck(y, down, down_bias, up, up_bias, activation: str, rows, slots):
     """`bottleneck_call` run once: y plus the delta, or None."""
     return _once(bottleneck_call(y, down, down_bias, up, up_bias, activation, rows, slots), None, y)
-
-
-_NAMES = {kernel: f"az_{kernel}" for kernel in ("adapterbias", "bias", "lora", "bottleneck")}
