@@ -1,0 +1,239 @@
+"""Attack review of the fused-kernel change: kept plans whose slots or adapters change, mixed
+pools at one site, bfloat16; each compared with the eager path (ADAPTERZOO_KERNELS=0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterzoo import kernels
+from adapterzoo.testing.models import output, perturb, tiny_zoo
+
+CONFIGS = {
+    "lora": ("lora", {"r": 4, "init_lora_weights": False}),
+    "lora8": ("lora", {"r": 8, "init_lora_weights": False}),
+    "houlsby": ("houlsby", {"bottleneck": 8}),
+    "gelu": ("houlsby", {"bottleneck": 8, "activation": "gelu"}),
+    "adapterbias": ("adapterbias", {}),
+    "bitfit": ("bitfit", {}),
+    "lorabias": ("lora", {"r": 4, "init_lora_weights": False, "bias": "all"}),
+}
+
+
+@pytest.fixture
+def built():
+    if kernels.library() is None:
+        pytest.skip("no C++ compiler")
+
+
+def _zoo(kinds, copies=3, slots=4, **kw):
+    zoo = tiny_zoo("llama", slots=slots, **kw)
+    for k in kinds:
+        type_name, config = CONFIGS[k]
+        for i in range(copies):
+            zoo.add_adapter(f"{k}-{i}", type_name, seed=i, trainable=False, **config)
+            perturb(zoo, f"{k}-{i}", seed=10 * i + len(k))
+    return zoo
+
+
+def _run(zoo, names, steps=4, between=None, plan_rows=None):
+    prompt = torch.randint(4, 100, (len(names), 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = zoo.forward(prompt, None, names, cache=zoo.new_cache())
+        plan = zoo.plan(names, training=False)
+        cache, mask, logits = out.cache, out.attention_mask, []
+        for step in range(steps):
+            if between is not None:
+                between(zoo, step)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = zoo.forward(torch.full((len(names), 1), 5 + step), mask, plan=plan, cache=cache)
+            cache = out.cache
+            logits.append(output(out)[:, -1].float())
+    return torch.stack(logits)
+
+
+def _both(monkeypatch, make, names, **kw):
+    monkeypatch.setenv("ADAPTERZOO_KERNELS", "0")
+    eager = _run(make(), names, **kw)
+    monkeypatch.setenv("ADAPTERZOO_KERNELS", "1")
+    fused = _run(make(), names, **kw)
+    return eager, fused
+
+
+MIXED = ["lora", "houlsby", "bitfit", "adapterbias"]
+
+
+def test_mid_decode_eviction_of_every_type(built, monkeypatch):
+    names = ["lora-0", "houlsby-0", None, "bitfit-0", "adapterbias-0", "lora-1"]
+
+    def evict(zoo, step):
+        if step == 1:
+            zoo.plan(["lora-2", "houlsby-1", "houlsby-2", "bitfit-1", "bitfit-2", "adapterbias-1", "adapterbias-2"])
+
+    make = lambda: _zoo(MIXED, slots=2)  # noqa: E731
+    eager, fused = _both(monkeypatch, make, names, between=evict)
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+    ref = _run(make(), names)
+    torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_mid_decode_in_place_edit(built, monkeypatch):
+    names = ["lora-0", "houlsby-0", None, "bitfit-0", "adapterbias-0", "lora-1"]
+
+    def edit(zoo, step):
+        if step == 2:
+            for n in ("lora-0", "houlsby-0", "bitfit-0", "adapterbias-0"):
+                with torch.no_grad():
+                    for t in zoo.get_adapter(n).parameters():
+                        t.copy_(t * 1.5 + 0.01)
+
+    make = lambda: _zoo(MIXED)  # noqa: E731
+    eager, fused = _both(monkeypatch, make, names, between=edit)
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(eager[3], _run(make(), names)[3], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_types_and_buckets_and_extended(built, monkeypatch, dtype):
+    kinds = ["lora", "lora8", "houlsby", "gelu", "adapterbias", "bitfit", "lorabias"]
+    names = [
+        None,
+        "lora-0",
+        "lora8-1",
+        "houlsby-0",
+        "gelu-1",
+        "adapterbias-2",
+        "bitfit-0",
+        "lorabias-0",
+        "lora-1",
+        "lora8-0",
+    ]
+    make = lambda: _zoo(kinds, copies=3, dtype=dtype)  # noqa: E731
+    eager, fused = _both(monkeypatch, make, names)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(fused, eager, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", ["lora", "lora8", "houlsby", "gelu", "adapterbias", "bitfit"])
+def test_pairs_of_pools_without_dora(built, monkeypatch, kind):
+    names = [f"{kind}-0", None, "lora-1", "bitfit-2", f"{kind}-1"]
+    make = lambda: _zoo(sorted({kind, "lora", "bitfit"}))  # noqa: E731
+    eager, fused = _both(monkeypatch, make, names)
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_engine_with_more_adapters_than_slots_and_joins(built):
+    import time
+
+    from adapterzoo.serve import Engine, SamplingParams
+    from tests.serve.conftest import TYPE_NAMES, make_adapters
+
+    zoo = tiny_zoo("llama", slots=2)
+    names = [f"{t}{k}" for k in range(3) for t in TYPE_NAMES]
+    make_adapters(zoo, None, names)
+    prompts = ["abc ->", "hello", "x", "the quick brown", "1 2 3", "zz top", "q"]
+    jobs = [(prompts[i % len(prompts)], [*names, None][(i * 7) % (len(names) + 1)], 2 + (i * 5) % 7) for i in range(30)]
+    with Engine(zoo, max_batch=5) as engine:
+        handles = [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[:4]]
+        while engine.steps < 2:
+            time.sleep(0.005)
+        handles += [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[4:]]
+        results = [h.result(120) for h in handles]
+    for (p, a, n), done in zip(jobs, results):
+        assert done.error is None, done.error
+        assert done.text == zoo.generate([p], [a], max_new_tokens=n)[0], (p, a)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_one_token_rows_of_other_families(built, monkeypatch, family):
+    def make():
+        zoo = tiny_zoo(family, slots=4)
+        for k in MIXED + ["gelu"]:
+            type_name, config = CONFIGS[k]
+            for i in range(2):
+                zoo.add_adapter(f"{k}-{i}", type_name, seed=i, trainable=False, **config)
+                perturb(zoo, f"{k}-{i}", seed=10 * i + len(k))
+        return zoo
+
+    names = ["lora-0", None, "houlsby-1", "bitfit-0", "adapterbias-1", "gelu-0", "lora-1", "bitfit-1"]
+    ids = torch.randint(4, 100, (len(names), 1), generator=torch.Generator().manual_seed(1))
+    got = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("ADAPTERZOO_KERNELS", flag)
+        zoo = make()
+        with torch.inference_mode():
+            plan = zoo.plan(names, training=False)
+            got[flag] = [output(zoo.forward(ids, None, plan=plan)) for _ in range(2)]
+    for e, f in zip(got["0"], got["1"]):
+        torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
+
+
+def test_a_pool_growing_new_sites_and_keys_under_a_kept_plan(built, monkeypatch):
+    """While a plan is kept, other adapters of the same pools take free slots and bring sites (and
+    BitFit/LoRA tables) the plan's adapters lack: the plan stays current, and its rows must not change."""
+
+    def make():
+        zoo = tiny_zoo("llama", slots=4)
+        zoo.add_adapter("q", "lora", seed=0, trainable=False, r=4, init_lora_weights=False, target_modules=["q_proj"])
+        zoo.add_adapter(
+            "wide",
+            "lora",
+            seed=1,
+            trainable=False,
+            r=4,
+            init_lora_weights=False,
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        )
+        zoo.add_adapter("bf", "bitfit", seed=2, trainable=False, include_norms=False, target_modules=["q_proj"])
+        zoo.add_adapter("bf-wide", "bitfit", seed=3, trainable=False)
+        for i, n in enumerate(["q", "wide", "bf", "bf-wide"]):
+            perturb(zoo, n, seed=i)
+        return zoo
+
+    names = ["q", None, "bf", "q"]
+
+    def grow(zoo, step):
+        if step == 1:
+            zoo.plan(["wide", "bf-wide"], training=False)
+
+    eager, fused = _both(monkeypatch, make, names, between=grow)
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused, _run(make(), names), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_chain_of_calls_reading_y_gives_each_rows_own_delta(built, dtype, seed):
+    """run(): the first call reads y, the later ones read and write the same out; a y-reading kernel
+    (bottleneck, adapterbias) later in the chain must see its own rows' y, untouched."""
+    g = torch.Generator().manual_seed(seed)
+    B, d, m, S = 9, 40 + 8 * seed, 8 + seed, 3
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(dtype)  # noqa: E731
+    y = r(B, 1, d)
+    perm = torch.randperm(B, generator=g)
+    rows = [perm[0:3].contiguous(), perm[3:5].contiguous(), perm[5:8].contiguous()]  # perm[8]: no adapter
+    slots = [torch.randint(0, S, (len(x),), generator=g) for x in rows]
+    down, db, up, ub = r(S, d, m), r(S, m), r(S, m, d), r(S, d)
+    v, L, b = r(S, d), r(S, d), r(S, 1)
+    bias = r(S, d)
+    for t in (down, db, up, ub, v, L, b, bias):
+        t[0] = 0
+    calls = [
+        kernels.bottleneck_call(y, down, db, up, ub, "gelu", rows[0], slots[0]),
+        kernels.adapterbias_call(y, v, L, b, rows[1], slots[1]),
+        kernels.bias_call(y, bias, rows[2], slots[2]),
+    ]
+    assert all(c is not None for c in calls)
+    got = kernels.run(calls, y, y).float()
+    yf = y.float()[:, 0]
+    want = yf.clone()
+    for i, s in zip(rows[0].tolist(), slots[0].tolist()):
+        z = torch.nn.functional.gelu(yf[i] @ down[s].float() + db[s].float())
+        want[i] = yf[i] + z @ up[s].float() + ub[s].float()
+    for i, s in zip(rows[1].tolist(), slots[1].tolist()):
+        want[i] = yf[i] + (L[s].float() @ yf[i] + b[s].float()) * v[s].float()
+    for i, s in zip(rows[2].tolist(), slots[2].tolist()):
+        want[i] = yf[i] + bias[s].float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[:, 0], want, atol=tol, rtol=tol)
+    assert torch.equal(got[perm[8], 0], y[perm[8], 0].float())
