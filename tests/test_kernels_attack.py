@@ -237,3 +237,36 @@ def test_a_chain_of_calls_reading_y_gives_each_rows_own_delta(built, dtype, seed
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got[:, 0], want, atol=tol, rtol=tol)
     assert torch.equal(got[perm[8], 0], y[perm[8], 0].float())
+
+
+@torch.inference_mode()
+def test_a_bfloat16_joiner_prefilled_through_the_kernels_gets_its_solo_prefills_logits(built):
+    """The engine prefills a joiner's prompt inside a decode step as one-token rows, through the fused
+    kernels, while its solo run prefills it eagerly (T > 1). In bfloat16 the kernels rounded once
+    (float throughout) where the eager deltas round after every op: joiner "houlsby1" got another first
+    token than its solo run (max |logit difference| 2e-3, argmax flipped; eager join steps: exactly 0)."""
+    from adapterzoo.serve.ragged import JoinStep
+    from tests.serve.conftest import TYPE_NAMES, make_adapters
+    from tests.serve.test_engine_ragged import _prefill
+
+    zoo = tiny_zoo("llama", slots=4, dtype=torch.bfloat16)
+    make_adapters(zoo, None, [f"{t}{k}" for k in range(2) for t in TYPE_NAMES])
+    joiners = ["houlsby1", "lora0", "adapterbias1", "bitfit0"]
+    prompts = ["the quick brown", "hello", "abc ->", "zz top"]
+    solo = torch.stack(
+        [
+            zoo.forward(*_prefill(zoo, [p], [a]), [a], cache=zoo.new_cache()).logits[0, -1]
+            for p, a in zip(prompts, joiners)
+        ]
+    )
+    x, mask = _prefill(zoo, ["x"], [None])
+    out = zoo.forward(x, mask, [None], cache=zoo.new_cache())
+    step_mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
+    jx, jmask = _prefill(zoo, prompts, joiners)
+    lengths = jmask.sum(1).tolist()
+    step = JoinStep(out.cache, step_mask, zoo.new_cache(), jmask, lengths)
+    plan = zoo.plan([None] + [a for a, n in zip(joiners, lengths) for _ in range(n)], training=False)
+    tokens = torch.cat([out.logits[:, -1].argmax(-1), jx.flatten()[step.padded_at]])
+    got = zoo.forward_tokens(tokens, step.positions(), plan, step, step, step.last_tokens()).logits[1:]
+    assert got.argmax(-1).tolist() == solo.argmax(-1).tolist()
+    torch.testing.assert_close(got.float(), solo.float(), atol=1e-3, rtol=0)

@@ -5,7 +5,8 @@
 // of `out` (B, d): out[b] = y[b], plus the delta for the rows it is given. `rows` is NULL (rows
 // 0..n-1) or n row numbers; `slots` is NULL (every row at `slot`) or n slots. A row at slot 0 is
 // skipped: every type served here holds exactly zero there (`zero_slot_is_identity`). Tables are
-// (S, ...) row-major with the slot first, in the pool's dtype; accumulation is in float.
+// (S, ...) row-major with the slot first, in the pool's dtype; accumulation is in float (bfloat16:
+// rounded to bfloat16 where the eager delta rounds, see rnd).
 // Returns 0, or -1 when a slot is outside 0..S-1 or a row outside 0..B-1 (nothing is read or written
 // out of bounds).
 
@@ -60,6 +61,20 @@ struct BF16 {  // bfloat16 as its bits; stores round to nearest even, as PyTorch
         return T(u >> 16);
     }
 };
+
+// What the eager delta rounds in bfloat16: every PyTorch op there (a matmul, an add, an activation)
+// computes in float and rounds its output to bfloat16. A bfloat16 kernel rounds at the same points,
+// so a row's delta does not depend on whether it ran fused or eagerly: the engine prefills a joiner's
+// prompt inside a decode step through the kernels (one-token rows) while its solo run prefills it
+// eagerly, and rounding once only (float accumulation throughout) changed a joiner's first token.
+template <class K>
+inline float rnd(float f) {
+    if constexpr (std::is_same<K, F32>::value) {
+        return f;
+    } else {
+        return K::load(K::store(f));
+    }
+}
 
 struct Rows {
     const int64_t *rows, *slots;
@@ -189,12 +204,13 @@ int adapterbias(void* out, const void* y_, int64_t B, int64_t d, Rows r, const v
     auto L = static_cast<const T*>(L_);
     auto b = static_cast<const T*>(b_);
     return each_row<K>(r, out, y_, B, d, [&](int64_t row, int64_t s, float* acc) {
-        float alpha = K::load(b[s]);  // alpha = L . y + b, from the base's output (before the shift)
+        float alpha = 0.f;  // alpha = L . y + b, from the base's output (before the shift)
         const T* yr = y + row * d;
         const T* l = L + s * d;
         for (int64_t j = 0; j < d; ++j) alpha += K::load(l[j]) * K::load(yr[j]);
+        alpha = rnd<K>(rnd<K>(alpha) + K::load(b[s]));
         const T* vs = v + s * d;
-        for (int64_t j = 0; j < d; ++j) acc[j] += alpha * K::load(vs[j]);
+        for (int64_t j = 0; j < d; ++j) acc[j] += rnd<K>(alpha * K::load(vs[j]));
     });
 }
 
@@ -220,11 +236,19 @@ int lora(void* out, const void* y, const void* x_, int64_t B, int64_t din, int64
     auto Bt = static_cast<const T*>(Bt_);
     auto scale = static_cast<const T*>(scale_);
     std::vector<float> h(rank);
+    std::vector<float> t(std::is_same<K, F32>::value ? 0 : dout);  // bfloat16: h B[s] before the scale
     return each_row<K>(r, out, y, B, dout, [&](int64_t row, int64_t s, float* acc) {
         shrink<K>(h.data(), x + row * din, A + s * din * rank, din, rank);  // h = x A[s]
         const float c = K::load(scale[s]);
-        for (int64_t k = 0; k < rank; ++k) h[k] *= c;
-        add_expand<K>(acc, h.data(), Bt + s * rank * dout, rank, dout);  // + scale h B[s]
+        if constexpr (std::is_same<K, F32>::value) {
+            for (int64_t k = 0; k < rank; ++k) h[k] *= c;
+            add_expand<K>(acc, h.data(), Bt + s * rank * dout, rank, dout);  // + scale h B[s]
+        } else {  // rounded where the eager delta rounds: (x A) B, then the scale (see rnd)
+            for (int64_t k = 0; k < rank; ++k) h[k] = rnd<K>(h[k]);
+            for (int64_t j = 0; j < dout; ++j) t[j] = 0.f;
+            add_expand<K>(t.data(), h.data(), Bt + s * rank * dout, rank, dout);
+            for (int64_t j = 0; j < dout; ++j) acc[j] += rnd<K>(rnd<K>(t[j]) * c);
+        }
     });
 }
 
@@ -247,12 +271,20 @@ int bottleneck(void* out, const void* y_, int64_t B, int64_t d, Rows r, const vo
     auto up = static_cast<const T*>(up_);
     auto ub = static_cast<const T*>(ub_);
     std::vector<float> z(m);
+    std::vector<float> t(std::is_same<K, F32>::value ? 0 : d);  // bfloat16: z U[s] before the bias
     return each_row<K>(r, out, y_, B, d, [&](int64_t row, int64_t s, float* acc) {
         shrink<K>(z.data(), y + row * d, down + s * d * m, d, m);  // z = f(y D[s] + b_d[s])
-        for (int64_t k = 0; k < m; ++k) z[k] = activate(z[k] + K::load(db[s * m + k]), act);
-        add_expand<K>(acc, z.data(), up + s * m * d, m, d);  // + z U[s] + b_u[s]
         const T* u = ub + s * d;
-        for (int64_t j = 0; j < d; ++j) acc[j] += K::load(u[j]);
+        if constexpr (std::is_same<K, F32>::value) {
+            for (int64_t k = 0; k < m; ++k) z[k] = activate(z[k] + K::load(db[s * m + k]), act);
+            add_expand<K>(acc, z.data(), up + s * m * d, m, d);  // + z U[s] + b_u[s]
+            for (int64_t j = 0; j < d; ++j) acc[j] += K::load(u[j]);
+        } else {  // rounded where the eager delta rounds (see rnd)
+            for (int64_t k = 0; k < m; ++k) z[k] = rnd<K>(activate(rnd<K>(rnd<K>(z[k]) + K::load(db[s * m + k])), act));
+            for (int64_t j = 0; j < d; ++j) t[j] = 0.f;
+            add_expand<K>(t.data(), z.data(), up + s * m * d, m, d);
+            for (int64_t j = 0; j < d; ++j) acc[j] += rnd<K>(rnd<K>(t[j]) + K::load(u[j]));
+        }
     });
 }
 
