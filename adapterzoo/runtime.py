@@ -263,7 +263,7 @@ def _fused_site(
     Why: a kept decode plan calls the same kernels with the same tables at every step, and each
     pool's `apply_delta` and kernel wrapper cost Python checks at each of ~420 pool sites of a mixed
     16-row step (the deltas' C work is a fraction of it)."""
-    if not pairs or not kernels.fits(y) or not _may_fuse(plan.training):
+    if not pairs or not isinstance(x, torch.Tensor) or not kernels.fits(y) or not _may_fuse(plan.training):
         return None
     calls = plan.kernel_calls.get(path, _UNBOUND)
     if calls is _UNBOUND:

@@ -193,7 +193,8 @@ def run(calls: list[Call] | tuple[Call, ...], x: torch.Tensor, y: torch.Tensor) 
         if c.x_shape is not None and (c.x_shape != x.shape or x.dtype != y.dtype or not x.is_contiguous()):
             return None
     out = torch.empty_like(y)
-    dtype, dst, src, xp = DTYPES[y.dtype], out.data_ptr(), y.data_ptr(), x.data_ptr()
+    dtype, dst, src = DTYPES[y.dtype], out.data_ptr(), y.data_ptr()
+    xp = x.data_ptr() if any(c.x_shape is not None for c in calls) else None
     for c in calls:
         code = c.fn(dtype, dst, src, xp, *c.args) if c.x_shape is not None else c.fn(dtype, dst, src, *c.args)
         _check(code, c.kernel)
