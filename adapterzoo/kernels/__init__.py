@@ -184,20 +184,22 @@ def run(calls: list[Call] | tuple[Call, ...], x: torch.Tensor, y: torch.Tensor) 
     """y plus every call's delta, in one new tensor; None (run them eagerly) where x or y is not what a
     call was checked for, or the library is missing. The first call reads y, the others add in place:
     a row belongs to one pool, and a kernel leaves the other rows as they are."""
-    lib = library()
-    if lib is None or not y.is_contiguous():
+    if not y.is_contiguous():  # (a Call exists only where the library loaded: it holds its function)
         return None
+    shape, dtype, xp = y.shape, y.dtype, None
     for c in calls:
-        if c.shape != y.shape or c.dtype != y.dtype:
+        if c.shape != shape or c.dtype != dtype:
             return None
-        if c.x_shape is not None and (c.x_shape != x.shape or x.dtype != y.dtype or not x.is_contiguous()):
-            return None
+        if c.x_shape is not None:
+            if c.x_shape != x.shape or x.dtype != dtype or not x.is_contiguous():
+                return None
+            xp = x.data_ptr()
     out = torch.empty_like(y)
-    dtype, dst, src = DTYPES[y.dtype], out.data_ptr(), y.data_ptr()
-    xp = x.data_ptr() if any(c.x_shape is not None for c in calls) else None
+    code, dst, src = DTYPES[dtype], out.data_ptr(), y.data_ptr()
     for c in calls:
-        code = c.fn(dtype, dst, src, xp, *c.args) if c.x_shape is not None else c.fn(dtype, dst, src, *c.args)
-        _check(code, c.kernel)
+        failed = c.fn(code, dst, src, xp, *c.args) if c.x_shape is not None else c.fn(code, dst, src, *c.args)
+        if failed:
+            _check(failed, c.kernel)
         src = dst
     return out
 
