@@ -145,6 +145,17 @@ inline void add_expand(float* __restrict__ acc, const float* __restrict__ h, con
     }
 }
 
+// bfloat16: acc[j] += rnd(then(rnd(sum_k h[k] W[k, j]), j)), the product rounded on its own as the
+// eager matmul's output is, then combined (LoRA's scale, Houlsby's bias) and rounded again; `t` is a
+// d-wide scratch row
+template <class K, class Then>
+inline void add_expand_rounded(float* acc, float* t, const float* h, const typename K::T* W, int64_t m, int64_t d,
+                               Then then) {
+    for (int64_t j = 0; j < d; ++j) t[j] = 0.f;
+    add_expand<K>(t, h, W, m, d);
+    for (int64_t j = 0; j < d; ++j) acc[j] += rnd<K>(then(rnd<K>(t[j]), j));
+}
+
 // h[k] = sum_i v[i] * W[i, k]: W (d, m) row-major; the inner loop over k vectorizes (__restrict__:
 // without it GCC assumed h might alias W and vectorized nothing, a 16-row Houlsby call 137 -> 77 us)
 template <class K>
@@ -245,9 +256,8 @@ int lora(void* out, const void* y, const void* x_, int64_t B, int64_t din, int64
             add_expand<K>(acc, h.data(), Bt + s * rank * dout, rank, dout);  // + scale h B[s]
         } else {  // rounded where the eager delta rounds: (x A) B, then the scale (see rnd)
             for (int64_t k = 0; k < rank; ++k) h[k] = rnd<K>(h[k]);
-            for (int64_t j = 0; j < dout; ++j) t[j] = 0.f;
-            add_expand<K>(t.data(), h.data(), Bt + s * rank * dout, rank, dout);
-            for (int64_t j = 0; j < dout; ++j) acc[j] += rnd<K>(rnd<K>(t[j]) * c);
+            add_expand_rounded<K>(acc, t.data(), h.data(), Bt + s * rank * dout, rank, dout,
+                                  [&](float v, int64_t) { return v * c; });
         }
     });
 }
@@ -281,9 +291,8 @@ int bottleneck(void* out, const void* y_, int64_t B, int64_t d, Rows r, const vo
             for (int64_t j = 0; j < d; ++j) acc[j] += K::load(u[j]);
         } else {  // rounded where the eager delta rounds (see rnd)
             for (int64_t k = 0; k < m; ++k) z[k] = rnd<K>(activate(rnd<K>(rnd<K>(z[k]) + K::load(db[s * m + k])), act));
-            for (int64_t j = 0; j < d; ++j) t[j] = 0.f;
-            add_expand<K>(t.data(), z.data(), up + s * m * d, m, d);
-            for (int64_t j = 0; j < d; ++j) acc[j] += rnd<K>(rnd<K>(t[j]) + K::load(u[j]));
+            add_expand_rounded<K>(acc, t.data(), z.data(), up + s * m * d, m, d,
+                                  [&](float v, int64_t j) { return v + K::load(u[j]); });
         }
     });
 }
