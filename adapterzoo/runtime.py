@@ -142,7 +142,7 @@ class DeltaSite:
         if y.dim() != 3:  # e.g. a pooler's (B, d): view as (B, T, d) for the types' math
             x, y = x.reshape(shape[0], -1, x.shape[-1]), y.reshape(shape[0], -1, shape[-1])
         pairs = plan.deltas_at(self.path)
-        fused = _fused_site(plan, self.path, pairs, x, y, module) if y.shape[1] == 1 else None
+        fused = _fused_site(plan, self.path, pairs, x, y, module)
         if fused is not None:
             y = fused
         else:
@@ -204,12 +204,11 @@ def apply_delta(
         # one C++ call for the pool's whole delta here (adapterzoo/kernels) instead of the type's
         # few small eager ops; for the pool's own rows only (no widening: the kernel selects rows
         # itself). None: not fusable here (an extended LoRA, an unknown activation): eager below.
-        w = use.gather(tensors, site, module)
         if fuses == "call":
-            call = atype.fused_call(x, y, w, use.rows)
+            call = _kernel_call(use, tensors, x, y, site, module)
             out = kernels.run((call,), x, y) if call is not None else None
         else:
-            out = atype.fused_delta(x, y, w, use.rows)
+            out = atype.fused_delta(x, y, use.gather(tensors, site, module), use.rows)
         if out is not None:
             return out
     if (
@@ -267,20 +266,20 @@ def _fused_site(
         return None
     calls = plan.kernel_calls.get(path, _UNBOUND)
     if calls is _UNBOUND:
-        calls = []
-        for use, tensors in pairs:
-            atype = use.pool.atype
-            call = (
-                atype.fused_call(x, y, use.gather(tensors, path, module), use.rows) if _fuses(atype) == "call" else None
-            )
-            if call is None:
-                calls = None
-                break
-            calls.append(call)
-        calls = tuple(calls) if calls is not None else None
+        calls = tuple(_kernel_call(use, tensors, x, y, path, module) for use, tensors in pairs)
+        calls = None if None in calls else calls
         if all(getattr(use.pool, "slots_are_stamped", False) for use, _ in pairs):
             plan.kernel_calls[path] = calls
     return kernels.run(calls, x, y) if calls is not None else None
+
+
+def _kernel_call(use: PoolUse, tensors, x: torch.Tensor, y: torch.Tensor, site: str | None, module):
+    """The pool's checked kernel call at `site` (its type's `fused_call`), or None: its type offers none,
+    or not for this pool and these x, y."""
+    atype = use.pool.atype
+    if _fuses(atype) != "call":
+        return None
+    return atype.fused_call(x, y, use.gather(tensors, site, module), use.rows)
 
 
 _UNBOUND = object()

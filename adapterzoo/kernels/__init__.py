@@ -120,20 +120,16 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
-def decode_step(x: torch.Tensor, y: torch.Tensor, training: bool) -> bool:
-    """Whether this site's deltas may run fused: one token a row, no autograd, on the CPU, float32 or
-    bfloat16, kernels on and built. Anything else (training, a prefill, CUDA) runs eagerly."""
-    return fits(y) and may_fuse(training)
-
-
 def may_fuse(training: bool) -> bool:
-    """The part of `decode_step` that is the same at every site of a forward (the core asks once a
-    forward: reading the environment at each of ~420 sites a mixed decode step cost ~1 us each)."""
+    """Whether a forward's deltas may run fused: no autograd, kernels on and built. The same at every site
+    of a forward (the core asks once a forward: reading the environment at each of ~420 sites of a mixed
+    decode step cost ~1 us each). Anything else (training) runs eagerly."""
     return not training and not torch.is_grad_enabled() and enabled() and library() is not None
 
 
 def fits(y: torch.Tensor) -> bool:
-    """The part of `decode_step` that depends on the site's output: one token a row, CPU, float32 or bfloat16."""
+    """Whether a site's output may take the kernels: one token a row (a decode step), on the CPU, float32
+    or bfloat16. Anything else (a prefill, CUDA, another dtype) runs eagerly."""
     return y.shape[1] == 1 and y.is_cpu and y.dtype in DTYPES
 
 
