@@ -123,10 +123,8 @@ def test_pairs_of_pools_without_dora(built, monkeypatch, kind):
 
 
 def test_engine_with_more_adapters_than_slots_and_joins(built):
-    import time
-
-    from adapterzoo.serve import Engine, SamplingParams
-    from tests.serve.conftest import TYPE_NAMES, make_adapters
+    from adapterzoo.serve import Engine
+    from tests.serve.conftest import TYPE_NAMES, make_adapters, submit_in_two_waves
 
     zoo = tiny_zoo("llama", slots=2)
     names = [f"{t}{k}" for k in range(3) for t in TYPE_NAMES]
@@ -134,11 +132,7 @@ def test_engine_with_more_adapters_than_slots_and_joins(built):
     prompts = ["abc ->", "hello", "x", "the quick brown", "1 2 3", "zz top", "q"]
     jobs = [(prompts[i % len(prompts)], [*names, None][(i * 7) % (len(names) + 1)], 2 + (i * 5) % 7) for i in range(30)]
     with Engine(zoo, max_batch=5) as engine:
-        handles = [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[:4]]
-        while engine.steps < 2:
-            time.sleep(0.005)
-        handles += [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[4:]]
-        results = [h.result(120) for h in handles]
+        results = submit_in_two_waves(engine, jobs, 4)
     for (p, a, n), done in zip(jobs, results):
         assert done.error is None, done.error
         assert done.text == zoo.generate([p], [a], max_new_tokens=n)[0], (p, a)

@@ -41,6 +41,18 @@ def make_adapters(zoo: Zoo, folder: Path | None, names: list[str], *, seed0: int
             zoo.save_adapter(name, folder / name)
 
 
+def submit_in_two_waves(engine, jobs: list[tuple[str, str | None, int]], first: int, timeout: float = 120) -> list:
+    """Submit `jobs` ((prompt, adapter, max_tokens)) to a running engine: the first `first` at once, the
+    rest once it has run two steps, so that they join rows already decoding; their results, in order."""
+    from adapterzoo.serve import SamplingParams
+
+    handles = [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[:first]]
+    while engine.steps < 2:
+        time.sleep(0.005)
+    handles += [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[first:]]
+    return [h.result(timeout) for h in handles]
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return save_base(tmp_path_factory.mktemp("tiny-llama"))

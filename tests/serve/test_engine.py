@@ -13,7 +13,7 @@ from adapterzoo.serve.engine import _safe_end
 from adapterzoo.serve.resolver import HostResolver
 from adapterzoo.testing.models import tiny_zoo
 
-from .conftest import TYPE_NAMES, make_adapters
+from .conftest import TYPE_NAMES, make_adapters, submit_in_two_waves
 
 PROMPTS = ["abc ->", "hello", "x", "the quick brown", "1 2 3", "zz top", "q", "a much longer prompt than the rest"]
 
@@ -37,11 +37,7 @@ def test_requests_joining_and_leaving_get_their_solo_output(family):
     names = [*TYPE_NAMES, None]
     jobs = [(PROMPTS[i % len(PROMPTS)], names[i % len(names)], 3 + (i * 5) % 9) for i in range(21)]
     with Engine(zoo, max_batch=6) as engine:
-        handles = [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[:7]]
-        while engine.steps < 2:
-            time.sleep(0.005)
-        handles += [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[7:]]
-        results = [h.result(120) for h in handles]
+        results = submit_in_two_waves(engine, jobs, 7)
     assert engine.steps > 0
     outputs = set()
     for (prompt, adapter, n), done in zip(jobs, results):

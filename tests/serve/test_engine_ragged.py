@@ -13,7 +13,7 @@ from adapterzoo.serve import Engine, SamplingParams
 from adapterzoo.serve.ragged import JoinStep
 from adapterzoo.testing.models import tiny_zoo
 
-from .conftest import TYPE_NAMES, make_adapters
+from .conftest import TYPE_NAMES, make_adapters, submit_in_two_waves
 
 PROMPTS = ["abc ->", "hello", "x", "the quick brown", "1 2 3", "zz top", "q", "a much longer prompt than the rest"]
 
@@ -37,11 +37,7 @@ def test_requests_that_join_inside_a_decode_step_get_their_solo_output_with_ever
     jobs = [(PROMPTS[i % len(PROMPTS)], names[i % len(names)], 2 + (i * 5) % 9) for i in range(28)]
     with Engine(zoo, max_batch=6) as engine:
         assert engine.join_in_step
-        handles = [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[:4]]
-        while engine.steps < 2:
-            time.sleep(0.005)
-        handles += [engine.submit(p, a, SamplingParams(max_tokens=n)) for p, a, n in jobs[4:]]
-        results = [h.result(120) for h in handles]
+        results = submit_in_two_waves(engine, jobs, 4)
         joined_in_step = engine.stats()["joined_in_step"]
     assert joined_in_step >= 20  # of the 24 that came while rows decoded
     for (prompt, adapter, n), done in zip(jobs, results):
