@@ -12,7 +12,7 @@ The library is plain C (no torch headers, so it builds in about a second), compi
 system compiler ($CXX, else c++ or g++) into the torch extensions folder, keyed by its source and
 flags, and loaded with ctypes. Where there is no compiler or the build fails, a warning is logged
 once and every delta runs eagerly, as before. ADAPTERZOO_KERNELS=0 forces the eager path (read at
-every call, so tests can compare both in one process).
+every forward, so tests can compare both in one process).
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ class Call(NamedTuple):
 
 def run(calls: list[Call] | tuple[Call, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
     """y plus every call's delta, in one new tensor; None (run them eagerly) where x or y is not what a
-    call was checked for, or the library is missing. The first call reads y, the others add in place:
+    call was checked for. The first call reads y, the others add in place:
     a row belongs to one pool, and a kernel leaves the other rows as they are."""
     if not y.is_contiguous():  # (a Call exists only where the library loaded: it holds its function)
         return None
