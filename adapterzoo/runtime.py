@@ -13,6 +13,7 @@ prefill, as PEFT does, so decode steps copy nothing more than the base.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -142,7 +143,8 @@ class DeltaSite:
         if y.dim() != 3:  # e.g. a pooler's (B, d): view as (B, T, d) for the types' math
             x, y = x.reshape(shape[0], -1, x.shape[-1]), y.reshape(shape[0], -1, shape[-1])
         pairs = plan.deltas_at(self.path)
-        fused = _fused_site(plan, self.path, pairs, x, y, module)
+        owned = y is output and _owned(y)  # (a statement of its own: as an argument below, y counts twice)
+        fused = _fused_site(plan, self.path, pairs, x, y, module, owned)
         if fused is not None:
             y = fused
         else:
@@ -252,12 +254,22 @@ def _may_fuse(training: bool) -> bool:
     return cell[0]
 
 
+def _owned(y: torch.Tensor) -> bool:
+    """Whether a module's output is its caller's alone to change: no Python reference but the caller's
+    two (`output`, `y`) and this call's, and no other tensor on its storage (a view of the input or of
+    a tensor the module keeps: in inference mode views are not marked as views). A linear layer's or
+    a norm's output is; an identity's, or a kept buffer's, is not."""
+    uses = getattr(torch._C, "_storage_Use_Count", None)  # (private: without it, never)
+    return uses is not None and sys.getrefcount(y) <= 4 and uses(y.untyped_storage()._cdata) <= 2
+
+
 def _fused_site(
-    plan: BatchPlan, path: str, pairs: list, x: torch.Tensor, y: torch.Tensor, module
+    plan: BatchPlan, path: str, pairs: list, x: torch.Tensor, y: torch.Tensor, module, owned: bool = False
 ) -> torch.Tensor | None:
     """Every pool's delta at a site of a decode step in one `kernels.run`, with the kernels' calls
     checked once per plan and site (kept with a plan whose pools are all slot pools); None where a
-    pool offers no `fused_call` here (then each pool runs `apply_delta`, as before).
+    pool offers no `fused_call` here (then each pool runs `apply_delta`, as before). `owned`: y is
+    the module's fresh output (`_owned`), so the deltas are added into it (`kernels.run`'s `into_y`).
 
     Why: a kept decode plan calls the same kernels with the same tables at every step, and each
     pool's `apply_delta` and kernel wrapper cost Python checks at each of ~420 pool sites of a mixed
@@ -270,7 +282,7 @@ def _fused_site(
         calls = None if None in calls else calls
         if all(getattr(use.pool, "slots_are_stamped", False) for use, _ in pairs):
             plan.kernel_calls[path] = calls
-    return kernels.run(calls, x, y) if calls is not None else None
+    return kernels.run(calls, x, y, into_y=owned) if calls is not None else None
 
 
 def _kernel_call(use: PoolUse, tensors, x: torch.Tensor, y: torch.Tensor, site: str | None, module):

@@ -296,3 +296,49 @@ def test_a_bound_call_refuses_a_y_it_was_not_checked_for(built):
     assert kernels.run((call,), torch.zeros(3, 1, 8), torch.zeros(3, 1, 8)) is None  # another batch
     assert kernels.run((call,), torch.zeros(2, 1, 8), torch.zeros(2, 1, 8, dtype=torch.bfloat16)) is None
     assert kernels.run((call,), torch.zeros(2, 1, 8), torch.zeros(2, 1, 16)[..., ::2]) is None  # strided
+
+
+def test_a_modules_fresh_output_takes_the_deltas_in_place_and_equals_the_eager_path(built, monkeypatch):
+    zoo = _zoo("bitfit")
+    names = ["bitfit-0", None, "bitfit-1"]
+    runs = []
+    run = kernels.run
+
+    def recording(calls, x, y, **kw):
+        out = run(calls, x, y, **kw)
+        runs.append(out is y)
+        return out
+
+    monkeypatch.setattr(kernels, "run", recording)
+    monkeypatch.setenv("ADAPTERZOO_KERNELS", "0")
+    eager = _decode(zoo, names)
+    monkeypatch.setenv("ADAPTERZOO_KERNELS", "1")
+    fused = _decode(zoo, names)
+    assert runs and all(runs)  # every site's output here is a linear's or a norm's own
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["a tensor it keeps", "a view of a tensor it keeps", "its input"])
+def test_an_output_that_something_else_holds_is_never_written_by_the_kernels(built, monkeypatch, kind):
+    # a module that hands back a tensor it keeps, or its input (as an identity does): adding the rows'
+    # deltas into it would change what the module or its caller holds
+    zoo = _zoo("bitfit")
+    path = "model.layers.0.self_attn.o_proj"  # (hidden -> hidden: an identity fits here)
+    module = zoo.model.get_submodule(path)
+    held = []
+
+    def forward(x):
+        y = x if kind == "its input" else torch.nn.functional.linear(x, module.weight)
+        kept = y.reshape(-1, y.shape[-1]) if kind == "a view of a tensor it keeps" else y
+        held.append((kept, kept.clone()))  # the tensor, and what it held when handed back
+        return kept.view(y.shape)
+
+    runtime.set_instance_forward(module, forward)
+    monkeypatch.setenv("ADAPTERZOO_KERNELS", "0")
+    eager = _decode(zoo, ["bitfit-0", "bitfit-1"])
+    monkeypatch.setenv("ADAPTERZOO_KERNELS", "1")
+    held.clear()
+    fused = _decode(zoo, ["bitfit-0", "bitfit-1"])
+    for tensor, handed_back in held:
+        assert torch.equal(tensor, handed_back)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)

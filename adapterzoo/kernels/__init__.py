@@ -176,10 +176,17 @@ class Call(NamedTuple):
     keep: tuple
 
 
-def run(calls: list[Call] | tuple[Call, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+def run(
+    calls: list[Call] | tuple[Call, ...], x: torch.Tensor, y: torch.Tensor, *, into_y: bool = False
+) -> torch.Tensor | None:
     """y plus every call's delta, in one new tensor; None (run them eagerly) where x or y is not what a
     call was checked for. The first call reads y, the others add in place:
-    a row belongs to one pool, and a kernel leaves the other rows as they are."""
+    a row belongs to one pool, and a kernel leaves the other rows as they are.
+
+    `into_y`: y is the caller's own (a module's fresh output that nothing else holds), so the deltas
+    are added into it and y is returned. Why: the new tensor meant a pass over every row of y, in a
+    mixed batch mostly rows of no call here, by one core, just after both cores wrote y; into y, only
+    the calls' rows are touched (a 16-row mixed SmolLM2 decode step 1.164x -> 1.139x of the base's)."""
     if not y.is_contiguous():  # (a Call exists only where the library loaded: it holds its function)
         return None
     shape, dtype, xp = y.shape, y.dtype, None
@@ -190,7 +197,7 @@ def run(calls: list[Call] | tuple[Call, ...], x: torch.Tensor, y: torch.Tensor) 
             if c.x_shape != x.shape or x.dtype != dtype or not x.is_contiguous():
                 return None
             xp = x.data_ptr()
-    out = torch.empty_like(y)
+    out = y if into_y else torch.empty_like(y)
     code, dst, src = DTYPES[dtype], out.data_ptr(), y.data_ptr()
     for c in calls:
         failed = c.fn(code, dst, src, xp, *c.args) if c.x_shape is not None else c.fn(code, dst, src, *c.args)
