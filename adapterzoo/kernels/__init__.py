@@ -139,10 +139,10 @@ def _rows(rows: torch.Tensor | None, slots: torch.Tensor | int, batch: int) -> t
     for t in (rows, slots):
         if isinstance(t, torch.Tensor) and not (t.dtype == torch.int64 and t.is_cpu and t.is_contiguous()):
             return None
-    n = batch if rows is None else len(rows)
+    n = batch if rows is None else rows.shape[0]  # (shape, not len(): Tensor.__len__ is Python, ~1.5 us)
     if isinstance(slots, int):
         return (None if rows is None else rows.data_ptr(), None, slots, n)
-    if len(slots) != n:
+    if slots.dim() != 1 or slots.shape[0] != n:
         return None
     return (None if rows is None else rows.data_ptr(), slots.data_ptr(), 0, n)
 
