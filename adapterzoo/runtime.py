@@ -137,12 +137,14 @@ class DeltaSite:
         plan = _ACTIVE.get()
         if plan is None or not plan.deltas:
             return output
+        pairs = plan.deltas_at(self.path)
+        if not pairs:  # no pool of this plan here (a LoRA-only batch at one of BitFit's 271 sites)
+            return output
         x = args[0] if args else next(iter(kwargs.values()))
         y = output[0] if isinstance(output, tuple) else output
         shape = y.shape
         if y.dim() != 3:  # e.g. a pooler's (B, d): view as (B, T, d) for the types' math
             x, y = x.reshape(shape[0], -1, x.shape[-1]), y.reshape(shape[0], -1, shape[-1])
-        pairs = plan.deltas_at(self.path)
         owned = y is output and _owned(y)  # (a statement of its own: as an argument below, y counts twice)
         fused = _fused_site(plan, self.path, pairs, x, y, module, owned)
         if fused is not None:
