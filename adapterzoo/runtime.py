@@ -260,9 +260,21 @@ def _owned(y: torch.Tensor) -> bool:
     """Whether a module's output is its caller's alone to change: no Python reference but the caller's
     two (`output`, `y`) and this call's, and no other tensor on its storage (a view of the input or of
     a tensor the module keeps: in inference mode views are not marked as views). A linear layer's or
-    a norm's output is; an identity's, or a kept buffer's, is not."""
+    a norm's output is; an identity's, or a kept buffer's, is not.
+
+    Nor may its memory be anyone else's by a way those counts miss (found by an attack review: the
+    kernels wrote the rows' deltas into memory the module kept): a storage on borrowed memory
+    (from_numpy, frombuffer, from_dlpack, from_file: not resizable, as torch's own allocations are),
+    or shared with other processes, or whose storage object someone holds (`y.untyped_storage()`
+    gives the same object each time, so the storage's use count does not show it)."""
     uses = getattr(torch._C, "_storage_Use_Count", None)  # (private: without it, never)
-    return uses is not None and sys.getrefcount(y) <= 4 and uses(y.untyped_storage()._cdata) <= 2
+    if uses is None or sys.getrefcount(y) > 4:
+        return False
+    storage = y.untyped_storage()  # (refcount 3 when no one else holds it: this local, getrefcount's
+    # argument and the storage's own, as measured; tests/test_kernels.py checks that fresh outputs pass)
+    return (
+        storage.resizable() and not storage.is_shared() and sys.getrefcount(storage) <= 3 and uses(storage._cdata) <= 2
+    )
 
 
 def _fused_site(

@@ -264,3 +264,59 @@ def test_a_bfloat16_joiner_prefilled_through_the_kernels_gets_its_solo_prefills_
     got = zoo.forward_tokens(tokens, step.positions(), plan, step, step, step.last_tokens()).logits[1:]
     assert got.argmax(-1).tolist() == solo.argmax(-1).tolist()
     torch.testing.assert_close(got.float(), solo.float(), atol=1e-3, rtol=0)
+
+
+def _hold_through(kind: str, module, held: list):
+    """A forward whose fresh-looking output shares memory with something the module keeps, in a way
+    that no second tensor on its storage and no Python reference to it shows."""
+    import numpy as np
+
+    def forward(x):
+        y = torch.nn.functional.linear(x, module.weight)
+        dtype = y.dtype  # (the readers below must not hold y itself)
+        if kind == "a numpy array it keeps":  # e.g. a layer run by another library into its own buffer
+            kept = np.array(y.numpy())
+            out = torch.from_numpy(kept)
+            held.append((lambda: torch.from_numpy(kept), out.clone()))
+        elif kind == "a bytearray it keeps":
+            kept = bytearray(y.numpy().tobytes())
+            out = torch.frombuffer(kept, dtype=y.dtype).view(y.shape)
+            held.append((lambda: torch.frombuffer(kept, dtype=dtype), out.clone()))
+        elif kind == "a tensor it keeps, through dlpack":
+            kept = y.clone()
+            out = torch.from_dlpack(kept.__dlpack__())
+            held.append((lambda: kept, out.clone()))
+        else:  # "its storage, which it keeps"
+            out, storage = y, y.untyped_storage()
+            held.append((lambda: torch.empty(0, dtype=dtype).set_(storage), out.clone()))
+        return out
+
+    return forward
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "a numpy array it keeps",
+        "a bytearray it keeps",
+        "a tensor it keeps, through dlpack",
+        "its storage, which it keeps",
+    ],
+)
+def test_an_output_on_memory_the_module_keeps_by_other_means_is_never_written_by_the_kernels(built, monkeypatch, kind):
+    """runtime._owned counted Python references and tensors on the storage only: an output made with
+    from_numpy / frombuffer / from_dlpack (its storage borrows memory someone else owns), or whose
+    storage object the module keeps, looked like the module's own, and the kernels added the rows'
+    deltas into the module's kept memory."""
+    from adapterzoo import runtime
+
+    zoo = _zoo(["bitfit"], copies=2)
+    module = zoo.model.get_submodule("model.layers.0.self_attn.o_proj")
+    held = []
+    runtime.set_instance_forward(module, _hold_through(kind, module, held))
+    names = ["bitfit-0", "bitfit-1"]
+    eager, fused = _both(monkeypatch, lambda: zoo, names, steps=2)
+    assert held
+    for read, handed_back in held:
+        assert torch.equal(read().reshape(handed_back.shape), handed_back)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
