@@ -36,9 +36,9 @@ def _zoo(kinds, copies=3, slots=4, **kw):
     return zoo
 
 
-def _run(zoo, names, steps=4, between=None, plan_rows=None):
+def _run(zoo, names, steps=4, between=None, plan_rows=None, mode=torch.inference_mode):
     prompt = torch.randint(4, 100, (len(names), 5), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
+    with mode():
         out = zoo.forward(prompt, None, names, cache=zoo.new_cache())
         plan = zoo.plan(names, training=False)
         cache, mask, logits = out.cache, out.attention_mask, []
@@ -320,3 +320,56 @@ def test_an_output_on_memory_the_module_keeps_by_other_means_is_never_written_by
     for read, handed_back in held:
         assert torch.equal(read().reshape(handed_back.shape), handed_back)
     torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("always_call", [False, True])
+@pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad"])
+def test_a_site_nested_in_another_keeps_what_a_hook_on_the_inner_one_was_handed(
+    built, monkeypatch, always_call, grad_mode
+):
+    """o_proj's forward returns q_proj's (a site inside a site): the inner site's output, once its deltas
+    are in, is the outer module's output. A forward hook on q_proj keeps what it was handed; the outer
+    site's deltas must not be added into it, and every logit equals the eager path's."""
+    from adapterzoo import runtime
+
+    zoo = _zoo(["bitfit", "lora"], copies=2)
+    layer = zoo.model.get_submodule("model.layers.0.self_attn")
+    if layer.q_proj.out_features != layer.o_proj.out_features:
+        pytest.skip("q_proj and o_proj differ in width here")
+    runtime.set_instance_forward(layer.o_proj, lambda x: layer.q_proj(x))
+    held = []
+    layer.q_proj.register_forward_hook(lambda m, a, o: held.append((o, o.clone())), always_call=always_call)
+    names = ["bitfit-0", "lora-1", None, "lora-0"]
+    eager, fused = _both(monkeypatch, lambda: zoo, names, steps=2, mode=getattr(torch, grad_mode))
+    assert held
+    for tensor, handed in held:
+        assert torch.equal(tensor, handed)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chain_of_calls_added_into_y_itself_gives_what_it_gives_into_a_new_tensor(built, dtype):
+    """run(into_y=True): every call reads and writes y itself, from the first on; a y-reading kernel
+    (bottleneck, adapterbias) must still read its own rows before any call wrote them, and the rows of
+    no call stay as they were."""
+    g = torch.Generator().manual_seed(7)
+    B, d, m, S = 9, 48, 8, 3
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(dtype)  # noqa: E731
+    x, y = r(B, 1, d), r(B, 1, d)
+    perm = torch.randperm(B, generator=g)
+    rows = [perm[0:2].contiguous(), perm[2:4].contiguous(), perm[4:6].contiguous(), perm[6:8].contiguous()]
+    slots = [torch.tensor([1, 2]) for _ in rows]
+    down, db, up, ub, v, L, b, bias = r(S, d, m), r(S, m), r(S, m, d), r(S, d), r(S, d), r(S, d), r(S, 1), r(S, d)
+    A, Bt, scale = r(S, d, 4), r(S, 4, d), r(S)
+    calls = [
+        kernels.bottleneck_call(y, down, db, up, ub, "swish", rows[0], slots[0]),
+        kernels.adapterbias_call(y, v, L, b, rows[1], slots[1]),
+        kernels.lora_call(x, y, A, Bt, scale, rows[2], slots[2]),
+        kernels.bias_call(y, bias, rows[3], slots[3]),
+    ]
+    assert all(c is not None for c in calls)
+    want = kernels.run(calls, x, y)
+    into = y.clone()
+    assert kernels.run(calls, x, into, into_y=True) is into
+    assert torch.equal(into, want)
+    assert torch.equal(into[perm[8]], y[perm[8]])
