@@ -363,7 +363,11 @@ def run_shape(name: str, args, zoo, tokenizer, folder: Path, adapters_dir: Path,
     runs: dict[str, list[dict]] = {s: [] for s in systems}
     loads = []
     try:
-        run_ours(zoo, [(ids, a, 2) for ids, a, _ in jobs[:batch]], batch, lora)  # warm-up
+        warm = [(ids, a, 2) for ids, a, _ in jobs[:batch]]
+        run_ours(zoo, warm, batch, lora)  # warm-up
+        for case in cases:  # each other type too: its first run created and filled its pools
+            if case in type_names:
+                run_ours(zoo, warm, batch, type_names[case])
         if vllm:
             vllm.run([(ids, a, 2) for ids, a, _ in jobs[:batch]], True)
         for r in range(rounds):
