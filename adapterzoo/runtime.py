@@ -267,7 +267,7 @@ def _owned(y: torch.Tensor) -> bool:
     (from_numpy, frombuffer, from_dlpack, from_file: not resizable, as torch's own allocations are),
     or shared with other processes, or whose storage object someone holds (`y.untyped_storage()`
     gives the same object each time, so the storage's use count does not show it)."""
-    uses = getattr(torch._C, "_storage_Use_Count", None)  # (private: without it, never)
+    uses = _STORAGE_USES
     if uses is None or sys.getrefcount(y) > _FRESH_COUNTS[0]:
         return False
     storage = y.untyped_storage()
@@ -297,6 +297,7 @@ def _fresh_counts() -> tuple[int, int]:
     return seen[0]
 
 
+_STORAGE_USES = getattr(torch._C, "_storage_Use_Count", None)  # (private: without it, `_owned` is never true)
 _FRESH_COUNTS = _fresh_counts()
 
 
@@ -311,7 +312,7 @@ def _fused_site(
     Why: a kept decode plan calls the same kernels with the same tables at every step, and each
     pool's `apply_delta` and kernel wrapper cost Python checks at each of ~420 pool sites of a mixed
     16-row step (the deltas' C work is a fraction of it)."""
-    if not pairs or not isinstance(x, torch.Tensor) or not kernels.fits(y) or not _may_fuse(plan.training):
+    if not isinstance(x, torch.Tensor) or not kernels.fits(y) or not _may_fuse(plan.training):
         return None
     calls = plan.kernel_calls.get(path, _UNBOUND)
     if calls is _UNBOUND:

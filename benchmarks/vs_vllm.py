@@ -369,7 +369,7 @@ def run_shape(name: str, args, zoo, tokenizer, folder: Path, adapters_dir: Path,
             if case in type_names:
                 run_ours(zoo, warm, batch, type_names[case])
         if vllm:
-            vllm.run([(ids, a, 2) for ids, a, _ in jobs[:batch]], True)
+            vllm.run(warm, True)
         for r in range(rounds):
             for s, fn in systems.items():
                 if r >= args.type_rounds and s.removeprefix("ours ") in OTHER_TYPES:
