@@ -783,6 +783,106 @@ def _numbered_routing_phrasings(family: str, n: str) -> tuple[str, ...]:
     }[family]
 
 
+# A second, fresh held-out set, written on 2026-12-02 by someone not tuning the router: by then the
+# router had been tuned while reading the held-out paraphrases above, so they were no longer an unseen
+# test. These are disjoint from (and not one-word edits of) every training, held-out and routing
+# phrasing of every task. Measure on them (``held_out="fresh"``, `benchmarks/routing.py --held-out
+# fresh`); no router change may be tuned on them, or they stop being an honest test too.
+_FRESH_PHRASINGS: dict[str, tuple[str, ...]] = {
+    "reverse": (
+        "Start from the final letter and spell the word back to the beginning",
+        "Could you write this word out in the opposite direction?",
+        "Turn the word around so it reads end to start",
+    ),
+    "sort": (
+        "Rearrange the letters so they follow the alphabet, the one nearest a first",
+        "Could you put these letters in the order they come in the alphabet?",
+        "Give me the letters in dictionary order, earliest letter first",
+    ),
+    "sort-desc": (
+        "Rearrange the letters so the one latest in the alphabet comes first",
+        "Could you order these letters going backwards through the alphabet, z end first?",
+        "List the letters from the end of the alphabet toward its start",
+    ),
+    "rotate-left": (
+        "Take the opening letter off and stick it on after the rest",
+        "Shift everything one position toward the front, wrapping the first letter around to the back",
+        "Could you cut the initial character and append it after the last one?",
+    ),
+    "rotate-right": (
+        "Take the closing letter off and stick it on before the rest",
+        "Shift everything one position toward the back, wrapping the last letter around to the front",
+        "Could you cut the final character and prepend it before the first one?",
+    ),
+    "pair-swap": (
+        "Go through the letters two at a time and switch the two in each twosome, leaving any odd one out alone",
+        "Could you flip every consecutive pair of letters (1st with 2nd, 3rd with 4th, and onward)?",
+        "Interchange the letters in positions one-two, three-four, five-six",
+    ),
+    "double": (
+        "Type each letter a second time right after itself",
+        "Could you echo every character so it shows up twice?",
+        "Put a copy of every letter right next to it",
+    ),
+    "upper": (
+        "Change all the lowercase letters to capitals",
+        "Could you write this in block capitals?",
+        "Switch every letter to its upper-case form",
+    ),
+    "atbash": (
+        "Replace every letter with the one the same distance from the other end of the alphabet",
+        "Could you encode this by flipping the alphabet, so a becomes z and z becomes a?",
+        "Use the cipher that reads the alphabet backwards, a for z, b for y",
+    ),
+    "digits-words": (
+        "Write out the English name of every digit, one by one",
+        "Could you replace each numeral with its English word?",
+        "Read this number aloud one digit at a time as English words",
+    ),
+    "digits-reverse": (
+        "Write the digits of this number starting from the last one",
+        "Could you turn this number around so it reads back to front?",
+        "Give me the number with its digit order reversed end to end",
+    ),
+    "digits-sort": (
+        "Rearrange the digits from lowest to highest",
+        "Could you list the digits of this number in ascending numeric order?",
+        "Order all the digits so they go up from smallest to biggest",
+    ),
+}
+
+
+def _fresh_family_phrasings(family: str, n: str) -> tuple[str, ...]:
+    """The fresh held-out phrasings of a numbered family, for the task numbered ``n`` (see `_FRESH_PHRASINGS`)."""
+    return {
+        "caesar": (
+            f"Replace every letter with whatever letter sits {n} after it in the alphabet, wrapping from z to a",
+            f"Could you Caesar-encrypt this, shifting forward {n}?",
+            f"Step each letter forward {n} in the alphabet, looping past z back to a",
+        ),
+        "perm": (
+            f"Run the letters through substitution key number {n}",
+            f"Could you scramble this with letter cipher #{n}?",
+            f"Look up every letter in letter-substitution table {n}",
+        ),
+        "dshift": (
+            f"Replace each digit d with (d + {n}) mod 10",
+            f"Could you raise every single digit by {n}, looping back to 0 after 9?",
+            f"Count {n} up from each digit, wrapping around after nine",
+        ),
+        "dperm": (
+            f"Run the digits through substitution key number {n}",
+            f"Could you scramble this number with digit cipher #{n}?",
+            f"Look up every digit in digit-substitution table {n}",
+        ),
+        "addmod": (
+            f"What do the two numbers add up to, modulo {n}?",
+            f"Add these two numbers and give the remainder when divided by {n}",
+            f"Compute (a + b) mod {n} for this pair of numbers",
+        ),
+    }[family]
+
+
 def _family_phrasings(task: Task) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Phrasings for the numbered families, built from the number that tells the tasks apart."""
     n = task.name.rsplit("-", 1)[-1]
@@ -814,9 +914,17 @@ def _family_phrasings(task: Task) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return _REORDER_PHRASINGS[task.name]
 
 
-def phrasings(task: Task | str, held_out: bool = False) -> tuple[str, ...]:
-    """The instructions of a task: its training phrasings, or the held-out ones (``held_out=True``)."""
+def phrasings(task: Task | str, held_out: bool | str = False) -> tuple[str, ...]:
+    """The instructions of a task: its training phrasings (``held_out=False``), the held-out
+    paraphrases (``held_out=True``) or the fresh held-out set written later (``held_out="fresh"``,
+    see `_FRESH_PHRASINGS`: the one to measure a tuned router on)."""
     task = get_task(task) if isinstance(task, str) else task
+    if isinstance(held_out, str):
+        if held_out != "fresh":
+            raise ValueError(f"held_out must be False, True or 'fresh', got {held_out!r}")
+        if task.name in _FRESH_PHRASINGS:
+            return _FRESH_PHRASINGS[task.name]
+        return _fresh_family_phrasings(task.family, task.name.rsplit("-", 1)[-1])
     train, test = _family_phrasings(task)
     return test if held_out else train
 
@@ -840,13 +948,13 @@ def routing_examples(task: Task | str, n: int = 24, seed: int = 0) -> list[str]:
 
 
 def instructed_examples(
-    task: Task | str, n: int, split: str = "train", seed: int = 0, held_out: bool = False
+    task: Task | str, n: int, split: str = "train", seed: int = 0, held_out: bool | str = False
 ) -> list[Example]:
     """``n`` examples whose prompts start with an instruction: ``"Reverse the word: h e l l o ->"``.
 
     The phrasing cycles through the task's training phrasings (or, with ``held_out=True``, its
-    held-out paraphrases), so every phrasing is seen equally often. Inputs, splits and answers are
-    those of :meth:`Task.examples`.
+    held-out paraphrases; with ``held_out="fresh"``, its fresh held-out set: see `phrasings`), so
+    every phrasing is seen equally often. Inputs, splits and answers are those of :meth:`Task.examples`.
     """
     task = get_task(task) if isinstance(task, str) else task
     lines = phrasings(task, held_out)

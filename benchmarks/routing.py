@@ -20,6 +20,12 @@ Held-out inputs (test split) with instructions phrased differently from training
     python benchmarks/routing.py --library lib116 --n 12  # a whole built library: results/routing_116.json
     python benchmarks/routing.py --against 9c4f77f     # cost A/B against routing.py at that commit
     python benchmarks/routing.py --cv                  # tune the choice on routing examples only
+    python benchmarks/routing.py --held-out fresh      # test on the fresh held-out set (never tune on it)
+
+--held-out picks the test instructions: `paraphrases` (default) are the held-out paraphrases the
+router was tuned while reading; `fresh` is the second set written on 2026-12-02 by someone not
+tuning the router (`adapterzoo.tasks._FRESH_PHRASINGS`), the honest test. Results on `fresh` go to
+their own file (suffix `_fresh`).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ from adapterzoo.tasks import all_tasks, get_task, instructed_examples, routing_e
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTERS = ("prototype", "arrow")
+#: --held-out choice -> the `held_out` argument of `instructed_examples` for the test prompts
+HELD_OUT_SETS = {"paraphrases": True, "fresh": "fresh"}
 
 GENERAL_PROMPTS = [
     "What should I cook for dinner tonight?",
@@ -103,9 +111,16 @@ def load_library(zoo: Zoo, folder: Path) -> dict[str, object]:
     return tasks
 
 
-def trained(zoo: Zoo, tasks: dict, n: int, layer: int | None, methods: tuple[str, ...] = ROUTERS) -> dict:
+def trained(
+    zoo: Zoo,
+    tasks: dict,
+    n: int,
+    layer: int | None,
+    methods: tuple[str, ...] = ROUTERS,
+    held_out: bool | str = True,
+) -> dict:
     names = list(tasks)
-    data = {name: instructed_examples(task, n, "test", seed=5, held_out=True) for name, task in tasks.items()}
+    data = {name: instructed_examples(task, n, "test", seed=5, held_out=held_out) for name, task in tasks.items()}
     prompts = [ex.prompt for name in names for ex in data[name]]
     truth = [name for name in names for _ in data[name]]
     # each row group: (adapter or None, task, examples), and the task whose inputs they are
@@ -152,7 +167,7 @@ def trained(zoo: Zoo, tasks: dict, n: int, layer: int | None, methods: tuple[str
     return result
 
 
-def at_scale(base: str, size: int, n: int, layer: int | None) -> dict:
+def at_scale(base: str, size: int, n: int, layer: int | None, held_out: bool | str = True) -> dict:
     """Routing accuracy among `size` adapters that carry their tasks' routing examples."""
     zoo = Zoo.from_pretrained(base, device="cpu", slots=4)
     names = list(all_tasks())[:size] if size >= len(all_tasks()) else _spread(size)
@@ -163,7 +178,7 @@ def at_scale(base: str, size: int, n: int, layer: int | None) -> dict:
     setup = time.perf_counter() - start
     prompts, truth = [], []
     for name in names:
-        for ex in instructed_examples(name, n, "test", seed=5, held_out=True):
+        for ex in instructed_examples(name, n, "test", seed=5, held_out=held_out):
             prompts.append(ex.prompt)
             truth.append(name)
     chosen = [d.adapter for d in route(zoo, prompts, layer=layer)]
@@ -334,6 +349,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--against", default="", help="git revision: also time routing.py as it was there (A/B)")
     parser.add_argument(
+        "--held-out",
+        choices=tuple(HELD_OUT_SETS),
+        default="paraphrases",
+        help="test instructions: the held-out paraphrases (default) or the fresh held-out set of 2026-12-02",
+    )
+    parser.add_argument(
         "--cv", action="store_true", help="only cross-validate the choice among adapters on the routing examples"
     )
     args = parser.parse_args()
@@ -355,11 +376,17 @@ def main() -> None:
     # 32 slots: a batch of 32 routed rows may name up to 32 different adapters of a large library
     zoo = Zoo.from_pretrained(args.base, device="cpu", slots=32)
     tasks = load_library(zoo, args.library)
-    results: dict = {"machine": machine(), "base": args.base, "library": str(args.library)}
+    held_out = HELD_OUT_SETS[args.held_out]
+    results: dict = {
+        "machine": machine(),
+        "base": args.base,
+        "library": str(args.library),
+        "held_out": args.held_out,
+    }
     print(f"{len(tasks)} specialists from {args.library}: {', '.join(tasks)}", flush=True)
     results["layer"] = args.layer
     results["encoder"] = "base" if args.layer is not None else DEFAULT_ENCODER
-    results["trained"] = t = trained(zoo, tasks, args.n, args.layer, routers)
+    results["trained"] = t = trained(zoo, tasks, args.n, args.layer, routers, held_out)
     general = {
         m: [
             d.adapter
@@ -369,7 +396,7 @@ def main() -> None:
     }
     results["general_fallback"] = {m: sum(c is None for c in g) / len(g) for m, g in general.items()}
     prompts = [
-        ex.prompt for task in tasks.values() for ex in instructed_examples(task, 2, "test", seed=9, held_out=True)
+        ex.prompt for task in tasks.values() for ex in instructed_examples(task, 2, "test", seed=9, held_out=held_out)
     ]
     results["cost"] = c = cost(zoo, prompts + GENERAL_PROMPTS[:5], args.rounds, 16, args.layer)
     if args.against:
@@ -384,11 +411,12 @@ def main() -> None:
     results["scale"] = []
     for size in [int(s) for s in args.scale.split(",") if s]:
         print(f"routing among {size} adapters ...", flush=True)
-        results["scale"].append(at_scale(args.base, size, max(2, args.n // 4), args.layer))
+        results["scale"].append(at_scale(args.base, size, max(2, args.n // 4), args.layer, held_out))
 
     layer = "default" if args.layer is None else args.layer
     print(
-        f"\n{len(tasks)} trained specialists, {args.n} held-out inputs each, paraphrased instructions, "
+        f"\n{len(tasks)} trained specialists, {args.n} held-out inputs each, instructions from the "
+        f"{args.held_out} held-out set, "
         f"encoder {results['encoder']}, router layer {layer}:\n"
     )
     learned = t["tasks_oracle_above_0"]
@@ -426,7 +454,7 @@ def main() -> None:
                 f"| {s['adapters']} | {s['right_adapter']:.3f} | {s['fell_back']:.3f} | {s['wrong_family']:.3f} | "
                 f"{s['general_fallback']:.3f} |"
             )
-    suffix = "" if args.layer is None else f"_layer{args.layer}"
+    suffix = ("" if args.layer is None else f"_layer{args.layer}") + ("_fresh" if args.held_out == "fresh" else "")
     # a library of its own (--library DIR) gets its own file, so it never overwrites the shipped specialists' figures
     name = "routing" if args.library == SPECIALISTS else f"routing_{len(tasks)}"
     print(f"\nwrote {save_json(name + suffix, results)}")

@@ -362,3 +362,107 @@ def test_classification_score() -> None:
     assert task.score([], []) == 0.0
     with pytest.raises(ValueError):
         task.score(truth[:-1], examples)
+
+
+# --------------------------------------------------------------------------- #
+# Instructions: the fresh held-out set (held_out="fresh") and the first one (held_out=True)
+# --------------------------------------------------------------------------- #
+
+
+def _raw_of(task: Task, rendered: str) -> str:
+    """The raw input back from a rendered prompt ("h e l l o ->" -> "hello")."""
+    text = rendered.removesuffix(ARROW)
+    return text.replace(" ", "") if task.kind == "word" else text
+
+
+def test_every_task_has_three_distinct_fresh_held_out_phrasings() -> None:
+    from adapterzoo.tasks import phrasings
+
+    for task in TASKS.values():
+        fresh = phrasings(task, held_out="fresh")
+        assert isinstance(fresh, tuple) and len(fresh) == 3
+        assert len({p.lower() for p in fresh}) == 3, task.name
+
+
+def test_no_fresh_phrasing_equals_any_other_phrasing_of_any_task_ignoring_case() -> None:
+    from adapterzoo.tasks import phrasings, routing_phrasings
+
+    existing: set[str] = set()
+    for task in TASKS.values():  # training + routing-only + the first held-out set, of every task
+        existing |= {p.lower() for p in (*routing_phrasings(task), *phrasings(task, held_out=True))}
+    fresh = [p.lower() for task in TASKS.values() for p in phrasings(task, held_out="fresh")]
+    assert len(set(fresh)) == len(fresh) == 3 * len(TASKS)  # no two tasks (or one task twice) share one
+    assert not set(fresh) & existing
+
+
+def test_fresh_phrasings_are_single_lines_without_the_instruction_separator() -> None:
+    from adapterzoo.tasks import phrasings
+
+    for task in TASKS.values():
+        for line in phrasings(task, held_out="fresh"):
+            assert ": " not in line and "\n" not in line and "\r" not in line, (task.name, line)
+            assert line == line.strip() and line
+
+
+def test_numbered_tasks_fresh_phrasings_name_their_own_number() -> None:
+    from adapterzoo.tasks import phrasings
+
+    for task in TASKS.values():
+        if task.family in {"caesar", "perm", "dshift", "dperm", "addmod"}:
+            number = task.name.rsplit("-", 1)[-1]
+            assert all(re.search(rf"(?<!\d){number}(?!\d)", p) for p in phrasings(task, held_out="fresh"))
+
+
+def test_fresh_instructed_examples_start_with_a_fresh_phrasing_and_keep_the_answers() -> None:
+    from adapterzoo.tasks import instructed_examples, phrasings
+
+    for task in TASKS.values():
+        fresh = phrasings(task, held_out="fresh")
+        examples = instructed_examples(task, 6, "test", seed=3, held_out="fresh")
+        plain = task.examples(6, "test", seed=3)
+        instructions = []
+        for ex, bare in zip(examples, plain):
+            instruction, _, rest = ex.prompt.partition(": ")
+            assert instruction in fresh and rest == bare.prompt and ex.answer == bare.answer
+            assert task.example_for(_raw_of(task, rest)).answer == ex.answer
+            instructions.append(instruction)
+        assert set(instructions) == set(fresh)  # cycles through all three
+
+
+def test_held_out_true_is_unchanged_by_the_fresh_set() -> None:
+    """The first held-out set (phrasings and the examples built on it) is pinned to what it was
+    before the fresh set was added: benchmarks measured on it stay comparable."""
+    import hashlib
+    import json
+
+    from adapterzoo.tasks import instructed_examples, phrasings
+
+    assert phrasings("reverse", held_out=True) == (
+        "Flip the order of the letters",
+        "Read these letters from right to left",
+    )
+    held = {name: list(phrasings(task, held_out=True)) for name, task in TASKS.items()}
+    assert (
+        hashlib.sha256(json.dumps(held).encode()).hexdigest()
+        == "7da3206920d7a6136b92c92a30c508a8febe25ed790f5c9eebe315fb28e4749e"
+    )
+    prompts = {
+        name: [e.prompt + e.answer for e in instructed_examples(task, 4, "test", seed=3, held_out=True)]
+        for name, task in TASKS.items()
+    }
+    assert (
+        hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+        == "7fa2d794188651fe3d3e7ca738f44f3b27c2e219b024a88b9189a7997b33b9a8"
+    )
+    for task in TASKS.values():
+        assert phrasings(task, held_out=False) == phrasings(task)
+        assert not set(phrasings(task, held_out=True)) & set(phrasings(task, held_out="fresh"))
+
+
+def test_an_unknown_held_out_set_is_rejected() -> None:
+    from adapterzoo.tasks import instructed_examples, phrasings
+
+    with pytest.raises(ValueError, match="fresh"):
+        phrasings("reverse", held_out="paraphrases")
+    with pytest.raises(ValueError):
+        instructed_examples("reverse", 2, "test", held_out="Fresh")
