@@ -80,10 +80,11 @@ def test_whitening_discounts_a_direction_along_which_one_adapters_own_examples_v
 
 def test_bfloat16_features_move_no_choice_score_by_more_than_the_stated_error(encoder):
     tasks = ("reverse", "digits-sort", "upper", "sort-desc")
-    per_adapter = [encoder([routing.instruction_of(p) for p in routing_examples(t, 24)]) for t in tasks]
+    per_adapter = [encoder([routing.instruction_of(p) for p in routing_examples(t, 24)], ordered=True) for t in tasks]
     chooser = routing._Chooser(per_adapter)
     lines = [routing.instruction_of(p) for t in tasks for p in held_out(t, 2)] + ["Who painted the Mona Lisa?"]
-    exact, fast = chooser.scores(encoder(lines)), chooser.scores(encoder(lines, exact=False))
+    exact = chooser.scores(encoder(lines, ordered=True))
+    fast = chooser.scores(encoder(lines, exact=False, ordered=True))
     assert 0 < (exact - fast).abs().max() < routing.BFLOAT16_CHOICE_ERROR
 
 
@@ -93,16 +94,18 @@ def test_adapters_with_the_same_examples_tie_and_the_first_listed_wins_without_a
     copy = {**records, "copycat": dict(records["reverse"])}
     zoo.route(held_out("reverse"), records=copy)  # warm: the copy is checked once
     settled = []
-    real_features = routing.features
-    monkeypatch.setattr(
-        routing,
-        "features",
-        lambda zoo, prompts, space, exact=True: (
-            settled.extend(prompts * exact) or real_features(zoo, prompts, space, exact)
-        ),
-    )
+    real_call = routing.SentenceEncoder.__call__
+
+    def spy(self, prompts, batch_size=64, exact=True, ordered=False):
+        settled.extend(prompts * exact)
+        return real_call(self, prompts, batch_size, exact, ordered)
+
+    monkeypatch.setattr(routing.SentenceEncoder, "__call__", spy)
     assert {d.adapter for d in zoo.route(held_out("reverse"), records=copy)} == {"reverse"}
     assert settled == []
+    monkeypatch.setattr(encoder, "score_error", 1.0)  # the spy sees a settled close call
+    zoo.route(held_out("reverse"), records=copy)
+    assert settled
 
 
 def test_a_number_in_the_instruction_rules_out_numbered_tasks_of_other_numbers():
@@ -139,3 +142,50 @@ def test_a_digit_shift_paraphrase_saying_nine_reaches_the_shift_its_number_names
     assert [d.adapter for d in zoo.route(general)] == [None, None]
     decisions = zoo.route(held_out("dshift-1", 2))
     assert all(d.runner_up != "dshift-9" for d in decisions)  # ruled out: never the runner-up either
+
+
+def test_order_aware_features_are_the_plain_features_then_each_part_of_the_line_weighted(encoder):
+    lines = ["Move the first letter to the end", "Sort", "Who painted the Mona Lisa?"]
+    plain, ordered = encoder(lines), encoder(lines, ordered=True)
+    width = plain.shape[1]
+    assert ordered.shape == (len(lines), width * (1 + routing.ORDER_PARTS))
+    torch.testing.assert_close(ordered[:, :width], plain)
+    parts = ordered[:, width:].reshape(len(lines), routing.ORDER_PARTS, width)
+    torch.testing.assert_close(parts.norm(dim=-1), torch.full((len(lines), routing.ORDER_PARTS), routing.ORDER_WEIGHT))
+    # the same words in another order: each part moves further than the whole line's mean does
+    swapped = encoder(["the end to the first letter Move", "Move the first letter to the end"], ordered=True)
+    means = float(swapped[0, :width] @ swapped[1, :width])
+    moved, kept = swapped[:, width:].reshape(2, routing.ORDER_PARTS, width)
+    assert float((moved * kept).sum(-1).max()) / routing.ORDER_WEIGHT**2 < means
+
+
+def test_the_choice_reads_word_order_so_mirrored_instructions_reach_their_own_tasks(encoder):
+    """A mean of the line's token states cannot tell "first ... last" from "last ... first": among
+    rotate-left and rotate-right (and sort and sort-desc), lines written for this test go to the
+    mirrored task by plain features and to their own by the order-aware ones (`ORDER_PARTS`)."""
+    tasks = ["reverse", "upper", "double", "rotate-left", "rotate-right", "pair-swap", "sort", "sort-desc"]
+    lines = {t: [routing.instruction_of(p) for p in routing_examples(t, 12)] for t in tasks}
+    asks = {"The first letter goes last": "rotate-left", "Sort from a up to z": "sort"}
+    plain = routing._Chooser([encoder(lines[t]) for t in tasks]).scores(encoder(list(asks)))
+    assert [tasks[int(i)] for i in plain.argmax(1)] == ["rotate-right", "sort-desc"]
+    zoo = sentence_zoo(encoder, tasks)
+    assert [d.adapter for d in zoo.route([f"{line}: h e l l o ->" for line in asks])] == list(asks.values())
+
+
+def test_a_repeated_example_counts_as_often_as_it_occurs():
+    """The chooser scores each distinct example line once (a library's 24 examples say 8 phrasings)
+    yet its k-nearest mean is the one over every example, repeats included."""
+    torch.manual_seed(0)
+    for _ in range(50):
+        per_adapter = []
+        for _ in range(int(torch.randint(1, 6, ()))):
+            distinct = torch.randn(int(torch.randint(1, 5, ())), 8)
+            repeats = torch.randint(1, 4, (len(distinct),))
+            rows = distinct.repeat_interleave(repeats, 0)
+            per_adapter.append(rows[torch.randperm(len(rows))])
+        chooser, queries = routing._Chooser(per_adapter), torch.randn(3, 8)
+        every = routing._unit(torch.cat(per_adapter) @ chooser.whiten)
+        expected = routing._nearest_mean(
+            routing._unit(queries @ chooser.whiten) @ every.T, routing._grouped(per_adapter)
+        )
+        torch.testing.assert_close(chooser.scores(queries), expected)

@@ -84,14 +84,14 @@ def test_a_close_call_is_settled_by_the_float32_features(encoder, monkeypatch):
     zoo = sentence_zoo(encoder)
     zoo.route(PROMPTS[:1])  # the background's prototypes, encoded exactly once
     settled = []
-    real_features = routing.features
+    real_call = routing.SentenceEncoder.__call__
 
-    def spy(zoo, prompts, space, exact=True):
+    def spy(self, prompts, batch_size=64, exact=True, ordered=False):
         if exact:
             settled.extend(prompts)
-        return real_features(zoo, prompts, space, exact)
+        return real_call(self, prompts, batch_size, exact, ordered)
 
-    monkeypatch.setattr(routing, "features", spy)
+    monkeypatch.setattr(routing.SentenceEncoder, "__call__", spy)
     zoo.route(PROMPTS)
     assert settled == []  # no decision here is within bfloat16's error
     monkeypatch.setattr(encoder, "score_error", 1.0)  # now every decision is
