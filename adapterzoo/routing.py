@@ -109,8 +109,8 @@ WHITENING_SHRINKAGE = 0.3
 #: (`_Chooser`): at most 0.0024 measured (1,162 instruction lines: the 116 tasks' held-out and
 #: general prompts', against their routing examples, among 8, 32 and 116 adapters), with half that
 #: again to spare; with the order-aware features (ORDER_PARTS) 0.0022 over 1,225 lines (those, the
-#: routing phrasings' and the background's). A bound from the whitening's largest stretch of an error was 16x looser, and made
-#: 6 of 21 requests close calls, encoded twice.
+#: routing phrasings' and the background's). A bound from the whitening's largest stretch of an
+#: error was 16x looser, and made 6 of 21 requests close calls, encoded twice.
 BFLOAT16_CHOICE_ERROR = 1.5 * 0.0024
 #: An instruction line's features for the choice also keep *where* its meanings sit: beside the mean
 #: of all its tokens' states, the mean of each of its ORDER_PARTS consecutive parts (between [CLS] and
@@ -120,11 +120,13 @@ BFLOAT16_CHOICE_ERROR = 1.5 * 0.0024
 #: Chosen by the same cross-validation as WHITENING_SHRINKAGE (`benchmarks/routing.py --cv`): right
 #: adapter among 8 / 32 / 116, 0.922 / 0.973 / 0.955 (mean 0.950) -> 0.953 / 0.980 / 0.970 (0.968);
 #: halves 0.958, quarters 0.963, fifths 0.955; weight 0.4 / 0.6: 0.967 / 0.966; the parts without
-#: the mean 0.955; each part whitened on its own (no covariance between parts) 0.957.
+#: the mean 0.955; each part whitened on its own (no covariance between parts) 0.957. With each
+#: distinct example line counted once (`_Chooser`): 0.953 / 0.984 / 0.971 (0.969).
 ORDER_PARTS = 3
 ORDER_WEIGHT = 0.5
 #: Candidate sets whose `_Chooser` a prototype set keeps (a server's tenant routes among one: all
-#: it may see). One among 116 adapters holds 4.9 MB and takes 66 ms to fit (one thread, load 4).
+#: it may see). One among 116 adapters holds 15 MB (a 1,536-square whitening, 928 distinct lines'
+#: features) and takes 0.2 s to fit, 0.15 s among 8 (one thread; 66 ms before the order-aware features).
 CHOOSERS_PER_SET = 2
 #: Where a prompt's instruction line ends: its first colon followed by a space, or line break.
 INSTRUCTION_END = re.compile(r":\s|\n")
@@ -631,21 +633,13 @@ class _Prototypes:
         return found
 
 
-def _nearest_mean(sims: torch.Tensor, groups: torch.Tensor, copies: torch.Tensor | None = None) -> torch.Tensor:
+def _nearest_mean(sims: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """(B, len(groups)): per group of columns of `sims` (rows of `groups`, -1 pads), the mean of its
-    NEIGHBOURS largest entries (all of them if it has fewer). `copies`: how many times each column
-    counts (a distinct example standing for its repeats), so the mean is the same as with the repeats."""
+    NEIGHBOURS largest entries (all of them if it has fewer)."""
     padded = torch.cat([sims, torch.full((len(sims), 1), float("-inf"))], 1)  # column -1: padding
-    best, at = padded[:, groups].topk(min(NEIGHBOURS, groups.shape[1]), dim=-1)  # (B, groups, NEIGHBOURS)
-    if copies is None:
-        counts = (groups >= 0).sum(1).clamp(max=NEIGHBOURS)
-        return best.masked_fill(best == float("-inf"), 0).sum(-1) / counts
-    # fill the NEIGHBOURS places from the best column down, each column taking up to its copies
-    have = torch.cat([copies, torch.zeros(1, dtype=copies.dtype)])[groups]  # (groups, MAX): copies of each column
-    have = have.expand(len(sims), -1, -1).gather(-1, at)  # (B, groups, NEIGHBOURS), in the order of `best`
-    before = have.cumsum(-1) - have
-    take = torch.minimum(have, (NEIGHBOURS - before).clamp(min=0))
-    return (best.masked_fill(take == 0, 0) * take).sum(-1) / take.sum(-1)
+    best = padded[:, groups].topk(min(NEIGHBOURS, groups.shape[1]), dim=-1).values  # (B, groups, NEIGHBOURS)
+    counts = (groups >= 0).sum(1).clamp(max=NEIGHBOURS)
+    return best.masked_fill(best == float("-inf"), 0).sum(-1) / counts
 
 
 def _grouped(per_adapter: list[torch.Tensor]) -> torch.Tensor:
@@ -661,6 +655,9 @@ def _grouped(per_adapter: list[torch.Tensor]) -> torch.Tensor:
 class _Chooser:
     """Which of some candidates a prompt asks for, by its instruction line (`instruction_of`).
 
+    Each candidate's distinct example lines count once: a library's 24 examples say 8 phrasings, and
+    an adapter listing another's lines three times each scored its single best line against the
+    other's best three, so it took that adapter's prompts (tests/test_routing_order_attacks.py).
     The features are whitened by the candidates' pooled within-adapter covariance (each adapter's
     own covariance, averaged: none outweighs another however many examples it has), shrunk
     WHITENING_SHRINKAGE of the way towards the identity: directions along which one task's own
@@ -668,22 +665,23 @@ class _Chooser:
     Then each candidate scores the mean similarity of its NEIGHBOURS nearest examples, as before."""
 
     def __init__(self, per_adapter: list[torch.Tensor]):
+        per_adapter = [torch.unique(rows, dim=0) for rows in per_adapter]
         centred = torch.cat([(rows - rows.mean(0)) / len(rows) ** 0.5 for rows in per_adapter])
         within = centred.T @ centred / len(per_adapter)
         scale = max(float(within.diagonal().mean()), 1e-6)  # one example each: no spread, the identity
         shrunk = (1 - WHITENING_SHRINKAGE) * within + WHITENING_SHRINKAGE * scale * torch.eye(len(within))
-        values, vectors = torch.linalg.eigh(shrunk.double())
-        self.whiten = (vectors @ torch.diag(values.rsqrt()) @ vectors.T).float()
-        # each distinct example line once, counted as often as it occurs: a library's 24 examples say
-        # 8 phrasings, and the (examples, 1536) product was half of a choice's time among 116 adapters
-        distinct = [torch.unique(rows, dim=0, return_counts=True) for rows in per_adapter]
-        self.vectors = _unit(torch.cat([rows for rows, _ in distinct]) @ self.whiten)
-        self.groups = _grouped([rows for rows, _ in distinct])
-        self.copies = torch.cat([copies for _, copies in distinct])
+        # x -> L^-1 x with shrunk = L L^T (Cholesky) gives the same cosines as the symmetric
+        # shrunk^-1/2 (both inner products are x^T shrunk^-1 y), in a quarter of the time an
+        # eigendecomposition of the 1,536 order-aware columns took (134 vs 529 ms, one thread)
+        lower = torch.linalg.cholesky(shrunk.double())
+        self.whiten = torch.linalg.solve_triangular(lower, torch.eye(len(lower), dtype=lower.dtype), upper=False)
+        self.whiten = self.whiten.T.float().contiguous()
+        self.vectors = _unit(torch.cat(per_adapter) @ self.whiten)
+        self.groups = _grouped(per_adapter)
 
     def scores(self, lines: torch.Tensor) -> torch.Tensor:
         """(B, candidates) each candidate's score for the instruction features `lines`."""
-        return _nearest_mean(_unit(lines @ self.whiten) @ self.vectors.T, self.groups, self.copies)
+        return _nearest_mean(_unit(lines @ self.whiten) @ self.vectors.T, self.groups)
 
 
 @dataclass
@@ -802,7 +800,9 @@ def _features(zoo: Zoo, cache: _Cache, name: str, record: dict[str, Any], space:
     return cache.features[key]
 
 
-#: Records whose features the router keeps (least recently used out): ~80 KB each with 24 examples.
+#: Records whose features the router keeps (least recently used out): ~80 KB each with 24 examples,
+#: and as many records' instruction features (`_instruction_features`, 4 x 384 floats an example:
+#: ~150 KB each; 230 MB for all 1,024 together).
 #: A record that changes on every request (a folder rewritten, a registry copy pulled again) must
 #: not grow the router's memory without bound (tests/test_attacks_round5.py).
 FEATURE_RECORDS = 1024

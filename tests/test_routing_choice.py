@@ -172,20 +172,16 @@ def test_the_choice_reads_word_order_so_mirrored_instructions_reach_their_own_ta
     assert [d.adapter for d in zoo.route([f"{line}: h e l l o ->" for line in asks])] == list(asks.values())
 
 
-def test_a_repeated_example_counts_as_often_as_it_occurs():
-    """The chooser scores each distinct example line once (a library's 24 examples say 8 phrasings)
-    yet its k-nearest mean is the one over every example, repeats included."""
+def test_a_repeated_example_line_counts_once():
+    """The chooser keeps each adapter's distinct example lines: its scores are those of the
+    adapters' examples listed once each, however often a line repeats."""
     torch.manual_seed(0)
     for _ in range(50):
-        per_adapter = []
+        once, repeated = [], []
         for _ in range(int(torch.randint(1, 6, ()))):
             distinct = torch.randn(int(torch.randint(1, 5, ())), 8)
-            repeats = torch.randint(1, 4, (len(distinct),))
-            rows = distinct.repeat_interleave(repeats, 0)
-            per_adapter.append(rows[torch.randperm(len(rows))])
-        chooser, queries = routing._Chooser(per_adapter), torch.randn(3, 8)
-        every = routing._unit(torch.cat(per_adapter) @ chooser.whiten)
-        expected = routing._nearest_mean(
-            routing._unit(queries @ chooser.whiten) @ every.T, routing._grouped(per_adapter)
-        )
-        torch.testing.assert_close(chooser.scores(queries), expected)
+            rows = distinct.repeat_interleave(torch.randint(1, 4, (len(distinct),)), 0)
+            once.append(distinct)
+            repeated.append(rows[torch.randperm(len(rows))])
+        queries = torch.randn(3, 8)
+        torch.testing.assert_close(routing._Chooser(repeated).scores(queries), routing._Chooser(once).scores(queries))
