@@ -227,14 +227,12 @@ def cross_validate(sizes: dict[str, list[str]], shrinkages: tuple[float, ...] = 
     examples = {name: routing_examples(name, 24) for name in names}
     whole = dict(zip(names, encoder([p for name in names for p in examples[name]]).split(24)))
     lines = sorted({routing.instruction_of(p) for name in names for p in examples[name]})
-    line_features = dict(zip(lines, encoder(lines)))
-    instruction = {
-        name: torch.stack([line_features[routing.instruction_of(p)] for p in examples[name]]) for name in names
-    }
+    # one encoding: an ordered row begins with the plain features (SentenceEncoder, ordered=True)
     ordered_features = dict(zip(lines, encoder(lines, ordered=True)))
     ordered = {
         name: torch.stack([ordered_features[routing.instruction_of(p)] for p in examples[name]]) for name in names
     }
+    instruction = {name: rows[:, : whole[name].shape[1]] for name, rows in ordered.items()}
     phrasings = {name: len(routing_phrasings(name)) for name in names}
 
     def nearest(per_adapter: list[torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
